@@ -1,0 +1,27 @@
+"""trainer_guard: callbacks that keep Hugging Face ``Trainer`` fine-tuning runs from failing silently.
+
+Example:
+    >>> import trainer_guard
+    >>> from trainer_guard import TiedWeightsGuard, callbacks_from_yaml, find_tied_groups
+"""
+
+from __future__ import annotations
+
+from .callbacks import GUARDS, Guard, TiedWeightsGuard
+from .config import callbacks_from_dict, callbacks_from_yaml
+from .core.ties import find_tied_groups, restore_ties
+from .errors import *  # noqa: F401,F403
+from .errors import __all__ as _errors_all
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GUARDS",
+    "Guard",
+    "TiedWeightsGuard",
+    "callbacks_from_dict",
+    "callbacks_from_yaml",
+    "find_tied_groups",
+    "restore_ties",
+    *_errors_all,
+]

@@ -1,0 +1,73 @@
+"""Process-group helpers so that every rank agrees: one writer, one verdict.
+
+Built on accelerate's ``PartialState`` and ``gather_object``; a single process (no launcher) is rank 0 of 1.
+
+Example:
+    >>> from trainer_guard._dist import is_main_process, agree
+    >>> is_main_process()
+    True
+    >>> agree([])  # no problems on any rank -> no error
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from accelerate import PartialState
+from accelerate.utils import gather_object
+
+from .errors import TrainerGuardError
+
+__all__ = ["state", "is_main_process", "world_size", "rank", "gather", "agree", "barrier"]
+
+
+def state() -> PartialState:
+    """The accelerate process state (created on first use)."""
+    return PartialState()
+
+
+def is_main_process() -> bool:
+    """True on the one process that writes files."""
+    return state().is_main_process
+
+
+def world_size() -> int:
+    return state().num_processes
+
+
+def rank() -> int:
+    return state().process_index
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        state().wait_for_everyone()
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` when single-process)."""
+    if world_size() == 1:
+        return [obj]
+    return gather_object([obj])
+
+
+def agree(problems: list[str], error: type[TrainerGuardError] = TrainerGuardError, header: str = "") -> None:
+    """Raise the same ``error`` on every rank when any rank reported problems.
+
+    Each rank passes its own list; the message names the ranks that saw each problem, so no rank hangs waiting
+    for one that has already raised.
+    """
+    per_rank = gather(list(problems))
+    if not any(per_rank):
+        return
+    lines: dict[str, list[int]] = {}
+    for r, probs in enumerate(per_rank):
+        for p in probs:
+            lines.setdefault(p, []).append(r)
+    n = len(per_rank)
+    body = []
+    for p, ranks in lines.items():
+        suffix = "" if n == 1 else (" (all ranks)" if len(ranks) == n else f" (rank {', '.join(map(str, ranks))})")
+        body.append(p + suffix)
+    msg = (header + "\n  - " if header else "") + ("\n  - ".join(body) if header else "\n".join(body))
+    raise error(msg)

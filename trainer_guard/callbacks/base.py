@@ -1,0 +1,145 @@
+"""Base class shared by every guard: option validation from the ``__init__`` signature, logging, a report.
+
+A guard's options are the keyword arguments of its ``__init__``; their type hints are the schema used both when
+a guard is built in Python and when it is built from YAML (:func:`trainer_guard.callbacks_from_yaml`). Allowed
+hints: ``bool``, ``int``, ``float``, ``str``, ``typing.Literal[...]``, ``Optional[X]`` and ``Sequence[str]``.
+Extra value rules (ranges, cross-field checks) go in :meth:`Guard._check_options`.
+
+Example:
+    >>> from typing import Literal
+    >>> class MyGuard(Guard):
+    ...     name = "my_guard"
+    ...     def __init__(self, mode: Literal["raise", "warn"] = "raise", every: int = 1):
+    ...         super().__init__(mode=mode, every=every)
+    >>> MyGuard(mode="warn").options["mode"]
+    'warn'
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from ..errors import ConfigError
+
+__all__ = ["Guard", "option_problems", "option_schema"]
+
+logger = logging.get_logger("trainer_guard")
+
+_MISSING = inspect.Parameter.empty
+
+
+def option_schema(cls: type) -> dict[str, tuple[Any, Any]]:
+    """Return ``{option: (type_hint, default)}`` read from ``cls.__init__``."""
+    sig = inspect.signature(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__)
+    out = {}
+    for pname, p in sig.parameters.items():
+        if pname == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        out[pname] = (hints.get(pname, Any), p.default)
+    return out
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(_describe(a) for a in args) + " or null"
+    if origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
+        return "a list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is typing.Literal:
+        return value in typing.get_args(hint) and type(value) in {type(a) for a in typing.get_args(hint)}
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def option_problems(cls: type, options: dict[str, Any], where: str) -> list[str]:
+    """Every problem with ``options`` for guard class ``cls``; ``where`` prefixes each message."""
+    schema = option_schema(cls)
+    problems = []
+    for key in options:
+        if key not in schema:
+            valid = ", ".join(sorted(schema)) or "(none)"
+            problems.append(f"{where}: unknown option {key!r}; valid options: {valid}")
+    typed_ok = {}
+    for key, value in options.items():
+        if key not in schema:
+            continue
+        hint, _ = schema[key]
+        if _type_ok(value, hint):
+            typed_ok[key] = value
+        elif typing.get_origin(hint) is typing.Literal:
+            problems.append(f"{where}.{key}: got {value!r}; expected {_describe(hint)}")
+        else:
+            problems.append(f"{where}.{key}: got {value!r} ({type(value).__name__}); expected {_describe(hint)}")
+    full = {k: d for k, (_, d) in schema.items() if d is not _MISSING}
+    full.update(typed_ok)
+    if len(typed_ok) == len([k for k in options if k in schema]):
+        problems.extend(f"{where}.{msg}" for msg in cls._check_options(full))
+    return problems
+
+
+class Guard(TrainerCallback):
+    """A ``TrainerCallback`` with validated options and a short human report of what it did.
+
+    Subclasses set ``name`` (the YAML key) and call ``super().__init__(**options)`` from an ``__init__`` whose
+    keyword arguments carry type hints.
+
+    Raises:
+        ConfigError: an option has the wrong type or a bad value; the message lists every problem.
+    """
+
+    name: ClassVar[str] = "guard"
+
+    def __init__(self, **options: Any) -> None:
+        problems = option_problems(type(self), options, type(self).__name__)
+        if problems:
+            raise ConfigError("Invalid options:\n  - " + "\n  - ".join(problems))
+        self.options = options
+        self.events: list[str] = []
+
+    @classmethod
+    def _check_options(cls, options: dict[str, Any]) -> list[str]:
+        """Return messages ``"option: problem; what to do"`` for values of the right type but wrong value."""
+        return []
+
+    def note(self, message: str, level: str = "info") -> None:
+        """Log ``message`` through transformers logging and keep it for :meth:`report`."""
+        self.events.append(message)
+        getattr(logger, level)(f"[{type(self).__name__}] {message}")
+
+    def report(self) -> list[str]:
+        """What this guard did so far, one line per action, oldest first."""
+        return list(self.events)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{type(self).__name__}({opts})"

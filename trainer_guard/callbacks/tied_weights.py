@@ -1,0 +1,154 @@
+"""TiedWeightsGuard: checkpoints of models with tied embeddings save, store the tie once, and reload tied.
+
+Answers field report R1: (a) a plain ``nn.Module`` with ``out_head.weight = tok_emb.weight`` crashes the Trainer's
+save with safetensors' "Some tensors share memory"; (b) a Hugging Face model tied by hand while its config says
+``tie_word_embeddings=False`` saves without ``lm_head.weight`` and reloads a random head.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from ..core.io import atomic_write_json, read_json
+from ..core.ties import (
+    TIES_FILE,
+    broken_ties,
+    declare_embedding_tie,
+    dedupe_state_dict,
+    find_tied_groups,
+    restore_ties,
+    ties_record,
+)
+from .base import Guard
+from .._dist import is_main_process
+
+__all__ = ["TiedWeightsGuard"]
+
+
+def _is_hf_or_peft(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        PeftModel = ()
+    return isinstance(model, (PreTrainedModel, PeftModel))
+
+
+def _plain_modules(model: nn.Module) -> list[nn.Module]:
+    """The module whose ``state_dict`` the Trainer hands to ``safetensors.save_file`` (non-HF models)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [] if _is_hf_or_peft(base) else [base]
+
+
+class TiedWeightsGuard(Guard):
+    """Untie/re-tie shared tensors around saves so every checkpoint stores a tie once and reloads it tied.
+
+    What it does, by model kind:
+
+    - Hugging Face model whose config declares the tie (Llama/Qwen2/Gemma tied, GPT-2): already saved once by
+      transformers; the guard records the tie groups next to each checkpoint and checks them on resume.
+    - Hugging Face model tied by hand, config says untied (R1b): with ``fix_config`` (default) sets
+      ``config.tie_word_embeddings=True`` on the live model, logged, so checkpoints and ``save_model()`` reload the
+      trained head with ``from_pretrained``.
+    - Plain ``nn.Module`` (R1a): adds a ``state_dict`` post-hook that lists each shared storage once (the first
+      registered name, e.g. ``tok_emb.weight``), so the Trainer's safetensors save succeeds with one copy; a load
+      pre-hook fills the alias back in, so ``model.load_state_dict(file, strict=True)`` works on the guarded
+      model. Fresh models load the file with ``strict=False`` (the only missing keys are the aliases, listed in
+      ``trainer_guard_ties.json``).
+    - After a resume, a tie split by the load is re-tied when both copies are equal, else a
+      :class:`~trainer_guard.errors.TiedWeightsError` names them (nothing changed).
+
+    Args:
+        fix_config: set ``tie_word_embeddings=True`` when the embeddings are tied by identity but the config says
+            otherwise (R1b). With ``False`` the guard only warns.
+        restore: re-tie groups split by a load at train begin (values must be identical).
+        write_record: write ``trainer_guard_ties.json`` (the tie groups) into every checkpoint.
+
+    Example:
+        >>> from trainer_guard import TiedWeightsGuard
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[TiedWeightsGuard()])  # doctest: +SKIP
+    """
+
+    name = "tied_weights"
+
+    def __init__(self, fix_config: bool = True, restore: bool = True, write_record: bool = True) -> None:
+        super().__init__(fix_config=fix_config, restore=restore, write_record=write_record)
+        self.groups: list[list[str]] = []
+        self._hooked: set[int] = set()
+
+    # -- wiring ---------------------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> list[list[str]]:
+        """Find the tie groups of ``model`` and make its saves safe (idempotent). Returns the groups."""
+        self.groups = find_tied_groups(model)
+        if not self.groups:
+            return self.groups
+        if self.options["fix_config"]:
+            for msg in declare_embedding_tie(model):
+                self.note(msg, "warning")
+        elif _is_hf_or_peft(model):
+            cfg = getattr(model, "config", None)
+            if cfg is not None and getattr(cfg, "tie_word_embeddings", True) is False:
+                self.note("embeddings are tied by identity but config.tie_word_embeddings=False: checkpoints will "
+                          "reload a random head; pass fix_config=True", "warning")
+        for module in _plain_modules(model):
+            if id(module) in self._hooked:
+                continue
+            groups = find_tied_groups(module)
+            module.register_state_dict_post_hook(_drop_aliases(groups))
+            module.register_load_state_dict_pre_hook(_fill_aliases(groups))
+            self._hooked.add(id(module))
+            self.note(f"{type(module).__name__}: state_dict lists each tied storage once "
+                      f"({', '.join(a + ' -> ' + g[0] for g in groups for a in g[1:])})")
+        return self.groups
+
+    # -- events ---------------------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model=None, **kwargs: Any):
+        if model is not None:
+            self.attach(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
+        if model is None:
+            return
+        recorded = list(self.groups)
+        if state.global_step > 0:
+            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", TIES_FILE)
+            if os.path.isfile(ckpt):
+                recorded = read_json(ckpt).get("groups", recorded)
+        if recorded and broken_ties(model, recorded):
+            if self.options["restore"]:
+                for msg in restore_ties(model, recorded):
+                    self.note(msg, "warning")
+            else:
+                self.note(f"tie groups split since they were recorded: {broken_ties(model, recorded)}", "warning")
+        groups = self.attach(model)
+        if groups:
+            self.note(f"tied groups: {groups}")
+
+    def on_save(self, args, state, control, model=None, **kwargs: Any):
+        if not (self.options["write_record"] and self.groups and is_main_process()):
+            return
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(ckpt):
+            atomic_write_json(os.path.join(ckpt, TIES_FILE), ties_record(self.groups))
+
+
+def _drop_aliases(groups: list[list[str]]):
+    def hook(module, state_dict, prefix, local_metadata):
+        dedupe_state_dict(state_dict, groups, prefix)
+
+    return hook
+
+
+def _fill_aliases(groups: list[list[str]]):
+    def hook(module, state_dict, prefix, *args):
+        for group in groups:
+            kept = prefix + group[0]
+            if kept in state_dict:
+                for alias in group[1:]:
+                    state_dict.setdefault(prefix + alias, state_dict[kept])
+
+    return hook

@@ -1,0 +1,183 @@
+"""Tied (shared-storage) parameters: find them by identity, save them once, restore them after a load.
+
+Pure functions, no Trainer. A *tie group* is a list of parameter names that are views of the same storage with
+the same offset, shape and stride (so the same values); the first name is the one kept when saving (the first
+registered, which is the input embedding for ``embed_tokens``/``lm_head`` pairs).
+
+Example:
+    >>> from trainer_guard.tiny import tiny_model
+    >>> from trainer_guard.core.ties import find_tied_groups
+    >>> find_tied_groups(tiny_model("plain-gpt"))
+    [['tok_emb.weight', 'out_head.weight']]
+    >>> find_tied_groups(tiny_model("llama-untied"))
+    []
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TiedWeightsError
+
+__all__ = [
+    "find_tied_groups",
+    "dedupe_state_dict",
+    "declare_embedding_tie",
+    "restore_ties",
+    "broken_ties",
+    "TIES_FILE",
+]
+
+TIES_FILE = "trainer_guard_ties.json"
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    if t.device.type == "meta":
+        return ("meta", id(t))
+    st = t.untyped_storage()
+    return (t.device.type, t.device.index, st.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def find_tied_groups(model: nn.Module, include_buffers: bool = False) -> list[list[str]]:
+    """Groups of parameter names that share one storage, found by identity, never by name.
+
+    Args:
+        model: any ``nn.Module`` (Hugging Face, PEFT-wrapped or plain).
+        include_buffers: also group buffers.
+
+    Returns:
+        One list per group of two or more names, in registration order; groups ordered by their first name.
+    """
+    seen: dict[tuple, list[str]] = {}
+    named: Iterable = model.named_parameters(remove_duplicate=False)
+    if include_buffers:
+        named = list(named) + list(model.named_buffers(remove_duplicate=False))
+    for name, p in named:
+        seen.setdefault(_storage_key(p), []).append(name)
+    return [names for names in seen.values() if len(names) > 1]
+
+
+def dedupe_state_dict(
+    state_dict: dict[str, Any], groups: list[list[str]], prefix: str = ""
+) -> dict[str, str]:
+    """Drop, in place, every alias of a tie group from ``state_dict``; return ``{alias: kept_name}``.
+
+    An alias is dropped only when it still shares storage with the kept tensor (a state dict built from
+    an untied model loses nothing).
+    """
+    aliases = {}
+    for group in groups:
+        kept = prefix + group[0]
+        if kept not in state_dict:
+            continue
+        for alias in group[1:]:
+            key = prefix + alias
+            t, k = state_dict.get(key), state_dict[kept]
+            if isinstance(t, torch.Tensor) and isinstance(k, torch.Tensor) and _storage_key(t) == _storage_key(k):
+                del state_dict[key]
+                aliases[key] = kept
+    return aliases
+
+
+def declare_embedding_tie(model: nn.Module) -> list[str]:
+    """Make a Hugging Face model's config agree with a hand tie of its input and output embeddings.
+
+    A ``PreTrainedModel`` whose ``lm_head.weight`` *is* ``embed_tokens.weight`` while its config says
+    ``tie_word_embeddings=False`` saves without the head and reloads it at random (report R1b). Setting the flag
+    makes ``save_pretrained`` write the tensor once and ``from_pretrained`` tie it again.
+
+    Returns:
+        What was changed, one message per change (empty when nothing needed changing).
+    """
+    base = getattr(model, "get_base_model", None)
+    hf = base() if callable(base) else model
+    get_in, get_out = getattr(hf, "get_input_embeddings", None), getattr(hf, "get_output_embeddings", None)
+    cfg = getattr(hf, "config", None)
+    if cfg is None or not callable(get_in) or not callable(get_out):
+        return []
+    try:
+        emb, head = get_in(), get_out()
+    except (NotImplementedError, AttributeError):
+        return []
+    if emb is None or head is None or getattr(head, "weight", None) is None:
+        return []
+    if head.weight is not emb.weight:
+        return []
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    changed = []
+    for c in {id(cfg): cfg, id(text_cfg): text_cfg}.values():
+        if getattr(c, "tie_word_embeddings", True) is False:
+            c.tie_word_embeddings = True
+            changed.append(
+                f"{type(hf).__name__}: the output head is tied to the input embedding by identity but "
+                f"config.tie_word_embeddings was False; set it to True so checkpoints store the tensor once and "
+                f"from_pretrained restores the trained head instead of a random one"
+            )
+    return changed
+
+
+def broken_ties(model: nn.Module, groups: list[list[str]]) -> list[list[str]]:
+    """The recorded ``groups`` whose members no longer share one storage in ``model``."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = []
+    for group in groups:
+        present = [n for n in group if n in params]
+        if len(present) < 2:
+            continue
+        if len({_storage_key(params[n]) for n in present}) > 1:
+            out.append(present)
+    return out
+
+
+def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(mod_name) if mod_name else model, attr, param)
+
+
+def restore_ties(model: nn.Module, groups: list[list[str]]) -> list[str]:
+    """Re-tie every recorded group whose members were split by a load (e.g. ``load_state_dict(assign=True)``).
+
+    All groups are checked before any is changed: a group whose copies hold different values raises and the
+    model is left untouched, since choosing one copy would silently discard the other.
+
+    Returns:
+        One message per group re-tied.
+
+    Raises:
+        TiedWeightsError: a split group's copies differ (names and the fix in the message).
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    todo, problems = [], []
+    for group in broken_ties(model, groups):
+        kept = params[group[0]]
+        for alias in group[1:]:
+            other = params[alias]
+            same = other.shape == kept.shape and other.dtype == kept.dtype and torch.equal(
+                other.detach().cpu(), kept.detach().cpu()
+            ) if other.device.type != "meta" and kept.device.type != "meta" else False
+            if not same:
+                problems.append(f"{alias} differs from {group[0]} (they were tied when recorded)")
+            else:
+                todo.append((alias, group[0]))
+    if problems:
+        raise TiedWeightsError(
+            "Tied parameters were split and now hold different values; nothing was changed:\n  - "
+            + "\n  - ".join(problems)
+            + "\nLoad the checkpoint without `assign=True`, or re-tie by hand choosing which copy to keep."
+        )
+    for alias, kept in todo:
+        _set_param(model, alias, params[kept])
+    return [f"re-tied {alias} to {kept} (split by a load, values identical)" for alias, kept in todo]
+
+
+def ties_record(groups: list[list[str]]) -> dict[str, Any]:
+    """The JSON-able record of ``groups`` written next to a checkpoint."""
+    return {"format": 1, "groups": groups, "aliases": {a: g[0] for g in groups for a in g[1:]}}
+
+
+def aliases_of(record: Mapping[str, Any]) -> dict[str, str]:
+    return dict(record.get("aliases", {}))

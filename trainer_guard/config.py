@@ -91,8 +91,10 @@ def callbacks_from_dict(cfg: Mapping[str, Any] | None, source: str = "config", *
     Raises:
         ConfigError: listing every problem, with the valid guards / options / values.
     """
-    cfg = _merge(dict(cfg or {}), overrides)
     problems = validate_config(cfg)
+    if not problems:
+        cfg = _merge(dict(cfg or {}), overrides)
+        problems = validate_config(cfg)
     if problems:
         raise ConfigError(f"Invalid trainer_guard {source}:\n  - " + "\n  - ".join(problems))
     guards = _guards()

@@ -1,0 +1,113 @@
+"""YAML config: default file builds every guard; invalid files raise ONE error listing every problem."""
+
+import textwrap
+
+import pytest
+
+import trainer_guard
+from trainer_guard import GUARDS, ConfigError, TiedWeightsGuard, callbacks_from_dict, callbacks_from_yaml
+
+DEFAULT = "configs/default.yaml"
+
+
+def _yaml(tmp_path, text):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def test_default_config_builds_every_guard_it_names():
+    cbs = callbacks_from_yaml(DEFAULT)
+    assert isinstance(cbs[0], TiedWeightsGuard)
+    names = [type(c).name for c in cbs]
+    assert names == [n for n in GUARDS if n in names], "callbacks come in registry order"
+    assert len(set(names)) == len(names)
+
+
+def test_default_config_mentions_every_guard():
+    cfg = trainer_guard.config.load_config(DEFAULT)
+    assert set(cfg) == set(GUARDS), "configs/default.yaml must toggle every guard"
+
+
+def test_toggle_off_and_override(tmp_path):
+    path = _yaml(tmp_path, """
+        tied_weights:
+          enabled: false
+    """)
+    assert callbacks_from_yaml(path) == []
+    assert callbacks_from_yaml(path, tied_weights={"enabled": True, "fix_config": False})[0].options["fix_config"] is False
+    assert callbacks_from_dict({"tied_weights": True})[0].options == {"fix_config": True, "restore": True,
+                                                                      "write_record": True}
+    assert callbacks_from_dict({"tied_weights": False}) == []
+
+
+def test_invalid_file_lists_every_problem(tmp_path):
+    path = _yaml(tmp_path, """
+        tied_weights:
+          enabled: "yes"
+          fix_config: 1
+          colour: blue
+        not_a_guard: {}
+    """)
+    valid = ", ".join(GUARDS)
+    with pytest.raises(ConfigError) as e:
+        callbacks_from_yaml(path)
+    assert str(e.value) == (
+        f"Invalid trainer_guard config {path!r}:\n"
+        "  - tied_weights.enabled: got 'yes' (str); expected true or false\n"
+        "  - tied_weights: unknown option 'colour'; valid options: fix_config, restore, write_record\n"
+        "  - tied_weights.fix_config: got 1 (int); expected true or false\n"
+        f"  - unknown guard 'not_a_guard'; valid guards: {valid}"
+    )
+
+
+def test_literal_and_range_problems_are_reported_with_choices():
+    from typing import Literal
+
+    class Demo(trainer_guard.Guard):
+        name = "demo_guard"
+
+        def __init__(self, mode: Literal["raise", "warn"] = "raise", every: int = 1) -> None:
+            super().__init__(mode=mode, every=every)
+
+        @classmethod
+        def _check_options(cls, options):
+            return [] if options["every"] >= 0 else [f"every: got {options['every']}; use 0 (off) or a positive step count"]
+
+    with pytest.raises(ConfigError) as e:
+        Demo(mode="fix")
+    assert str(e.value) == "Invalid options:\n  - Demo.mode: got 'fix'; expected one of 'raise', 'warn'"
+    with pytest.raises(ConfigError) as e:
+        Demo(every=-2)
+    assert str(e.value) == "Invalid options:\n  - Demo.every: got -2; use 0 (off) or a positive step count"
+
+
+def test_top_level_and_guard_shape_errors(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        callbacks_from_yaml(_yaml(tmp_path, "- tied_weights\n"))
+    assert str(e.value).endswith("the top level must be a mapping of guard names to options, got list")
+    with pytest.raises(ConfigError) as e:
+        callbacks_from_dict({"tied_weights": "on"})
+    assert str(e.value) == ("Invalid trainer_guard config:\n"
+                            "  - tied_weights: expected a mapping of options or true/false, got 'on'")
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        callbacks_from_yaml(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        callbacks_from_yaml(_yaml(tmp_path, "tied_weights: [\n"))
+
+
+def test_yaml_is_read_safely(tmp_path):
+    """A config can never make the library build arbitrary Python objects."""
+    path = _yaml(tmp_path, "tied_weights: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        callbacks_from_yaml(path)
+
+
+def test_direct_construction_validates():
+    with pytest.raises(ConfigError) as e:
+        TiedWeightsGuard(fix_config="yes")
+    assert str(e.value) == ("Invalid options:\n"
+                            "  - TiedWeightsGuard.fix_config: got 'yes' (str); expected true or false")

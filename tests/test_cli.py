@@ -1,0 +1,36 @@
+"""The trainer-guard CLI: demo runs end to end offline; user errors exit non-zero without a traceback."""
+
+import subprocess
+import sys
+
+from trainer_guard.cli import main
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "trainer_guard.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_demo_runs_and_reports(tmp_path):
+    r = _cli("demo", "--output-dir", str(tmp_path), "--steps", "4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "bit-identical: yes, ties restored: yes" in r.stdout
+    assert "final weights identical to the first run: yes" in r.stdout
+    assert "[TiedWeightsGuard]" in r.stdout and "tie_word_embeddings" in r.stdout
+    assert r.stdout.rstrip().endswith("demo: OK")
+    assert (tmp_path / "checkpoint-2").is_dir() and (tmp_path / "final").is_dir()
+
+
+def test_demo_bad_config_is_a_message_not_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tied_weights:\n  colour: blue\n")
+    assert main(["demo", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option 'colour'" in err and "Traceback" not in err
+    assert main(["demo", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_command_exits_nonzero():
+    r = _cli("frobnicate")
+    assert r.returncode != 0 and "Traceback" not in r.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .callbacks import GUARDS, Guard, TiedWeightsGuard
 from .config import callbacks_from_dict, callbacks_from_yaml
+from .core.checksum import checksums, file_checksums
 from .core.ties import find_tied_groups, restore_ties
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
@@ -23,5 +24,7 @@ __all__ = [
     "callbacks_from_yaml",
     "find_tied_groups",
     "restore_ties",
+    "checksums",
+    "file_checksums",
     *_errors_all,
 ]

@@ -1,0 +1,173 @@
+"""load_weights_inplace (field report R2: loading fine-tuned weights needs the model + a full state dict).
+
+Peak memory is measured by benchmarks/bench_loading.py (not a timed test); here: correctness, ties, shards,
+meta-device init, and that every header problem is reported before anything is copied.
+"""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file, save_model
+
+from trainer_guard import LoadError, load_weights_inplace
+from trainer_guard.core import loading
+from trainer_guard.tiny import tiny_model
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(model, expected):
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_roundtrip_file_and_sharded_dir(tmp_path):
+    src = tiny_model("llama-untied", seed=1)
+    src.save_pretrained(tmp_path / "one")
+    src.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+    for path in (tmp_path / "one" / "model.safetensors", tmp_path / "sharded"):
+        dst = tiny_model("llama-untied", seed=2)
+        result = load_weights_inplace(dst, path)
+        assert_same(dst, snapshot(src))
+        assert result.loaded == len(src.state_dict()) and result.missing == [] and result.aliases == {}
+
+
+def test_tied_parameters_loaded_once_and_stay_tied(tmp_path):
+    src = tiny_model("llama-tied", seed=1)
+    src.save_pretrained(tmp_path)  # transformers stores the tie once (no lm_head.weight)
+    dst = tiny_model("llama-tied", seed=2)
+    result = load_weights_inplace(dst, tmp_path)
+    assert result.aliases == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert dst.lm_head.weight is dst.model.embed_tokens.weight
+    assert torch.equal(dst.lm_head.weight, src.lm_head.weight)
+
+
+def test_plain_module_saved_by_safetensors_save_model(tmp_path):
+    src, dst = tiny_model("plain-gpt", seed=1), tiny_model("plain-gpt", seed=2)
+    save_model(src, str(tmp_path / "m.safetensors"))  # dedupes the tie, keeps one name
+    result = load_weights_inplace(dst, tmp_path / "m.safetensors")
+    assert dst.out_head.weight is dst.tok_emb.weight and torch.equal(dst.tok_emb.weight, src.tok_emb.weight)
+    assert len(result.aliases) == 1
+
+
+def test_meta_model_is_materialised_on_the_requested_device(tmp_path):
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+
+    src = tiny_model("llama-tied", seed=1)
+    src.save_pretrained(tmp_path)
+    with init_empty_weights():
+        dst = LlamaForCausalLM(src.config)
+    assert dst.lm_head.weight.device.type == "meta"
+    result = load_weights_inplace(dst, tmp_path, device="cpu")
+    assert all(t.device.type == "cpu" for t in [*dst.parameters(), *dst.buffers()]) and result.still_meta == []
+    assert dst.lm_head.weight is dst.model.embed_tokens.weight
+    for n, p in src.named_parameters():
+        assert torch.equal(dst.get_parameter(n), p), n
+
+
+def test_shape_mismatch_names_tensors_and_changes_nothing(tmp_path):
+    tiny_model("llama-untied", vocab_size=96).save_pretrained(tmp_path)
+    dst = tiny_model("llama-untied", seed=2)
+    before = snapshot(dst)
+    with pytest.raises(LoadError) as e:
+        load_weights_inplace(dst, tmp_path)
+    assert str(e.value) == (
+        f"Cannot load {tmp_path} into LlamaForCausalLM; nothing was changed:\n"
+        "  - model.embed_tokens.weight: shape [96, 32] in the file, [128, 32] in the model\n"
+        "  - lm_head.weight: shape [96, 32] in the file, [128, 32] in the model\n"
+        "Load into the model class/config the weights were saved from (strict=False skips missing and unexpected "
+        "names, never shape mismatches)."
+    )
+    assert_same(dst, before)
+
+
+def test_dtype_mismatch_is_an_error_unless_cast(tmp_path):
+    src = tiny_model("llama-untied", seed=1).to(torch.bfloat16)
+    src.save_pretrained(tmp_path)
+    dst = tiny_model("llama-untied", seed=2)
+    before = snapshot(dst)
+    with pytest.raises(LoadError, match=r"  - model.embed_tokens.weight: dtype bfloat16 in the file, float32 in the "
+                                        r"model \(pass cast=True to convert\)\n(.|\n)*  \.\.\. and 1 more\n"):
+        load_weights_inplace(dst, tmp_path)  # 21 tensors: 20 listed
+    assert_same(dst, before)
+    load_weights_inplace(dst, tmp_path, cast=True)
+    assert dst.lm_head.weight.dtype == torch.float32
+    assert torch.equal(dst.lm_head.weight, src.lm_head.weight.float())
+
+
+def test_missing_and_unexpected_names(tmp_path):
+    src = tiny_model("llama-untied", seed=1)
+    sd = {k: v.contiguous() for k, v in src.state_dict().items() if k != "lm_head.weight"}
+    sd["extra.bias"] = torch.zeros(3)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    dst = tiny_model("llama-untied", seed=2)
+    before = snapshot(dst)
+    with pytest.raises(LoadError) as e:
+        load_weights_inplace(dst, tmp_path)
+    assert "  - lm_head.weight: missing from the file(s)\n  - extra.bias: in the file(s) but not in the model" in str(
+        e.value)
+    assert_same(dst, before)
+    result = load_weights_inplace(dst, tmp_path, strict=False)
+    assert result.missing == ["lm_head.weight"] and result.unexpected == ["extra.bias"]
+    assert torch.equal(dst.model.norm.weight, src.model.norm.weight)
+    assert torch.equal(dst.lm_head.weight, before["lm_head.weight"])
+
+
+def test_verify_manifest_catches_a_modified_file_before_copying(tmp_path):
+    manifest = pytest.importorskip("trainer_guard.core.manifest")
+    src = tiny_model("llama-untied", seed=1)
+    src.save_pretrained(tmp_path)
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    manifest.write_manifest(tmp_path, manifest.build_manifest(sd, global_step=0, tie_groups=[]))
+    dst = tiny_model("llama-untied", seed=2)
+    assert load_weights_inplace(dst, tmp_path, verify_manifest=True).verified == len(sd)
+    sd["model.norm.weight"] = sd["model.norm.weight"] + 1  # the file changes after the manifest was written
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    dst = tiny_model("llama-untied", seed=2)
+    before = snapshot(dst)
+    with pytest.raises(LoadError, match=r"does not match its manifest; nothing was changed:\n  - model.norm.weight: "):
+        load_weights_inplace(dst, tmp_path, verify_manifest=True)
+    assert_same(dst, before)
+    with pytest.raises(LoadError, match="has no trainer_guard manifest"):
+        os.remove(tmp_path / manifest.MANIFEST_FILE)
+        load_weights_inplace(dst, tmp_path, verify_manifest=True)
+
+
+def test_files_are_reopened_to_bound_resident_pages(tmp_path, monkeypatch):
+    opened = []
+    real = loading._reading
+
+    import safetensors
+
+    real_open = safetensors.safe_open
+
+    def counting_open(*a, **k):
+        opened.append(a[0])
+        return real_open(*a, **k)
+
+    monkeypatch.setattr(safetensors, "safe_open", counting_open)
+    monkeypatch.setattr(loading, "REOPEN_BYTES", 4096)
+    src = tiny_model("llama-untied", seed=1)
+    src.save_pretrained(tmp_path)
+    dst = tiny_model("llama-untied", seed=2)
+    load_weights_inplace(dst, tmp_path)
+    assert real is loading._reading
+    assert len(opened) > 5  # headers once, then a fresh mapping every 4 KiB read
+    assert_same(dst, snapshot(src))
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(LoadError, match="no such file or directory"):
+        load_weights_inplace(tiny_model("llama-untied"), tmp_path / "nope")
+    with pytest.raises(LoadError, match="no \\*.safetensors file in this directory"):
+        load_weights_inplace(tiny_model("llama-untied"), tmp_path)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(LoadError, match="unreadable safetensors file"):
+        load_weights_inplace(tiny_model("llama-untied"), tmp_path / "bad.safetensors")

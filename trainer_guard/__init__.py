@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 from .callbacks import GUARDS, Guard, TiedWeightsGuard
+from .callbacks.update_audit import UpdateAuditGuard
 from .config import callbacks_from_dict, callbacks_from_yaml
 from .core.checksum import checksums, file_checksums
 from .core.ties import find_tied_groups, restore_ties
@@ -20,6 +21,7 @@ __all__ = [
     "GUARDS",
     "Guard",
     "TiedWeightsGuard",
+    "UpdateAuditGuard",
     "callbacks_from_dict",
     "callbacks_from_yaml",
     "find_tied_groups",

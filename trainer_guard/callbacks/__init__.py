@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from .base import Guard
 from .tied_weights import TiedWeightsGuard
+from .update_audit import UpdateAuditGuard
 
-__all__ = ["GUARDS", "Guard", "TiedWeightsGuard"]
+__all__ = ["GUARDS", "Guard", "TiedWeightsGuard", "UpdateAuditGuard"]
 
 GUARDS: dict[str, type[Guard]] = {
     TiedWeightsGuard.name: TiedWeightsGuard,
+    UpdateAuditGuard.name: UpdateAuditGuard,  # last: its baseline follows every other guard's changes
 }

@@ -1,0 +1,242 @@
+"""UpdateAuditGuard (issue 8): planted update failures in tiny models are reported, healthy runs report nothing.
+
+Each planted failure trains to completion without the guard and leaves the tensors silently unchanged (or a frozen
+weight silently drifted); with the guard it is reported by module with its cause.
+"""
+
+import pytest
+import torch
+from conftest import make_args
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
+
+from trainer_guard import ConfigError, UpdateAuditError, UpdateAuditGuard, callbacks_from_dict
+from trainer_guard.core.audit import CAUSES, Finding, ParamFacts, audit, classify, module_summary, summarize
+from trainer_guard.tiny import tiny_dataset, tiny_lora, tiny_model
+
+
+def train(model, tmp_path, guard=None, optimizers=(None, None), callbacks=(), **kw):
+    kw.setdefault("max_steps", 4)
+    args = make_args(tmp_path, save_strategy="no", **kw)
+    cbs = ([guard] if guard else []) + list(callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset(16), callbacks=cbs, optimizers=optimizers)
+    trainer.train()
+    return trainer
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def unchanged(before, model):
+    return sorted(n for n, p in model.named_parameters() if torch.equal(before[n], p.detach()))
+
+
+# -- healthy runs ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama-tied", "lora"])
+def test_healthy_run_reports_nothing(kind, tmp_path):
+    model = tiny_lora(tiny_model("llama-tied")) if kind == "lora" else tiny_model(kind)
+    guard = UpdateAuditGuard(every=1)  # every step: LoRA A has a zero gradient on step 1 (B starts at 0)
+    train(model, tmp_path, guard)
+    assert guard.findings == [] and guard.report() == []
+
+
+def test_warmup_from_zero_and_gradient_accumulation_report_nothing(tmp_path):
+    guard = UpdateAuditGuard(every=2)
+    trainer = train(tiny_model("llama-untied"), tmp_path, guard, warmup_steps=2, gradient_accumulation_steps=2)
+    assert trainer.state.log_history[0]["learning_rate"] == 0.0  # step 1 ran at LR 0: nothing could change
+    assert guard.findings == []
+
+
+# -- planted failures -----------------------------------------------------------------------------------------
+def test_parameter_missing_from_optimizer(tmp_path):
+    model = tiny_model("llama-untied")
+    params = lambda m: [p for n, p in m.named_parameters() if n != "lm_head.weight"]  # noqa: E731
+    before = snapshot(model)
+    train(model, tmp_path, optimizers=(torch.optim.AdamW(params(model), lr=1e-2), None))
+    assert unchanged(before, model) == ["lm_head.weight"]  # silent: trains to the end, head never moves
+
+    model = tiny_model("llama-untied")
+    with pytest.raises(UpdateAuditError) as e:
+        train(model, tmp_path, UpdateAuditGuard(), optimizers=(torch.optim.AdamW(params(model), lr=1e-2), None))
+    assert str(e.value) == (
+        "UpdateAuditGuard at optimizer step 1: parameters that should train did not, or frozen ones changed\n"
+        "  - trainable but unchanged: 1 tensor (4,096 values) in lm_head - " + CAUSES["not_in_optimizer"])
+
+
+def test_group_with_lr_zero(tmp_path):
+    def opt(m):
+        norms = [p for n, p in m.named_parameters() if "norm" in n]
+        rest = [p for n, p in m.named_parameters() if "norm" not in n]
+        return torch.optim.AdamW([{"params": rest}, {"params": norms, "lr": 0.0}], lr=1e-2)
+
+    model = tiny_model("llama-untied")
+    before = snapshot(model)
+    train(model, tmp_path, optimizers=(opt(model), None))
+    assert all("norm" in n for n in unchanged(before, model)) and len(unchanged(before, model)) == 5
+
+    model = tiny_model("llama-untied")
+    with pytest.raises(UpdateAuditError, match=r"step 1:.*\n  - trainable but unchanged: 5 tensors \(160 values\) in "
+                       r"model\.layers\.\*\.input_layernorm x2, model\.layers\.\*\.post_attention_layernorm x2, "
+                       r"model\.norm - its optimizer group 1 has LR 0 \(initial_lr 0\)"):
+        train(model, tmp_path, UpdateAuditGuard(), optimizers=(opt(model), None))
+
+
+def detach_mlp(model):
+    model.model.layers[1].mlp.register_forward_hook(lambda mod, args, out: out.detach())
+    return model
+
+
+def test_detached_branch(tmp_path):
+    model = detach_mlp(tiny_model("llama-untied"))
+    before = snapshot(model)
+    train(model, tmp_path)
+    assert unchanged(before, model) == [f"model.layers.1.{m}.weight" for m in
+                                        ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "post_attention_layernorm")]
+
+    guard = UpdateAuditGuard(mode="warn")
+    train(detach_mlp(tiny_model("llama-untied")), tmp_path, guard)  # warn: trains on, reports once
+    assert {(f.name, f.cause) for f in guard.findings} == {(n, "grad_none") for n in unchanged(before, model)}
+    [line] = guard.report()
+    assert line.startswith("UpdateAuditGuard at optimizer step 2: ")  # gradient verdicts need 2 effective steps
+    assert ("4 tensors (6,176 values) in model.layers.1.mlp.down_proj, model.layers.1.mlp.gate_proj, "
+            "model.layers.1.mlp.up_proj, model.layers.1.post_attention_layernorm - no gradient reached it "
+            "(.grad is None)") in line
+
+
+def drift_frozen(model, from_step=0):
+    """Freeze o_proj of layer 0 and let a buggy forward pre-hook scale it in place (from the n-th call on)."""
+    mod = model.model.layers[0].self_attn.o_proj
+    mod.weight.requires_grad_(False)
+    calls = [0]
+
+    def hook(m, args):
+        calls[0] += 1
+        if m.training and calls[0] > from_step:
+            with torch.no_grad():
+                m.weight.mul_(0.99)
+
+    mod.register_forward_pre_hook(hook)
+    return model
+
+
+def test_frozen_weight_modified_in_place(tmp_path):
+    model = drift_frozen(tiny_model("llama-untied"))
+    w0 = model.model.layers[0].self_attn.o_proj.weight.detach().clone()
+    train(model, tmp_path)
+    assert not torch.equal(w0, model.model.layers[0].self_attn.o_proj.weight)  # silent drift
+
+    with pytest.raises(UpdateAuditError, match=r"step 1:.*\n  - frozen but changed: 1 tensor \(1,024 values\) in "
+                       r"model\.layers\.0\.self_attn\.o_proj - frozen and in no optimizer group: modified outside"):
+        train(drift_frozen(tiny_model("llama-untied")), tmp_path, UpdateAuditGuard())
+
+
+def test_late_fault_caught_by_every_n(tmp_path):
+    # batch 4, 16 samples: the hook runs once per step; drift starts at step 3, the check at step 4 sees it
+    guard = UpdateAuditGuard(mode="warn", every=2)
+    train(drift_frozen(tiny_model("llama-untied"), from_step=2), tmp_path, guard)
+    [line] = guard.report()
+    assert line.startswith("UpdateAuditGuard at optimizer step 4: ") and "model.layers.0.self_attn.o_proj" in line
+
+
+class Unfreeze(TrainerCallback):
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        model.model.embed_tokens.weight.requires_grad_(True)
+
+
+def test_wrapper_that_unfreezes(tmp_path):
+    model = tiny_model("llama-untied")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # frozen weight handed to the optimizer anyway
+    with pytest.raises(UpdateAuditError, match=r"frozen but changed: 1 tensor \(4,096 values\) in model\.embed_tokens "
+                       r"- frozen at the baseline but requires_grad=True now"):
+        train(model, tmp_path, UpdateAuditGuard(), optimizers=(opt, None), callbacks=[Unfreeze()])
+
+
+def test_skipped_steps_with_grad_scaler_do_not_count():
+    """A step skipped by the grad scaler (inf loss) changes nothing and must not be read as 'stalled'."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    Accelerator(cpu=True)
+    model = tiny_model("llama-untied")
+    scaler = torch.amp.GradScaler("cpu")
+    opt = AcceleratedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), device_placement=False, scaler=scaler)
+    guard, state, control = UpdateAuditGuard(every=1), TrainerState(), TrainerControl()
+    guard.on_train_begin(None, state, control, model=model, optimizer=opt)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    skipped = []
+    for step in range(3):
+        guard.on_step_begin(None, state, control, model=model)
+        loss = model(input_ids=ids, labels=ids).loss * (float("inf") if step == 0 else 1.0)
+        scaler.scale(loss).backward()
+        opt.step()
+        skipped.append(opt.step_was_skipped)
+        guard.on_optimizer_step(None, state, control, optimizer=opt)
+        opt.zero_grad()
+        state.global_step += 1
+    assert skipped == [True, False, False] and guard.findings == [] and guard._steps == 3
+
+
+# -- options and config ---------------------------------------------------------------------------------------
+def test_options_are_validated():
+    with pytest.raises(ConfigError) as e:
+        UpdateAuditGuard(every=0, mode="loud")
+    assert str(e.value) == ("Invalid options:\n  - UpdateAuditGuard.mode: got 'loud'; expected one of 'raise', 'warn'")
+    with pytest.raises(ConfigError) as e:
+        UpdateAuditGuard(every=0)
+    assert str(e.value) == ("Invalid options:\n  - UpdateAuditGuard.every: must be >= 1, got 0; pass a positive "
+                            "number of optimizer steps")
+
+
+def test_built_from_default_yaml():
+    from trainer_guard import callbacks_from_yaml
+
+    [guard] = [c for c in callbacks_from_yaml("configs/default.yaml") if isinstance(c, UpdateAuditGuard)]
+    assert guard.options["mode"] == "raise" and guard.options["every"] == 100
+    [guard] = callbacks_from_dict({"update_audit": {"mode": "warn", "ignore": ["*.experts.*"]}})
+    assert guard.options["ignore"] == ["*.experts.*"]
+
+
+def test_ignore_skips_tensors(tmp_path):
+    guard = UpdateAuditGuard(ignore=["model.layers.1.*"])
+    train(detach_mlp(tiny_model("llama-untied")), tmp_path, guard, max_steps=3)
+    assert guard.findings == []
+
+
+# -- core -----------------------------------------------------------------------------------------------------
+def test_core_causes_and_pending():
+    status = classify({k: 1 for k in "abcdefgh"}, {"a": 1, "b": 1, "c": 1, "d": 1, "e": 1, "f": 2, "g": 2, "h": 1})
+    facts = {
+        "a": ParamFacts(True, group=0, lr=0.0, initial_lr=1e-3, effective_steps=0),  # warmup: wait
+        "b": ParamFacts(True, group=0, lr=1e-3, initial_lr=1e-3, effective_steps=1, grad="zero"),  # LoRA A: wait
+        "c": ParamFacts(True, group=0, lr=1e-3, initial_lr=1e-3, effective_steps=2, grad="zero"),
+        "d": ParamFacts(True, group=0, lr=1e-3, initial_lr=1e-3, effective_steps=1, grad="nonzero", dtype="bfloat16"),
+        "e": ParamFacts(False),  # frozen, unchanged: fine
+        "f": ParamFacts(False, group=1, weight_decay=0.1),
+        "g": ParamFacts(True, group=0, lr=1e-3, effective_steps=1),  # trainable and changed: fine
+        "h": ParamFacts(True, group=0, lr=1e-3, initial_lr=1e-3, effective_steps=3, grad="none"),
+    }
+    findings, pending = audit(status, facts)
+    assert pending == ["a", "b"]
+    assert [(f.name, f.cause) for f in findings] == [("c", "grad_zero"), ("d", "stalled"),
+                                                     ("f", "frozen_in_optimizer"), ("h", "grad_none")]
+    assert "LR 0.001, yet no value changed: updates too small for bfloat16" in findings[1].detail
+    assert "in optimizer group 1 (weight_decay 0.1)" in findings[2].detail
+
+
+def test_summarize_folds_layers_and_caps_modules():
+    f = [Finding(f"m.layers.{i}.{p}.weight", "unchanged", "grad_none", "why", 2) for i in range(3) for p in "ab"]
+    f += [Finding(f"x{i}.w", "changed", "modified_in_place", "how", 1) for i in range(10)]
+    lines = summarize(f, max_modules=3)
+    assert lines == ["trainable but unchanged: 6 tensors (12 values) in m.layers.*.a x3, m.layers.*.b x3 - why",
+                     "frozen but changed: 10 tensors (10 values) in x0, x1, x2, ... (7 more) - how"]
+
+
+def test_module_summary():
+    a = {"m.emb.weight": 1, "m.layers.0.q.weight": 1, "m.layers.1.q.weight": 1, "m.layers.0.k.weight": 1,
+         "m.layers.1.k.weight": 1, "m.head.weight": 1}
+    b = {"m.emb.weight": 1, "m.layers.0.q.weight": 2, "m.layers.1.q.weight": 3, "m.layers.0.k.weight": 4,
+         "m.layers.1.k.weight": 1, "m.extra.weight": 1}
+    got = [(m["module"], m["status"], m["tensors"]) for m in module_summary(classify(a, b))]
+    assert got == [("m.emb", "unchanged", 1), ("m.extra", "only in B", 1), ("m.head", "only in A", 1),
+                   ("m.layers.0.k", "changed", 1), ("m.layers.1.k", "unchanged", 1), ("m.layers.*.q", "changed", 2)]

@@ -1,0 +1,328 @@
+"""Which tensors changed between two checksum maps, and why a tensor that should have trained did not.
+
+Pure functions, no Trainer. :func:`classify` compares two ``{name: checksum}`` maps (from
+:func:`trainer_guard.core.checksum.checksums`, a manifest or :func:`~trainer_guard.core.checksum.file_checksums`);
+:func:`audit` turns that plus a few :class:`ParamFacts` per tensor (trainable at the baseline? which optimizer
+group, its LR, how many effective optimizer steps since the baseline, what its ``.grad`` looked like) into
+:class:`Finding` s with a likely cause; :func:`summarize` groups findings by module, and :func:`module_summary`
+groups a plain diff by module (``trainer-guard diff``).
+
+Example:
+    >>> from trainer_guard.core.audit import ParamFacts, audit, classify, summarize
+    >>> status = classify({"emb.weight": 1, "fc.weight": 2}, {"emb.weight": 1, "fc.weight": 3})
+    >>> status
+    {'emb.weight': 'same', 'fc.weight': 'changed'}
+    >>> facts = {"emb.weight": ParamFacts(trainable=True, group=None, effective_steps=1, grad="nonzero"),
+    ...          "fc.weight": ParamFacts(trainable=True, group=0, lr=1e-3, effective_steps=1, grad="nonzero")}
+    >>> findings, pending = audit(status, facts)
+    >>> [(f.name, f.cause) for f in findings], pending
+    ([('emb.weight', 'not_in_optimizer')], [])
+    >>> summarize(findings)[0].split(";")[0]
+    'trainable but unchanged: 1 tensor in emb - not in any optimizer group'
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+__all__ = [
+    "SAME",
+    "CHANGED",
+    "ONLY_A",
+    "ONLY_B",
+    "CAUSES",
+    "ParamFacts",
+    "Finding",
+    "classify",
+    "audit",
+    "summarize",
+    "module_of",
+    "module_summary",
+    "GroupInfo",
+    "group_index",
+    "grad_state",
+]
+
+SAME, CHANGED, ONLY_A, ONLY_B = "same", "changed", "only_a", "only_b"
+
+GradState = Literal["none", "zero", "nonzero", "unknown"]
+
+# cause code -> explanation (``{group}``, ``{lr}``, ``{wd}``, ``{dtype}`` are filled in per finding).
+CAUSES: dict[str, str] = {
+    "not_in_optimizer": "not in any optimizer group; build the optimizer after setting requires_grad, add the "
+                        "tensors to a param group, or freeze them (requires_grad=False)",
+    "lr_zero": "its optimizer group {group} has LR 0 (initial_lr 0); give the group a non-zero learning rate or "
+               "freeze these tensors",
+    "grad_none": "no gradient reached it (.grad is None): its output is detached, computed under no_grad or unused "
+                 "by the loss; check forward hooks and .detach() calls, or freeze it",
+    "grad_zero": "no gradient reached it (.grad is all zero): its output is multiplied by zero or masked out of "
+                 "the loss; check the forward pass, or freeze it",
+    "stalled": "it had a non-zero gradient and LR {lr:g}, yet no value changed: updates too small for {dtype}, or "
+               "the optimizer skips it; raise the LR or keep these weights in float32",
+    "unfrozen": "frozen at the baseline but requires_grad=True now: something un-froze it (a wrapper, a later "
+                "requires_grad_ call); freeze it again after wrapping",
+    "frozen_in_optimizer": "frozen, yet in optimizer group {group} (weight_decay {wd:g}) which updated it; build the "
+                           "optimizer from trainable parameters only",
+    "modified_in_place": "frozen and in no optimizer group: modified outside the optimizer (an in-place op in "
+                         "forward, a hook or a callback); use out-of-place ops or clone the weight first",
+}
+
+_KIND_TEXT = {"unchanged": "trainable but unchanged", "changed": "frozen but changed"}
+
+
+@dataclass(frozen=True)
+class ParamFacts:
+    """What is known about one tensor over one audit window (baseline -> now).
+
+    Args:
+        trainable: ``requires_grad`` at the baseline.
+        trainable_now: ``requires_grad`` now (``None``: same as ``trainable``).
+        group: index of its optimizer param group, ``None`` when in no group.
+        lr: the group's LR at the last step of the window.
+        initial_lr: the group's scheduled base LR (``initial_lr``); 0 means the group never trains.
+        weight_decay: the group's weight decay.
+        effective_steps: optimizer steps in the window that were not skipped and ran with the group's LR > 0.
+        grad: ``.grad`` at the last step: ``"none"``, ``"zero"`` (all zero), ``"nonzero"``, or ``"unknown"``.
+        dtype: the tensor's dtype, for messages.
+        numel: number of values, for messages.
+    """
+
+    trainable: bool
+    trainable_now: bool | None = None
+    group: int | None = None
+    lr: float | None = None
+    initial_lr: float | None = None
+    weight_decay: float = 0.0
+    effective_steps: int = 0
+    grad: GradState = "unknown"
+    dtype: str = ""
+    numel: int = 0
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One tensor that trained when it should not have, or did not when it should.
+
+    ``kind`` is ``"unchanged"`` (trainable, did not change) or ``"changed"`` (frozen, changed); ``cause`` is a key
+    of :data:`CAUSES`; ``detail`` is the cause's explanation with this tensor's numbers filled in.
+    """
+
+    name: str
+    kind: str
+    cause: str
+    detail: str
+    numel: int = 0
+
+
+def classify(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, str]:
+    """Per tensor name: ``"same"``, ``"changed"``, ``"only_a"`` or ``"only_b"``; names sorted.
+
+    Example:
+        >>> classify({"x": 1, "y": 2}, {"y": 5, "z": 0})
+        {'x': 'only_a', 'y': 'changed', 'z': 'only_b'}
+    """
+    out = {}
+    for name in sorted(set(a) | set(b)):
+        if name not in b:
+            out[name] = ONLY_A
+        elif name not in a:
+            out[name] = ONLY_B
+        else:
+            out[name] = SAME if int(a[name]) == int(b[name]) else CHANGED
+    return out
+
+
+def _finding(name: str, kind: str, cause: str, f: ParamFacts) -> Finding:
+    detail = CAUSES[cause].format(group=f.group, lr=f.lr or 0.0, wd=f.weight_decay, dtype=f.dtype or "its dtype")
+    return Finding(name, kind, cause, detail, f.numel)
+
+
+def audit(
+    status: Mapping[str, str], facts: Mapping[str, ParamFacts], min_grad_steps: int = 2
+) -> tuple[list[Finding], list[str]]:
+    """Judge each tensor of ``status`` (from :func:`classify`, baseline -> now) with its ``facts``.
+
+    - Frozen (at the baseline) and changed: a finding, cause ``unfrozen`` / ``frozen_in_optimizer`` /
+      ``modified_in_place``.
+    - Trainable and unchanged: ``not_in_optimizer`` and ``lr_zero`` (``initial_lr`` 0) at once; otherwise only
+      once its group ran at least one effective step (LR warmup from 0 and skipped inf/nan steps do not count),
+      and the gradient-based causes (``grad_none``, ``grad_zero``, ``stalled``) only after ``min_grad_steps``
+      effective steps, since e.g. a LoRA A matrix has a zero gradient on its first step (B starts at zero).
+
+    Returns:
+        ``(findings, pending)``: findings sorted by name, and the names that cannot be judged yet (keep their
+        baseline and look again later). Tensors without facts, or only on one side, are ignored.
+    """
+    findings, pending = [], []
+    for name, st in status.items():
+        f = facts.get(name)
+        if f is None or st not in (SAME, CHANGED):
+            continue
+        if not f.trainable:
+            if st == CHANGED:
+                if f.trainable_now:
+                    cause = "unfrozen"
+                elif f.group is not None:
+                    cause = "frozen_in_optimizer"
+                else:
+                    cause = "modified_in_place"
+                findings.append(_finding(name, "changed", cause, f))
+            continue
+        if st == CHANGED:
+            continue
+        if f.group is None:
+            findings.append(_finding(name, "unchanged", "not_in_optimizer", f))
+        elif f.initial_lr is not None and f.initial_lr == 0 and not f.effective_steps:
+            findings.append(_finding(name, "unchanged", "lr_zero", f))
+        elif f.effective_steps < 1 or (f.effective_steps < min_grad_steps and f.grad in ("none", "zero", "unknown")):
+            pending.append(name)
+        else:
+            cause = {"none": "grad_none", "zero": "grad_zero"}.get(f.grad, "stalled")
+            findings.append(_finding(name, "unchanged", cause, f))
+    return sorted(findings, key=lambda x: x.name), pending
+
+
+def module_of(name: str) -> str:
+    """The module path of a tensor name: ``"model.layers.0.mlp.up_proj.weight"`` -> ``"model.layers.0.mlp.up_proj"``.
+
+    A top-level tensor (no dot) is its own module.
+    """
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _pattern(module: str) -> str:
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", module)
+
+
+def _fmt_count(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _fold(modules: Iterable[str]) -> list[str]:
+    """Module names with layer indices folded to ``*`` where two or more modules share the pattern (``xN``)."""
+    by_pattern: dict[str, list[str]] = {}
+    for m in modules:
+        by_pattern.setdefault(_pattern(m), []).append(m)
+    out = []
+    for pat, mods in by_pattern.items():
+        uniq = sorted(set(mods))
+        out.extend([f"{pat} x{len(uniq)}"] if len(uniq) > 1 else uniq)
+    return out
+
+
+def summarize(findings: Iterable[Finding], max_modules: int = 8) -> list[str]:
+    """One line per (kind, cause): ``"<kind>: <n> tensors (<values>) in <modules> - <detail>"``.
+
+    Modules that differ only by layer index fold into one entry (``model.layers.* x32``).
+
+    Example:
+        >>> f = [Finding(f"model.layers.{i}.mlp.up_proj.weight", "unchanged", "grad_none", "no gradient", 8)
+        ...      for i in range(3)] + [Finding("lm_head.weight", "unchanged", "grad_none", "no gradient", 8)]
+        >>> summarize(f)
+        ['trainable but unchanged: 4 tensors (32 values) in model.layers.*.mlp.up_proj x3, lm_head - no gradient']
+    """
+    groups: dict[tuple[str, str], list[Finding]] = {}
+    for f in findings:
+        groups.setdefault((f.kind, f.cause), []).append(f)
+    lines = []
+    for (kind, _), fs in groups.items():
+        mods = _fold(module_of(f.name) for f in fs)
+        shown = ", ".join(mods[:max_modules]) + (f", ... ({len(mods) - max_modules} more)" if len(mods) > max_modules
+                                                  else "")
+        numel = sum(f.numel for f in fs)
+        size = f" ({_fmt_count(numel, 'value')})" if numel else ""
+        lines.append(f"{_KIND_TEXT[kind]}: {_fmt_count(len(fs), 'tensor')}{size} in {shown} - {fs[0].detail}")
+    return lines
+
+
+def module_summary(status: Mapping[str, str]) -> list[dict]:
+    """Group a :func:`classify` result by module, folding layer indices when every layer agrees.
+
+    Each entry: ``{"module", "status", "tensors", "counts"}`` where ``status`` is ``"unchanged"``, ``"changed"``
+    (every tensor changed), ``"partly changed"``, ``"only in A"``, ``"only in B"`` or ``"mixed"``, and
+    ``counts`` maps each per-tensor status to its count. Modules keep first-seen order of sorted names.
+
+    Example:
+        >>> s = classify({"m.layers.0.w": 1, "m.layers.1.w": 1, "m.emb.w": 1},
+        ...              {"m.layers.0.w": 2, "m.layers.1.w": 3, "m.emb.w": 1})
+        >>> [(m["module"], m["status"]) for m in module_summary(s)]
+        [('m.emb', 'unchanged'), ('m.layers.*', 'changed')]
+    """
+    per_module: dict[str, dict[str, int]] = {}
+    for name, st in status.items():
+        per_module.setdefault(module_of(name), {}).setdefault(st, 0)
+        per_module[module_of(name)][st] += 1
+
+    def verdict(counts: Mapping[str, int]) -> str:
+        kinds = set(counts)
+        if kinds == {SAME}:
+            return "unchanged"
+        if kinds == {CHANGED}:
+            return "changed"
+        if kinds == {SAME, CHANGED}:
+            return "partly changed"
+        if kinds == {ONLY_A}:
+            return "only in A"
+        if kinds == {ONLY_B}:
+            return "only in B"
+        return "mixed"
+
+    folded: dict[str, list[str]] = {}
+    for mod in per_module:
+        folded.setdefault(_pattern(mod), []).append(mod)
+    out = []
+    for pat, mods in folded.items():
+        verdicts = {verdict(per_module[m]) for m in mods}
+        groups = [(pat, mods)] if len(mods) > 1 and len(verdicts) == 1 else [(m, [m]) for m in mods]
+        for label, members in groups:
+            counts: dict[str, int] = {}
+            for m in members:
+                for st, n in per_module[m].items():
+                    counts[st] = counts.get(st, 0) + n
+            out.append({"module": label, "status": verdict(counts), "tensors": sum(counts.values()),
+                        "counts": dict(sorted(counts.items()))})
+    return out
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One optimizer param group as the audit sees it: index, current LR, scheduled base LR, weight decay."""
+
+    index: int
+    lr: float
+    initial_lr: float
+    weight_decay: float
+
+
+def group_index(optimizer: Any) -> dict[int, GroupInfo]:
+    """Map ``id(parameter)`` -> :class:`GroupInfo` for every parameter in ``optimizer.param_groups``.
+
+    Works for any torch optimizer and for wrappers that expose ``param_groups`` (accelerate's). ``initial_lr`` is
+    the value an LR scheduler recorded (``group["initial_lr"]``), else the group's LR.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = torch.optim.SGD([{"params": [w], "lr": 0.0}], lr=0.1)
+        >>> group_index(opt)[id(w)]
+        GroupInfo(index=0, lr=0.0, initial_lr=0.0, weight_decay=0.0)
+    """
+    out = {}
+    for i, group in enumerate(getattr(optimizer, "param_groups", None) or []):
+        lr = float(group.get("lr", 0.0))
+        info = GroupInfo(i, lr, float(group.get("initial_lr", lr)), float(group.get("weight_decay", 0.0) or 0.0))
+        for p in group["params"]:
+            out.setdefault(id(p), info)
+    return out
+
+
+def grad_state(p: torch.Tensor) -> GradState:
+    """``"none"`` when ``p.grad`` is None, ``"zero"`` when it is all zero, else ``"nonzero"`` (one reduction)."""
+    g = p.grad
+    if g is None:
+        return "none"
+    return "nonzero" if bool(g.detach().ne(0).any()) else "zero"

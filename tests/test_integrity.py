@@ -1,0 +1,258 @@
+"""IntegrityGuard and the manifest core: a manifest at every save, save-time verification, resume checks.
+
+Regression tests for field report R1 ("verify the saved model's integrity after every save"; R1b: a hand-tied head
+that reloads at random) and R2 (a dtype that changes on the way back in).
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import make_args
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback
+
+from trainer_guard import IntegrityGuard, TiedWeightsGuard, callbacks_from_yaml
+from trainer_guard.core.checksum import CHECKSUM_ALGO, file_checksums
+from trainer_guard.core.manifest import (
+    MANIFEST_FILE,
+    compare,
+    entries,
+    foreign_reason,
+    index_entries,
+    read_index,
+    read_manifest,
+    write_manifest,
+)
+from trainer_guard.errors import ConfigError, IntegrityError, UsageError
+from trainer_guard.tiny import tiny_dataset, tiny_lora, tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(model, out, callbacks=(), resume=None, **kw):
+    kw.setdefault("max_steps", 2)
+    trainer = Trainer(model=model, args=make_args(out, **kw), train_dataset=tiny_dataset(16, 16, 128),
+                      callbacks=list(callbacks))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _build(kind):
+    return tiny_lora(tiny_model("llama-tied")) if kind == "lora" else tiny_model(kind)
+
+
+# ------------------------------------------------------------------------------------------- save: manifests
+@pytest.mark.parametrize("kind, weights, aliases", [
+    ("llama-tied", "model.safetensors", {"lm_head.weight": "model.embed_tokens.weight"}),
+    ("lora", "adapter_model.safetensors", {}),
+    ("plain-gpt", "model.safetensors", {"out_head.weight": "tok_emb.weight"}),
+])
+def test_every_checkpoint_gets_a_manifest_of_what_is_on_disk(tmp_path, kind, weights, aliases):
+    guard = IntegrityGuard()
+    _train(_build(kind), tmp_path, [TiedWeightsGuard(), guard], max_steps=4)
+    for step in (2, 4):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        m = read_manifest(ckpt)
+        on_disk = file_checksums(ckpt)
+        assert m["global_step"] == step and m["algo"] == CHECKSUM_ALGO
+        assert {k: e["checksum"] for k, e in entries(m).items()} == on_disk  # every stored tensor, exact
+        assert {e["file"] for e in m["tensors"].values()} == {weights}
+        assert m["files"][weights]["size"] == os.path.getsize(ckpt / weights)
+        assert m["aliases"] == aliases
+        assert {"torch", "transformers", "safetensors"} <= set(m["versions"])
+        assert not [f for f in os.listdir(ckpt) if f.startswith(".tmp-")]
+    assert [t["step"] for t in guard.timings] == [2, 4]
+    assert guard.report()[0].startswith("checkpoint-2: manifest of ")
+
+
+def test_readback_catches_a_corrupted_write_that_manifest_mode_cannot_see(tmp_path):
+    class FlipOneBit(TrainerCallback):  # bit rot / a torn write between save and verification
+        def on_save(self, args, state, control, **kw):
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "model.safetensors")
+            data = bytearray(open(path, "rb").read())
+            data[-3] ^= 0x10
+            open(path, "wb").write(bytes(data))
+
+    with pytest.raises(IntegrityError) as e:
+        _train(tiny_model("llama-untied"), tmp_path / "a", [FlipOneBit(), IntegrityGuard(verify="readback")])
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'a' / 'checkpoint-2'} does not hold what the model holds; no manifest was "
+                          f"written.")
+    assert "\n  - model.norm.weight: checksum " in msg and "in the files differs from" in msg
+    assert not os.path.exists(tmp_path / "a" / "checkpoint-2" / MANIFEST_FILE)
+    # manifest mode checks headers only: it writes the manifest from memory; the file now disagrees with it
+    _train(tiny_model("llama-untied"), tmp_path / "b", [FlipOneBit(), IntegrityGuard(verify="manifest")])
+    ckpt = tmp_path / "b" / "checkpoint-2"
+    bad = compare(entries(read_manifest(ckpt)), index_entries(read_index(ckpt), file_checksums(ckpt)))
+    assert [m.name for m in bad] == ["model.norm.weight"]
+
+
+class DropTensor(TrainerCallback):
+    """Rewrites the saved file without one tensor (a conversion script or a filter that lost a weight)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def on_save(self, args, state, control, **kw):
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "model.safetensors")
+        sd = load_file(path)
+        del sd[self.name]
+        save_file(sd, path, metadata={"format": "pt"})
+
+
+def test_manifest_mode_stops_when_a_tensor_was_not_saved(tmp_path):
+    name = "model.layers.1.mlp.down_proj.weight"
+    with pytest.raises(IntegrityError, match=f"\n  - {name}: in the model but not saved in the checkpoint files; "
+                                             f"it will not be restored$"):
+        _train(tiny_model("llama-untied"), tmp_path / "a", [DropTensor(name), IntegrityGuard()])
+    # verify="off": only a warning, and the manifest tells the truth about the files
+    guard = IntegrityGuard(verify="off")
+    _train(tiny_model("llama-untied"), tmp_path / "b", [DropTensor(name), guard])
+    assert name not in read_manifest(tmp_path / "b" / "checkpoint-2")["tensors"]
+    assert any(name in line and "not saved" in line for line in guard.report())
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_clean_resume_passes(tmp_path):
+    _train(tiny_model("llama-tied"), tmp_path, [IntegrityGuard()])
+    guard = IntegrityGuard()
+    _train(tiny_model("llama-tied", seed=1), tmp_path, [guard], resume=str(tmp_path / "checkpoint-2"), max_steps=3)
+    assert f"resumed model matches {tmp_path / 'checkpoint-2' / MANIFEST_FILE}" in guard.report()
+
+
+def test_clean_peft_resume_passes(tmp_path):
+    _train(_build("lora"), tmp_path, [IntegrityGuard()])
+    guard = IntegrityGuard()
+    _train(_build("lora"), tmp_path, [guard], resume=str(tmp_path / "checkpoint-2"), max_steps=3)
+    assert any(line.startswith("resumed model matches") for line in guard.report())
+
+
+R1B_LINE_END = ("(stored once as a tie of model.embed_tokens.weight and the tie was not restored, so it was "
+                "initialised at random: declare the tie, e.g. config.tie_word_embeddings=True, TiedWeightsGuard)")
+
+
+def test_r1b_head_reloaded_at_random_is_named(tmp_path):
+    # R1b: hand-tied head, config says untied, no TiedWeightsGuard: the checkpoint stores the head once, as the
+    # embedding; from_pretrained initialises lm_head at random and a resume (weights only) trains on silently.
+    _train(tiny_model("llama-manual-tie"), tmp_path / "run", [IntegrityGuard()], save_only_model=True)
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert read_manifest(ckpt)["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    shutil.copytree(tmp_path / "run", tmp_path / "plain")
+    trained_embedding = load_file(ckpt / "model.safetensors")["model.embed_tokens.weight"]
+
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "plain" / "checkpoint-2")
+    _train(model, tmp_path / "plain", [], resume=str(tmp_path / "plain" / "checkpoint-2"), max_steps=3)
+    assert not torch.allclose(model.lm_head.weight, trained_embedding, atol=0.05)  # trained head lost, no error
+
+    with pytest.raises(IntegrityError) as e:
+        _train(LlamaForCausalLM.from_pretrained(ckpt), tmp_path / "run", [IntegrityGuard()], resume=str(ckpt),
+               max_steps=3)
+    msg = str(e.value)
+    assert msg.startswith(f"The resumed model does not match {ckpt / MANIFEST_FILE} (step 2); stopped before "
+                          f"training on.")
+    lines = msg.split("\n  - ")[1:]
+    assert len(lines) == 1 and lines[0].startswith("lm_head.weight: checksum ") and lines[0].endswith(R1B_LINE_END)
+
+
+def test_wired_check_runs_before_the_optimizer_load(tmp_path):
+    # With optimizer state in the checkpoint, the untied reload has one more parameter and the Trainer's optimizer
+    # load dies with a bare ValueError before any callback runs; wired, the guard names the tensor first.
+    from trainer_guard import guard
+
+    _train(tiny_model("llama-manual-tie"), tmp_path, [IntegrityGuard()])
+    ckpt = tmp_path / "checkpoint-2"
+    args = make_args(tmp_path, max_steps=3)
+    plain = Trainer(model=LlamaForCausalLM.from_pretrained(ckpt), args=args, train_dataset=tiny_dataset(16, 16, 128))
+    with pytest.raises(ValueError, match="parameter group that doesn't match the size"):
+        plain.train(resume_from_checkpoint=str(ckpt))
+    wired = guard(Trainer(model=LlamaForCausalLM.from_pretrained(ckpt), args=args,
+                          train_dataset=tiny_dataset(16, 16, 128), callbacks=[IntegrityGuard()]))
+    with pytest.raises(IntegrityError) as e:
+        wired.train(resume_from_checkpoint=str(ckpt))
+    assert str(e.value).startswith(f"The resumed model does not match {ckpt / MANIFEST_FILE}; stopped before")
+    assert str(e.value).endswith(R1B_LINE_END)
+
+
+def test_r2_dtype_change_on_resume_is_named(tmp_path):
+    _train(tiny_model("llama-untied"), tmp_path, [IntegrityGuard()])
+    model = tiny_model("llama-untied", seed=1).to(torch.bfloat16)
+    with pytest.raises(IntegrityError) as e:
+        _train(model, tmp_path, [IntegrityGuard()], resume=str(tmp_path / "checkpoint-2"), max_steps=3)
+    assert "\n  - lm_head.weight: dtype is bfloat16 in the resumed model but float32 in the checkpoint manifest" \
+        in str(e.value)
+    assert str(e.value).count("\n  - ") == 21  # every tensor, each named
+
+
+def test_tensor_the_load_skipped_is_named(tmp_path):
+    # The Trainer loads with strict=False: a tensor missing from the file keeps its fresh initialisation.
+    name = "model.layers.0.self_attn.q_proj.weight"
+    _train(tiny_model("llama-untied"), tmp_path, [IntegrityGuard()])
+    DropTensor(name).on_save(make_args(tmp_path), type("S", (), {"global_step": 2})(), None)
+    with pytest.raises(IntegrityError) as e:
+        _train(tiny_model("llama-untied", seed=1), tmp_path, [IntegrityGuard()],
+               resume=str(tmp_path / "checkpoint-2"), max_steps=3)
+    lines = str(e.value).split("\n  - ")[1:]
+    assert len(lines) == 1 and lines[0].startswith(f"{name}: checksum ")
+    assert lines[0].endswith("in the checkpoint manifest (data changed)")
+
+
+def test_resume_without_manifest_warns_and_continues(tmp_path):
+    _train(tiny_model("llama-tied"), tmp_path, [])
+    guard = IntegrityGuard()
+    _train(tiny_model("llama-tied"), tmp_path, [guard], resume=str(tmp_path / "checkpoint-2"), max_steps=3)
+    assert f"{tmp_path / 'checkpoint-2'} has no {MANIFEST_FILE}; the resumed weights were not verified" \
+        in guard.report()
+
+
+# --------------------------------------------------------------------------------------- options and core
+def test_options_are_validated_with_the_valid_choices():
+    with pytest.raises(ConfigError) as e:
+        IntegrityGuard(verify="fast", backend="gpu")
+    assert str(e.value) == ("Invalid options:\n"
+                            "  - IntegrityGuard.verify: got 'fast'; expected one of 'off', 'manifest', 'readback'\n"
+                            "  - IntegrityGuard.backend: got 'gpu'; expected one of 'auto', 'triton', 'cpu'")
+
+
+def test_default_config_turns_it_on_in_manifest_mode():
+    guards = [c for c in callbacks_from_yaml(os.path.join(ROOT, "configs", "default.yaml"))
+              if isinstance(c, IntegrityGuard)]
+    assert len(guards) == 1 and guards[0].options == {"verify": "manifest", "check_resume": True, "backend": "auto"}
+
+
+def test_manifest_write_is_atomic(tmp_path, monkeypatch):
+    from trainer_guard.core.manifest import build_manifest
+
+    old = build_manifest({"w": torch.ones(3)}, global_step=1, tie_groups=[])
+    write_manifest(tmp_path, old)
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        write_manifest(tmp_path, build_manifest({"w": torch.zeros(3)}, global_step=2, tie_groups=[]))
+    assert read_manifest(tmp_path) == old and os.listdir(tmp_path) == [MANIFEST_FILE]
+
+
+def test_compare_names_swaps_and_foreign_manifests():
+    from trainer_guard.core.manifest import build_manifest, tensor_entries
+
+    a, b, c = torch.arange(4.0), torch.arange(4.0) + 1, torch.zeros(2, 2)
+    m = build_manifest({"a": a, "b": b, "c": c}, global_step=None, tie_groups=[])
+    from trainer_guard.core.checksum import checksums
+
+    live = {"a": b, "b": a, "c": c.bfloat16()}
+    got = compare(entries(m), tensor_entries(live, checksums(live)), actual_label="files")
+    assert [x.message for x in got] == [
+        "a and b: contents swapped in the files (each holds the data the manifest records for the other)",
+        "c: dtype is bfloat16 in the files but float32 in the manifest",
+    ]
+    other = {"x": a}
+    assert foreign_reason(m, compare(entries(m), tensor_entries(other, checksums(other))), 1) == (
+        "none of the manifest's 3 tensor names is in the files: it describes another model")
+
+
+def test_read_manifest_rejects_foreign_json(tmp_path):
+    (tmp_path / MANIFEST_FILE).write_text('{"format": "something-else", "tensors": {}}')
+    with pytest.raises(UsageError) as e:
+        read_manifest(tmp_path)
+    assert str(e.value) == (f"{tmp_path / MANIFEST_FILE}: not a trainer_guard manifest (format 'something-else', "
+                            f"expected 'trainer_guard.manifest')")

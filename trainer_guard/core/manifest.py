@@ -1,0 +1,592 @@
+"""Checkpoint manifests: per-tensor checksum, dtype and shape of what a save wrote, and how to compare them.
+
+Pure functions, no Trainer. A manifest is a small JSON file (:data:`MANIFEST_FILE`) written into a checkpoint
+directory; it describes the tensors *as stored on disk* (for a PEFT model the adapter, for a Hugging Face model the
+state dict after tie dedupe), the tie groups (an alias stored once under its kept name), the global step, the
+checksum algorithm and library versions. Checksums are unsigned 64-bit integers from
+:mod:`trainer_guard.core.checksum`, stored as 16 hex digits (JSON numbers lose precision beyond 2**53).
+
+Layout (``format`` = :data:`MANIFEST_FORMAT`, ``version`` = :data:`MANIFEST_VERSION`)::
+
+    {"format": "trainer_guard.manifest", "version": 1, "algo": "...", "global_step": 4,
+     "tensors": {"model.embed_tokens.weight": {"checksum": "9f0c...", "dtype": "float32", "shape": [128, 32],
+                                               "file": "model.safetensors", "source": "model"}},
+     "tie_groups": [["model.embed_tokens.weight", "lm_head.weight"]],
+     "aliases": {"lm_head.weight": "model.embed_tokens.weight"},
+     "files": {"model.safetensors": {"size": 41312, "tensors": 12}},
+     "fingerprint": "...", "versions": {"torch": "...", ...}}
+
+``source`` is ``"model"`` when the checksum was taken from the live tensor of the same name, ``"file"`` when the
+file held a tensor under a name the model does not have (weight conversion on save) and it was read back instead.
+
+Example:
+    >>> import torch, tempfile
+    >>> from trainer_guard.core.manifest import build_manifest, write_manifest, read_manifest, compare, entries
+    >>> m = build_manifest({"w": torch.ones(2, 3)}, global_step=2, tie_groups=[])
+    >>> d = tempfile.mkdtemp(); _ = write_manifest(d, m)
+    >>> compare(entries(read_manifest(d)), entries(m))
+    []
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from ..errors import IntegrityError, UsageError
+from .io import atomic_write_json, read_json
+
+__all__ = [
+    "MANIFEST_FILE",
+    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
+    "TensorInfo",
+    "Mismatch",
+    "dtype_name",
+    "safetensors_files",
+    "file_problem",
+    "read_index",
+    "build_manifest",
+    "write_manifest",
+    "read_manifest",
+    "entries",
+    "index_entries",
+    "tensor_entries",
+    "saved_tensors",
+    "reconcile",
+    "load_tensors",
+    "checkpoint_manifest",
+    "model_problems",
+    "compare",
+    "foreign_reason",
+    "library_versions",
+]
+
+MANIFEST_FILE = "trainer_guard_manifest.json"
+MANIFEST_FORMAT = "trainer_guard.manifest"
+MANIFEST_VERSION = 1
+
+# safetensors header dtype codes -> torch dtype names (only those this torch knows).
+_ST_CODES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
+    "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "C64": "complex64", "C128": "complex128",
+}
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors refuses headers above 100 MB
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header describes it."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Mismatch(NamedTuple):
+    """One difference found by :func:`compare`: tensor ``name``, ``kind`` and a full sentence ``message``.
+
+    ``kind`` is one of ``missing``, ``extra``, ``dtype``, ``shape``, ``checksum``, ``swapped``.
+    """
+
+    name: str
+    kind: str
+    message: str
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``torch.bfloat16`` / ``"BF16"`` / ``"bfloat16"`` -> ``"bfloat16"`` (the name stored in manifests)."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    return _ST_CODES.get(dtype, dtype)
+
+
+def safetensors_files(directory: str | os.PathLike) -> list[str]:
+    """Sorted names of the ``*.safetensors`` files directly in ``directory``."""
+    return sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")
+                  and os.path.isfile(os.path.join(directory, f)))
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a readable safetensors file (truncated, padded, foreign), or ``None`` when it is.
+
+    Reads only the header: 8-byte little-endian length, then JSON with each tensor's byte range.
+    """
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"{name}: {size} bytes, too short to be a safetensors file (truncated?)"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > _HEADER_LIMIT or 8 + n > size:
+            return (f"{name}: not a safetensors file or truncated (header length {n} bytes, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return f"{name}: header is not valid JSON; not a safetensors file, or corrupted"
+    if not isinstance(header, dict):
+        return f"{name}: header is not a JSON object; not a safetensors file"
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            return f"{name}: tensor {key!r} has no valid data_offsets; corrupted header"
+    expected = 8 + n + end
+    if size < expected:
+        return f"{name}: truncated: {size} bytes on disk, the header needs {expected} (last {expected - size} missing)"
+    if size > expected:
+        return f"{name}: {size - expected} unexpected bytes after the last tensor (padded or overwritten)"
+    return None
+
+
+def read_index(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Name -> :class:`TensorInfo` of every tensor in a ``.safetensors`` file or a directory of them (headers only).
+
+    Raises:
+        UsageError: the path does not exist or holds no safetensors file.
+        IntegrityError: a file is truncated or not safetensors (names the file), or two files hold the same name.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = [os.path.join(path, f) for f in safetensors_files(path)]
+        if not files:
+            raise UsageError(f"{path}: no *.safetensors file in this directory")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise UsageError(f"{path}: no such file or directory")
+    out: dict[str, TensorInfo] = {}
+    for fp in files:
+        problem = file_problem(fp)
+        if problem:
+            raise IntegrityError(problem)
+        fname = os.path.basename(fp)
+        try:
+            with safe_open(fp, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    if key in out:
+                        raise IntegrityError(f"tensor {key!r} is stored twice: in {out[key].file} and {fname}")
+                    out[key] = TensorInfo(fname, dtype_name(sl.get_dtype()), tuple(int(s) for s in sl.get_shape()))
+        except IntegrityError:
+            raise
+        except Exception as e:  # safetensors raises its own SafetensorError on bad files
+            raise IntegrityError(f"{fname}: unreadable safetensors file ({e})") from None
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a checkpoint (recorded in each manifest)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("trainer_guard", "torch", "transformers", "peft", "safetensors", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _hex(x: int) -> str:
+    return f"{int(x) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def build_manifest(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    global_step: int | None,
+    tie_groups: list[list[str]],
+    files: Mapping[str, str] | None = None,
+    sums: Mapping[str, int] | None = None,
+    sources: Mapping[str, str] | None = None,
+    directory: str | os.PathLike | None = None,
+    backend: str = "auto",
+) -> dict[str, Any]:
+    """The manifest describing ``tensors`` (names as stored on disk).
+
+    Args:
+        tensors: name -> tensor, exactly what the files hold (any device; checksums are device-independent).
+        global_step: the optimizer step of the checkpoint (``None`` for a model directory).
+        tie_groups: groups of names sharing one storage; members absent from ``tensors`` become aliases of the
+            member that is present.
+        files: name -> file it was written to (``model.safetensors`` when omitted).
+        sums: precomputed checksums (skip recomputing); others are computed with ``backend``.
+        sources: name -> ``"model"`` / ``"file"`` (where the checksum came from; default ``"model"``).
+        directory: when given, the size of each file named in ``files`` is recorded (detects truncation early).
+
+    Raises:
+        ChecksumError: a tensor cannot be checksummed.
+    """
+    from .checksum import CHECKSUM_ALGO, checksums, fingerprint
+
+    sums = dict(sums or {})
+    todo = {k: v for k, v in tensors.items() if k not in sums}
+    if todo:
+        sums.update(checksums(todo, backend=backend))
+    files = dict(files or {})
+    out_tensors = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        out_tensors[name] = {
+            "checksum": _hex(sums[name]), "dtype": dtype_name(t.dtype), "shape": list(t.shape),
+            "file": files.get(name, "model.safetensors"), "source": (sources or {}).get(name, "model"),
+        }
+    aliases = {}
+    for group in tie_groups:
+        kept = [n for n in group if n in tensors]
+        if kept:
+            aliases.update({n: kept[0] for n in group if n not in tensors})
+    file_info: dict[str, dict[str, int]] = {}
+    for name, entry in out_tensors.items():
+        file_info.setdefault(entry["file"], {"tensors": 0})["tensors"] += 1
+    if directory is not None:
+        for fname, info in file_info.items():
+            fp = os.path.join(directory, fname)
+            if os.path.isfile(fp):
+                info["size"] = os.path.getsize(fp)
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "algo": CHECKSUM_ALGO,
+        "global_step": global_step,
+        "tensors": out_tensors,
+        "tie_groups": [list(g) for g in tie_groups],
+        "aliases": aliases,
+        "files": file_info,
+        "fingerprint": _hex(fingerprint({k: sums[k] for k in tensors})),
+        "versions": library_versions(),
+    }
+
+
+def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> str | None:
+    """Atomically write ``manifest`` into ``directory`` on the main process; return its path (``None`` elsewhere).
+
+    Temp file + fsync + rename: a crash mid-write leaves the previous manifest or none, never a torn one.
+    """
+    from .._dist import is_main_process
+
+    if not is_main_process():
+        return None
+    path = os.path.join(os.fspath(directory), MANIFEST_FILE)
+    atomic_write_json(path, dict(manifest))
+    return path
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest in ``directory``, or ``None`` when it has none.
+
+    Raises:
+        UsageError: the file exists but is not a trainer_guard manifest (not JSON, another format, a newer
+            version, malformed entries); the message names the file and what is wrong.
+    """
+    path = os.path.join(os.fspath(directory), MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        m = read_json(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: not valid JSON ({e}); delete it or re-save the checkpoint") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise UsageError(f"{path}: not a trainer_guard manifest (format {got!r}, expected {MANIFEST_FORMAT!r})")
+    if m.get("version") != MANIFEST_VERSION:
+        raise UsageError(f"{path}: manifest version {m.get('version')!r} is not supported (this trainer_guard reads "
+                         f"version {MANIFEST_VERSION}); upgrade trainer_guard")
+    try:
+        entries(m)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{path}: malformed manifest entry ({e!r})") from None
+    return m
+
+
+def entries(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Name -> ``{"checksum": int, "dtype": str, "shape": tuple}`` of a manifest's tensors (for :func:`compare`)."""
+    out = {}
+    for name, e in manifest["tensors"].items():
+        out[name] = {"checksum": int(e["checksum"], 16), "dtype": str(e["dtype"]),
+                     "shape": tuple(int(s) for s in e["shape"])}
+    return out
+
+
+def index_entries(index: Mapping[str, TensorInfo], sums: Mapping[str, int] | None = None) -> dict[str, dict]:
+    """:func:`compare` entries from a file index plus optional checksums (``None`` = not compared)."""
+    sums = sums or {}
+    return {k: {"checksum": sums.get(k), "dtype": i.dtype, "shape": tuple(i.shape)} for k, i in index.items()}
+
+
+def tensor_entries(tensors: Mapping[str, torch.Tensor], sums: Mapping[str, int] | None = None) -> dict[str, dict]:
+    """:func:`compare` entries from live tensors plus optional checksums."""
+    sums = sums or {}
+    return {k: {"checksum": sums.get(k), "dtype": dtype_name(t.dtype), "shape": tuple(t.shape)}
+            for k, t in tensors.items()}
+
+
+def compare(
+    expected: Mapping[str, Mapping[str, Any]],
+    actual: Mapping[str, Mapping[str, Any]],
+    *,
+    expected_label: str = "manifest",
+    actual_label: str = "files",
+    check_extra: bool = True,
+) -> list[Mismatch]:
+    """Every difference between two ``name -> {checksum, dtype, shape}`` maps, sorted by tensor name.
+
+    A checksum of ``None`` on either side is not compared. Two tensors whose contents are each other's are
+    reported once as ``swapped``; a tensor holding another one's data says whose.
+    """
+    out: list[Mismatch] = []
+    bad_sum: dict[str, tuple[int, int]] = {}
+    for name in sorted(expected):
+        e = expected[name]
+        a = actual.get(name)
+        if a is None:
+            out.append(Mismatch(name, "missing", f"{name}: in the {expected_label} but missing from the {actual_label}"))
+        elif a["dtype"] != e["dtype"]:
+            out.append(Mismatch(name, "dtype", f"{name}: dtype is {a['dtype']} in the {actual_label} but "
+                                               f"{e['dtype']} in the {expected_label}"))
+        elif tuple(a["shape"]) != tuple(e["shape"]):
+            out.append(Mismatch(name, "shape", f"{name}: shape is {list(a['shape'])} in the {actual_label} but "
+                                               f"{list(e['shape'])} in the {expected_label}"))
+        elif e["checksum"] is not None and a["checksum"] is not None and e["checksum"] != a["checksum"]:
+            bad_sum[name] = (e["checksum"], a["checksum"])
+    if check_extra:
+        for name in sorted(set(actual) - set(expected)):
+            out.append(Mismatch(name, "extra", f"{name}: in the {actual_label} but not in the {expected_label}"))
+    owner = {es: n for n, (es, _) in bad_sum.items()}
+    done: set[str] = set()
+    for name, (es, got) in bad_sum.items():
+        if name in done:
+            continue
+        other = owner.get(got)
+        if other and other != name and bad_sum[other][1] == es:
+            done.update((name, other))
+            out.append(Mismatch(name, "swapped", f"{name} and {other}: contents swapped in the {actual_label} "
+                                                 f"(each holds the data the {expected_label} records for the other)"))
+        elif other and other != name:
+            out.append(Mismatch(name, "checksum", f"{name}: holds the data of {other} in the {actual_label} "
+                                                  f"(checksum {got:016x}, {expected_label} {es:016x})"))
+        else:
+            out.append(Mismatch(name, "checksum", f"{name}: checksum {got:016x} in the {actual_label} differs from "
+                                                  f"{es:016x} in the {expected_label} (data changed)"))
+    return sorted(out, key=lambda m: m.name)
+
+
+def foreign_reason(manifest: Mapping[str, Any], mismatches: Sequence[Mismatch], n_actual: int) -> str | None:
+    """Why ``manifest`` looks like it belongs to another checkpoint or model, or ``None``.
+
+    Foreign means: none of its tensor names is present, or two or more tensors compared and none matched.
+    """
+    n = len(manifest["tensors"])
+    by_kind: dict[str, int] = {}
+    for m in mismatches:
+        by_kind[m.kind] = by_kind.get(m.kind, 0) + 1
+    missing = by_kind.get("missing", 0)
+    if n and missing == n and n_actual:
+        return f"none of the manifest's {n} tensor names is in the files: it describes another model"
+    bad = sum(by_kind.get(k, 0) for k in ("dtype", "shape", "checksum")) + 2 * by_kind.get("swapped", 0)
+    if n - missing >= 2 and bad == n - missing:
+        return (f"not one of the {n - missing} tensors matches the manifest: it belongs to another checkpoint "
+                f"(or every tensor was overwritten)")
+    return None
+
+
+def saved_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    """The tensors a ``Trainer`` save of ``model`` writes, keyed by their stored names, and its tie groups.
+
+    - PEFT model: the active adapter's state dict as ``PeftModel.save_pretrained`` writes it
+      (``get_peft_model_state_dict``, embedding layers ``"auto"``), no tie groups.
+    - Hugging Face model: ``state_dict()`` minus ``_keys_to_ignore_on_save``; tie groups found by identity (the
+      save keeps one member per group).
+    - Any other module: ``state_dict()`` (a guard's state-dict hook may already have dropped tie aliases).
+    """
+    from .ties import find_tied_groups
+
+    try:
+        from peft import PeftModel
+        from peft.utils import get_peft_model_state_dict
+    except ImportError:  # pragma: no cover
+        PeftModel = None
+    if PeftModel is not None and isinstance(model, PeftModel):
+        from transformers.utils import logging as hf_logging
+
+        adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
+        verbosity = hf_logging.get_verbosity()
+        try:
+            sd = get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers="auto")
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        return dict(sd), []
+    sd = model.state_dict()
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
+        sd.pop(key, None)
+    return dict(sd), find_tied_groups(model)
+
+
+class Reconciled(NamedTuple):
+    """What :func:`reconcile` found.
+
+    ``from_model``: stored name -> live tensor of the same name, dtype and shape (checksummed from memory);
+    ``from_file``: stored names with no such live tensor (checksummed from the files); ``problems`` / ``warnings``.
+    """
+
+    from_model: dict[str, torch.Tensor]
+    from_file: list[str]
+    problems: list[str]
+    warnings: list[str]
+
+
+def reconcile(
+    expected: Mapping[str, torch.Tensor], tie_groups: list[list[str]], index: Mapping[str, TensorInfo]
+) -> Reconciled:
+    """Match the tensors a save should have written with the files' headers (names, dtypes, shapes).
+
+    Problems: a model tensor the files lack (and that is no alias of a stored tie member), a tensor stored with
+    another dtype or shape. Files holding names the model lacks while every model tensor is accounted for are a
+    warning (weight conversion on save renames tensors); those are checksummed from the files.
+    """
+    problems, warnings, mismatched = [], [], []
+    from_model: dict[str, torch.Tensor] = {}
+    for name in sorted(set(expected) & set(index)):
+        t, info = expected[name], index[name]
+        if dtype_name(t.dtype) != info.dtype:
+            problems.append(f"{name}: stored as {info.dtype} in {info.file} but the model holds {dtype_name(t.dtype)}")
+        elif tuple(t.shape) != info.shape:
+            problems.append(f"{name}: stored with shape {list(info.shape)} in {info.file} but the model's is "
+                            f"{list(t.shape)}")
+        else:
+            from_model[name] = t
+            continue
+        mismatched.append(name)
+    covered = set(index)
+    for group in tie_groups:
+        if any(n in index for n in group):
+            covered.update(group)
+    unsaved = sorted(set(expected) - covered)
+    extra = sorted(set(index) - set(expected))
+    if unsaved and extra:
+        warnings.append(f"{len(extra)} stored tensors have names the model lacks and {len(unsaved)} model tensors "
+                        f"were stored under other names (weight conversion on save?), e.g. {extra[0]} / "
+                        f"{unsaved[0]}; the stored ones are checksummed from the files, not compared on resume")
+    else:
+        problems.extend(f"{n}: in the model but not saved in the checkpoint files; it will not be restored"
+                        for n in unsaved)
+        if extra:
+            warnings.append(f"{len(extra)} stored tensors have names the model lacks (e.g. {extra[0]}); "
+                            f"checksummed from the files")
+    return Reconciled(from_model, sorted(extra + mismatched), problems, warnings)
+
+
+def load_tensors(directory: str | os.PathLike, index: Mapping[str, TensorInfo], names: Sequence[str]) -> dict:
+    """Read the stored tensors ``names`` (located by ``index``) from the files of ``directory``."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[str]] = {}
+    for n in names:
+        by_file.setdefault(index[n].file, []).append(n)
+    for fname, keys in by_file.items():
+        with safe_open(os.path.join(os.fspath(directory), fname), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in keys})
+    return out
+
+
+class Checked(NamedTuple):
+    """Result of :func:`checkpoint_manifest`: the manifest (``None`` when problems block it), problems, warnings."""
+
+    manifest: dict[str, Any] | None
+    problems: list[str]
+    warnings: list[str]
+
+
+def checkpoint_manifest(
+    expected: Mapping[str, torch.Tensor],
+    tie_groups: list[list[str]],
+    directory: str | os.PathLike,
+    *,
+    global_step: int | None,
+    verify: str = "manifest",
+    backend: str = "auto",
+) -> Checked:
+    """Check what ``directory`` stores against ``expected`` (see :func:`saved_tensors`) and build its manifest.
+
+    ``verify``: ``"manifest"`` compares the files' headers with the tensors (names, dtypes, shapes) and takes the
+    checksums from memory; ``"readback"`` also checksums the files and compares; ``"off"`` turns problems into
+    warnings and records what the files hold. With problems (and ``verify != "off"``) no manifest is built.
+    """
+    from .checksum import checksums, file_checksums
+    from ..errors import ChecksumError
+
+    try:
+        index = read_index(directory)
+    except (IntegrityError, UsageError) as e:
+        return Checked(None, [str(e)], [])
+    rec = reconcile(expected, tie_groups, index)
+    problems, warnings = list(rec.problems), list(rec.warnings)
+    sums = checksums(rec.from_model, backend=backend)
+    file_sums: dict[str, int] = {}
+    if verify == "readback" or rec.from_file:
+        try:
+            file_sums = file_checksums(directory)
+        except ChecksumError as e:
+            return Checked(None, problems + [str(e)], warnings)
+    if verify == "readback":
+        problems += [m.message for m in compare(
+            tensor_entries(rec.from_model, sums), index_entries(index, file_sums),
+            expected_label="model", actual_label="files", check_extra=False)]
+    if problems and verify != "off":
+        return Checked(None, problems, warnings)
+    sums.update({k: file_sums[k] for k in rec.from_file})
+    stored = {**rec.from_model, **load_tensors(directory, index, rec.from_file)}
+    manifest = build_manifest(
+        stored, global_step=global_step, tie_groups=tie_groups, files={k: i.file for k, i in index.items()},
+        sums=sums, sources={k: "file" for k in rec.from_file}, directory=directory)
+    return Checked(manifest, [], warnings + problems)
+
+
+def model_problems(
+    live: Mapping[str, torch.Tensor], manifest: Mapping[str, Any], backend: str = "auto"
+) -> tuple[list[str], list[str]]:
+    """``(problems, warnings)``: how the ``live`` tensors (stored names) differ from a checkpoint's manifest.
+
+    Every manifest tensor checksummed from the model at save time must be live with the same dtype, shape and
+    checksum; a tie alias (stored once) must equal the stored member. Live tensors absent from the manifest are
+    not reported (a resumed model may hold more than its checkpoint).
+    """
+    from .checksum import CHECKSUM_ALGO, checksums
+
+    recorded = {k: e for k, e in entries(manifest).items() if manifest["tensors"][k].get("source", "model") == "model"}
+    aliases = {a: k for a, k in manifest.get("aliases", {}).items() if k in recorded and a in live}
+    expected = {**recorded, **{a: recorded[k] for a, k in aliases.items()}}
+    warnings = []
+    same_algo = manifest.get("algo") == CHECKSUM_ALGO
+    if not same_algo:
+        warnings.append(f"the manifest uses checksum {manifest.get('algo')!r}, this version {CHECKSUM_ALGO!r}: "
+                        f"only names, dtypes and shapes were compared")
+    present = {k: live[k] for k in expected if k in live}
+    comparable = {k: t for k, t in present.items()
+                  if tuple(t.shape) == expected[k]["shape"] and dtype_name(t.dtype) == expected[k]["dtype"]}
+    sums = checksums(comparable, backend=backend) if same_algo else {}
+    problems = []
+    for m in compare(expected, tensor_entries(present, sums), expected_label="checkpoint manifest",
+                     actual_label="resumed model", check_extra=False):
+        msg = m.message
+        if m.name in aliases:
+            msg += (f" (stored once as a tie of {aliases[m.name]} and the tie was not restored, so it was "
+                    f"initialised at random: declare the tie, e.g. config.tie_word_embeddings=True, TiedWeightsGuard)")
+        problems.append(msg)
+    return problems, warnings

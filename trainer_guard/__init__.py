@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .callbacks import GUARDS, Guard, TiedWeightsGuard
 from .callbacks.update_audit import UpdateAuditGuard
+from .callbacks.integrity import IntegrityGuard
 from .config import callbacks_from_dict, callbacks_from_yaml
 from .core.checksum import checksums, file_checksums
 from .core.ties import find_tied_groups, restore_ties
@@ -21,6 +22,7 @@ __all__ = [
     "GUARDS",
     "Guard",
     "TiedWeightsGuard",
+    "IntegrityGuard",
     "UpdateAuditGuard",
     "callbacks_from_dict",
     "callbacks_from_yaml",

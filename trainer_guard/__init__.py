@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 from .callbacks import GUARDS, Guard, TiedWeightsGuard
+from .callbacks.divergence import ReplicaDivergenceGuard
 from .callbacks.update_audit import UpdateAuditGuard
 from .callbacks.integrity import IntegrityGuard
 from .config import callbacks_from_dict, callbacks_from_yaml
@@ -22,6 +23,7 @@ __all__ = [
     "GUARDS",
     "Guard",
     "TiedWeightsGuard",
+    "ReplicaDivergenceGuard",
     "IntegrityGuard",
     "UpdateAuditGuard",
     "callbacks_from_dict",

@@ -1,0 +1,86 @@
+"""Perturb one rank's weights during a 2-process run and see what happens, with and without the guard.
+
+Usage (from tests/test_distributed.py):
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_scripts/diverge.py OUT RESULTS
+
+Scenarios, one launch, each rank writing RESULTS/rank<r>.json:
+
+- ``silent``: no guard; rank 1 nudges one weight after step 2. Training finishes without a word and the
+  replicas end with different weights (the pitfall).
+- ``guarded``: the same with ``ReplicaDivergenceGuard(every=1)``: every rank raises the same
+  ReplicaDivergenceError at step 2, before checkpoint-2 is written.
+- ``rank_fails``: rank 1 alone cannot compute its checksums: every rank raises the same ChecksumError (no rank is
+  left waiting in the all-gather).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from _common import RANK, dump
+
+import torch  # noqa: E402
+from conftest import make_args  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
+
+import trainer_guard.callbacks.divergence as div_mod  # noqa: E402
+from trainer_guard import ChecksumError, ReplicaDivergenceGuard  # noqa: E402
+from trainer_guard._dist import barrier, gather  # noqa: E402
+from trainer_guard.core.divergence import model_checksums, model_fingerprint  # noqa: E402
+from trainer_guard.tiny import tiny_dataset, tiny_model  # noqa: E402
+
+TARGET = "model.layers.1.mlp.down_proj.weight"
+
+
+class Nudge(TrainerCallback):
+    """On rank 1 only, add 1e-3 to one element of TARGET after optimizer step ``at``."""
+
+    def __init__(self, at: int = 2):
+        self.at = at
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if RANK == 1 and state.global_step == self.at:
+            with torch.no_grad():
+                model.get_parameter(TARGET)[0, 0] += 1e-3
+
+
+def run(out: str, callbacks: list) -> tuple[Trainer, str | None, str | None]:
+    model = tiny_model("llama-tied")
+    trainer = Trainer(model=model, args=make_args(out, max_steps=4, save_steps=2),
+                      train_dataset=tiny_dataset(32, 16, model.config.vocab_size), callbacks=callbacks)
+    try:
+        trainer.train()
+    except Exception as e:
+        return trainer, type(e).__name__, str(e)
+    return trainer, None, None
+
+
+def main(out: str, results: str) -> None:
+    result: dict = {}
+
+    trainer, err, _ = run(os.path.join(out, "silent"), [Nudge()])
+    fps = gather(f"{model_fingerprint(model_checksums(trainer.model)):016x}")
+    result["silent"] = {"error": err, "step": trainer.state.global_step, "fingerprints": fps}
+    barrier()
+
+    guard = ReplicaDivergenceGuard(every=1)
+    trainer, err, msg = run(os.path.join(out, "guarded"), [Nudge(), guard])
+    result["guarded"] = {"error": err, "message": msg, "step": trainer.state.global_step, "checks": guard.checks,
+                         "saved": sorted(os.listdir(os.path.join(out, "guarded")))
+                         if os.path.isdir(os.path.join(out, "guarded")) else []}
+    barrier()
+
+    if RANK == 1:
+        def broken(*a, **k):
+            raise ChecksumError("simulated: tensor 'model.norm.weight' is on an unsupported device")
+
+        div_mod.model_checksums = broken
+    guard = ReplicaDivergenceGuard(every=2)
+    trainer, err, msg = run(os.path.join(out, "rank_fails"), [guard])
+    result["rank_fails"] = {"error": err, "message": msg, "step": trainer.state.global_step}
+    dump(results, result)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,184 @@
+"""Replica divergence: per-tensor checksums of a model, one fingerprint per replica, and who disagrees.
+
+Pure functions, no Trainer and no process group: the caller gathers the values across ranks (see
+:class:`trainer_guard.callbacks.divergence.ReplicaDivergenceGuard`). Checksums come from
+:mod:`trainer_guard.core.checksum` (the Triton/CPU kernel) when it is installed; otherwise a CPU fallback
+(BLAKE2b-64 of each tensor's bytes) is used. Every rank runs the same code, so both give comparable values.
+
+Example:
+    >>> from trainer_guard.tiny import tiny_model
+    >>> from trainer_guard.core.divergence import model_checksums, model_fingerprint, divergent_ranks
+    >>> sums = model_checksums(tiny_model("llama-tied"))
+    >>> "lm_head.weight" in sums  # a tie is checksummed once, under its first name
+    False
+    >>> fp = model_fingerprint(sums)
+    >>> divergent_ranks([fp, fp, fp ^ 1])
+    (0, [2])
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import ChecksumError
+
+__all__ = [
+    "model_tensors",
+    "model_checksums",
+    "model_fingerprint",
+    "checksum_algo",
+    "is_sharded",
+    "divergent_ranks",
+    "first_differences",
+    "divergence_message",
+]
+
+_MASK = (1 << 64) - 1
+
+
+def _backend_impl():
+    """``(checksums, fingerprint, algo)`` from the checksum kernel module, or ``None`` when it is absent."""
+    try:
+        from . import checksum as ck
+    except ModuleNotFoundError as e:
+        if e.name not in (f"{__package__}.checksum",):
+            raise
+        return None
+    return ck.checksums, ck.fingerprint, ck.CHECKSUM_ALGO
+
+
+def _fallback_checksum(name: str, t: torch.Tensor) -> int:
+    if t.device.type == "meta" or t.is_sparse:
+        raise ChecksumError(f"cannot checksum tensor {name!r} on device {t.device} (layout {t.layout}); "
+                            f"materialise it first")
+    raw = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy()
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(memoryview(raw))
+    return int.from_bytes(h.digest(), "little")
+
+
+def _fallback_fingerprint(sums: Mapping[str, int]) -> int:
+    total = 0
+    for name, value in sums.items():
+        h = hashlib.blake2b(f"{name}\0{int(value) & _MASK:016x}".encode(), digest_size=8).digest()
+        total = (total + int.from_bytes(h, "little")) & _MASK
+    return total
+
+
+def checksum_algo() -> str:
+    """The id of the checksum algorithm in use (the kernel's ``CHECKSUM_ALGO`` or the fallback's)."""
+    impl = _backend_impl()
+    return impl[2] if impl else "blake2b64-fallback-v1"
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when parameters are shards (FSDP2 ``DTensor``, FSDP1 flat parameters, DeepSpeed ZeRO-3).
+
+    Sharded ranks hold different pieces by design, so their fingerprints are not comparable.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()
+    for p in model.parameters():
+        if isinstance(p, DTensor) or hasattr(p, "ds_id") or type(p).__name__ == "FlatParameter":
+            return True
+    return False
+
+
+def model_tensors(model: nn.Module, include_buffers: bool = False) -> dict[str, torch.Tensor]:
+    """The model's parameters (each shared storage once, under its first name), optionally its buffers."""
+    out = {name: p for name, p in model.named_parameters()}
+    if include_buffers:
+        out.update((name, b) for name, b in model.named_buffers() if name not in out)
+    return out
+
+
+def model_checksums(
+    model: nn.Module, include_buffers: bool = False, backend: Literal["auto", "triton", "cpu"] = "auto"
+) -> dict[str, int]:
+    """``{tensor name: unsigned 64-bit checksum}`` of the model's parameters (and buffers), in model order.
+
+    Raises:
+        ChecksumError: a tensor cannot be checksummed (meta device, unsupported layout or dtype).
+    """
+    tensors = model_tensors(model, include_buffers)
+    impl = _backend_impl()
+    if impl is not None:
+        sums = impl[0](tensors, backend=backend)
+        return {name: int(sums[name]) for name in tensors}
+    return {name: _fallback_checksum(name, t) for name, t in tensors.items()}
+
+
+def model_fingerprint(sums: Mapping[str, int]) -> int:
+    """One order-independent unsigned 64-bit value for name -> checksum pairs."""
+    impl = _backend_impl()
+    return int(impl[1](sums)) if impl is not None else _fallback_fingerprint(sums)
+
+
+def divergent_ranks(fingerprints: Sequence[int]) -> tuple[int, list[int]]:
+    """``(reference_rank, ranks that differ from it)`` for one fingerprint per rank.
+
+    The reference is the lowest rank of the largest group of equal fingerprints (a tie goes to the group
+    holding the lowest rank), so one bad replica among many is named, not the majority.
+    """
+    if not fingerprints:
+        return 0, []
+    groups: dict[int, list[int]] = {}
+    for r, fp in enumerate(fingerprints):
+        groups.setdefault(int(fp), []).append(r)
+    best = max(groups.values(), key=lambda ranks: (len(ranks), -ranks[0]))
+    ref = best[0]
+    return ref, [r for r, fp in enumerate(fingerprints) if fp != fingerprints[ref]]
+
+
+def first_differences(reference: Mapping[str, int], other: Mapping[str, int], limit: int = 5) -> list[str]:
+    """Names (in ``reference`` order, then extras) whose checksums differ or that only one side has."""
+    out = []
+    for name, value in reference.items():
+        if other.get(name) != value:
+            out.append(name if name in other else f"{name} (missing)")
+            if len(out) >= limit:
+                return out
+    for name in other:
+        if name not in reference:
+            out.append(f"{name} (extra)")
+            if len(out) >= limit:
+                break
+    return out
+
+
+def divergence_message(
+    step: int | None,
+    fingerprints: Sequence[int],
+    per_rank_sums: Sequence[Mapping[str, int]] | None = None,
+    limit: int = 5,
+) -> str:
+    """The error text for diverged replicas: which ranks, their fingerprints, the first differing tensors, the fix.
+
+    Returns ``""`` when every rank agrees.
+    """
+    ref, bad = divergent_ranks(fingerprints)
+    if not bad:
+        return ""
+    at = f" at step {step}" if step is not None else ""
+    lines = [f"Data-parallel replicas hold different weights{at}: rank {', '.join(map(str, bad))} "
+             f"differ{'s' if len(bad) == 1 else ''} from rank {ref} (fingerprint {int(fingerprints[ref]):016x})."]
+    for r in bad:
+        line = f"  - rank {r}: fingerprint {int(fingerprints[r]):016x}"
+        if per_rank_sums is not None:
+            diffs = first_differences(per_rank_sums[ref], per_rank_sums[r], limit)
+            n_all = len(first_differences(per_rank_sums[ref], per_rank_sums[r], limit=1 << 30))
+            more = f" (+{n_all - len(diffs)} more)" if n_all > len(diffs) else ""
+            line += f"; first differing tensors: {', '.join(diffs)}{more}"
+        lines.append(line)
+    lines.append("A replica skipped or repeated an update, ran a non-deterministic kernel, or has faulty hardware. "
+                 "Stop and resume from the last checkpoint saved before this step; if it recurs on the same rank, "
+                 "exclude that device.")
+    return "\n".join(lines)

@@ -11,11 +11,13 @@ from .callbacks import GUARDS, Guard, TiedWeightsGuard
 from .callbacks.divergence import ReplicaDivergenceGuard
 from .callbacks.update_audit import UpdateAuditGuard
 from .callbacks.integrity import IntegrityGuard
+from .callbacks.resume import ResumeGuard
 from .config import callbacks_from_dict, callbacks_from_yaml
 from .core.checksum import checksums, file_checksums
 from .core.ties import find_tied_groups, restore_ties
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
+from .wiring import guard
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,8 @@ __all__ = [
     "ReplicaDivergenceGuard",
     "IntegrityGuard",
     "UpdateAuditGuard",
+    "ResumeGuard",
+    "guard",
     "callbacks_from_dict",
     "callbacks_from_yaml",
     "find_tied_groups",

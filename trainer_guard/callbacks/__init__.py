@@ -8,13 +8,15 @@ from __future__ import annotations
 from .base import Guard
 from .divergence import ReplicaDivergenceGuard
 from .integrity import IntegrityGuard
+from .resume import ResumeGuard
 from .tied_weights import TiedWeightsGuard
 from .update_audit import UpdateAuditGuard
 
-__all__ = ["GUARDS", "Guard", "TiedWeightsGuard", "ReplicaDivergenceGuard", "IntegrityGuard", "UpdateAuditGuard"]
+__all__ = ["GUARDS", "Guard", "TiedWeightsGuard", "ReplicaDivergenceGuard", "IntegrityGuard", "UpdateAuditGuard", "ResumeGuard"]
 
 GUARDS: dict[str, type[Guard]] = {
     TiedWeightsGuard.name: TiedWeightsGuard,
+    ResumeGuard.name: ResumeGuard,
     ReplicaDivergenceGuard.name: ReplicaDivergenceGuard,
     IntegrityGuard.name: IntegrityGuard,  # after tie/dtype/resume fixes: checks the resumed model as it trains
     UpdateAuditGuard.name: UpdateAuditGuard,  # last: its baseline follows every other guard's changes

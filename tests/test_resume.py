@@ -1,0 +1,363 @@
+"""ResumeGuard and trainer_guard.guard(): field report R3 (trainable modules silently lost when training continues).
+
+Each case of issue 4 is reproduced on a tiny Llama (tied and untied) with LoRA on CPU: first without the guard
+(raw ValueError / RuntimeError, or silent loss of trainable modules), then with it.
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+from conftest import make_args
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback
+
+import trainer_guard
+from trainer_guard import ResumeGuard, ResumeMismatchError, guard
+from trainer_guard.core.trainable import (TRAINABLE_FILE, compare_records, count_table, describe_changes,
+                                          layout_problems, module_of, param_kind, trainable_record)
+from trainer_guard.errors import ConfigError, UsageError
+from trainer_guard.tiny import tiny_dataset, tiny_lora, tiny_model
+
+warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+MTS = ["embed_tokens", "lm_head"]
+KINDS = ["llama-tied", "llama-untied"]
+
+
+class Steps(TrainerCallback):
+    """Counts optimizer steps that began in this run."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.steps += 1
+
+
+def ds():
+    return tiny_dataset(8, 16, 128)
+
+
+def first_run(tmp_path, kind, **lora):
+    """Train LoRA + full embed_tokens/lm_head copies (R3's first run) for 2 steps; return checkpoint-2."""
+    model = tiny_lora(tiny_model(kind), modules_to_save=MTS, **lora)
+    Trainer(model=model, args=make_args(tmp_path / "out", max_steps=2), train_dataset=ds(),
+            callbacks=[ResumeGuard()]).train()
+    return tmp_path / "out" / "checkpoint-2"
+
+
+def second_trainer(tmp_path, model, *callbacks, cls=Trainer, **kw):
+    steps = Steps()
+    trainer = cls(model=model, args=make_args(tmp_path / "out", **{"max_steps": 4, **kw}), train_dataset=ds(),
+                  callbacks=[*callbacks, steps])
+    return trainer, steps
+
+
+# -- core ------------------------------------------------------------------------------------------------------
+def test_kinds_and_modules_of_peft_names():
+    assert param_kind("model.layers.0.self_attn.q_proj.lora_A.default.weight") == "lora_A"
+    assert param_kind("base_model.model.lm_head.modules_to_save.default.weight") == "modules_to_save"
+    assert param_kind("model.embed_tokens.token_adapter.trainable_tokens_delta.default") == "trainable_tokens"
+    assert param_kind("model.layers.0.mlp.up_proj.weight") == "full"
+    assert module_of("base_model.model.model.embed_tokens.modules_to_save.default.weight") == "model.embed_tokens"
+    assert module_of("base_model.model.model.layers.1.self_attn.v_proj.base_layer.weight") == "model.layers.1.self_attn.v_proj"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_record_counts_lora_and_modules_to_save(kind):
+    rec = trainable_record(tiny_lora(tiny_model(kind), modules_to_save=MTS))
+    assert rec["by_kind"] == {"lora_A": 512, "lora_B": 384, "modules_to_save": 8192}
+    assert rec["by_module"]["lm_head"] == {"modules_to_save": 4096}
+    assert rec["peft"]["default"]["modules_to_save"] == MTS and rec["peft"]["default"]["r"] == 4
+    assert "modules_to_save: lm_head, model.embed_tokens" in count_table(rec)
+
+
+def test_describe_changes_groups_layers_and_counts():
+    full = tiny_model("llama-untied")
+    then = trainable_record(full)
+    for p in full.model.layers[1].mlp.parameters():
+        p.requires_grad_(False)
+    for p in full.model.layers[0].mlp.parameters():
+        p.requires_grad_(False)
+    lines = describe_changes(compare_records(then, trainable_record(full)), "checkpoint-6")
+    assert lines == ["model.layers.{0-1}.mlp.down_proj, model.layers.{0-1}.mlp.gate_proj, model.layers.{0-1}.mlp.up_proj: "
+                     "12,288 params trainable in checkpoint-6 (full), frozen now"]
+
+
+def test_layout_problems_names_missing_modules():
+    then = [{"lr": 1e-3, "weight_decay": 0.0, "params": ["a.lora_A.default.weight", "lm_head.modules_to_save.default.weight"], "numel": 10}]
+    now = [{"lr": 1e-3, "weight_decay": 0.0, "params": ["a.lora_A.default.weight"], "numel": 4}]
+    assert layout_problems(then, now, "checkpoint-2") == [
+        "optimizer group 0 (lr 0.001): 1 params (4) now, 2 (10) in checkpoint-2; missing now: lm_head"]
+
+
+# -- records at save -------------------------------------------------------------------------------------------
+def test_record_written_at_every_save(tmp_path):
+    ckpt = first_run(tmp_path, "llama-untied")
+    rec = trainer_guard.core.io.read_json(ckpt / TRAINABLE_FILE)
+    assert rec["global_step"] == 2 and rec["trainable_params"] == 512 + 384 + 8192
+    assert [len(g["params"]) for g in rec["optimizer"]] == [10, 0] and rec["optimizer"][0]["lr"] == 1e-2
+    assert "lm_head.modules_to_save.default.weight" in rec["optimizer"][0]["params"]
+
+
+# -- case 1: resume_from_checkpoint with a changed trainable set --------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_case1_resume_with_default_lora(tmp_path, kind):
+    ckpt = first_run(tmp_path, kind)
+    trainer, steps = second_trainer(tmp_path, tiny_lora(tiny_model(kind)))
+    with pytest.raises(ValueError, match="doesn't match the size of optimizer's group"):  # no guard: raw error
+        trainer.train(resume_from_checkpoint=str(ckpt))
+
+    trainer, steps = second_trainer(tmp_path, tiny_lora(tiny_model(kind)), ResumeGuard())
+    with pytest.raises(ResumeMismatchError) as e:
+        guard(trainer).train(resume_from_checkpoint=str(ckpt))
+    msg = str(e.value)
+    assert msg.startswith(f"ResumeGuard: the trainable set differs from checkpoint-2 ({ckpt}); no training step ran.")
+    assert "\n  - lm_head, model.embed_tokens: 8,192 params trainable in checkpoint-2 (modules_to_save), frozen now" in msg
+    assert steps.steps == 0 and trainer.optimizer is None
+
+
+def test_case1_fix_cannot_invent_missing_copies(tmp_path):
+    ckpt = first_run(tmp_path, "llama-untied")
+    model = tiny_lora(tiny_model("llama-untied"))
+    trainer, steps = second_trainer(tmp_path, model, ResumeGuard(mode="fix"))
+    with pytest.raises(ResumeMismatchError, match=r"frozen now \(mode='fix' cannot restore this"):
+        guard(trainer).train(resume_from_checkpoint=str(ckpt))
+    assert steps.steps == 0 and trainable_record(model)["trainable_params"] == 896  # model left as it was
+
+
+def _full_run(tmp_path, freeze):
+    model = tiny_model("llama-untied")
+    for i in freeze:
+        model.model.layers[i].requires_grad_(False)
+    return model
+
+
+def test_case1_full_finetune_same_group_sizes_is_silent_without_guard(tmp_path):
+    """Layer 1 trained, then layer 0 instead: group sizes and shapes match, so the Trainer loads layer 1's Adam
+    moments into layer 0 without a word. (Swap modules of different shapes instead and CPU fused AdamW segfaults.)
+    The guard names both layers."""
+    Trainer(model=_full_run(tmp_path, [0]), args=make_args(tmp_path / "out", max_steps=2), train_dataset=ds(),
+            callbacks=[ResumeGuard()]).train()
+    ckpt = str(tmp_path / "out" / "checkpoint-2")
+    trainer, steps = second_trainer(tmp_path, _full_run(tmp_path, [1]))
+    trainer.train(resume_from_checkpoint=ckpt)  # no guard: runs
+    assert steps.steps == 2
+
+    trainer, steps = second_trainer(tmp_path, _full_run(tmp_path, [1]), ResumeGuard())
+    with pytest.raises(ResumeMismatchError) as e:
+        guard(trainer).train(resume_from_checkpoint=ckpt)
+    lines = str(e.value).split("\n  - ")[1:]
+    assert lines[0].startswith("model.layers.1.input_layernorm, model.layers.1.mlp.down_proj, ")
+    assert lines[0].endswith(" and 1 more: 9,280 params trainable in checkpoint-2 (full), frozen now")
+    assert lines[1].startswith("model.layers.0.input_layernorm, ")
+    assert lines[1].endswith(" and 1 more: 9,280 params trainable now (full), frozen in checkpoint-2")
+    assert len(lines) == 2
+    assert steps.steps == 0
+
+
+def test_case1_full_finetune_fix_restores_and_loads_moments(tmp_path):
+    Trainer(model=_full_run(tmp_path, []), args=make_args(tmp_path / "out", max_steps=2), train_dataset=ds(),
+            callbacks=[ResumeGuard()]).train()
+    ckpt = str(tmp_path / "out" / "checkpoint-2")
+    model = _full_run(tmp_path, [0])
+    trainer, steps = second_trainer(tmp_path, model, ResumeGuard(mode="fix"), max_steps=3)
+    _stop_after_load(guard(trainer))
+    with pytest.raises(_Loaded):
+        trainer.train(resume_from_checkpoint=ckpt)
+    assert all(p.requires_grad for p in model.parameters())
+    saved = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
+    up = model.model.layers[0].mlp.up_proj.weight
+    idx = [i for i, p in enumerate(trainer.optimizer.param_groups[0]["params"]) if p is up]
+    assert idx and torch.equal(trainer.optimizer.state[up]["exp_avg"], saved["state"][idx[0]]["exp_avg"])
+
+
+class _Loaded(Exception):
+    pass
+
+
+def _stop_after_load(trainer):
+    """Let the Trainer load the optimizer state, then stop before any step (to inspect what was loaded)."""
+    load = trainer._load_optimizer_and_scheduler
+
+    def load_then_stop(ckpt):
+        load(ckpt)
+        raise _Loaded
+
+    trainer._load_optimizer_and_scheduler = load_then_stop
+
+
+class EmbedLRTrainer(Trainer):
+    """R3's first run: embed_tokens / lm_head copies at a 10x smaller LR, in a group of their own."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            emb = [p for n, p in named if "modules_to_save" in n]
+            rest = [p for n, p in named if "modules_to_save" not in n]
+            lr = self.args.learning_rate
+            self.optimizer = torch.optim.AdamW([{"params": rest, "lr": lr}, {"params": emb, "lr": lr / 10}], lr=lr)
+        return self.optimizer
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_case1_fix_frozen_adapter_keeps_lr_groups(tmp_path, kind):
+    """Resume from a PeftModel loaded without is_trainable=True: fix restores LoRA + copies before the optimizer
+    is built, so the copies land in their 10x smaller LR group and get their own Adam moments."""
+    model = tiny_lora(tiny_model(kind), modules_to_save=MTS)
+    EmbedLRTrainer(model=model, args=make_args(tmp_path / "out", max_steps=2), train_dataset=ds(),
+                   callbacks=[ResumeGuard()]).train()
+    ckpt = str(tmp_path / "out" / "checkpoint-2")
+    trainer, _ = second_trainer(tmp_path, PeftModel.from_pretrained(tiny_model(kind), ckpt), cls=EmbedLRTrainer)
+    with pytest.raises(ValueError, match="doesn't match the size"):
+        trainer.train(resume_from_checkpoint=ckpt)
+
+    model = PeftModel.from_pretrained(tiny_model(kind), ckpt)
+    g = ResumeGuard(mode="fix")
+    trainer, steps = second_trainer(tmp_path, model, g, cls=EmbedLRTrainer)
+    _stop_after_load(guard(trainer))
+    with pytest.raises(_Loaded):
+        trainer.train(resume_from_checkpoint=ckpt)
+    head = model.base_model.model.lm_head.modules_to_save["default"].weight
+    group = [grp for grp in trainer.optimizer.param_groups if any(p is head for p in grp["params"])]
+    assert head.requires_grad and group[0]["initial_lr"] == pytest.approx(1e-3)
+    saved = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
+    i = len(saved["param_groups"][0]["params"]) + [k for k, p in enumerate(group[0]["params"]) if p is head][0]
+    assert torch.equal(trainer.optimizer.state[head]["exp_avg"], saved["state"][i]["exp_avg"])
+    assert any("fixed: " in ev and "frozen" in ev for ev in g.report())
+
+
+# -- case 2: fresh run continuing from a saved adapter directory ------------------------------------------------
+def _defaults_then_weights(adapter_dir, kind):
+    """R3's reload: a default LoRA config, then the saved adapter weights (copies of embed/lm_head dropped)."""
+    model = tiny_lora(tiny_model(kind))
+    set_peft_model_state_dict(model, load_file(os.path.join(adapter_dir, "adapter_model.safetensors")))
+    return model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_case2_fresh_run_from_adapter_dir(tmp_path, kind):
+    adapter = tmp_path / "adapter"
+    tiny_lora(tiny_model(kind), modules_to_save=MTS).save_pretrained(adapter)
+    assert not (adapter / TRAINABLE_FILE).exists()  # only adapter_config.json says what trained
+
+    model = _defaults_then_weights(adapter, kind)
+    trainer, steps = second_trainer(tmp_path, model, max_steps=2)
+    before = model.base_model.model.lm_head.weight.detach().clone()
+    trainer.train()  # no guard: trains, silently, without the head
+    assert steps.steps == 2 and torch.equal(before, model.base_model.model.lm_head.weight)
+
+    trainer, steps = second_trainer(tmp_path, _defaults_then_weights(adapter, kind), ResumeGuard(adapter_dir=str(adapter)))
+    with pytest.raises(ResumeMismatchError) as e:
+        guard(trainer).train()
+    assert f"differs from adapter ({adapter}); no training step ran" in str(e.value)
+    assert "\n  - lm_head, model.embed_tokens: 8,192 params trainable in adapter (modules_to_save), frozen now" in str(e.value)
+    assert steps.steps == 0
+
+
+def test_case2_uses_record_when_adapter_dir_is_a_checkpoint(tmp_path):
+    ckpt = first_run(tmp_path, "llama-tied", r=8)
+    trainer, _ = second_trainer(tmp_path / "b", tiny_lora(tiny_model("llama-tied")), ResumeGuard(adapter_dir=str(ckpt)))
+    with pytest.raises(ResumeMismatchError, match=r"q_proj, model\.layers\.\{0-1\}\.self_attn\.v_proj: 1,792 params "
+                                                  r"trainable in checkpoint-2 \(lora_A, lora_B\), 896 now"):
+        guard(trainer).train()
+
+
+def test_case2_warn_mode_logs_and_trains(tmp_path):
+    adapter = tmp_path / "adapter"
+    tiny_lora(tiny_model("llama-untied"), modules_to_save=MTS).save_pretrained(adapter)
+    g = ResumeGuard(mode="warn", adapter_dir=str(adapter))
+    trainer, steps = second_trainer(tmp_path, _defaults_then_weights(adapter, "llama-untied"), g, max_steps=2)
+    guard(trainer).train()
+    assert steps.steps == 2
+    assert g.report()[0] == "lm_head, model.embed_tokens: 8,192 params trainable in adapter (modules_to_save), frozen now"
+    assert "trainable parameters at train begin" in g.report()[1] and "896" in g.report()[1]
+
+
+# -- case 3: adapter loaded frozen -----------------------------------------------------------------------------
+def _saved_adapter(tmp_path, kind):
+    adapter = tmp_path / "adapter"
+    tiny_lora(tiny_model(kind), modules_to_save=MTS).save_pretrained(adapter)
+    return adapter
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_case3_from_pretrained_without_is_trainable(tmp_path, kind):
+    adapter = _saved_adapter(tmp_path, kind)
+    trainer, steps = second_trainer(tmp_path, PeftModel.from_pretrained(tiny_model(kind), adapter), max_steps=2)
+    with pytest.raises(RuntimeError, match="does not require grad"):  # no guard: fails inside step 1
+        trainer.train()
+
+    trainer, steps = second_trainer(tmp_path, PeftModel.from_pretrained(tiny_model(kind), adapter), ResumeGuard())
+    with pytest.raises(ResumeMismatchError) as e:
+        guard(trainer).train()
+    assert str(e.value).startswith("ResumeGuard: the trainable set differs from the active adapter's config; no "
+                                   "training step ran.")
+    assert ("\n  - lm_head, model.embed_tokens, model.layers.{0-1}.self_attn.q_proj, model.layers.{0-1}.self_attn.v_proj:"
+            " 9,088 params of the active adapter (lora_A, lora_B, modules_to_save) are frozen;") in str(e.value)
+    assert steps.steps == 0
+
+
+@pytest.mark.parametrize("wired", [True, False])
+def test_case3_frozen_modules_to_save_copies_fixed(tmp_path, wired):
+    """The usual snippet re-enables only lora_ params: the embed/lm_head copies stay frozen, training is silent."""
+    adapter = _saved_adapter(tmp_path, "llama-untied")
+
+    def load():
+        model = PeftModel.from_pretrained(tiny_model("llama-untied"), adapter)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+        return model
+
+    model = load()
+    trainer, _ = second_trainer(tmp_path, model, max_steps=2)
+    trainer.train()
+    assert torch.equal(model.base_model.model.lm_head.modules_to_save["default"].weight,
+                       load().base_model.model.lm_head.modules_to_save["default"].weight)  # no guard: never trained
+
+    model = load()
+    trainer, steps = second_trainer(tmp_path, model, ResumeGuard(mode="fix"), max_steps=2)
+    head = model.base_model.model.lm_head.modules_to_save["default"].weight
+    before = head.detach().clone()
+    (guard(trainer) if wired else trainer).train()
+    assert steps.steps == 2 and head.requires_grad and not torch.equal(before, head)
+    assert any(p is head for p in trainer.optimizer.param_groups[0]["params"])
+
+
+def test_fix_unwired_resume_asks_for_guard(tmp_path):
+    """Without guard(trainer) the check can only run at on_train_begin, after the optimizer load: fix refuses."""
+    Trainer(model=_full_run(tmp_path, [0]), args=make_args(tmp_path / "out", max_steps=2), train_dataset=ds(),
+            callbacks=[ResumeGuard()]).train()
+    trainer, steps = second_trainer(tmp_path, _full_run(tmp_path, [1]), ResumeGuard(mode="fix"))
+    with pytest.raises(ResumeMismatchError, match=r"mode='fix' needs trainer = trainer_guard.guard\(trainer\) before"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert steps.steps == 0
+
+
+# -- guard() and options ---------------------------------------------------------------------------------------
+def test_guard_wires_each_callback_once(tmp_path):
+    calls = []
+
+    class Wired(TrainerCallback):
+        def wire(self, trainer):
+            calls.append(trainer)
+
+    trainer = Trainer(model=tiny_lora(tiny_model("llama-tied")), args=make_args(tmp_path), callbacks=[Wired(), ResumeGuard()])
+    original = trainer.create_optimizer
+    assert guard(trainer) is trainer
+    wrapped = trainer.create_optimizer
+    assert guard(guard(trainer)) is trainer and calls == [trainer] and trainer.create_optimizer is wrapped is not original
+    with pytest.raises(UsageError, match="guard\\(\\) expects a transformers Trainer"):
+        guard(object())
+
+
+def test_options_from_yaml_dict():
+    (g,) = trainer_guard.callbacks_from_dict({"resume": {"mode": "fix", "adapter_dir": "x"}})
+    assert isinstance(g, ResumeGuard) and g.options["mode"] == "fix"
+    with pytest.raises(ConfigError) as e:
+        ResumeGuard(mode="repair")
+    assert str(e.value) == "Invalid options:\n  - ResumeGuard.mode: got 'repair'; expected one of 'raise', 'fix', 'warn'"

@@ -1,0 +1,202 @@
+"""ResumeGuard: when training continues, the trainable set is the one that was saved, or the user hears about it.
+
+Answers field report R3: a LoRA run that also trained ``embed_tokens`` and ``lm_head`` was continued with those
+modules frozen (1,134,559,232 -> 167,772,160 trainable) and nothing said so; today the same resume dies in the
+Trainer's optimizer load with a ValueError naming neither modules nor counts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional
+
+import torch
+
+from .._dist import agree, is_main_process
+from ..core.io import atomic_write_json, read_json
+from ..core.trainable import (TRAINABLE_FILE, adapter_config_problems, compare_records, count_table, describe_changes,
+                              describe_frozen_adapter, frozen_adapter_params, is_no_decay, layout_problems,
+                              optimizer_layout, read_adapter_config, trainable_record, canonical_name)
+from ..errors import ResumeMismatchError
+from .base import Guard
+
+__all__ = ["ResumeGuard"]
+
+
+class ResumeGuard(Guard):
+    """Record the trainable set at every save; verify it whenever training continues.
+
+    Covers ``trainer.train(resume_from_checkpoint=...)``, a fresh run continuing from a saved adapter directory
+    (``adapter_dir``, or detected when the model was loaded from a directory holding ``adapter_config.json``), and
+    a PEFT adapter loaded frozen (``PeftModel.from_pretrained`` without ``is_trainable=True``). A table of trainable
+    counts is logged at train begin. Call :func:`trainer_guard.guard` on the Trainer so the check runs BEFORE the
+    Trainer builds and loads the optimizer (else a changed set dies in the optimizer load with a bare ValueError).
+
+    Args:
+        mode: ``"raise"`` a :class:`~trainer_guard.errors.ResumeMismatchError`; ``"fix"``: restore the recorded
+            trainable set (before the optimizer is built when wired, so restored parameters land in their groups;
+            the layout is then checked against the checkpoint's); ``"warn"``: log and continue.
+        adapter_dir: saved adapter (or checkpoint) directory a fresh run continues from.
+        write_record: write ``trainer_guard_trainable.json`` into every checkpoint (main process only).
+
+    Raises:
+        ResumeMismatchError: modules whose trainable counts differ, with counts, and what to do.
+
+    Example:
+        >>> import trainer_guard
+        >>> trainer = trainer_guard.guard(Trainer(model, args, callbacks=[ResumeGuard()]))  # doctest: +SKIP
+        >>> trainer.train(resume_from_checkpoint=True)  # doctest: +SKIP
+    """
+
+    name = "resume"
+
+    def __init__(self, mode: Literal["raise", "fix", "warn"] = "raise", adapter_dir: Optional[str] = None,
+                 write_record: bool = True) -> None:
+        super().__init__(mode=mode, adapter_dir=adapter_dir, write_record=write_record)
+        self.checked: Optional[str] = None  # what was verified in the current train() call
+        self._wired: set[int] = set()
+        self.fixed: dict = {}
+
+    # -- wiring: run before the Trainer builds / loads the optimizer ----------------------------------------
+    def wire(self, trainer: Any) -> None:
+        """Make the checks run before the Trainer's optimizer is created and loaded (idempotent)."""
+        if id(trainer) in self._wired:
+            return
+        train, load_ckpt = trainer.train, trainer._load_from_checkpoint
+        create, load_opt = trainer.create_optimizer, trainer._load_optimizer_and_scheduler
+
+        def _train(*a, **kw):
+            self.checked = None
+            return train(*a, **kw)
+
+        def _load_from_checkpoint(resume_from_checkpoint, *a, **kw):
+            self.verify(trainer.model, resume_from_checkpoint)
+            return load_ckpt(resume_from_checkpoint, *a, **kw)
+
+        def _create_optimizer(*a, **kw):
+            if self.checked is None and trainer.optimizer is None:
+                self.verify(trainer.model, None)
+            return create(*a, **kw)
+
+        def _load_optimizer_and_scheduler(checkpoint, *a, **kw):
+            if checkpoint is not None:
+                self.verify(trainer.model, checkpoint, optimizer=trainer.optimizer)
+            return load_opt(checkpoint, *a, **kw)
+
+        trainer.train, trainer._load_from_checkpoint = _train, _load_from_checkpoint
+        trainer.create_optimizer, trainer._load_optimizer_and_scheduler = _create_optimizer, _load_optimizer_and_scheduler
+        self._wired.add(id(trainer))
+
+    # -- the check ------------------------------------------------------------------------------------------
+    def _source(self, model: Any) -> Optional[str]:
+        if self.options["adapter_dir"]:
+            return self.options["adapter_dir"]
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cands = [getattr(base, "name_or_path", None)]
+        cands += [getattr(c, "base_model_name_or_path", None) for c in (getattr(model, "peft_config", None) or {}).values()]
+        for c in cands:
+            if c and os.path.isdir(c) and any(os.path.isfile(os.path.join(c, f)) for f in (TRAINABLE_FILE, "adapter_config.json")):
+                return c
+        return None
+
+    def _problems(self, model: Any, source: Optional[str], optimizer: Any = None) -> tuple[list[str], dict]:
+        where = os.path.basename(os.path.normpath(source)) if source else ""
+        recorded = read_json(os.path.join(source, TRAINABLE_FILE)) if source and os.path.isfile(os.path.join(source, TRAINABLE_FILE)) else None
+        problems = describe_frozen_adapter(frozen_adapter_params(model))
+        if recorded is not None:
+            problems += describe_changes(compare_records(recorded, trainable_record(model)), where)
+            if optimizer is not None and recorded.get("optimizer") is not None:
+                problems += layout_problems(recorded["optimizer"], optimizer_layout(optimizer, model), where)
+        elif source:
+            saved = read_adapter_config(source)
+            problems += adapter_config_problems(saved, model, where) if saved else []
+            opt_file = os.path.join(source, "optimizer.pt")
+            if optimizer is not None and os.path.isfile(opt_file):
+                sizes = [len(g["params"]) for g in torch.load(opt_file, weights_only=True, mmap=True)["param_groups"]]
+                now = [len(g["params"]) for g in optimizer.param_groups]
+                if sizes != now:
+                    problems.append(f"optimizer groups hold {now} params now, {sizes} in {where}/optimizer.pt")
+        return problems, recorded or {}
+
+    def verify(self, model: Any, checkpoint: Optional[str], optimizer: Any = None, late: bool = False) -> None:
+        """Compare ``model``'s trainable set with ``checkpoint`` (or the adapter source); act per ``mode``.
+
+        ``late``: called after the optimizer was loaded from a checkpoint, when mode='fix' can no longer help.
+        """
+        key = f"{checkpoint}|{optimizer is not None}"
+        if self.checked == key:
+            return
+        source = checkpoint or self._source(model)
+        problems, recorded = self._problems(model, source, optimizer)
+        if problems and self.options["mode"] == "fix" and optimizer is None and not late:
+            problems = self._fix(model, source, recorded, problems)
+        elif problems and self.options["mode"] == "fix" and late:
+            problems = problems + ["mode='fix' needs trainer = trainer_guard.guard(trainer) before train(), so the "
+                                   "set is restored before the optimizer is built and loaded"]
+        self.checked = key
+        if not problems:
+            return
+        saved = f"{os.path.basename(os.path.normpath(source))} ({source})" if source else "the active adapter's config"
+        header = (f"ResumeGuard: the trainable set differs from {saved}; no training step ran. Rebuild the model as "
+                  f"saved (PeftModel.from_pretrained(base, {source or 'adapter_dir'!r}, is_trainable=True), or the "
+                  f"saved LoraConfig with its modules_to_save), or pass ResumeGuard(mode='fix'); mode='warn' goes on")
+        if self.options["mode"] == "warn":
+            for p in problems:
+                self.note(p, "warning")
+        else:
+            agree(problems, ResumeMismatchError, header)
+
+    def _fix(self, model: Any, source: Optional[str], recorded: dict, problems: list[str]) -> list[str]:
+        """Set requires_grad to the recorded set (or enable frozen adapter params); undo it when not enough."""
+        params = {canonical_name(n): p for n, p in model.named_parameters()}
+        want = frozen_adapter_params(model)
+        if recorded:
+            want.update({n: params[n] for n in recorded["params"] if n in params and not params[n].requires_grad})
+        drop = {n: p for n, p in params.items() if recorded and p.requires_grad and n not in recorded["params"]}
+        for p in want.values():
+            p.requires_grad_(True)
+        for p in drop.values():
+            p.requires_grad_(False)
+        left, _ = self._problems(model, source)
+        if left:  # not fixable by trainability alone: leave the model as it was
+            for p in want.values():
+                p.requires_grad_(False)
+            for p in drop.values():
+                p.requires_grad_(True)
+            return [p + " (mode='fix' cannot restore this: the module has no such trainable copy now)" for p in left]
+        self.fixed = dict(want)
+        for msg in problems:
+            self.note(f"fixed: {msg}", "warning")
+        return []
+
+    # -- events ---------------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
+        if model is None:
+            return
+        if self.checked is None:  # not wired: check now (too late to protect the optimizer load)
+            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}") if state.global_step else None
+            ckpt = ckpt if ckpt and os.path.isdir(ckpt) else None
+            custom = optimizer is not None and len(optimizer.param_groups) != 2
+            self.fixed = {}
+            self.verify(model, ckpt, optimizer if ckpt else None, late=bool(ckpt) or custom)
+            if self.fixed and optimizer is not None:
+                self._add_to_optimizer(optimizer, self.fixed)
+        self.note("trainable parameters at train begin:\n" + count_table(trainable_record(model)))
+
+    def _add_to_optimizer(self, optimizer: Any, params: dict) -> None:
+        """Put parameters restored after the Trainer built its (decay, no-decay) optimizer into their group."""
+        present = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for name, p in params.items():
+            if id(p) not in present:
+                optimizer.param_groups[1 if is_no_decay(name) else 0]["params"].append(p)
+
+    def on_train_end(self, args, state, control, **kwargs: Any):
+        self.checked = None
+
+    def on_save(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
+        if not (self.options["write_record"] and model is not None and is_main_process()):
+            return
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(ckpt):
+            record = trainable_record(model, optimizer, state.global_step)
+            atomic_write_json(os.path.join(ckpt, TRAINABLE_FILE), record)

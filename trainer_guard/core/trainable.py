@@ -1,0 +1,382 @@
+"""The trainable set of a model: record it, compare two records, explain the difference by module with counts.
+
+Pure functions, no Trainer. Answers field report R3: a LoRA run that also trained ``embed_tokens`` and ``lm_head``
+(PEFT ``modules_to_save``) was continued with those two modules frozen, and nothing said so.
+
+Parameter names are made independent of PEFT wrapping: ``base_model.model.`` is dropped and each parameter is
+given a *module* (``model.embed_tokens``) and a *kind*:
+
+- ``lora_A`` / ``lora_B`` / ``lora``: LoRA factors (``lora`` for magnitude vectors and other LoRA extras),
+- ``modules_to_save``: PEFT's full trainable copy of a module,
+- ``trainable_tokens``: PEFT's trainable token rows,
+- ``full``: any other parameter (base weights, full fine-tuning).
+
+A *record* (JSON-ready dict, written as :data:`TRAINABLE_FILE` into checkpoints) holds the trainable parameters
+with their counts, totals by module and by kind, the optimizer's group layout and the PEFT adapter configs.
+
+Example:
+    >>> from trainer_guard.tiny import tiny_model, tiny_lora
+    >>> from trainer_guard.core.trainable import trainable_record, compare_records, describe_changes
+    >>> then = trainable_record(tiny_lora(tiny_model("llama-untied"), modules_to_save=["embed_tokens", "lm_head"]))
+    >>> now = trainable_record(tiny_lora(tiny_model("llama-untied")))
+    >>> describe_changes(compare_records(then, now), "checkpoint-2")
+    ['lm_head, model.embed_tokens: 8,192 params trainable in checkpoint-2 (modules_to_save), frozen now']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = [
+    "TRAINABLE_FILE",
+    "ADAPTER_CONFIG_FILE",
+    "Change",
+    "canonical_name",
+    "param_kind",
+    "module_of",
+    "trainable_record",
+    "optimizer_layout",
+    "peft_summary",
+    "compare_records",
+    "describe_changes",
+    "layout_problems",
+    "frozen_adapter_params",
+    "describe_frozen_adapter",
+    "is_no_decay",
+    "adapter_config_problems",
+    "read_adapter_config",
+    "count_table",
+]
+
+TRAINABLE_FILE = "trainer_guard_trainable.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+RECORD_FORMAT = "trainer_guard.trainable/1"
+
+_PREFIX = "base_model.model."
+_LORA = re.compile(r"^(?P<module>.+?)\.(?P<what>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|"
+                   r"lora_[A-Za-z_]+)\.(?P<adapter>[^.]+)(?:\.(?P<leaf>.+))?$")
+_WRAPPED = re.compile(r"^(?P<module>.+?)\.(?P<what>modules_to_save|token_adapter\.trainable_tokens_delta)\."
+                      r"(?P<adapter>[^.]+)(?:\.(?P<leaf>.+))?$")
+_BASE = re.compile(r"^(?P<module>.+?)\.(?:original_module|base_layer|token_adapter\.base_layer)\.(?P<leaf>.+)$")
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without PEFT's ``base_model.model.`` prefix (or a DDP/compile ``module.``/``_orig_mod.`` one)."""
+    for prefix in ("module.", "_orig_mod."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+
+
+def param_kind(name: str) -> str:
+    """The kind of parameter ``name``: lora_A, lora_B, lora, modules_to_save, trainable_tokens or full."""
+    m = _LORA.match(name)
+    if m:
+        what = m["what"]
+        return "lora_A" if what.endswith("_A") else "lora_B" if what.endswith("_B") else "lora"
+    m = _WRAPPED.match(name)
+    if m:
+        return "modules_to_save" if m["what"] == "modules_to_save" else "trainable_tokens"
+    return "full"
+
+
+def module_of(name: str) -> str:
+    """The module a parameter belongs to, without PEFT wrappers (``model.layers.0.self_attn.q_proj``)."""
+    name = canonical_name(name)
+    for pattern in (_LORA, _WRAPPED, _BASE):
+        m = pattern.match(name)
+        if m:
+            return m["module"]
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def optimizer_layout(optimizer: Any, model: nn.Module) -> list[dict[str, Any]]:
+    """Per optimizer group: its LR (``initial_lr`` when a scheduler set one), weight decay, parameter names, count."""
+    names = {id(p): canonical_name(n) for n, p in model.named_parameters()}
+    out = []
+    for group in optimizer.param_groups:
+        params = list(group["params"])
+        out.append({
+            "lr": float(group.get("initial_lr", group.get("lr", 0.0))),
+            "weight_decay": float(group.get("weight_decay", 0.0)),
+            "params": [names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in params],
+            "numel": int(sum(p.numel() for p in params)),
+        })
+    return out
+
+
+def peft_summary(model: nn.Module) -> dict[str, dict[str, Any]] | None:
+    """The fields of each PEFT adapter config that decide what trains, or None for a model without PEFT."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, Mapping) or not configs:
+        return None
+    return {name: _config_fields(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+            for name, cfg in configs.items()}
+
+
+def _config_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in ("peft_type", "target_modules", "modules_to_save", "trainable_token_indices", "r", "lora_alpha",
+                "inference_mode"):
+        value = cfg.get(key)
+        if isinstance(value, (set, frozenset, tuple)):
+            value = sorted(value)
+        out[key] = getattr(value, "value", value)
+    return out
+
+
+def trainable_record(model: nn.Module, optimizer: Any = None, global_step: int | None = None) -> dict[str, Any]:
+    """A JSON-ready record of what trains in ``model`` (and how ``optimizer`` groups it).
+
+    Example:
+        >>> from trainer_guard.tiny import tiny_model, tiny_lora
+        >>> rec = trainable_record(tiny_lora(tiny_model("llama-tied")))
+        >>> rec["by_kind"], rec["trainable_params"]
+        ({'lora_A': 512, 'lora_B': 384}, 896)
+    """
+    params: dict[str, list] = {}
+    by_module: dict[str, dict[str, int]] = {}
+    by_kind: dict[str, int] = {}
+    total = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if not p.requires_grad:
+            continue
+        cname, kind, n = canonical_name(name), param_kind(canonical_name(name)), int(p.numel())
+        params[cname] = [n, kind]
+        mod = by_module.setdefault(module_of(cname), {})
+        mod[kind] = mod.get(kind, 0) + n
+        by_kind[kind] = by_kind.get(kind, 0) + n
+    return {
+        "format": RECORD_FORMAT,
+        "global_step": global_step,
+        "total_params": int(total),
+        "trainable_params": int(sum(v[0] for v in params.values())),
+        "params": params,
+        "by_module": by_module,
+        "by_kind": dict(sorted(by_kind.items())),
+        "optimizer": optimizer_layout(optimizer, model) if optimizer is not None else None,
+        "peft": peft_summary(model),
+    }
+
+
+@dataclass(frozen=True)
+class Change:
+    """One module whose trainable parameters differ: counts by kind then (checkpoint) and now."""
+
+    module: str
+    then: tuple[tuple[str, int], ...]
+    now: tuple[tuple[str, int], ...]
+
+    @property
+    def n_then(self) -> int:
+        return sum(n for _, n in self.then)
+
+    @property
+    def n_now(self) -> int:
+        return sum(n for _, n in self.now)
+
+
+def compare_records(then: Mapping[str, Any], now: Mapping[str, Any]) -> list[Change]:
+    """Modules whose trainable counts by kind differ between two records, sorted by module name."""
+    a, b = then.get("by_module", {}), now.get("by_module", {})
+    out = []
+    for module in sorted(set(a) | set(b)):
+        ka, kb = tuple(sorted(a.get(module, {}).items())), tuple(sorted(b.get(module, {}).items()))
+        if ka != kb:
+            out.append(Change(module, ka, kb))
+    return out
+
+
+def _kinds(pairs: Iterable[tuple[str, int]]) -> str:
+    return ", ".join(sorted({k for k, _ in pairs}))
+
+
+def _compress(modules: list[str]) -> str:
+    """``model.layers.{0-3}.mlp.up_proj`` for modules that differ only by a layer index, names joined by ', '."""
+    groups: dict[str, list[int]] = {}
+    plain = []
+    for m in modules:
+        hit = re.search(r"\.(\d+)\.", m)
+        if hit:
+            groups.setdefault(m[:hit.start(1)] + "{}" + m[hit.end(1):], []).append(int(hit[1]))
+        else:
+            plain.append(m)
+    out = list(plain)
+    for pattern, idx in groups.items():
+        idx = sorted(set(idx))
+        if len(idx) == 1:
+            out.append(pattern.replace("{}", str(idx[0])))
+            continue
+        runs, start = [], idx[0]
+        for i, j in zip(idx, idx[1:] + [None]):
+            if j != i + 1:
+                runs.append(str(start) if start == i else f"{start}-{i}")
+                start = j
+        out.append(pattern.replace("{}", "{" + ",".join(runs) + "}"))
+    out.sort()
+    return ", ".join(out[:8]) + (f" and {len(out) - 8} more" if len(out) > 8 else "")
+
+
+def describe_changes(changes: Iterable[Change], where: str) -> list[str]:
+    """One line per kind of change, modules grouped, e.g.
+    ``"lm_head, model.embed_tokens: 8,192 params trainable in checkpoint-2 (modules_to_save), frozen now"``."""
+    buckets: dict[tuple, list[Change]] = {}
+    for c in changes:
+        if not c.now:
+            key = ("frozen", _kinds(c.then), "")
+        elif not c.then:
+            key = ("new", "", _kinds(c.now))
+        else:
+            key = ("changed", _kinds(c.then), _kinds(c.now))
+        buckets.setdefault(key, []).append(c)
+    lines = []
+    order = {"frozen": 0, "changed": 1, "new": 2}
+    for (status, k_then, k_now), cs in sorted(buckets.items(), key=lambda kv: order[kv[0][0]]):
+        names = _compress([c.module for c in cs])
+        n_then, n_now = sum(c.n_then for c in cs), sum(c.n_now for c in cs)
+        if status == "frozen":
+            lines.append(f"{names}: {n_then:,} params trainable in {where} ({k_then}), frozen now")
+        elif status == "new":
+            lines.append(f"{names}: {n_now:,} params trainable now ({k_now}), frozen in {where}")
+        else:
+            lines.append(f"{names}: {n_then:,} params trainable in {where} ({k_then}), {n_now:,} now ({k_now})")
+    return lines
+
+
+def layout_problems(then: list[Mapping[str, Any]], now: list[Mapping[str, Any]], where: str) -> list[str]:
+    """Differences between two optimizer layouts (group count, members, LR, weight decay), one line each."""
+    if len(then) != len(now):
+        return [f"optimizer has {len(now)} parameter groups now, {len(then)} in {where}"]
+    problems = []
+    for i, (a, b) in enumerate(zip(then, now)):
+        if a["params"] != b["params"]:
+            gone = [p for p in a["params"] if p not in set(b["params"])]
+            new = [p for p in b["params"] if p not in set(a["params"])]
+            detail = "; ".join(s for s in (
+                f"missing now: {_compress(sorted({module_of(p) for p in gone}))}" if gone else "",
+                f"not in {where}: {_compress(sorted({module_of(p) for p in new}))}" if new else "",
+                "same parameters in a different order" if not gone and not new else "") if s)
+            problems.append(f"optimizer group {i} (lr {b['lr']:g}): {len(b['params'])} params ({b['numel']:,}) now, "
+                            f"{len(a['params'])} ({a['numel']:,}) in {where}; {detail}")
+        elif a["lr"] != b["lr"] or a["weight_decay"] != b["weight_decay"]:
+            problems.append(f"optimizer group {i}: lr {b['lr']:g}, weight_decay {b['weight_decay']:g} now; "
+                            f"lr {a['lr']:g}, weight_decay {a['weight_decay']:g} in {where}")
+    return problems
+
+
+def frozen_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters of the ACTIVE PEFT adapters (LoRA, modules_to_save copies, trainable tokens) that are frozen.
+
+    Example:
+        >>> from trainer_guard.tiny import tiny_model, tiny_lora
+        >>> m = tiny_lora(tiny_model("llama-tied"))
+        >>> len(frozen_adapter_params(m)), len(frozen_adapter_params(m.requires_grad_(False)))
+        (0, 8)
+    """
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, Mapping):
+        return {}
+    active = getattr(model, "active_adapters", None) or [getattr(model, "active_adapter", "default")]
+    active = [active] if isinstance(active, str) else list(active)
+    out = {}
+    for name, p in model.named_parameters():
+        cname = canonical_name(name)
+        if p.requires_grad or param_kind(cname) == "full":
+            continue
+        m = _LORA.match(cname) or _WRAPPED.match(cname)
+        if m and m["adapter"] in active:
+            out[cname] = p
+    return out
+
+
+def describe_frozen_adapter(frozen: Mapping[str, Any]) -> list[str]:
+    """One line for the frozen adapter parameters found by :func:`frozen_adapter_params` (empty when none)."""
+    if not frozen:
+        return []
+    kinds = sorted({param_kind(n) for n in frozen})
+    n = sum(p.numel() for p in frozen.values())
+    mods = _compress(sorted({module_of(name) for name in frozen}))
+    return [f"{mods}: {n:,} params of the active adapter ({', '.join(kinds)}) are frozen; a PeftModel loaded with "
+            f"PeftModel.from_pretrained(...) without is_trainable=True trains nothing of its adapter"]
+
+
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def is_no_decay(name: str) -> bool:
+    """True when the Trainer's default optimizer puts parameter ``name`` in its no-weight-decay group."""
+    return _NO_DECAY.search(name) is not None
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``adapter_config.json`` of a saved PEFT adapter directory, or None when there is none."""
+    path = os.path.join(os.fspath(directory), ADAPTER_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _matches(module: str, targets: Any) -> bool:
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in (targets or ()))
+
+
+def adapter_config_problems(saved: Mapping[str, Any], model: nn.Module, where: str) -> list[str]:
+    """What a saved ``adapter_config.json`` says trained that does not train in ``model`` now, with counts.
+
+    Checks ``modules_to_save`` (a trainable copy per module), ``target_modules`` (trainable LoRA factors),
+    ``trainable_token_indices``, and ``r`` / ``lora_alpha`` against the live PEFT config.
+    """
+    now = trainable_record(model)
+    frozen_sizes: dict[str, int] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied lm_head is named too
+        if not p.requires_grad and param_kind(canonical_name(name)) == "full":
+            mod = module_of(name)
+            frozen_sizes[mod] = frozen_sizes.get(mod, 0) + p.numel()
+    problems = []
+    saved_fields = _config_fields(saved)
+    mts = saved_fields.get("modules_to_save") or []
+    frozen = [m for m in sorted(frozen_sizes)
+              if _matches(m, mts) and "modules_to_save" not in now["by_module"].get(m, {})]
+    if frozen:
+        n = sum(frozen_sizes[m] for m in frozen)
+        problems.append(f"{_compress(frozen)}: {n:,} params trainable in {where} (modules_to_save), frozen now")
+    tokens = saved_fields.get("trainable_token_indices")
+    if tokens and "trainable_tokens" not in now["by_kind"]:
+        problems.append(f"trainable_token_indices {tokens!r} in {where}, no trainable token rows now")
+    lora_now = {m for m, kinds in now["by_module"].items() if any(k.startswith("lora") for k in kinds)}
+    targets = saved_fields.get("target_modules")
+    if targets:
+        missing = sorted({m for m in frozen_sizes if _matches(m, targets) and m not in lora_now
+                          and not _matches(m, mts)} - set(frozen))
+        if missing:
+            problems.append(f"{_compress(missing)}: LoRA targets in {where} ({targets!r}), no trainable LoRA now")
+    live = (now.get("peft") or {})
+    for adapter, fields in live.items():
+        for key in ("r", "lora_alpha"):
+            if saved_fields.get(key) is not None and fields.get(key) is not None and saved_fields[key] != fields[key]:
+                problems.append(f"{key}={fields[key]} in adapter {adapter!r} now, {key}={saved_fields[key]} in {where}")
+    return problems
+
+
+def count_table(record: Mapping[str, Any]) -> str:
+    """A small text table of trainable counts by kind and by module group, with the total."""
+    total, trainable = record["total_params"], record["trainable_params"]
+    rows = [("kind / modules", "params")]
+    for kind, n in record["by_kind"].items():
+        mods = [m for m, kinds in record["by_module"].items() if kind in kinds]
+        rows.append((f"{kind}: {_compress(sorted(mods))}", f"{n:,}"))
+    pct = 100.0 * trainable / total if total else 0.0
+    rows.append((f"trainable of {total:,} ({pct:.2f}%)", f"{trainable:,}"))
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"  {a:<{width}}  {b:>14}" for a, b in rows)

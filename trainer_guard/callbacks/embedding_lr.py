@@ -1,0 +1,213 @@
+"""EmbeddingLRGuard: the input embeddings and the output head train at their own learning rate (reports R3, R4).
+
+Practitioners give trained ``embed_tokens``/``lm_head`` about 1/10 of the LR; the Trainer has no way to say so and
+logs only group 0's LR. Works with ``callbacks=[...]`` alone, resume included. The Trainer writes ``optimizer.pt``
+before ``on_save`` and, on resume, loads it into a fresh optimizer with its own groups before ``on_train_begin``, so
+checkpoints must hold that layout: the guard splits the groups at each step's ``on_step_begin`` and merges them back
+(every parameter to its place, moments untouched) at ``on_step_end``/``on_epoch_end`` when a save is due, so the
+Trainer itself writes ``optimizer.pt``/``scheduler.pt`` in its own layout. A save decided later (``save_strategy=
+"best"``) finds the groups split: ``on_save`` then rewrites both files atomically into that layout. Each checkpoint
+gets ``trainer_guard_embedding_lr.json`` describing the split; on resume the split is simply made again."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional
+
+from .._dist import agree, is_main_process
+from ..core.io import atomic_write_json, read_json
+from ..core.lr_groups import (
+    SPLIT_FILE,
+    Split,
+    _unwrap_optimizer,
+    atomic_torch_save,
+    base_layout_optimizer_state,
+    base_layout_scheduler_state,
+    embedding_parameters,
+    group_lrs,
+    merge_param_groups,
+    split_param_groups,
+    tied_rate_problems,
+)
+from ..errors import EmbeddingLRError
+from .base import Guard
+
+__all__ = ["EmbeddingLRGuard"]
+
+_RATE_OPTIONS = ("ratio", "lr", "embed_ratio", "embed_lr", "head_ratio", "head_lr")
+
+
+class EmbeddingLRGuard(Guard):
+    """Give the trainable embedding / output-head parameters their own learning rate, schedule kept.
+
+    The parameters are found by identity (``get_input_embeddings()``/``get_output_embeddings()``: full weights,
+    the active PEFT ``modules_to_save`` copy, LoRA A/B on those modules, trainable tokens). Each of the optimizer's
+    groups is split so weight decay is preserved; every new group follows the Trainer's schedule (warmup, linear,
+    cosine) scaled by its factor. Per-group LRs are added to the logs as ``learning_rate/embeddings``,
+    ``learning_rate/lm_head`` or ``learning_rate/tied``.
+
+    Args:
+        ratio: LR of embeddings and head as a fraction of the Trainer's LR (default 0.1 when no rate is given).
+        lr: absolute peak LR of embeddings and head instead (``ratio = lr / args.learning_rate``).
+        embed_ratio, embed_lr: the same for the input embeddings only (override ``ratio``/``lr``).
+        head_ratio, head_lr: the same for the output head only.
+        when_absent: what to do when no embedding/head parameter is trainable: ``"warn"``, ``"ignore"``, or
+            ``"raise"`` (catches report R3's adapter reload where they silently stopped training).
+        log_lrs: add each group's LR to the Trainer's logs.
+
+    Raises:
+        ConfigError: invalid options (two rates for one part, a rate <= 0).
+        EmbeddingLRError: a tied embedding/head asked for two different rates; DeepSpeed/FSDP; nothing trainable
+            with ``when_absent="raise"``.
+
+    Example:
+        >>> from trainer_guard import EmbeddingLRGuard
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds,
+        ...                   callbacks=[EmbeddingLRGuard(ratio=0.1)])  # doctest: +SKIP
+    """
+
+    name = "embedding_lr"
+
+    def __init__(self, ratio: Optional[float] = None, lr: Optional[float] = None,
+                 embed_ratio: Optional[float] = None, embed_lr: Optional[float] = None,
+                 head_ratio: Optional[float] = None, head_lr: Optional[float] = None,
+                 when_absent: Literal["warn", "ignore", "raise"] = "warn", log_lrs: bool = True) -> None:
+        super().__init__(ratio=ratio, lr=lr, embed_ratio=embed_ratio, embed_lr=embed_lr, head_ratio=head_ratio,
+                         head_lr=head_lr, when_absent=when_absent, log_lrs=log_lrs)
+        self.split: Split | None = None
+        self._optimizer: Any = None
+        self._scheduler: Any = None
+        self._step_lrs: dict[str, float] = {}
+        self._plan: tuple[dict, dict] | None = None
+        self._record: dict[str, Any] = {}
+
+    @classmethod
+    def _check_options(cls, o: dict[str, Any]) -> list[str]:
+        probs = [f"{k}: got {o[k]!r}; must be > 0 (ratios are fractions of the Trainer's LR, e.g. 0.1)" for k in _RATE_OPTIONS if o.get(k) is not None and not o[k] > 0]
+        for a, b in (("ratio", "lr"), ("embed_ratio", "embed_lr"), ("head_ratio", "head_lr")):
+            if o.get(a) is not None and o.get(b) is not None:
+                probs.append(f"{a}/{b}: both given ({o[a]!r}, {o[b]!r}); give one of them")
+        return probs
+
+    # -- rates ------------------------------------------------------------------------------------------------
+    def rates(self, base_lr: float) -> tuple[dict[str, float], dict[str, str]]:
+        """``({role: factor}, {role: how it was asked})`` for a Trainer LR of ``base_lr``."""
+        o, factors, how = self.options, {}, {}
+        for role, prefix in (("embeddings", "embed"), ("lm_head", "head")):
+            for key in (f"{prefix}_lr", f"{prefix}_ratio", "lr", "ratio"):
+                if o.get(key) is not None:
+                    factors[role] = o[key] / base_lr if key.endswith("lr") else float(o[key])
+                    how[role] = f"{key}={o[key]!r}"
+                    break
+            else:
+                factors[role], how[role] = 0.1, "the default ratio 0.1"
+        return factors, how
+
+    # -- events -----------------------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model=None, **kwargs: Any):
+        if model is not None:
+            factors, how = self.rates(args.learning_rate)
+            agree(tied_rate_problems(embedding_parameters(model), factors, how), EmbeddingLRError,
+                  "EmbeddingLRGuard options conflict with the model:")
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs: Any):
+        """Check everything and plan the split; the groups change at the first step (other guards see the
+        Trainer's own layout at train begin)."""
+        self._merge()
+        self._plan, self._step_lrs = None, {}
+        if model is None or optimizer is None:
+            return
+        problems = []
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            problems.append("DeepSpeed/FSDP own the optimizer's groups and checkpoint format; EmbeddingLRGuard "
+                            "supports single-process and DDP runs only: remove it, or set the groups yourself")
+        in_opt = {id(p) for g in _unwrap_optimizer(optimizer).param_groups for p in g["params"]}
+        roles = {r: [(n, p) for n, p in ps if id(p) in in_opt] for r, ps in embedding_parameters(model).items()}
+        factors, how = self.rates(args.learning_rate)
+        problems += tied_rate_problems(roles, factors, how)
+        agree(problems, EmbeddingLRError, "EmbeddingLRGuard cannot run; nothing was changed:")
+        if not any(roles.values()):
+            msg = ("no embedding or output-head parameter is being trained, so there is nothing to give its own LR; "
+                   "if you meant to train them, add them to the trainable modules (modules_to_save, "
+                   "target_modules or trainable_token_indices) and load adapters with is_trainable=True")
+            if self.options["when_absent"] == "raise":
+                agree([msg], EmbeddingLRError)
+            if self.options["when_absent"] == "warn":
+                self.note(msg, "warning")
+            return
+        self._check_recorded(args, state, factors)
+        self._optimizer, self._scheduler = optimizer, lr_scheduler
+        self._plan = (roles, factors)
+        self._ensure_split()  # validates the scheduler too; undone at once so train begin sees the usual layout
+        for g in self.split.groups:
+            self.note(f"{g['role']}: {', '.join(g['names'])} at {g['factor']:g} x the Trainer's LR "
+                      f"(from param group {g['source']})")
+        self._merge()
+
+    def _ensure_split(self) -> None:
+        if self.split is None and self._plan is not None:
+            self.split = split_param_groups(self._optimizer, self._scheduler, *self._plan)
+            self._record = self.split.record()
+
+    def _merge(self) -> None:
+        if self.split is not None:
+            merge_param_groups(self._optimizer, self._scheduler, self.split)
+            self.split = None
+
+    def on_step_begin(self, args, state, control, **kwargs: Any):
+        self._ensure_split()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs: Any):
+        self._ensure_split()
+
+    def on_step_end(self, args, state, control, **kwargs: Any):
+        if control.should_save:  # the Trainer saves next: let it write optimizer.pt in its own layout
+            self._merge()
+
+    def on_epoch_end(self, args, state, control, **kwargs: Any):
+        if control.should_save:
+            self._merge()
+
+    def _check_recorded(self, args, state, factors: dict[str, float]) -> None:
+        if state.global_step <= 0:
+            return
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", SPLIT_FILE)
+        if not os.path.isfile(path):
+            return
+        for g in read_json(path).get("groups", []):
+            now = factors.get("embeddings" if g["role"] == "tied" else g["role"])
+            if now is not None and abs(now - g["factor"]) > 1e-12 * max(1.0, abs(now)):
+                self.note(f"{g['role']}: resumed run uses {now:g} x the LR, the checkpoint was trained with "
+                          f"{g['factor']:g} x", "warning")
+
+    def on_save(self, args, state, control, **kwargs: Any):
+        if self._plan is None or not is_main_process():
+            return
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(ckpt):
+            return
+        if self.split is not None:  # saved while split (should_save set after on_step_end): rewrite the files
+            opt_path, sched_path = os.path.join(ckpt, "optimizer.pt"), os.path.join(ckpt, "scheduler.pt")
+            inner = _unwrap_optimizer(self._optimizer)
+            if os.path.isfile(opt_path):
+                atomic_torch_save(base_layout_optimizer_state(inner.state_dict(), inner.param_groups, self.split),
+                                  opt_path)
+            if os.path.isfile(sched_path) and self._scheduler is not None:
+                atomic_torch_save(base_layout_scheduler_state(self._scheduler.state_dict(), self.split), sched_path)
+        atomic_write_json(os.path.join(ckpt, SPLIT_FILE), self._record)
+
+    def on_train_end(self, args, state, control, **kwargs: Any):
+        self._merge()
+        self._plan = None
+
+    def on_optimizer_step(self, args, state, control, **kwargs: Any):
+        if self.split is not None:  # before the scheduler steps: the LRs this step used, as the Trainer logs
+            self._step_lrs = group_lrs(self._optimizer)
+
+    def on_log(self, args, state, control, logs=None, **kwargs: Any):
+        if not (self.options["log_lrs"] and self._step_lrs and logs and "learning_rate" in logs):
+            return
+        extra = {f"learning_rate/{role}": lr for role, lr in self._step_lrs.items()}
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)

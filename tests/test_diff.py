@@ -1,0 +1,126 @@
+"""``trainer-guard diff A B`` (issue 8): per-tensor same/changed/only-in-A/only-in-B, summarised by module, from
+manifests when present else from the files; exit 0 identical, 1 different, 2 unusable."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import make_args
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+
+from trainer_guard.cli import main
+from trainer_guard.diff import diff
+from trainer_guard.tiny import tiny_dataset, tiny_model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A 4-step run of an untied Llama whose embed_tokens was frozen by mistake: checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("run")
+    model = tiny_model("llama-untied")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    Trainer(model=model, args=make_args(out, max_steps=4, save_steps=2), train_dataset=tiny_dataset(16)).train()
+    model.save_pretrained(out / "sharded", max_shard_size="20KB")
+    model.save_pretrained(out / "single")
+    return out
+
+
+def cli(capsys, *argv):
+    rc = main(["diff", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_frozen_module_shows_as_unchanged_over_steps(run_dir, capsys):
+    rc, out, _ = cli(capsys, run_dir / "checkpoint-2", run_dir / "checkpoint-4")
+    assert rc == 1
+    lines = out.splitlines()
+    assert lines[0] == f"A: {run_dir / 'checkpoint-2'} (step 2, 21 tensors, from files)"
+    assert lines[2] == "21 tensors: 1 same, 20 changed, 0 only in A, 0 only in B"
+    assert "  model.embed_tokens: unchanged over 2 steps" in lines
+    assert "  model.layers.*.mlp.up_proj: changed over 2 steps (2 tensors)" in lines
+    assert lines[-1] == "different"
+
+
+def test_identical_and_sharded_vs_single_file(run_dir, capsys):
+    rc, out, _ = cli(capsys, run_dir / "sharded", run_dir / "single")
+    assert len([f for f in os.listdir(run_dir / "sharded") if f.endswith(".safetensors")]) > 1
+    assert rc == 0 and out.splitlines()[-1] == "identical"
+    assert "21 tensors: 21 same, 0 changed, 0 only in A, 0 only in B" in out
+    assert cli(capsys, run_dir / "checkpoint-4", run_dir / "single")[0] == 0  # final checkpoint == saved model
+
+
+def test_json_report(run_dir, capsys):
+    rc, out, _ = cli(capsys, run_dir / "checkpoint-2", run_dir / "checkpoint-4", "--json")
+    report = json.loads(out)
+    assert rc == 1 and report["identical"] is False and report["steps"] == 2
+    assert report["counts"] == {"same": 1, "changed": 20, "only_a": 0, "only_b": 0}
+    assert report["tensors"]["model.embed_tokens.weight"] == "same"
+    assert {"module": "model.embed_tokens", "status": "unchanged", "tensors": 1, "counts": {"same": 1}} \
+        in report["modules"]
+    assert report["a"]["source"] == "files" and report["a"]["global_step"] == 2
+
+
+def test_only_in_a_or_b_and_dtype_change(tmp_path, capsys):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    w = torch.arange(6.0).reshape(2, 3)
+    save_file({"m.layers.0.w": w, "m.head.w": w.clone(), "m.old.w": w.clone()}, tmp_path / "a" / "model.safetensors")
+    save_file({"m.layers.0.w": w, "m.head.w": w.bfloat16(), "m.new.w": w.clone()}, tmp_path / "b" / "model.safetensors")
+    rc, out, _ = cli(capsys, tmp_path / "a", tmp_path / "b", "--tensors")
+    assert rc == 1
+    assert out.splitlines()[2:] == [
+        "4 tensors: 1 same, 1 changed, 1 only in A, 1 only in B",
+        "  m.head: changed",
+        "  m.layers.0: unchanged",
+        "  m.new: only in B",
+        "  m.old: only in A",
+        "  ! m.head.w: dtype float32 -> bfloat16",
+        "  changed  m.head.w",
+        "  only_b   m.new.w",
+        "  only_a   m.old.w",
+        "different",
+    ]
+
+
+def test_unusable_input_exits_2(run_dir, tmp_path, capsys):
+    rc, _, err = cli(capsys, tmp_path / "missing", run_dir / "single")
+    assert rc == 2 and err == (f"trainer-guard diff: error: {tmp_path / 'missing'}: no such file or directory; pass "
+                               f"a checkpoint or model directory\n")
+    (tmp_path / "empty").mkdir()
+    rc, _, err = cli(capsys, tmp_path / "empty", run_dir / "single")
+    assert rc == 2 and "no *.safetensors file and no trainer_guard_manifest.json; nothing to compare" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir / "single", broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(broken / "model.safetensors") - 10)
+    rc, _, err = cli(capsys, broken, run_dir / "single")
+    assert rc == 2 and "model.safetensors" in err and "truncated" in err
+
+
+def test_manifests_are_used_when_both_sides_have_one(run_dir, tmp_path, capsys):
+    manifest = pytest.importorskip("trainer_guard.core.manifest")
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(run_dir / "checkpoint-4", a)
+    shutil.copytree(run_dir / "checkpoint-4", b)
+    for d in (a, b):
+        tensors = load_file(d / "model.safetensors")
+        manifest.write_manifest(d, manifest.build_manifest(tensors, global_step=4, tie_groups=[]))
+    assert diff(a, b)["a"]["source"] == "manifest"
+    assert cli(capsys, a, b)[0] == 0
+    # the manifest is what the save wrote; a file edited afterwards is seen only when reading the files
+    tensors = load_file(b / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
+    save_file(tensors, b / "model.safetensors", metadata={"format": "pt"})
+    assert cli(capsys, a, b)[0] == 0
+    rc, out, _ = cli(capsys, a, b, "--source", "files")
+    assert rc == 1 and "  model.norm: changed" in out
+    # one side without a manifest: both sides are read from the files
+    os.remove(a / manifest.MANIFEST_FILE)
+    assert diff(a, b)["b"]["source"] == "files" and cli(capsys, a, b)[0] == 1
+    rc, _, err = cli(capsys, a, b, "--source", "manifest")
+    assert rc == 2 and "no trainer_guard_manifest.json; drop --source manifest" in err
+    (a / manifest.MANIFEST_FILE).write_text('{"format": "something-else"}')
+    assert cli(capsys, a, b)[0] == 2

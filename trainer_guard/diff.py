@@ -1,0 +1,188 @@
+"""``trainer-guard diff A B``: which tensors changed between two checkpoint or model directories (issue 8).
+
+Per tensor: same / changed / only in A / only in B (a dtype or shape change counts as changed and is named),
+summarised by module with layer indices folded: ``model.embed_tokens: unchanged over 1000 steps`` is the line that
+shows a module that silently never trained. Checksums come from each directory's ``trainer_guard_manifest.json``
+when both have one with the same checksum algorithm (instant), else from the ``*.safetensors`` files
+(:func:`~trainer_guard.core.checksum.file_checksums`, sharded models included). Exit code 0: identical, 1:
+different, 2: unusable input (missing path, no safetensors, corrupted file, foreign manifest).
+
+Example:
+    $ trainer-guard diff out/checkpoint-1000 out/checkpoint-2000
+    $ trainer-guard diff base_model/ out/checkpoint-2000 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from .core.audit import CHANGED, ONLY_A, ONLY_B, SAME, classify, module_summary
+from .core.checksum import CHECKSUM_ALGO, DTYPE_NAMES, file_checksums, safetensors_entries
+from .errors import UsageError
+
+__all__ = ["configure", "run", "load_side", "diff", "format_text"]
+
+_ST_TO_TORCH = {v: str(k).removeprefix("torch.") for k, v in DTYPE_NAMES.items()}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("a", metavar="A", help="checkpoint or model directory (or one .safetensors file)")
+    parser.add_argument("b", metavar="B", help="the directory to compare it with")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--source", choices=("auto", "manifest", "files"), default="auto",
+                        help="auto: manifests when both sides have one with the same algorithm, else the files; "
+                             "manifest: require manifests; files: always read the safetensors files")
+    parser.add_argument("--tensors", action="store_true", help="also list every tensor that differs")
+
+
+def _manifest(path: str) -> dict | None:
+    if not os.path.isdir(path):
+        return None
+    try:
+        from .core.manifest import read_manifest
+    except ImportError:  # pragma: no cover - manifests come with trainer_guard.core.manifest
+        return None
+    return read_manifest(path)
+
+
+def _step_of(path: str) -> int | None:
+    state = os.path.join(path, "trainer_state.json") if os.path.isdir(path) else ""
+    if state and os.path.isfile(state):
+        try:
+            with open(state, encoding="utf-8") as f:
+                return int(json.load(f)["global_step"])
+        except (ValueError, KeyError, TypeError, OSError):
+            pass
+    m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
+def _files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping | None = None) -> dict[str, Any]:
+    """Describe one side: ``{"path", "source", "global_step", "algo", "tensors": {name: {checksum, dtype, shape}}}``.
+
+    ``source="manifest"`` reads ``manifest`` (or the directory's manifest), ``"files"`` checksums the safetensors
+    files, ``"auto"`` uses the manifest when its algorithm is this version's, else the files.
+
+    Raises:
+        UsageError: missing path, no manifest where one is required, nothing to compare (no safetensors file).
+        ChecksumError: a corrupted or foreign safetensors file (named).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file or directory; pass a checkpoint or model directory")
+    if source == "files":
+        manifest = None
+    elif manifest is None:
+        manifest = _manifest(path)
+    if source == "manifest" and manifest is None:
+        raise UsageError(f"{path}: no trainer_guard_manifest.json; drop --source manifest to compare the files")
+    step = _step_of(path)
+    if manifest is not None and (source == "manifest" or manifest.get("algo") == CHECKSUM_ALGO):
+        from .core.manifest import entries
+
+        ms = manifest.get("global_step")
+        return {"path": path, "source": "manifest", "global_step": ms if isinstance(ms, int) else step,
+                "algo": manifest.get("algo"),
+                "tensors": {n: {"checksum": e["checksum"], "dtype": e["dtype"], "shape": list(e["shape"])}
+                            for n, e in entries(manifest).items()}}
+    files = _files(path)
+    if not files:
+        raise UsageError(f"{path}: no *.safetensors file and no trainer_guard_manifest.json; nothing to compare "
+                         f"(a checkpoint saved with save_safetensors=False holds only .bin files)")
+    sums = file_checksums(path)
+    meta = {}
+    for f in files:
+        meta.update(safetensors_entries(f)[1])
+    tensors = {n: {"checksum": s, "dtype": _ST_TO_TORCH.get(meta[n]["dtype"], meta[n]["dtype"]),
+                   "shape": list(meta[n]["shape"])} for n, s in sums.items()}
+    return {"path": path, "source": "files", "global_step": step, "algo": CHECKSUM_ALGO, "tensors": tensors}
+
+
+def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto") -> dict[str, Any]:
+    """Compare two checkpoint/model directories; return the JSON-able report ``trainer-guard diff --json`` prints.
+
+    Keys: ``a``/``b`` (path, source, global_step, tensor count), ``steps`` (B's step minus A's, or None),
+    ``identical``, ``counts`` (same/changed/only_a/only_b), ``modules`` (see
+    :func:`trainer_guard.core.audit.module_summary`), ``tensors`` (name -> status), ``retyped`` (name -> what
+    changed in dtype/shape).
+
+    Example:
+        >>> report = diff("out/checkpoint-2", "out/checkpoint-4")  # doctest: +SKIP
+        >>> [m["module"] for m in report["modules"] if m["status"] == "unchanged"]  # doctest: +SKIP
+        ['model.embed_tokens']
+    """
+    ma = mb = None
+    if source == "auto":  # manifests only when both sides have one with the same algorithm
+        ma, mb = _manifest(os.fspath(a)), _manifest(os.fspath(b))
+        if not (ma and mb and ma.get("algo") == mb.get("algo")):
+            source = "files"
+        else:
+            source = "manifest"
+    sa, sb = load_side(a, source, ma), load_side(b, source, mb)
+    if source == "manifest" and sa["algo"] != sb["algo"]:
+        raise UsageError(f"the manifests use different checksum algorithms ({sa['algo']} in A, {sb['algo']} in B); "
+                         f"compare the files with --source files")
+    ta, tb = sa.pop("tensors"), sb.pop("tensors")
+    status = classify({n: e["checksum"] for n, e in ta.items()}, {n: e["checksum"] for n, e in tb.items()})
+    retyped = {}
+    for n, st in status.items():
+        if st == CHANGED:
+            what = [f"{k} {ta[n][k]} -> {tb[n][k]}" for k in ("dtype", "shape") if ta[n][k] != tb[n][k]]
+            if what:
+                retyped[n] = "; ".join(what)
+    counts = {k: sum(1 for s in status.values() if s == k) for k in (SAME, CHANGED, ONLY_A, ONLY_B)}
+    sa["tensors"], sb["tensors"] = len(ta), len(tb)
+    steps = (sb["global_step"] - sa["global_step"]) if None not in (sa["global_step"], sb["global_step"]) else None
+    return {"a": sa, "b": sb, "steps": steps, "identical": counts[SAME] == len(status), "counts": counts,
+            "modules": module_summary(status), "tensors": status, "retyped": retyped}
+
+
+def format_text(report: Mapping[str, Any], list_tensors: bool = False) -> str:
+    """The human summary of a :func:`diff` report, one line per module (layer indices folded)."""
+    a, b, c = report["a"], report["b"], report["counts"]
+
+    def side(s):
+        step = f"step {s['global_step']}, " if s["global_step"] is not None else ""
+        return f"{s['path']} ({step}{s['tensors']} tensors, from {s['source']})"
+
+    over = f" over {report['steps']} steps" if report["steps"] else ""
+    lines = [f"A: {side(a)}", f"B: {side(b)}",
+             f"{sum(c.values())} tensors: {c[SAME]} same, {c[CHANGED]} changed, {c[ONLY_A]} only in A, "
+             f"{c[ONLY_B]} only in B"]
+    if not c[SAME] and not c[CHANGED] and (c[ONLY_A] or c[ONLY_B]):
+        lines.append("no tensor name in common: an adapter against a full model, or two different models?")
+    for m in report["modules"]:
+        n, counts = m["tensors"], m["counts"]
+        detail = f" ({n} tensors)" if n > 1 else ""
+        if m["status"] in ("partly changed", "mixed"):
+            detail = " (" + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()) + ")"
+        timed = over if m["status"] in ("unchanged", "changed", "partly changed") else ""
+        lines.append(f"  {m['module']}: {m['status']}{timed}{detail}")
+    for name, what in report["retyped"].items():
+        lines.append(f"  ! {name}: {what}")
+    if list_tensors:
+        lines += [f"  {st:8s} {name}" for name, st in report["tensors"].items() if st != SAME]
+    lines.append("identical" if report["identical"] else "different")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = diff(args.a, args.b, source=args.source)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_text(report, list_tensors=args.tensors))
+    return 0 if report["identical"] else 1

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from .callbacks import GUARDS, Guard, TiedWeightsGuard
 from .callbacks.divergence import ReplicaDivergenceGuard
+from .callbacks.embedding_lr import EmbeddingLRGuard
+from .callbacks.preflight import AdapterSizeGuard
 from .callbacks.update_audit import UpdateAuditGuard
 from .callbacks.integrity import IntegrityGuard
 from .callbacks.resume import ResumeGuard
 from .config import callbacks_from_dict, callbacks_from_yaml
 from .core.checksum import checksums, file_checksums
+from .core.preflight import adapter_preflight
 from .core.ties import find_tied_groups, restore_ties
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
@@ -29,6 +32,9 @@ __all__ = [
     "IntegrityGuard",
     "UpdateAuditGuard",
     "ResumeGuard",
+    "EmbeddingLRGuard",
+    "AdapterSizeGuard",
+    "adapter_preflight",
     "guard",
     "callbacks_from_dict",
     "callbacks_from_yaml",

@@ -267,3 +267,51 @@ def test_preflight_guard_tiny(tmp_path):
     assert guard.report()[0].startswith("the embeddings / output head are trained inside the adapter: +8,192 ")
     assert adapter_preflight(tiny_lora(tiny_model("llama-tied"), trainable_token_indices=[1, 2])) is None
     assert adapter_preflight(tiny_model("llama-untied")) is None  # a full fine-tune has no adapter
+
+
+# -- with Trainer subclasses and with every other guard ---------------------------------------------------------------
+class ThreeGroupTrainer(Trainer):
+    """A subclass with its own groups: norms at 2x the LR in a third group."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            norm = [p for n, p in named if "norm" in n]
+            rest = [p for n, p in named if "norm" not in n]
+            self.optimizer = torch.optim.AdamW([{"params": rest, "weight_decay": 0.01},
+                                                {"params": norm, "weight_decay": 0.0, "lr": 2 * self.args.learning_rate}],
+                                               lr=self.args.learning_rate)
+        return self.optimizer
+
+
+def test_trainer_subclass_with_own_groups_and_resume(tmp_path):
+    def run(resume=None):
+        model, probe = tiny_model("llama-untied"), Probe()
+        t = ThreeGroupTrainer(model=model, args=make_args(tmp_path, max_steps=3, save_steps=2, lr_scheduler_type="linear"),
+                              train_dataset=tiny_dataset(32, 16), callbacks=[EmbeddingLRGuard(ratio=0.1), probe])
+        t.train(resume_from_checkpoint=resume)
+        return model, probe
+
+    model, probe = run()
+    check_ratios(probe, model, {"embeddings": 0.1, "lm_head": 0.1}, base_wd=(0.01, 0.0))
+    assert probe.steps[0]["groups"][1]["initial_lr"] == 2e-2  # the subclass's own group untouched
+    model, probe = run(str(tmp_path / "checkpoint-2"))
+    check_ratios(probe, model, {"embeddings": 0.1, "lm_head": 0.1}, base_wd=(0.01, 0.0))
+
+
+def test_default_config_all_guards_wired_peft_resume(tmp_path):
+    """Every guard of configs/default.yaml together, wired, PEFT modules_to_save (R3's setup): save and resume."""
+    import trainer_guard
+
+    def run(resume=None):
+        model, probe = tiny_lora(tiny_model("llama-untied"), modules_to_save=["embed_tokens", "lm_head"]), Probe()
+        cbs = trainer_guard.callbacks_from_yaml(os.path.join(os.path.dirname(__file__), "..", "configs", "default.yaml"))
+        t = trainer_guard.guard(make_trainer(model, tmp_path, cbs + [probe], max_steps=3, save_steps=2,
+                                             lr_scheduler_type="linear"))
+        t.train(resume_from_checkpoint=resume)
+        return model, probe
+
+    run()
+    model, probe = run(str(tmp_path / "checkpoint-2"))
+    assert [r["step"] for r in probe.steps] == [3]
+    check_ratios(probe, model, {"embeddings": 0.1, "lm_head": 0.1}, base_wd=(0.0, 0.0))

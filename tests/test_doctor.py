@@ -1,0 +1,220 @@
+"""``trainer-guard doctor``: healthy checkpoints pass; each corruption is found and named, with the right exit code.
+
+Exit codes: 0 healthy, 1 problems, 2 unusable input. Bad input from the issue: flipped bit, truncation, swapped
+tensors, foreign manifest, missing files; plus R1b (tie stored once, config untied), R4 (adapter mostly full copies),
+R2 (dtype mix).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_args
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+
+from trainer_guard import IntegrityGuard
+from trainer_guard.cli import main
+from trainer_guard.core.checksum import safetensors_entries
+from trainer_guard.core.manifest import MANIFEST_FILE
+from trainer_guard.doctor import diagnose
+from trainer_guard.tiny import tiny_dataset, tiny_lora, tiny_model
+
+
+def _train(model, out, **kw):
+    kw.setdefault("max_steps", 2)
+    Trainer(model=model, args=make_args(out, **kw), train_dataset=tiny_dataset(16, 16, 128),
+            callbacks=[IntegrityGuard()]).train()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    _train(tiny_model("llama-untied"), root / "llama", max_steps=4)
+    _train(tiny_model("llama-manual-tie"), root / "manual")
+    _train(tiny_lora(tiny_model("llama-tied"), modules_to_save=["embed_tokens", "lm_head"]), root / "lora")
+    return root
+
+
+@pytest.fixture
+def ckpt(runs, tmp_path):
+    """A private copy of a healthy 4-step Llama checkpoint (with optimizer state and manifest)."""
+    return shutil.copytree(runs / "llama" / "checkpoint-4", tmp_path / "checkpoint-4")
+
+
+def _doctor(path, *extra, capsys):
+    code = main(["doctor", str(path), "--json", *extra])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def _messages(report, key):
+    return [f["message"] for f in report[key]]
+
+
+def test_healthy_checkpoint(ckpt, capsys):
+    assert main(["doctor", str(ckpt)]) == 0
+    text = capsys.readouterr().out
+    assert "ok [tensors] 21 tensors match the manifest (step 4)" in text
+    assert text.rstrip().endswith("verdict: HEALTHY (exit 0)")
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert (code, rep["status"], rep["problems"], rep["unusable"]) == (0, "healthy", [], [])
+    assert rep["summary"]["manifest"]["global_step"] == 4 and rep["summary"]["tensors"] == 21
+
+
+def _flip_bit(path, name, byte=5, bit=3):
+    start = safetensors_entries(path)[1][name]["begin"]
+    with open(path, "r+b") as f:
+        f.seek(start + byte)
+        b = f.read(1)[0]
+        f.seek(start + byte)
+        f.write(bytes([b ^ (1 << bit)]))
+
+
+def test_flipped_bit_names_the_tensor(ckpt, capsys):
+    _flip_bit(ckpt / "model.safetensors", "model.layers.1.mlp.up_proj.weight")
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 1 and rep["unusable"] == []
+    (msg,) = _messages(rep, "problems")
+    assert msg.startswith("model.layers.1.mlp.up_proj.weight: checksum ")
+    assert msg.endswith("in the manifest (data changed)")
+
+
+def test_truncated_file_is_unusable_and_named(ckpt, capsys):
+    path = ckpt / "model.safetensors"
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 100)
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2
+    assert _messages(rep, "unusable") == [
+        f"model.safetensors: truncated: {size - 100} bytes on disk, the header needs {size} (last 100 missing)"]
+    assert _messages(rep, "problems") == [f"model.safetensors: {size - 100} bytes, the manifest recorded {size}"]
+
+
+def test_swapped_tensors_are_named_as_a_swap(ckpt, capsys):
+    path = ckpt / "model.safetensors"
+    sd = load_file(path)
+    a, b = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    sd[a], sd[b] = sd[b], sd[a]
+    save_file(sd, path, metadata={"format": "pt"})
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 1
+    assert _messages(rep, "problems") == [
+        f"{b} and {a}: contents swapped in the files (each holds the data the manifest records for the other)"]
+
+
+def test_manifest_from_another_checkpoint_is_foreign(runs, ckpt, capsys):
+    shutil.copy(runs / "llama" / "checkpoint-2" / MANIFEST_FILE, ckpt / MANIFEST_FILE)
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2
+    assert _messages(rep, "unusable") == [f"foreign manifest: {MANIFEST_FILE} is for step 2 but trainer_state.json "
+                                          f"says step 4: it was copied from another checkpoint"]
+
+
+def test_manifest_of_another_model_is_foreign(runs, ckpt, capsys):
+    shutil.copy(runs / "lora" / "checkpoint-2" / MANIFEST_FILE, ckpt / MANIFEST_FILE)
+    os.remove(ckpt / "trainer_state.json")
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2
+    assert _messages(rep, "unusable") == ["foreign manifest: it describes adapter_model.safetensors, none of which is "
+                                          "here (this directory holds model.safetensors)"]
+    os.rename(ckpt / "model.safetensors", ckpt / "adapter_model.safetensors")  # same file name, other tensors
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2 and _messages(rep, "unusable") == [
+        "foreign manifest: none of the manifest's 10 tensor names is in the files: it describes another model"]
+
+
+def test_manifest_in_another_format_is_foreign(ckpt, capsys):
+    (ckpt / MANIFEST_FILE).write_text(json.dumps({"format": "other-tool", "tensors": {}}))
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2
+    assert _messages(rep, "unusable") == [f"foreign manifest: {ckpt / MANIFEST_FILE}: not a trainer_guard manifest "
+                                          f"(format 'other-tool', expected 'trainer_guard.manifest')"]
+
+
+def test_edited_manifest_is_caught_by_its_fingerprint(ckpt, capsys):
+    m = json.loads((ckpt / MANIFEST_FILE).read_text())
+    m["tensors"]["lm_head.weight"]["checksum"] = "0" * 16
+    (ckpt / MANIFEST_FILE).write_text(json.dumps(m))
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2 and "the manifest was edited or corrupted" in _messages(rep, "unusable")[0]
+
+
+def test_missing_weights_file_is_named(ckpt, capsys):
+    os.remove(ckpt / "model.safetensors")
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2
+    assert _messages(rep, "unusable") == [f"{ckpt}: no *.safetensors weights in this directory"]
+    assert _messages(rep, "problems") == ["model.safetensors: listed in the manifest (21 tensors) but missing"]
+
+
+def test_missing_shard_of_a_model_dir_is_named(tmp_path, capsys):
+    model = tiny_model("llama-untied")
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    shards = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    assert len(shards) >= 2
+    code, rep = _doctor(tmp_path, capsys=capsys)
+    assert code == 2 and _messages(rep, "unusable")[0].startswith(f"{MANIFEST_FILE}: missing")
+    assert _doctor(tmp_path, "--no-manifest-ok", capsys=capsys)[0] == 0
+    os.remove(tmp_path / shards[-1])
+    code, rep = _doctor(tmp_path, "--no-manifest-ok", capsys=capsys)
+    assert code == 1
+    (msg,) = _messages(rep, "problems")
+    assert msg.startswith(f"{shards[-1]}: listed in model.safetensors.index.json (") and msg.endswith("but missing")
+
+
+def test_r1b_tie_stored_once_but_config_untied(runs, capsys):
+    code, rep = _doctor(runs / "manual" / "checkpoint-2", capsys=capsys)
+    assert code == 1
+    assert _messages(rep, "problems") == [
+        "lm_head.weight: stored only as a tie of model.embed_tokens.weight, but config.json says "
+        "tie_word_embeddings=false: from_pretrained will initialise it at random (R1b). Set tie_word_embeddings: "
+        "true in config.json, or save with TiedWeightsGuard"]
+
+
+def test_adapter_size_split_by_module(runs, tmp_path, capsys):
+    code, rep = _doctor(runs / "lora" / "checkpoint-2", capsys=capsys)
+    assert code == 0
+    rows = {(r["module"], r["kind"]): r for r in rep["summary"]["adapter"]["modules"]}
+    assert set(rows) == {("embed_tokens", "full copy"), ("lm_head", "full copy"), ("q_proj", "lora"),
+                         ("v_proj", "lora")}
+    assert rows[("embed_tokens", "full copy")]["bytes"] == 128 * 32 * 4
+    assert rows[("q_proj", "lora")]["tensors"] == 4  # lora_A + lora_B in 2 layers
+    (msg,) = _messages(rep, "warnings")
+    assert msg.startswith("adapter_model.safetensors: full copies of embed_tokens, lm_head are 90% of its 36.4 kB (R4)")
+    # R3: the config promises trainable full copies the file does not hold
+    ck = shutil.copytree(runs / "lora" / "checkpoint-2", tmp_path / "c")
+    cfg = json.loads((ck / "adapter_config.json").read_text())
+    cfg["modules_to_save"] = ["embed_tokens", "lm_head", "score"]
+    (ck / "adapter_config.json").write_text(json.dumps(cfg))
+    code, rep = _doctor(ck, capsys=capsys)
+    assert code == 1 and _messages(rep, "problems") == [
+        "score: adapter_config.json lists it in modules_to_save but adapter_model.safetensors stores no copy of it: "
+        "it will load untrained"]
+
+
+def test_dtype_mix_is_reported(tmp_path, capsys):
+    model = tiny_model("llama-untied")
+    model.lm_head.to(torch.bfloat16)  # R2: a head made in another dtype than the model
+    model.save_pretrained(tmp_path)
+    code, rep = _doctor(tmp_path, "--no-manifest-ok", capsys=capsys)
+    assert code == 0
+    assert any(m.startswith("dtype mix: most weights are float32 but lm_head.weight (bfloat16)")
+               for m in _messages(rep, "warnings"))
+
+
+def test_unusable_inputs_never_print_a_traceback(tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_bytes(b"this is not a safetensors file at all")
+    proc = subprocess.run([sys.executable, "-m", "trainer_guard.cli", "doctor", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert "!! [files] model.safetensors: not a safetensors file or truncated (header length " in proc.stdout
+    assert proc.stdout.rstrip().endswith("verdict: UNUSABLE INPUT (checks that need none still ran) (exit 2)")
+    for path, why in ((tmp_path / "nope", "no such directory"),
+                      (tmp_path / "model.safetensors", "is a file; pass the directory that holds it")):
+        assert main(["doctor", str(path)]) == 2
+        assert f"!! [input] {path}: {why}" in capsys.readouterr().out

@@ -1,0 +1,414 @@
+"""``trainer-guard doctor PATH``: check a checkpoint or model directory on CPU, without loading a model.
+
+Checks (field reports R1-R5):
+
+- every stored tensor against ``trainer_guard_manifest.json`` (flipped bits, swapped or missing tensors, dtype and
+  shape changes, a manifest that belongs to another checkpoint), files listed by the manifest or a shard index;
+- tied and missing keys: a tie stored once while ``config.json`` says ``tie_word_embeddings=false`` reloads a random
+  head (R1b); ``trainer_guard_ties.json`` / the manifest list the aliases;
+- a ``*ForCausalLM`` config whose files hold no output head and declare no tie (R5);
+- an adapter's size split by module, full copies of embeddings / head called out (R3, R4);
+- the dtype mix of the stored floating tensors (R2).
+
+Exit code: 0 healthy, 1 problems found, 2 unusable input (missing directory, truncated or foreign file, foreign or
+missing manifest; the checks that need none still run). ``--json`` prints one JSON object; progress bars go to
+stderr for files over 256 MB. User errors never print a traceback.
+
+Example:
+    $ trainer-guard doctor out/checkpoint-500
+    $ trainer-guard doctor out/checkpoint-500 --json | jq .status
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .core.manifest import (
+    MANIFEST_FILE,
+    TensorInfo,
+    compare,
+    entries,
+    file_problem,
+    foreign_reason,
+    index_entries,
+    read_index,
+    read_manifest,
+    safetensors_files,
+)
+from .errors import ChecksumError, IntegrityError, UsageError
+
+__all__ = ["configure", "run", "Finding", "Report", "diagnose", "adapter_breakdown", "format_text"]
+
+TIES_FILE = "trainer_guard_ties.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+PROGRESS_BYTES = 256 * 1024 * 1024
+_FLOAT = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu")
+_LORA = re.compile(r"\.(lora_[A-Za-z_]+|hada_w\d_[ab]|lokr_w\d.*|ia3_l|oft_r)(\.[^.]+)?\.weight$|\.lora_magnitude_vector")
+
+
+@dataclass
+class Finding:
+    """One result line: ``check`` (which check), ``message`` (a full sentence naming the tensor/file)."""
+
+    check: str
+    message: str
+
+
+@dataclass
+class Report:
+    """Everything :func:`diagnose` found; ``exit_code`` 0 healthy, 1 problems, 2 unusable input."""
+
+    path: str
+    problems: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    unusable: list[Finding] = field(default_factory=list)
+    passed: list[Finding] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.unusable else 1 if self.problems else 0
+
+    @property
+    def status(self) -> str:
+        return ("healthy", "problems", "unusable")[self.exit_code]
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"path": self.path, "status": self.status, "exit_code": self.exit_code}
+        for key in ("problems", "warnings", "unusable", "passed"):
+            out[key] = [asdict(f) for f in getattr(self, key)]
+        out["summary"] = self.summary
+        return out
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="checkpoint or model directory (holding *.safetensors files)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--no-manifest-ok", action="store_true",
+                        help="a directory without trainer_guard_manifest.json (e.g. a downloaded model) is not "
+                             "unusable input: exit 0/1 from the other checks")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars, even for big files")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the doctor on ``args.path``; print the report; return the exit code."""
+    report = diagnose(args.path, progress=not args.no_progress and not args.json, no_manifest_ok=args.no_manifest_ok)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(format_text(report))
+    return report.exit_code
+
+
+# --------------------------------------------------------------------------------------------- diagnosis
+def _read_json(path: str, report: Report, what: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        report.unusable.append(Finding(what, f"{os.path.basename(path)}: unreadable ({e})"))
+        return None
+
+
+def diagnose(path: str | os.PathLike, *, progress: bool = False, no_manifest_ok: bool = False) -> Report:
+    """Check the directory ``path``; never raises for bad input (it becomes an ``unusable`` finding).
+
+    Example:
+        >>> from trainer_guard.doctor import diagnose
+        >>> diagnose("/no/such/dir").exit_code
+        2
+    """
+    path = os.fspath(path)
+    report = Report(path)
+    if not os.path.isdir(path):
+        why = "is a file; pass the directory that holds it" if os.path.isfile(path) else "no such directory"
+        report.unusable.append(Finding("input", f"{path}: {why}"))
+        return report
+    index, sizes = _check_files(path, report)
+    config = _read_json(os.path.join(path, "config.json"), report, "input")
+    manifest = _check_manifest(path, index, report, progress, no_manifest_ok)
+    _check_ties(path, index, config, manifest, report)
+    _check_head(path, report)
+    _check_adapter(path, index, report)
+    _check_dtypes(index, report)
+    report.summary.update({"files": sizes, "tensors": len(index)})
+    return report
+
+
+def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict[str, int]]:
+    files = safetensors_files(path)
+    sizes = {f: os.path.getsize(os.path.join(path, f)) for f in files}
+    if not files:
+        other = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")) and "model" in f]
+        hint = f" (found {', '.join(sorted(other))}: the doctor reads safetensors only)" if other else ""
+        report.unusable.append(Finding("files", f"{path}: no *.safetensors weights in this directory{hint}"))
+    index: dict[str, TensorInfo] = {}
+    for f in files:
+        problem = file_problem(os.path.join(path, f))
+        if problem is None:
+            try:
+                for k, info in read_index(os.path.join(path, f)).items():
+                    if k in index:
+                        report.problems.append(Finding("files", f"{k}: stored twice, in {index[k].file} and {f}"))
+                    index[k] = info
+                continue
+            except IntegrityError as e:
+                problem = str(e)
+        report.unusable.append(Finding("files", problem))
+    for idx in sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json")):
+        data = _read_json(os.path.join(path, idx), report, "files") or {}
+        by_file: dict[str, list[str]] = {}
+        for name, shard in (data.get("weight_map") or {}).items():
+            by_file.setdefault(shard, []).append(name)
+        for shard, names in sorted(by_file.items()):
+            if shard not in sizes:
+                report.problems.append(Finding("files", f"{shard}: listed in {idx} ({len(names)} tensors, e.g. "
+                                                        f"{sorted(names)[0]}) but missing"))
+            elif shard in {i.file for i in index.values()}:
+                for name in sorted(n for n in names if n not in index):
+                    report.problems.append(Finding("files", f"{name}: {idx} puts it in {shard}, which lacks it"))
+    return index, sizes
+
+
+def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, progress: bool,
+                    no_manifest_ok: bool) -> dict | None:
+    from .core.checksum import CHECKSUM_ALGO, file_checksums, fingerprint
+
+    try:
+        manifest = read_manifest(path)
+    except UsageError as e:
+        report.unusable.append(Finding("manifest", f"foreign manifest: {e}"))
+        return None
+    if manifest is None:
+        msg = f"{MANIFEST_FILE}: missing, so the tensors could not be verified (save with IntegrityGuard to get one)"
+        (report.warnings if no_manifest_ok else report.unusable).append(Finding("manifest", msg))
+        return None
+    recorded = entries(manifest)
+    report.summary["manifest"] = {"global_step": manifest.get("global_step"), "tensors": len(recorded),
+                                  "algo": manifest.get("algo"), "versions": manifest.get("versions", {})}
+    if manifest.get("algo") != CHECKSUM_ALGO:
+        report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: checksum {manifest.get('algo')!r} is not this "
+                                                   f"version's {CHECKSUM_ALGO!r}; upgrade trainer_guard to verify it"))
+        return manifest
+    if int(manifest.get("fingerprint", "0"), 16) != fingerprint({k: e["checksum"] for k, e in recorded.items()}):
+        report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: its fingerprint does not match its own tensor "
+                                                   f"entries: the manifest was edited or corrupted"))
+        return manifest
+    state = _read_json(os.path.join(path, "trainer_state.json"), report, "manifest")
+    step = manifest.get("global_step")
+    if state and step is not None and state.get("global_step") not in (None, step):
+        report.unusable.append(Finding("manifest", f"foreign manifest: {MANIFEST_FILE} is for step {step} but "
+                                                   f"trainer_state.json says step {state['global_step']}: it was "
+                                                   f"copied from another checkpoint"))
+        return manifest
+    usable = {i.file for i in index.values()}
+    listed = sorted(manifest.get("files", {}))
+    if listed and usable and not any(os.path.isfile(os.path.join(path, f)) for f in listed):
+        report.unusable.append(Finding("manifest", f"foreign manifest: it describes {', '.join(listed)}, none of which "
+                                                   f"is here (this directory holds {', '.join(sorted(usable))})"))
+        return manifest
+    skip_files = set()
+    for fname, info in sorted(manifest.get("files", {}).items()):
+        fp = os.path.join(path, fname)
+        n = info.get("tensors", "?")
+        if not os.path.isfile(fp):
+            report.problems.append(Finding("manifest", f"{fname}: listed in the manifest ({n} tensors) but missing"))
+            skip_files.add(fname)
+            continue
+        if "size" in info and os.path.getsize(fp) != info["size"]:
+            report.problems.append(Finding("manifest", f"{fname}: {os.path.getsize(fp)} bytes, the manifest recorded "
+                                                       f"{info['size']}"))
+        if fname not in usable:
+            skip_files.add(fname)  # unreadable: already reported as unusable
+    expected = {k: e for k, e in recorded.items() if manifest["tensors"][k].get("file") not in skip_files}
+    sums: dict[str, int] = {}
+    for fname in sorted(usable):
+        fp = os.path.join(path, fname)
+        try:
+            sums.update(file_checksums(fp, progress=progress and os.path.getsize(fp) >= PROGRESS_BYTES))
+        except ChecksumError as e:
+            report.unusable.append(Finding("files", str(e)))
+    actual = index_entries({k: i for k, i in index.items() if k in sums}, sums)
+    mismatches = compare(expected, actual)
+    foreign = foreign_reason(manifest, mismatches, len(actual))
+    if foreign:
+        report.unusable.append(Finding("manifest", f"foreign manifest: {foreign}"))
+    else:
+        report.problems.extend(Finding("tensors", m.message) for m in mismatches)
+    if not mismatches:
+        report.passed.append(Finding("tensors", f"{len(expected)} tensors match the manifest (step {step})"))
+    return manifest
+
+
+def _check_ties(path: str, index: dict[str, TensorInfo], config: dict | None, manifest: dict | None,
+                report: Report) -> None:
+    aliases = dict((manifest or {}).get("aliases", {}))
+    ties = _read_json(os.path.join(path, TIES_FILE), report, "ties")
+    if ties:
+        aliases.update(ties.get("aliases", {}))
+    if not index:
+        return
+    cfgs = [c for c in (config, (config or {}).get("text_config")) if isinstance(c, dict)]
+    untied = any(c.get("tie_word_embeddings") is False for c in cfgs)
+    bad = 0
+    for alias, kept in sorted(aliases.items()):
+        if alias in index:
+            continue
+        if kept not in index:
+            bad += 1
+            report.problems.append(Finding("ties", f"{alias}: stored as a tie of {kept}, but {kept} is not stored "
+                                                   f"either: both will load uninitialised"))
+        elif config is not None and untied:
+            bad += 1
+            report.problems.append(Finding("ties", f"{alias}: stored only as a tie of {kept}, but config.json says "
+                                                   f"tie_word_embeddings=false: from_pretrained will initialise it at "
+                                                   f"random (R1b). Set tie_word_embeddings: true in config.json, or "
+                                                   f"save with TiedWeightsGuard"))
+        elif config is None:
+            report.warnings.append(Finding("ties", f"{alias}: stored once as {kept}; load with strict=False and re-tie "
+                                                   f"(TiedWeightsGuard does both)"))
+    if aliases and not bad:
+        report.passed.append(Finding("ties", f"{len(aliases)} tie alias(es) stored once and restorable: "
+                                             + ", ".join(f"{a} -> {k}" for a, k in sorted(aliases.items()))))
+
+
+def _check_head(path: str, report: Report) -> None:
+    try:
+        from .core.head import missing_head_problems
+    except ImportError:
+        report.summary["head_check"] = "unavailable (trainer_guard.core.head not installed)"
+        return
+    try:
+        found = missing_head_problems(path)
+    except (UsageError, IntegrityError, ChecksumError) as e:
+        report.unusable.append(Finding("head", str(e)))
+        return
+    report.problems.extend(Finding("head", p) for p in found)
+    report.summary["head_check"] = "ran"
+
+
+def adapter_breakdown(index: dict[str, TensorInfo], nbytes: dict[str, int]) -> list[dict[str, Any]]:
+    """Adapter bytes grouped by module kind (``q_proj`` LoRA, ``embed_tokens`` full copy, ...), largest first.
+
+    Example:
+        >>> from trainer_guard.core.manifest import TensorInfo
+        >>> i = {"m.layers.0.q_proj.lora_A.weight": TensorInfo("a", "float32", (4, 32))}
+        >>> adapter_breakdown(i, {"m.layers.0.q_proj.lora_A.weight": 512})[0]["module"]
+        'q_proj'
+    """
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for name in index:
+        m = _LORA.search(name)
+        kind = "lora" if m else "full copy"
+        module = (name[: m.start()] if m else name.rsplit(".", 1)[0]).rsplit(".", 1)[-1]
+        g = groups.setdefault((module, kind), {"module": module, "kind": kind, "tensors": 0, "bytes": 0})
+        g["tensors"] += 1
+        g["bytes"] += nbytes[name]
+    total = sum(g["bytes"] for g in groups.values()) or 1
+    for g in groups.values():
+        g["share"] = round(g["bytes"] / total, 4)
+    return sorted(groups.values(), key=lambda g: (-g["bytes"], g["module"]))
+
+
+def _nbytes(info: TensorInfo) -> int:
+    import torch
+
+    n = 1
+    for s in info.shape:
+        n *= s
+    return n * torch.empty(0, dtype=getattr(torch, info.dtype)).element_size()
+
+
+def _check_adapter(path: str, index: dict[str, TensorInfo], report: Report) -> None:
+    stored = {k: i for k, i in index.items() if i.file == ADAPTER_FILE}
+    if not stored:
+        return
+    nbytes = {k: _nbytes(i) for k, i in stored.items()}
+    rows = adapter_breakdown(stored, nbytes)
+    total = sum(nbytes.values())
+    report.summary["adapter"] = {"bytes": total, "modules": rows}
+    full = [r for r in rows if r["kind"] == "full copy"]
+    full_share = sum(r["share"] for r in full)
+    if full and full_share > 0.5:
+        names = ", ".join(sorted({r["module"] for r in full}))
+        report.warnings.append(Finding("adapter", f"{ADAPTER_FILE}: full copies of {names} are {full_share:.0%} of "
+                                                  f"its {_human(total)} (R4); train LoRA on q,k,v,o,gate,up,down and "
+                                                  f"add embeddings only if new tokens need them, at ~1/10 the LR"))
+    cfg = _read_json(os.path.join(path, "adapter_config.json"), report, "adapter") or {}
+    for module in cfg.get("modules_to_save") or []:
+        if not any(r["module"] == module.rsplit(".", 1)[-1] and r["kind"] == "full copy" for r in rows):
+            report.problems.append(Finding("adapter", f"{module}: adapter_config.json lists it in modules_to_save but "
+                                                      f"{ADAPTER_FILE} stores no copy of it: it will load untrained"))
+
+
+def _check_dtypes(index: dict[str, TensorInfo], report: Report) -> None:
+    by_dtype: dict[str, int] = {}
+    nbytes = {k: _nbytes(i) for k, i in index.items()}
+    for k, i in index.items():
+        by_dtype[i.dtype] = by_dtype.get(i.dtype, 0) + nbytes[k]
+    report.summary["dtypes"] = by_dtype
+    floats = {d: b for d, b in by_dtype.items() if d in _FLOAT}
+    if len(floats) < 2:
+        return
+    main = max(floats, key=floats.get)
+    odd = sorted(k for k, i in index.items() if i.dtype in floats and i.dtype != main and len(i.shape) >= 2)
+    if odd:
+        shown = ", ".join(f"{k} ({index[k].dtype})" for k in odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5
+                                                                          else "")
+        report.warnings.append(Finding("dtypes", f"dtype mix: most weights are {main} but {shown}; a matrix in another "
+                                                 f"dtype fails with 'mat1 and mat2 must have the same dtype' (R2) "
+                                                 f"unless the model casts it on purpose"))
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)  # pragma: no cover
+
+
+def format_text(report: Report) -> str:
+    """The human report: what was checked, each finding on its own line, then the verdict."""
+    lines = [f"trainer-guard doctor: {report.path}"]
+    s = report.summary
+    if s.get("files"):
+        lines.append("  files:    " + ", ".join(f"{f} ({_human(n)})" for f, n in s["files"].items())
+                     + f"; {s.get('tensors', 0)} tensors")
+    if s.get("manifest"):
+        m = s["manifest"]
+        lines.append(f"  manifest: step {m['global_step']}, {m['tensors']} tensors, {m['algo']}")
+    if s.get("dtypes"):
+        lines.append("  dtypes:   " + ", ".join(f"{d} {_human(b)}" for d, b in sorted(s["dtypes"].items(),
+                                                                                       key=lambda x: -x[1])))
+    if s.get("adapter"):
+        a = s["adapter"]
+        lines.append(f"  adapter:  {_human(a['bytes'])}: " + ", ".join(
+            f"{r['module']} ({r['kind']}) {r['share']:.0%}" for r in a["modules"][:6]))
+    for title, items, mark in (("ok", report.passed, "ok "), ("unusable input", report.unusable, "!! "),
+                               ("problems", report.problems, "XX "), ("warnings", report.warnings, "?? ")):
+        for f in items:
+            lines.append(f"  {mark}[{f.check}] {f.message}")
+    warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
+    verdict = {0: f"HEALTHY{warned}", 1: f"{len(report.problems)} PROBLEM(S) FOUND",
+               2: "UNUSABLE INPUT (checks that need none still ran)"}[report.exit_code]
+    lines.append(f"verdict: {verdict} (exit {report.exit_code})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    p = argparse.ArgumentParser(prog="trainer-guard doctor")
+    configure(p)
+    sys.exit(run(p.parse_args()))

@@ -73,7 +73,9 @@ def test_record_counts_lora_and_modules_to_save(kind):
     assert rec["by_kind"] == {"lora_A": 512, "lora_B": 384, "modules_to_save": 8192}
     assert rec["by_module"]["lm_head"] == {"modules_to_save": 4096}
     assert rec["peft"]["default"]["modules_to_save"] == MTS and rec["peft"]["default"]["r"] == 4
-    assert "modules_to_save: lm_head, model.embed_tokens" in count_table(rec)
+    table = count_table(rec).splitlines()
+    assert table[5].split() == ["modules_to_save", "lm_head", "4,096"]
+    assert table[-1].split() == ["total", "trainable", "9,088", "of", "31,776" if kind == "llama-tied" else "35,872", "(25.33%)" if kind == "llama-untied" else "(28.60%)"]
 
 
 def test_describe_changes_groups_layers_and_counts():
@@ -119,6 +121,28 @@ def test_case1_resume_with_default_lora(tmp_path, kind):
     assert msg.startswith(f"ResumeGuard: the trainable set differs from checkpoint-2 ({ckpt}); no training step ran.")
     assert "\n  - lm_head, model.embed_tokens: 8,192 params trainable in checkpoint-2 (modules_to_save), frozen now" in msg
     assert steps.steps == 0 and trainer.optimizer is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unchanged_resume_passes_and_logs_table(tmp_path, kind, caplog):
+    ckpt = first_run(tmp_path, kind)
+    g = ResumeGuard()
+    trainer, steps = second_trainer(tmp_path, tiny_lora(tiny_model(kind), modules_to_save=MTS), g)
+    guard(trainer).train(resume_from_checkpoint=str(ckpt))
+    assert steps.steps == 2 and trainer.state.global_step == 4
+    assert g.report()[0].startswith("trainable parameters at train begin:\n  kind ")
+    assert "modules_to_save  lm_head" in g.report()[0] and "trainable 9,088 of " in g.report()[0]
+    assert (tmp_path / "out" / "checkpoint-4" / TRAINABLE_FILE).is_file()
+
+
+def test_adapter_source_detected_from_model_path(tmp_path):
+    adapter = _saved_adapter(tmp_path, "llama-untied")
+    model = tiny_lora(tiny_model("llama-untied"))
+    model.get_base_model().name_or_path = str(adapter)  # as when the model was loaded from that directory
+    trainer, steps = second_trainer(tmp_path, model, ResumeGuard())
+    with pytest.raises(ResumeMismatchError, match="differs from adapter"):
+        guard(trainer).train()
+    assert steps.steps == 0
 
 
 def test_case1_fix_cannot_invent_missing_copies(tmp_path):

@@ -181,7 +181,9 @@ class ResumeGuard(Guard):
             self.verify(model, ckpt, optimizer if ckpt else None, late=bool(ckpt) or custom)
             if self.fixed and optimizer is not None:
                 self._add_to_optimizer(optimizer, self.fixed)
-        self.note("trainable parameters at train begin:\n" + count_table(trainable_record(model)))
+        continued = bool(state.global_step) or self._source(model) is not None  # R3: check the count after a reload
+        self.note("trainable parameters at train begin:\n" + count_table(trainable_record(model)),
+                  "warning" if continued else "info")
 
     def _add_to_optimizer(self, optimizer: Any, params: dict) -> None:
         """Put parameters restored after the Trainer built its (decay, no-decay) optimizer into their group."""

@@ -212,15 +212,7 @@ def _compress(modules: list[str]) -> str:
     out = list(plain)
     for pattern, idx in groups.items():
         idx = sorted(set(idx))
-        if len(idx) == 1:
-            out.append(pattern.replace("{}", str(idx[0])))
-            continue
-        runs, start = [], idx[0]
-        for i, j in zip(idx, idx[1:] + [None]):
-            if j != i + 1:
-                runs.append(str(start) if start == i else f"{start}-{i}")
-                start = j
-        out.append(pattern.replace("{}", "{" + ",".join(runs) + "}"))
+        out.append(pattern.replace("{}", str(idx[0]) if len(idx) == 1 else "{" + _compress_ints(idx) + "}"))
     out.sort()
     return ", ".join(out[:8]) + (f" and {len(out) - 8} more" if len(out) > 8 else "")
 
@@ -369,14 +361,49 @@ def adapter_config_problems(saved: Mapping[str, Any], model: nn.Module, where: s
     return problems
 
 
+def _pattern(module: str) -> tuple[str, int | None]:
+    hit = re.search(r"\.(\d+)\.", module)
+    return (module[:hit.start(1)] + "{}" + module[hit.end(1):], int(hit[1])) if hit else (module, None)
+
+
 def count_table(record: Mapping[str, Any]) -> str:
-    """A small text table of trainable counts by kind and by module group, with the total."""
+    """A text table of trainable counts: one row per kind and module (layers folded), then the total.
+
+    Example:
+        >>> from trainer_guard.tiny import tiny_model, tiny_lora
+        >>> print(count_table(trainable_record(tiny_lora(tiny_model("llama-untied"), target_modules=["q_proj"]))))
+          kind    module                               params
+          lora_A  model.layers.{0-1}.self_attn.q_proj     256
+          lora_B  model.layers.{0-1}.self_attn.q_proj     256
+          total   trainable 512 of 27,296 (1.88%)
+    """
     total, trainable = record["total_params"], record["trainable_params"]
-    rows = [("kind / modules", "params")]
-    for kind, n in record["by_kind"].items():
-        mods = [m for m, kinds in record["by_module"].items() if kind in kinds]
-        rows.append((f"{kind}: {_compress(sorted(mods))}", f"{n:,}"))
+    rows: dict[tuple[str, str], list] = {}
+    for module, kinds in sorted(record["by_module"].items()):
+        pattern, idx = _pattern(module)
+        for kind, n in kinds.items():
+            row = rows.setdefault((kind, pattern), [set(), 0])
+            row[1] += n
+            if idx is not None:
+                row[0].add(idx)
+    lines = [("kind", "module", "params")]
+    for (kind, pattern), (idx, n) in sorted(rows.items()):
+        name = pattern.replace("{}", "{" + _compress_ints(sorted(idx)) + "}") if idx else pattern
+        lines.append((kind, name, f"{n:,}"))
     pct = 100.0 * trainable / total if total else 0.0
-    rows.append((f"trainable of {total:,} ({pct:.2f}%)", f"{trainable:,}"))
-    width = max(len(a) for a, _ in rows)
-    return "\n".join(f"  {a:<{width}}  {b:>14}" for a, b in rows)
+    w0, w1 = max(len(r[0]) for r in lines), max(len(r[1]) for r in lines)
+    w2 = max(len(r[2]) for r in lines)
+    out = [f"  {a:<{w0}}  {b:<{w1}}  {c:>{w2}}" for a, b, c in lines]
+    out.append(f"  {'total':<{w0}}  trainable {trainable:,} of {total:,} ({pct:.2f}%)")
+    return "\n".join(out)
+
+
+def _compress_ints(idx: list[int]) -> str:
+    if len(idx) == 1:
+        return str(idx[0])
+    runs, start = [], idx[0]
+    for i, j in zip(idx, idx[1:] + [None]):
+        if j != i + 1:
+            runs.append(str(start) if start == i else f"{start}-{i}")
+            start = j
+    return ",".join(runs)

@@ -164,7 +164,7 @@ def test_peft_adapter_embeddings_found_by_identity_and_resume(tmp_path, lora_kw,
     model = tiny_lora(tiny_model("llama-untied"), **lora_kw)
     guard, probe = EmbeddingLRGuard(ratio=0.1), Probe()
     make_trainer(model, tmp_path, [guard, probe], max_steps=3, save_steps=2, lr_scheduler_type="linear").train()
-    found = {g["role"]: g["names"] for g in guard._record["groups"]}
+    found = {g["role"]: g["names"] for g in guard.record["groups"]}
     assert found == expect
     check_ratios(probe, model, {"embeddings": 0.1, "lm_head": 0.1}, base_wd=(0.0, 0.0))
     model2, probe2 = tiny_lora(tiny_model("llama-untied"), **lora_kw), Probe()
@@ -178,7 +178,7 @@ def test_tied_trainable_tokens_are_one_group(tmp_path):
     model = tiny_lora(tiny_model("llama-tied"), trainable_token_indices=[1, 2, 3])
     guard = EmbeddingLRGuard(ratio=0.2)
     make_trainer(model, tmp_path, [guard], max_steps=1, save_strategy="no").train()
-    assert [(g["role"], len(g["names"])) for g in guard._record["groups"]] == [("tied", 1)]
+    assert [(g["role"], len(g["names"])) for g in guard.record["groups"]] == [("tied", 1)]
 
 
 # -- errors, options, logging ---------------------------------------------------------------------------------------
@@ -257,7 +257,8 @@ def test_preflight_guard_tiny(tmp_path):
     model = tiny_lora(tiny_model("llama-untied"), target_modules=["q_proj", "embed_tokens", "lm_head"])
     r = adapter_preflight(model, "adamw_torch")
     assert [(c.role, c.how, c.trainable) for c in r.items] == [
-        ("embeddings", "target_modules (LoRA)", 4 * 128 + 32 * 4), ("lm_head", "target_modules (LoRA)", 4 * 32 + 128 * 4)]
+        ("embeddings", "target_modules (LoRA)", 4 * 128 + 32 * 4),
+        ("lm_head", "target_modules (LoRA)", 4 * 32 + 128 * 4)]
     assert r.extra_adapter_bytes == 4 * (640 + 640 + 2 * 128 * 32)  # LoRA also saves the base embedding layers
     guard = AdapterSizeGuard()
     make_trainer(tiny_lora(tiny_model("llama-untied"), modules_to_save=["embed_tokens", "lm_head"]), tmp_path,
@@ -278,17 +279,18 @@ class ThreeGroupTrainer(Trainer):
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             norm = [p for n, p in named if "norm" in n]
             rest = [p for n, p in named if "norm" not in n]
+            lr = self.args.learning_rate
             self.optimizer = torch.optim.AdamW([{"params": rest, "weight_decay": 0.01},
-                                                {"params": norm, "weight_decay": 0.0, "lr": 2 * self.args.learning_rate}],
-                                               lr=self.args.learning_rate)
+                                                {"params": norm, "weight_decay": 0.0, "lr": 2 * lr}], lr=lr)
         return self.optimizer
 
 
 def test_trainer_subclass_with_own_groups_and_resume(tmp_path):
     def run(resume=None):
         model, probe = tiny_model("llama-untied"), Probe()
-        t = ThreeGroupTrainer(model=model, args=make_args(tmp_path, max_steps=3, save_steps=2, lr_scheduler_type="linear"),
-                              train_dataset=tiny_dataset(32, 16), callbacks=[EmbeddingLRGuard(ratio=0.1), probe])
+        args = make_args(tmp_path, max_steps=3, save_steps=2, lr_scheduler_type="linear")
+        t = ThreeGroupTrainer(model=model, args=args, train_dataset=tiny_dataset(32, 16),
+                              callbacks=[EmbeddingLRGuard(ratio=0.1), probe])
         t.train(resume_from_checkpoint=resume)
         return model, probe
 
@@ -305,7 +307,8 @@ def test_default_config_all_guards_wired_peft_resume(tmp_path):
 
     def run(resume=None):
         model, probe = tiny_lora(tiny_model("llama-untied"), modules_to_save=["embed_tokens", "lm_head"]), Probe()
-        cbs = trainer_guard.callbacks_from_yaml(os.path.join(os.path.dirname(__file__), "..", "configs", "default.yaml"))
+        cbs = trainer_guard.callbacks_from_yaml(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                             "default.yaml"))
         t = trainer_guard.guard(make_trainer(model, tmp_path, cbs + [probe], max_steps=3, save_steps=2,
                                              lr_scheduler_type="linear"))
         t.train(resume_from_checkpoint=resume)

@@ -19,7 +19,6 @@ from ..core.io import atomic_write_json, read_json
 from ..core.lr_groups import (
     SPLIT_FILE,
     Split,
-    _unwrap_optimizer,
     atomic_torch_save,
     base_layout_optimizer_state,
     base_layout_scheduler_state,
@@ -28,6 +27,7 @@ from ..core.lr_groups import (
     merge_param_groups,
     split_param_groups,
     tied_rate_problems,
+    unwrap_optimizer,
 )
 from ..errors import EmbeddingLRError
 from .base import Guard
@@ -53,7 +53,12 @@ class EmbeddingLRGuard(Guard):
         head_ratio, head_lr: the same for the output head only.
         when_absent: what to do when no embedding/head parameter is trainable: ``"warn"``, ``"ignore"``, or
             ``"raise"`` (catches report R3's adapter reload where they silently stopped training).
-        log_lrs: add each group's LR to the Trainer's logs.
+        log_lrs: add each group's LR to the Trainer's logs (seen by callbacks after this one, the printed log and
+            ``state.log_history``; report_to integrations run before user callbacks and do not see them).
+
+    Attributes:
+        record: the split in force (role, source group, positions, factor, names per added group), also written
+            to each checkpoint as ``trainer_guard_embedding_lr.json``.
 
     Raises:
         ConfigError: invalid options (two rates for one part, a rate <= 0).
@@ -79,11 +84,12 @@ class EmbeddingLRGuard(Guard):
         self._scheduler: Any = None
         self._step_lrs: dict[str, float] = {}
         self._plan: tuple[dict, dict] | None = None
-        self._record: dict[str, Any] = {}
+        self.record: dict[str, Any] = {}  # the split in force, as written to each checkpoint's sidecar
 
     @classmethod
     def _check_options(cls, o: dict[str, Any]) -> list[str]:
-        probs = [f"{k}: got {o[k]!r}; must be > 0 (ratios are fractions of the Trainer's LR, e.g. 0.1)" for k in _RATE_OPTIONS if o.get(k) is not None and not o[k] > 0]
+        probs = [f"{k}: got {o[k]!r}; must be > 0 (ratios are fractions of the Trainer's LR, e.g. 0.1)"
+                 for k in _RATE_OPTIONS if o.get(k) is not None and not o[k] > 0]
         for a, b in (("ratio", "lr"), ("embed_ratio", "embed_lr"), ("head_ratio", "head_lr")):
             if o.get(a) is not None and o.get(b) is not None:
                 probs.append(f"{a}/{b}: both given ({o[a]!r}, {o[b]!r}); give one of them")
@@ -95,6 +101,9 @@ class EmbeddingLRGuard(Guard):
         o, factors, how = self.options, {}, {}
         for role, prefix in (("embeddings", "embed"), ("lm_head", "head")):
             for key in (f"{prefix}_lr", f"{prefix}_ratio", "lr", "ratio"):
+                if o.get(key) is not None and key.endswith("lr") and not base_lr > 0:
+                    raise EmbeddingLRError(f"{key}={o[key]!r} is an absolute LR but the Trainer's learning_rate is "
+                                           f"{base_lr!r}; give a ratio instead, or a learning_rate > 0")
                 if o.get(key) is not None:
                     factors[role] = o[key] / base_lr if key.endswith("lr") else float(o[key])
                     how[role] = f"{key}={o[key]!r}"
@@ -121,7 +130,7 @@ class EmbeddingLRGuard(Guard):
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             problems.append("DeepSpeed/FSDP own the optimizer's groups and checkpoint format; EmbeddingLRGuard "
                             "supports single-process and DDP runs only: remove it, or set the groups yourself")
-        in_opt = {id(p) for g in _unwrap_optimizer(optimizer).param_groups for p in g["params"]}
+        in_opt = {id(p) for g in unwrap_optimizer(optimizer).param_groups for p in g["params"]}
         roles = {r: [(n, p) for n, p in ps if id(p) in in_opt] for r, ps in embedding_parameters(model).items()}
         factors, how = self.rates(args.learning_rate)
         problems += tied_rate_problems(roles, factors, how)
@@ -147,7 +156,7 @@ class EmbeddingLRGuard(Guard):
     def _ensure_split(self) -> None:
         if self.split is None and self._plan is not None:
             self.split = split_param_groups(self._optimizer, self._scheduler, *self._plan)
-            self._record = self.split.record()
+            self.record = self.split.record()
 
     def _merge(self) -> None:
         if self.split is not None:
@@ -188,13 +197,13 @@ class EmbeddingLRGuard(Guard):
             return
         if self.split is not None:  # saved while split (should_save set after on_step_end): rewrite the files
             opt_path, sched_path = os.path.join(ckpt, "optimizer.pt"), os.path.join(ckpt, "scheduler.pt")
-            inner = _unwrap_optimizer(self._optimizer)
+            inner = unwrap_optimizer(self._optimizer)
             if os.path.isfile(opt_path):
                 atomic_torch_save(base_layout_optimizer_state(inner.state_dict(), inner.param_groups, self.split),
                                   opt_path)
             if os.path.isfile(sched_path) and self._scheduler is not None:
                 atomic_torch_save(base_layout_scheduler_state(self._scheduler.state_dict(), self.split), sched_path)
-        atomic_write_json(os.path.join(ckpt, SPLIT_FILE), self._record)
+        atomic_write_json(os.path.join(ckpt, SPLIT_FILE), self.record)
 
     def on_train_end(self, args, state, control, **kwargs: Any):
         self._merge()

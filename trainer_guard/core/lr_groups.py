@@ -46,7 +46,9 @@ __all__ = [
     "ROLE_KEY",
     "SPLIT_FILE",
     "Split",
+    "embedding_modules",
     "embedding_parameters",
+    "unwrap_optimizer",
     "role_of_parameters",
     "tied_rate_problems",
     "split_param_groups",
@@ -69,7 +71,7 @@ _CLOSED_FORM_SCHEDULERS = {
 }
 
 
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The innermost ``torch.optim.Optimizer`` (accelerate's ``AcceleratedOptimizer`` wraps one)."""
     inner = optimizer
     while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
@@ -91,7 +93,9 @@ def _hf_model(model: nn.Module) -> nn.Module:
     return base
 
 
-def _embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+def embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{"embeddings": module, "lm_head": module}`` from ``get_input_embeddings``/``get_output_embeddings`` of the
+    underlying Hugging Face model (PEFT and DDP wrappers looked through); a role is absent when not available."""
     base = _hf_model(model)
     out = {}
     for role, getter in (("embeddings", "get_input_embeddings"), ("lm_head", "get_output_embeddings")):
@@ -125,7 +129,7 @@ def embedding_parameters(model: nn.Module, trainable_only: bool = True) -> dict[
     for n, m in model.named_modules(remove_duplicate=False):
         prefixes.setdefault(id(m), n + "." if n else "")
     out: dict[str, list[tuple[str, nn.Parameter]]] = {}
-    for role, module in _embedding_modules(model).items():
+    for role, module in embedding_modules(model).items():
         seen, items = set(), []
         for local, p in module.named_parameters():
             if id(p) in seen or (trainable_only and not p.requires_grad):
@@ -215,7 +219,7 @@ def split_param_groups(optimizer: Any, scheduler: Any, roles: Mapping[str, list[
         EmbeddingLRError: a tied parameter with two factors, a factor <= 0, or a scheduler that cannot follow;
             nothing is changed.
     """
-    opt = _unwrap_optimizer(optimizer)
+    opt = unwrap_optimizer(optimizer)
     by_id = role_of_parameters(roles)
     problems = tied_rate_problems(roles, factors)
     if any(g.get(ROLE_KEY) for g in opt.param_groups):
@@ -262,7 +266,7 @@ def split_param_groups(optimizer: Any, scheduler: Any, roles: Mapping[str, list[
 
 def merge_param_groups(optimizer: Any, scheduler: Any, split: Split) -> None:
     """Undo :func:`split_param_groups`: base groups get back their parameters in the original order."""
-    opt = _unwrap_optimizer(optimizer)
+    opt = unwrap_optimizer(optimizer)
     n = split.base_groups
     del opt.param_groups[n:]
     for group, params in zip(opt.param_groups, split.layout):
@@ -314,7 +318,7 @@ def base_layout_scheduler_state(state_dict: Mapping[str, Any], split: Split) -> 
 def group_lrs(optimizer: Any) -> dict[str, float]:
     """``{role: lr}`` of the added groups (the first group of each role), as floats."""
     out: dict[str, float] = {}
-    for g in _unwrap_optimizer(optimizer).param_groups:
+    for g in unwrap_optimizer(optimizer).param_groups:
         role = g.get(ROLE_KEY)
         if role and role not in out:
             lr = g["lr"]
@@ -325,7 +329,8 @@ def group_lrs(optimizer: Any) -> dict[str, float]:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path`` (no torn file)."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=os.path.dirname(os.path.abspath(path)))
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

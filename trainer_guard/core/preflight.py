@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .lr_groups import _embedding_modules
+from .lr_groups import embedding_modules
 
 __all__ = ["EmbeddingCost", "PreflightReport", "adapter_preflight", "optimizer_state_bytes", "human_bytes"]
 
@@ -126,7 +126,7 @@ def adapter_preflight(model: nn.Module, optim: str = "adamw_torch") -> Preflight
     """
     if not hasattr(model, "peft_config") or not hasattr(model, "get_base_model"):
         return None
-    modules = _embedding_modules(model)
+    modules = embedding_modules(model)
     names = {}
     for n, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), n)

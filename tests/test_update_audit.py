@@ -4,6 +4,8 @@ Each planted failure trains to completion without the guard and leaves the tenso
 weight silently drifted); with the guard it is reported by module with its cause.
 """
 
+import os
+
 import pytest
 import torch
 from conftest import make_args
@@ -12,6 +14,8 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 from trainer_guard import ConfigError, UpdateAuditError, UpdateAuditGuard, callbacks_from_dict
 from trainer_guard.core.audit import CAUSES, Finding, ParamFacts, audit, classify, module_summary, summarize
 from trainer_guard.tiny import tiny_dataset, tiny_lora, tiny_model
+
+DEFAULT_YAML = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "default.yaml")
 
 
 def train(model, tmp_path, guard=None, optimizers=(None, None), callbacks=(), **kw):
@@ -44,6 +48,21 @@ def test_warmup_from_zero_and_gradient_accumulation_report_nothing(tmp_path):
     guard = UpdateAuditGuard(every=2)
     trainer = train(tiny_model("llama-untied"), tmp_path, guard, warmup_steps=2, gradient_accumulation_steps=2)
     assert trainer.state.log_history[0]["learning_rate"] == 0.0  # step 1 ran at LR 0: nothing could change
+    assert guard.findings == []
+
+
+def test_lr_held_at_zero_defers_without_rechecking_every_step(tmp_path):
+    """A schedule that holds LR 0 for 3 steps: nothing is judged (or re-checksummed) until a step runs at LR > 0."""
+    model = tiny_model("llama-untied")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step < 3 else 1.0)
+    guard = UpdateAuditGuard(every=100)
+    checked = []
+    sums = guard._sums
+    guard._sums = lambda names: checked.append(len(names)) or sums(names)
+    train(model, tmp_path, guard, optimizers=(opt, sched), max_steps=5)
+    n = len(list(model.parameters()))
+    assert checked == [n, n, n]  # baseline, step 1 (all pending: LR 0), step 4 (first step at LR > 0)
     assert guard.findings == []
 
 
@@ -191,7 +210,7 @@ def test_options_are_validated():
 def test_built_from_default_yaml():
     from trainer_guard import callbacks_from_yaml
 
-    [guard] = [c for c in callbacks_from_yaml("configs/default.yaml") if isinstance(c, UpdateAuditGuard)]
+    [guard] = [c for c in callbacks_from_yaml(DEFAULT_YAML) if isinstance(c, UpdateAuditGuard)]
     assert guard.options["mode"] == "raise" and guard.options["every"] == 100
     [guard] = callbacks_from_dict({"update_audit": {"mode": "warn", "ignore": ["*.experts.*"]}})
     assert guard.options["ignore"] == ["*.experts.*"]

@@ -70,7 +70,7 @@ class UpdateAuditGuard(Guard):
         self._since: dict[str, int] = {}  # baseline -> index into self._snaps
         self._snaps: list[list[int]] = []  # cumulative effective steps per group, one snapshot per baseline
         self._effective: list[int] = []
-        self._pending: set[str] = set()
+        self._pending: dict[str, tuple[int | None, int]] = {}  # name -> (group, effective steps needed)
         self._queued: list[str] = []
         self._reported: set[tuple[str, str]] = set()
         self._steps = 0
@@ -109,28 +109,41 @@ class UpdateAuditGuard(Guard):
             for i, g in enumerate(groups):
                 self._effective[i] += float(g.get("lr", 0.0)) > 0
         self._steps += 1
-        verdict = self._steps <= self.options["min_grad_steps"] + 1 or self._steps % self.options["every"] == 0
-        names = list(self._params) if self._steps == 1 or self._steps % self.options["every"] == 0 else self._pending
+        every = self.options["every"]
+        verdict = self._steps <= self.options["min_grad_steps"] + 1 or self._steps % every == 0
+        if self._steps == 1 or self._steps % every == 0:
+            names = list(self._params)
+        else:  # re-check a tensor that could not be judged only once it has had the effective steps it needs
+            names = [n for n, (g, need) in self._pending.items() if self._eff(n, g) >= need]
         if names:
-            self._check(list(names), optimizer, state.global_step + 1)
+            self._check(names, optimizer)
         if verdict or world_size() == 1:
             self._flush(state.global_step + 1)
 
-    def _check(self, names: list[str], optimizer, step: int) -> None:
+    def on_train_end(self, args, state, control, **kwargs: Any):
+        self._flush(state.global_step)  # multi-process: findings of re-checks after the last verdict step
+
+    def _eff(self, name: str, group: int | None) -> int:
+        """Effective optimizer steps of ``group`` since ``name``'s baseline."""
+        if group is None:
+            return 0
+        snap = self._snaps[self._since[name]]
+        return self._effective[group] - (snap[group] if group < len(snap) else 0)
+
+    def _check(self, names: list[str], optimizer) -> None:
         now = self._sums(names)
         status = classify({n: self._base[n] for n in names}, now)
         index = group_index(optimizer)
+        self._effective += [0] * (len(optimizer.param_groups) - len(self._effective))
         facts = {}
         for n in names:
             p, g = self._params[n], index.get(id(self._params[n]))
-            snap = self._snaps[self._since[n]]
-            eff = self._effective[g.index] - (snap[g.index] if g.index < len(snap) else 0) if g else 0
             unchanged_trainable = status[n] == "same" and self._trainable[n]
             facts[n] = ParamFacts(
                 trainable=self._trainable[n], trainable_now=p.requires_grad, group=g.index if g else None,
                 lr=g.lr if g else None, initial_lr=g.initial_lr if g else None,
-                weight_decay=g.weight_decay if g else 0.0,
-                effective_steps=eff, grad=grad_state(p) if unchanged_trainable else "unknown",
+                weight_decay=g.weight_decay if g else 0.0, effective_steps=self._eff(n, g.index if g else None),
+                grad=grad_state(p) if unchanged_trainable else "unknown",
                 dtype=str(p.dtype).replace("torch.", ""), numel=p.numel())
         found, pending = audit(status, facts, self.options["min_grad_steps"])
         new = [f for f in found if (f.name, f.cause) not in self._reported]
@@ -138,7 +151,11 @@ class UpdateAuditGuard(Guard):
         self.findings.extend(new)
         if new:
             self._queued.extend(summarize(new))
-        self._pending = set(pending)
+        for n in names:
+            self._pending.pop(n, None)
+        for n in pending:  # wait for one effective step, or for min_grad_steps of them (gradient verdicts)
+            f = facts[n]
+            self._pending[n] = (f.group, 1 if f.effective_steps < 1 else self.options["min_grad_steps"])
         self._rebase({n: s for n, s in now.items() if n not in self._pending})
 
     def _flush(self, step: int) -> None:

@@ -2,9 +2,9 @@
 
 ``model.load_state_dict(torch.load(path))`` holds the model *and* a full state dict: twice the model (R2's 25 GB +
 25 GB on a 40 GB A100). :func:`load_weights_inplace` reads one tensor at a time with ``safe_open`` (mmap), copies
-it into the existing parameter on that parameter's device and drops it; the file mapping is reopened every
-:data:`REOPEN_BYTES` so the pages already read leave the process's resident set. Peak memory is the model plus
-about one tensor.
+it into the existing parameter on that parameter's device and drops it (tensors above :data:`CHUNK_BYTES` in row
+blocks); the file mapping is reopened every :data:`REOPEN_BYTES` so the pages already read leave the process's
+resident set. Peak memory is the model plus a few tens of MB, whatever the largest tensor.
 
 Every header is checked (names, shapes, dtypes, tie aliases, optionally the manifest's checksums) *before* the
 first byte is copied: a :class:`~trainer_guard.errors.LoadError` leaves the model untouched.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -35,10 +34,12 @@ from torch import nn
 from ..errors import LoadError
 from .ties import find_tied_groups
 
-__all__ = ["LoadResult", "load_weights_inplace", "safetensors_files_of", "REOPEN_BYTES"]
+__all__ = ["LoadResult", "load_weights_inplace", "safetensors_files_of", "REOPEN_BYTES", "CHUNK_BYTES"]
 
 REOPEN_BYTES = 64 * 1024 * 1024
 """Reopen a file's mapping after this many bytes were read through it, so its pages leave the resident set."""
+CHUNK_BYTES = 32 * 1024 * 1024
+"""Tensors larger than this are copied in row blocks of at most this size (embeddings, output heads)."""
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -211,21 +212,45 @@ def _plan(model: nn.Module, headers: dict, strict: bool, cast: bool, path: str, 
     return tensors, plan
 
 
-def _reading(files_keys: dict[str, list[str]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(key, tensor)`` file by file, reopening the mapping every :data:`REOPEN_BYTES` read."""
-    from safetensors import safe_open
+class _Reader:
+    """Reads tensors from one file through ``safe_open``, reopening the mapping every :data:`REOPEN_BYTES`."""
 
-    for fp, keys in files_keys.items():
-        i = 0
-        while i < len(keys):
-            read = 0
-            with safe_open(fp, framework="pt", device="cpu") as f:
-                while i < len(keys) and (read == 0 or read < REOPEN_BYTES):
-                    t = f.get_tensor(keys[i])
-                    read += t.numel() * t.element_size()
-                    yield keys[i], t
-                    del t
-                    i += 1
+    def __init__(self, path: str) -> None:
+        self.path, self.read, self._cm, self.f = path, 0, None, None
+        self.opens = 0
+
+    def _handle(self):
+        if self.f is None or self.read >= REOPEN_BYTES:
+            self.close()
+            from safetensors import safe_open
+
+            self._cm = safe_open(self.path, framework="pt", device="cpu")
+            self.f, self.read = self._cm.__enter__(), 0
+            self.opens += 1
+        return self.f
+
+    def copy_into(self, key: str, dest: torch.Tensor) -> int:
+        """Copy tensor ``key`` into ``dest``, in row blocks of at most :data:`CHUNK_BYTES`; return bytes read."""
+        row = dest[0].numel() * dest.element_size() if dest.dim() else 0
+        nbytes = dest.numel() * dest.element_size()
+        if dest.dim() == 0 or nbytes <= CHUNK_BYTES or row == 0:
+            t = self._handle().get_tensor(key)
+            dest.copy_(t)
+            self.read += nbytes
+            return nbytes
+        step = max(1, CHUNK_BYTES // row)
+        for a in range(0, dest.shape[0], step):
+            b = min(a + step, dest.shape[0])
+            part = self._handle().get_slice(key)[a:b]
+            dest[a:b].copy_(part)
+            del part
+            self.read += (b - a) * row
+        return nbytes
+
+    def close(self) -> None:
+        if self._cm is not None:
+            self._cm.__exit__(None, None, None)
+        self._cm = self.f = None
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -233,16 +258,20 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(mod_name) if mod_name else model), attr
 
 
-def _place(model: nn.Module, tensors: dict, names: list[str], src: torch.Tensor, device) -> None:
-    """Copy ``src`` into the tensor(s) behind ``names`` (one shared storage), materialising/moving if needed."""
+def _destination(tensors: dict, names: list[str], device) -> torch.Tensor:
+    """The tensor to write into: the target itself, or a new one when it is on ``meta`` or another device."""
     target = tensors[names[0]]
     dest = torch.device(device) if device is not None else (target.device if target.device.type != "meta"
                                                              else torch.device("cpu"))
     if target.device == dest:
-        target.data.copy_(src)
-        return
-    new = torch.empty(target.shape, dtype=target.dtype, device=dest)
-    new.copy_(src)
+        return target.data
+    return torch.empty(target.shape, dtype=target.dtype, device=dest)
+
+
+def _install(model: nn.Module, tensors: dict, names: list[str], new: torch.Tensor) -> None:
+    """Put ``new`` in place of the tensor(s) behind ``names`` (one shared storage), keeping ties."""
+    if new.data_ptr() == tensors[names[0]].data_ptr() and new.device == tensors[names[0]].device:
+        return  # copied in place
     replaced: dict[int, torch.Tensor] = {}
     for n in names:
         t = tensors[n]
@@ -314,10 +343,16 @@ def load_weights_inplace(
     for fp in files_keys:  # read in file order: sequential I/O
         order = {k: i for i, k in enumerate(_file_order(fp))}
         files_keys[fp].sort(key=lambda k: order.get(k, 0))
-    for key, src in _reading(files_keys):
-        _place(model, tensors, by_key[key], src, device)
-        result.loaded += 1
-        result.bytes += src.numel() * src.element_size()
+    for fp, keys in files_keys.items():
+        reader = _Reader(fp)
+        try:
+            for key in keys:
+                dest = _destination(tensors, by_key[key], device)
+                result.bytes += reader.copy_into(key, dest)
+                _install(model, tensors, by_key[key], dest)
+                result.loaded += 1
+        finally:
+            reader.close()
     result.still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     return result
 

@@ -1,0 +1,59 @@
+"""HeadGuard: every checkpoint of a causal LM must be reloadable with its trained output head.
+
+Answers field reports R5 (a model saved without ``lm_head``: loaded with ``AutoModel``) and R1b (head tied by hand
+while ``tie_word_embeddings=False``: the save silently omits ``lm_head.weight``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from .._dist import agree, is_main_process
+from ..core.head import missing_head_problems
+from ..errors import HeadMissingError
+from .base import Guard
+
+__all__ = ["HeadGuard"]
+
+
+class HeadGuard(Guard):
+    """Check each checkpoint right after it is written (``on_save``): a config naming a causal LM (or the bare
+    base model of a decoder-only family) with no output-head tensor stored and no tie declared reloads with a
+    random head.
+
+    ``on_save`` fires after the whole checkpoint is written, so the check sees exactly what a later
+    ``from_pretrained`` will see. The main process reads the files; every rank raises the same error.
+    ``trainer.save_model()`` fires no event: check a final directory with ``trainer-guard doctor`` or
+    :func:`trainer_guard.missing_head_problems`.
+
+    Args:
+        mode: ``"raise"`` stops training with :class:`~trainer_guard.errors.HeadMissingError` at the first bad
+            checkpoint (the checkpoint stays on disk for inspection); ``"warn"`` logs and continues.
+
+    Raises:
+        HeadMissingError: in ``"raise"`` mode; the message names the checkpoint, the class and what to do.
+
+    Example:
+        >>> from trainer_guard import HeadGuard
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[HeadGuard()])  # doctest: +SKIP
+    """
+
+    name = "head"
+
+    def __init__(self, mode: Literal["raise", "warn"] = "raise") -> None:
+        super().__init__(mode=mode)
+        self.checked: list[str] = []
+
+    def check(self, directory: str | os.PathLike) -> list[str]:
+        """Check one saved directory and act per ``mode`` (all ranks must call it); return the problems."""
+        problems = missing_head_problems(directory) if is_main_process() and os.path.isdir(directory) else []
+        self.checked.append(os.fspath(directory))
+        if self.options["mode"] == "raise":
+            agree(problems, HeadMissingError)
+        for p in problems:
+            self.note(p, "warning")
+        return problems
+
+    def on_save(self, args, state, control, **kwargs: Any):
+        self.check(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))

@@ -1,0 +1,162 @@
+"""Causal-LM checkpoints saved without their output head (field reports R5 and R1b).
+
+Pure functions, no Trainer; reads only ``config.json`` and tensor *names* (safetensors headers, index files).
+
+Two ways a model meant for generation ends up on disk without its trained head:
+
+- R5: loaded with ``AutoModel`` (``LlamaModel``, no head) and saved: ``config.json`` names ``LlamaModel``;
+- R1b: ``lm_head.weight = embed_tokens.weight`` tied by hand while ``tie_word_embeddings=False``: the config names
+  ``LlamaForCausalLM`` but ``lm_head.weight`` is not stored.
+
+Either way ``AutoModelForCausalLM.from_pretrained`` initialises the head at random, with only a load-time
+"MISSING" report. A head that is legitimately absent because the config declares the tie is fine.
+
+Example:
+    >>> import tempfile
+    >>> from trainer_guard.tiny import tiny_model
+    >>> from trainer_guard.core.head import missing_head_problems
+    >>> d = tempfile.mkdtemp()
+    >>> tiny_model("llama-untied").model.save_pretrained(d)  # AutoModel-style: the bare LlamaModel
+    >>> "saved from LlamaModel, the llama model without its output head" in missing_head_problems(d)[0]
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+__all__ = ["missing_head_problems", "stored_tensor_names", "head_tensor_names"]
+
+_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_COMMON_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
+
+
+def stored_tensor_names(directory: str | os.PathLike) -> set[str] | None:
+    """Names of the tensors a model directory stores (headers and index files only), or ``None`` if it has no
+    weight files."""
+    directory = os.fspath(directory)
+    files = os.listdir(directory)
+    names: set[str] = set()
+    found = False
+    for idx in (f for f in files if f.endswith(".index.json")):
+        with open(os.path.join(directory, idx), encoding="utf-8") as f:
+            names.update(json.load(f).get("weight_map", {}))
+        found = True
+    for fname in (f for f in files if f.endswith(".safetensors")):
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(directory, fname), framework="pt") as f:
+            names.update(f.keys())
+        found = True
+    if not found:
+        for fname in (f for f in files if f.endswith(".bin") and "model" in f):
+            import torch
+
+            sd = torch.load(os.path.join(directory, fname), map_location="meta", weights_only=True, mmap=True)
+            names.update(sd)
+            found = True
+    return names if found else None
+
+
+def _class(arch: str) -> Any:
+    if not arch.isidentifier():
+        return None
+    import transformers
+
+    try:
+        return getattr(transformers, arch, None)
+    except Exception:  # a lazily imported model module may fail on optional dependencies
+        return None
+
+
+def head_tensor_names(arch: str) -> tuple[str, ...]:
+    """Names the output head of class ``arch`` may be stored under (its tied-weights map, then common names)."""
+    cls = _class(arch)
+    keys = getattr(cls, "_tied_weights_keys", None) if cls is not None else None
+    own = [k for k in keys if k.endswith(".weight")] if isinstance(keys, dict) else []
+    return tuple(dict.fromkeys([*own, *_COMMON_HEADS]))
+
+
+def _tie_declared(directory: str, cfg: dict) -> bool:
+    for c in (cfg, cfg.get("text_config") or {}):
+        if isinstance(c, dict) and "tie_word_embeddings" in c:
+            return bool(c["tie_word_embeddings"])
+    try:  # the key is absent: the config class's default decides
+        from transformers import AutoConfig
+
+        loaded = AutoConfig.from_pretrained(directory, local_files_only=True)
+        text = loaded.get_text_config() if hasattr(loaded, "get_text_config") else loaded
+        return bool(getattr(text, "tie_word_embeddings", False))
+    except Exception:
+        return False
+
+
+def _decoder_only(model_type: str) -> tuple[str | None, str | None]:
+    """``(base class, causal-LM class)`` of a decoder-only family (``None``s for encoders and unknown types)."""
+    from transformers.models.auto import modeling_auto as ma
+
+    causal = ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    base = ma.MODEL_MAPPING_NAMES.get(model_type)
+    if not causal or not base or model_type in ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return None, None
+    return (base if isinstance(base, str) else base[0]), (causal if isinstance(causal, str) else causal[0])
+
+
+def missing_head_problems(directory: str | os.PathLike) -> list[str]:
+    """Why the model in ``directory`` would reload with a randomly initialised output head (empty when fine).
+
+    Reported:
+
+    - the config names a causal-LM class (``*ForCausalLM`` / ``*LMHeadModel``), no output-head tensor is stored
+      and the config declares no tie (R1b);
+    - the config names the *bare* base model of a decoder-only family (``LlamaModel``: saved from ``AutoModel``,
+      R5) and declares no tie, so there is no head at all.
+
+    A directory without ``config.json`` (a PEFT adapter, a plain ``nn.Module`` checkpoint) or without weight files
+    has nothing to check and returns ``[]``.
+
+    Args:
+        directory: a checkpoint or model directory.
+
+    Returns:
+        One message per problem, each naming the class to load/save with.
+    """
+    directory = os.fspath(directory)
+    cfg_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(cfg_path):
+        return []
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if not isinstance(cfg, dict):
+        return []
+    names = stored_tensor_names(directory)
+    if names is None or _tie_declared(directory, cfg):
+        return []
+    problems = []
+    model_type = str(cfg.get("model_type", ""))
+    for arch in cfg.get("architectures") or []:
+        if not isinstance(arch, str):
+            continue
+        if arch.endswith(_HEAD_SUFFIXES):
+            heads = head_tensor_names(arch)
+            if any(n == h or n.endswith("." + h) for n in names for h in heads):
+                continue
+            problems.append(
+                f"{directory}: config.json names {arch}, a causal LM, but no output-head tensor ({heads[0]}) is "
+                f"stored and tie_word_embeddings is false, so {arch}.from_pretrained initialises the head at "
+                f"random. If the head was tied to the input embedding by hand, set config.tie_word_embeddings=True "
+                f"before saving (TiedWeightsGuard does); otherwise save the {arch} that holds the trained head "
+                f"again with save_pretrained."
+            )
+            continue
+        base, causal = _decoder_only(model_type)
+        if base is not None and arch == base:
+            problems.append(
+                f"{directory}: saved from {arch}, the {model_type} model without its output head (loaded with "
+                f"AutoModel?); config.json declares no tie, so {causal}.from_pretrained / "
+                f"AutoModelForCausalLM would initialise the head at random. For generation, load the original "
+                f"checkpoint with AutoModelForCausalLM ({causal}) and save that."
+            )
+    return problems

@@ -286,19 +286,35 @@ class ThreeGroupTrainer(Trainer):
 
 
 def test_trainer_subclass_with_own_groups_and_resume(tmp_path):
-    def run(resume=None):
-        model, probe = tiny_model("llama-untied"), Probe()
+    def run(resume=None, ratio=0.1):
+        model, probe, guard = tiny_model("llama-untied"), Probe(), EmbeddingLRGuard(ratio=ratio)
         args = make_args(tmp_path, max_steps=3, save_steps=2, lr_scheduler_type="linear")
-        t = ThreeGroupTrainer(model=model, args=args, train_dataset=tiny_dataset(32, 16),
-                              callbacks=[EmbeddingLRGuard(ratio=0.1), probe])
+        t = ThreeGroupTrainer(model=model, args=args, train_dataset=tiny_dataset(32, 16), callbacks=[guard, probe])
         t.train(resume_from_checkpoint=resume)
-        return model, probe
+        return model, probe, guard
 
-    model, probe = run()
+    model, probe, _ = run()
     check_ratios(probe, model, {"embeddings": 0.1, "lm_head": 0.1}, base_wd=(0.01, 0.0))
     assert probe.steps[0]["groups"][1]["initial_lr"] == 2e-2  # the subclass's own group untouched
-    model, probe = run(str(tmp_path / "checkpoint-2"))
-    check_ratios(probe, model, {"embeddings": 0.1, "lm_head": 0.1}, base_wd=(0.01, 0.0))
+    model, probe, guard = run(str(tmp_path / "checkpoint-2"), ratio=0.2)  # resumed with another ratio: said so
+    check_ratios(probe, model, {"embeddings": 0.2, "lm_head": 0.2}, base_wd=(0.01, 0.0))
+    assert "embeddings: resumed run uses 0.2 x the LR, the checkpoint was trained with 0.1 x" in guard.report()
+
+
+def test_epoch_saves_with_gradient_accumulation_resume_exactly(tmp_path):
+    kw = dict(max_steps=-1, num_train_epochs=2, save_strategy="epoch", gradient_accumulation_steps=2,
+              lr_scheduler_type="linear", weight_decay=0.01)
+    full, probe = tiny_model("llama-untied"), Probe()
+    make_trainer(full, tmp_path, [EmbeddingLRGuard(), probe], n=16, **kw).train()
+    assert [r["step"] for r in probe.steps] == [1, 2, 3, 4]
+    check_ratios(probe, full, {"embeddings": 0.1, "lm_head": 0.1})
+    resumed, probe = tiny_model("llama-untied", seed=1), Probe()
+    make_trainer(resumed, tmp_path, [EmbeddingLRGuard(), probe], n=16, **kw).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert [r["step"] for r in probe.steps] == [3, 4]
+    check_ratios(probe, resumed, {"embeddings": 0.1, "lm_head": 0.1})
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_default_config_all_guards_wired_peft_resume(tmp_path):

@@ -119,8 +119,8 @@ from test_checksum import zoo
 from trainer_guard import checksums
 from trainer_guard.ops.checksum_triton import triton_checksums
 z = zoo()
-# chunks of 256 words: big tensors span full chunks (unmasked path) and a partial one (masked path)
-out = {"chunked": triton_checksums(z, block=128, iters=2),
+# chunks of 512 words: big tensors span full chunks (unmasked path) and a partial one (masked path)
+out = {"chunked": triton_checksums(z, block=256, iters=2),
        "defaults": checksums({n: z[n] for n in ("float32_3", "bfloat16_1023", "misaligned")}, backend="triton")}
 print("RESULT" + json.dumps({k: {n: str(v) for n, v in d.items()} for k, d in out.items()}))
 """
@@ -330,3 +330,26 @@ def test_triton_backend_refuses_cpu_tensors_without_interpreter():
     with pytest.raises(ChecksumError, match=r"backend 'triton' needs CUDA tensors, got cpu tensors; use "
                                             r"backend='cpu'"):
         checksums({"w": torch.ones(2)}, backend="triton")
+
+
+def test_kernel_compiles_for_h100_with_vector_loads():
+    """No GPU here: compile the kernel ahead of time for sm_90 so a GPU-only type error cannot hide."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from trainer_guard.ops.checksum_triton import BLOCK, ITERS, NUM_WARPS, _checksum_kernel
+
+    sig = {"base_ptr": "*i64", "table_ptr": "*i64", "out_ptr": "*i64", "n_rows": "i32", "BLOCK": "constexpr",
+           "ITERS": "constexpr", "ALIGNED": "constexpr"}
+    attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+    src = ASTSource(_checksum_kernel, sig, constexprs={"BLOCK": BLOCK, "ITERS": ITERS, "ALIGNED": True}, attrs=attrs)
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    except Exception as e:  # pragma: no cover - toolchain (ptxas) missing is not a kernel bug
+        if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+            pytest.skip(f"no CUDA toolchain: {e}")
+        raise
+    ptx = k.asm["ptx"]
+    assert "ld.global.v2.b64" in ptx  # full chunks: 16-byte loads
+    assert "atom.global.gpu.acq_rel.add.u64" in ptx  # one exact 64-bit integer atomic per chunk

@@ -29,7 +29,7 @@ import torch
 from ..core.checksum import DTYPE_NAMES, _check_tensor, finalize
 from ..errors import ChecksumError
 
-__all__ = ["triton_available", "triton_checksums", "interpreting"]
+__all__ = ["ChecksumPlan", "triton_available", "triton_checksums", "interpreting"]
 
 try:
     import triton
@@ -122,6 +122,107 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+class ChecksumPlan:
+    """The launch table for one set of tensors; :meth:`run` can be called again while their storage is unchanged.
+
+    :func:`triton_checksums` builds one per call; the benchmark keeps one to time the kernel alone.
+
+    Example:
+        >>> import torch
+        >>> if torch.cuda.is_available():
+        ...     plan = ChecksumPlan({"w": torch.ones(3, device="cuda")})  # doctest: +SKIP
+        ...     sums = plan.finish(plan.run())  # doctest: +SKIP
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], *, block: int = BLOCK, iters: int = ITERS,
+                 num_warps: int = NUM_WARPS):
+        if triton is None:
+            raise ChecksumError(f"backend 'triton' needs triton, which failed to import ({_IMPORT_ERROR}); use "
+                                f"backend='cpu'")
+        if block < 2 or block & (block - 1) or iters < 1:
+            raise ChecksumError(f"block must be a power of two >= 2 and iters >= 1, got block={block}, "
+                                f"iters={iters}")
+        devices = set()
+        for name, t in tensors.items():
+            _check_tensor(str(name), t)
+            devices.add(t.device)
+        if len(devices) > 1:
+            raise ChecksumError(f"backend 'triton' needs all tensors on one device, got "
+                                f"{sorted(map(str, devices))}; move them or use backend='cpu'")
+        device = next(iter(devices)) if devices else torch.device("cpu")
+        if devices and device.type != "cuda" and not (interpreting() and device.type == "cpu"):
+            raise ChecksumError(f"backend 'triton' needs CUDA tensors, got {device} tensors; use backend='cpu' (or "
+                                f"TRITON_INTERPRET=1 for CPU tensors, for testing)")
+        self.device, self.block, self.iters, self.num_warps = device, block, iters, num_warps
+        self.names = list(tensors)
+        self.metas: list[tuple[str, tuple[int, ...], int]] = []
+        rows: list[tuple[int, int, int, int]] = []  # (address, nwords, first position, slot)
+        self._keep: list[torch.Tensor] = []  # copies (non-contiguous / misaligned) that must outlive the launch
+        base: tuple[int, torch.Tensor, int] | None = None  # lowest address: (address, tensor, nwords)
+        self._tail_src: list[torch.Tensor] = []
+        tails: list[tuple[int, int]] = []  # (slot, position of the partial last word)
+        for slot, name in enumerate(self.names):
+            t = tensors[name].detach()
+            nbytes = t.numel() * t.element_size()
+            self.metas.append((DTYPE_NAMES[t.dtype], tuple(int(s) for s in t.shape), nbytes))
+            if not t.is_contiguous() or t.is_conj() or t.is_neg() or t.data_ptr() % 8:
+                t = _flat_bytes(t)
+                if t.data_ptr() % 8:
+                    t = t.clone()  # realign: the kernel reads 8-byte words
+                self._keep.append(t)
+            nfull = nbytes // 8
+            if nfull:
+                rows.append((t.data_ptr(), nfull, 0, slot))
+                if base is None or t.data_ptr() < base[0]:
+                    base = (t.data_ptr(), t, nfull)
+            if nbytes % 8:
+                self._tail_src.append(t.reshape(-1).view(torch.uint8)[8 * nfull :])
+                tails.append((slot, nfull))
+        self._tail_pieces: list[torch.Tensor] = []
+        self._tail_buf = None
+        if tails:  # every partial last word, zero-padded, in one small buffer that the same launch reads
+            self._tail_buf = torch.zeros(8 * len(tails), dtype=torch.uint8, device=device)
+            pad = torch.zeros(8, dtype=torch.uint8, device=device)
+            for tb in self._tail_src:
+                self._tail_pieces += [tb, pad[: 8 - tb.numel()]]
+            for k, (slot, pos0) in enumerate(tails):
+                rows.append((self._tail_buf.data_ptr() + 8 * k, 1, pos0, slot))
+            if base is None or self._tail_buf.data_ptr() < base[0]:
+                base = (self._tail_buf.data_ptr(), self._tail_buf, len(tails))
+        self.n_rows = len(rows)
+        self.n_chunks = 0
+        self.table = None
+        self.base = None
+        if rows:
+            base_ptr, base_t, base_words = base
+            self.base = base_t.reshape(-1).view(torch.uint8)[: 8 * base_words].view(torch.int64)
+            chunk = block * iters
+            cols: list[list[int]] = [[], [], [], [], []]
+            for ptr, nw, p0, slot in rows:
+                for c, v in zip(cols, (self.n_chunks, (ptr - base_ptr) // 8, nw, p0, slot)):
+                    c.append(v)
+                self.n_chunks += -(-nw // chunk)
+            # every start on 16 bytes and an even chunk: the kernel may use 16-byte vector loads
+            self.aligned = base_ptr % 16 == 0 and all(o % 2 == 0 for o in cols[1]) and chunk % 2 == 0
+            self.table = torch.tensor(cols, dtype=torch.int64).to(device)
+
+    def run(self) -> torch.Tensor:
+        """Launch: returns the per-tensor word sums ``S`` as an int64 device tensor (two's complement of u64)."""
+        out = torch.zeros(len(self.names), dtype=torch.int64, device=self.device)
+        if self._tail_buf is not None:
+            torch.cat(self._tail_pieces, out=self._tail_buf)
+        if self.n_chunks:
+            _checksum_kernel[(self.n_chunks,)](self.base, self.table, out, self.n_rows, BLOCK=self.block,
+                                               ITERS=self.iters, ALIGNED=self.aligned, num_warps=self.num_warps)
+        return out
+
+    def finish(self, out: torch.Tensor) -> dict[str, int]:
+        """Fold dtype/shape/size into the word sums on the host (one device-to-host copy)."""
+        sums = out.tolist()
+        return {name: _finalize_cached(s & 0xFFFFFFFFFFFFFFFF, *meta)
+                for name, s, meta in zip(self.names, sums, self.metas)}
+
+
 def triton_checksums(
     tensors: Mapping[str, torch.Tensor], *, block: int = BLOCK, iters: int = ITERS, num_warps: int = NUM_WARPS
 ) -> dict[str, int]:
@@ -139,67 +240,5 @@ def triton_checksums(
         >>> if torch.cuda.is_available():
         ...     triton_checksums({"w": torch.ones(3, device="cuda")})  # doctest: +SKIP
     """
-    if triton is None:
-        raise ChecksumError(f"backend 'triton' needs triton, which failed to import ({_IMPORT_ERROR}); use "
-                            f"backend='cpu'")
-    if block < 2 or block & (block - 1) or iters < 1:
-        raise ChecksumError(f"block must be a power of two >= 2 and iters >= 1, got block={block}, iters={iters}")
-    devices = set()
-    for name, t in tensors.items():
-        _check_tensor(str(name), t)
-        devices.add(t.device)
-    if not tensors:
-        return {}
-    if len(devices) > 1:
-        raise ChecksumError(f"backend 'triton' needs all tensors on one device, got {sorted(map(str, devices))}; "
-                            f"move them or use backend='cpu'")
-    (device,) = devices
-    if device.type != "cuda" and not (interpreting() and device.type == "cpu"):
-        raise ChecksumError(f"backend 'triton' needs CUDA tensors, got {device} tensors; use backend='cpu' (or "
-                            f"TRITON_INTERPRET=1 for CPU tensors, for testing)")
-
-    names = list(tensors)
-    metas = []
-    rows = []  # (int64 word view, nwords, pos0, slot): one per tensor with >= 8 bytes, one per partial last word
-    tails = []  # (slot, pos0, bytes of the partial last word)
-    for slot, name in enumerate(names):
-        t = tensors[name]
-        u8 = _flat_bytes(t)
-        nbytes = u8.numel()
-        metas.append((DTYPE_NAMES[t.dtype], tuple(int(s) for s in t.shape), nbytes))
-        nfull = nbytes // 8
-        if nfull:
-            if u8.data_ptr() % 8:
-                u8 = u8.clone()  # realign: the kernel reads 8-byte words
-            rows.append((u8[: 8 * nfull].view(torch.int64), nfull, 0, slot))
-        if nbytes % 8:
-            tails.append((slot, nfull, u8[8 * nfull :]))
-    if tails:  # all partial last words, zero-padded, in one small buffer read by the same launch
-        pad = torch.zeros(8, dtype=torch.uint8, device=device)
-        pieces = []
-        for _, _, tb in tails:
-            pieces += [tb, pad[: 8 - tb.numel()]]
-        tail_buf = torch.cat(pieces).view(torch.int64)
-        for k, (slot, pos0, _) in enumerate(tails):
-            rows.append((tail_buf[k : k + 1], 1, pos0, slot))
-
-    out = torch.zeros(len(names), dtype=torch.int64, device=device)
-    if rows:
-        base = min((r[0] for r in rows), key=lambda v: v.data_ptr())  # offsets from the lowest address are >= 0
-        base_ptr = base.data_ptr()
-        chunk = block * iters
-        starts, offs, nws, pos0s, slots = [], [], [], [], []
-        n_chunks = 0
-        for view, nw, p0, slot in rows:
-            starts.append(n_chunks)
-            offs.append((view.data_ptr() - base_ptr) // 8)
-            nws.append(nw)
-            pos0s.append(p0)
-            slots.append(slot)
-            n_chunks += -(-nw // chunk)
-        aligned = base_ptr % 16 == 0 and all(o % 2 == 0 for o in offs) and chunk % 2 == 0
-        table = torch.tensor([starts, offs, nws, pos0s, slots], dtype=torch.int64).to(device, non_blocking=True)
-        _checksum_kernel[(n_chunks,)](base, table, out, len(rows), BLOCK=block, ITERS=iters, ALIGNED=aligned,
-                                      num_warps=num_warps)
-    sums = out.tolist()
-    return {name: _finalize_cached(s & 0xFFFFFFFFFFFFFFFF, *metas[i]) for i, (name, s) in enumerate(zip(names, sums))}
+    plan = ChecksumPlan(tensors, block=block, iters=iters, num_warps=num_warps)
+    return plan.finish(plan.run())

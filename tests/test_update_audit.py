@@ -259,3 +259,20 @@ def test_module_summary():
     got = [(m["module"], m["status"], m["tensors"]) for m in module_summary(classify(a, b))]
     assert got == [("m.emb", "unchanged", 1), ("m.extra", "only in B", 1), ("m.head", "only in A", 1),
                    ("m.layers.0.k", "changed", 1), ("m.layers.1.k", "unchanged", 1), ("m.layers.*.q", "changed", 2)]
+
+
+# -- two processes --------------------------------------------------------------------------------------------
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_fault_on_one_rank_raises_the_same_error_on_every_rank(tmp_path):
+    from test_distributed import dirs, launch
+
+    out, res = dirs(tmp_path)
+    r0, r1 = launch("update_audit.py", out, res, tmp_path=tmp_path)
+    assert r0["healthy"] == r1["healthy"] == {"error": None, "message": None, "step": 3, "findings": []}
+    d0, d1 = r0["rank1_drift"], r1["rank1_drift"]
+    assert d0["findings"] == [] and d1["findings"] == [["model.layers.0.self_attn.o_proj.weight", "modified_in_place"]]
+    assert d0["error"] == d1["error"] == "UpdateAuditError" and d0["message"] == d1["message"]
+    assert d0["step"] == d1["step"] == 0  # stopped inside optimizer step 1, on both ranks
+    assert d0["message"].startswith("UpdateAuditGuard at optimizer step 1: ")
+    assert d0["message"].endswith(CAUSES["modified_in_place"] + " (rank 1)")

@@ -64,7 +64,8 @@ def test_every_checkpoint_gets_a_manifest_of_what_is_on_disk(tmp_path, kind, wei
         assert {"torch", "transformers", "safetensors"} <= set(m["versions"])
         assert not [f for f in os.listdir(ckpt) if f.startswith(".tmp-")]
     assert [t["step"] for t in guard.timings] == [2, 4]
-    assert guard.report()[0].startswith("checkpoint-2: manifest of ")
+    assert guard.report()[0].startswith("checkpoint-2: checked, manifest of ")
+    assert all(t["write_seconds"] > 0 for t in guard.timings)  # written (in the background), then joined
 
 
 def test_readback_catches_a_corrupted_write_that_manifest_mode_cannot_see(tmp_path):
@@ -230,6 +231,19 @@ def test_manifest_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_manifest(tmp_path, build_manifest({"w": torch.zeros(3)}, global_step=2, tie_groups=[]))
     assert read_manifest(tmp_path) == old and os.listdir(tmp_path) == [MANIFEST_FILE]
+
+
+def test_failed_background_write_stops_the_run(tmp_path, monkeypatch):
+    import trainer_guard.callbacks.integrity as integrity
+
+    def full_disk(directory, manifest):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(integrity, "write_manifest", full_disk)
+    with pytest.raises(IntegrityError) as e:
+        _train(tiny_model("llama-tied"), tmp_path, [IntegrityGuard()], max_steps=3)
+    assert str(e.value) == (f"{tmp_path / 'checkpoint-2' / MANIFEST_FILE} could not be written (No space left on "
+                            f"device); that checkpoint has no manifest. Check free disk space and permissions.")
 
 
 def test_compare_names_swaps_and_foreign_manifests():

@@ -7,6 +7,7 @@ around it: a head that reloads at random (R1b), a tensor the load skipped, a dty
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any, Literal
 
@@ -65,10 +66,17 @@ class IntegrityGuard(Guard):
         super().__init__(verify=verify, check_resume=check_resume, backend=backend)
         self.timings: list[dict[str, Any]] = []
         self._verified = False  # set when the wired load already checked this resume
+        self._writer: threading.Thread | None = None
+        self._write_error: tuple[str, Exception] | None = None
 
     # -- save -----------------------------------------------------------------------------------------------
-    def write_checkpoint_manifest(self, model, directory: str, global_step: int | None) -> list[str]:
-        """Check ``directory`` against ``model`` and write its manifest; return the problems (none written then)."""
+    def write_checkpoint_manifest(self, model, directory: str, global_step: int | None,
+                                  background: bool = False) -> list[str]:
+        """Check ``directory`` against ``model`` and write its manifest; return the problems (none written then).
+
+        With ``background`` the (atomic, fsynced) write runs in a thread, joined at the next step or train end;
+        everything the manifest says is computed before this returns.
+        """
         t0 = time.perf_counter()
         expected, groups = saved_tensors(model)
         result = checkpoint_manifest(expected, groups, directory, global_step=global_step,
@@ -77,22 +85,54 @@ class IntegrityGuard(Guard):
             self.note(f"{os.path.basename(directory)}: {w}", "warning")
         if result.manifest is None:
             return result.problems
-        write_manifest(directory, result.manifest)
-        dt = time.perf_counter() - t0
-        nbytes = sum(t.numel() * t.element_size() for t in expected.values())
-        self.timings.append({"step": global_step, "seconds": dt, "bytes": nbytes})
-        self.note(f"{os.path.basename(directory)}: manifest of {len(result.manifest['tensors'])} tensors "
-                  f"({nbytes / 1e6:.1f} MB) written, verify={self.options['verify']}, {dt * 1e3:.0f} ms")
+        self.join_writer()
+        timing = {"step": global_step, "bytes": sum(t.numel() * t.element_size() for t in expected.values())}
+        if background:
+            self._writer = threading.Thread(target=self._write, args=(directory, result.manifest, timing),
+                                            name="trainer_guard-manifest")
+            self._writer.start()
+        else:
+            self._write(directory, result.manifest, timing)
+            self.join_writer()
+        timing["seconds"] = time.perf_counter() - t0
+        self.timings.append(timing)
+        self.note(f"{os.path.basename(directory)}: checked, manifest of {len(result.manifest['tensors'])} tensors "
+                  f"({timing['bytes'] / 1e6:.1f} MB), verify={self.options['verify']}, "
+                  f"{timing['seconds'] * 1e3:.0f} ms")
         return []
+
+    def _write(self, directory: str, manifest: dict, timing: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            write_manifest(directory, manifest)
+        except Exception as e:  # re-raised by join_writer in the training thread
+            self._write_error = (directory, e)
+        timing["write_seconds"] = time.perf_counter() - t0
+
+    def join_writer(self) -> None:
+        """Wait for a background manifest write; raise :class:`IntegrityError` if it failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._write_error is not None:
+            (directory, e), self._write_error = self._write_error, None
+            raise IntegrityError(f"{os.path.join(directory, MANIFEST_FILE)} could not be written ({e}); that "
+                                 f"checkpoint has no manifest. Check free disk space and permissions.") from e
 
     def on_save(self, args, state, control, model=None, **kwargs: Any):
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         problems = []
         if is_main_process() and model is not None and os.path.isdir(ckpt):
-            problems = self.write_checkpoint_manifest(model, ckpt, state.global_step)
+            problems = self.write_checkpoint_manifest(model, ckpt, state.global_step, background=True)
         agree(problems, IntegrityError,
               header=f"{ckpt} does not hold what the model holds; no manifest was written. Check the disk and the "
                      f"save path, then save again. Problems:")
+
+    def on_step_end(self, args, state, control, **kwargs: Any):
+        self.join_writer()  # before this step's save, whose checkpoint rotation may delete the previous one
+
+    def on_train_end(self, args, state, control, **kwargs: Any):
+        self.join_writer()
 
     # -- resume ---------------------------------------------------------------------------------------------
     def check_model(self, model, directory: str) -> list[str]:

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -191,6 +192,11 @@ def read_index(path: str | os.PathLike) -> dict[str, TensorInfo]:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape a checkpoint (recorded in each manifest)."""
+    return dict(_library_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}

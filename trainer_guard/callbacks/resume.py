@@ -14,9 +14,10 @@ import torch
 
 from .._dist import agree, is_main_process
 from ..core.io import atomic_write_json, read_json
-from ..core.trainable import (TRAINABLE_FILE, adapter_config_problems, compare_records, count_table, describe_changes,
-                              describe_frozen_adapter, frozen_adapter_params, is_no_decay, layout_problems,
-                              optimizer_layout, read_adapter_config, trainable_record, canonical_name)
+from ..core.trainable import (TRAINABLE_FILE, add_modules_to_save, adapter_config_problems, canonical_name,
+                              compare_records, count_table, describe_changes, describe_frozen_adapter,
+                              frozen_adapter_params, is_no_decay, layout_problems, missing_copies, optimizer_layout,
+                              read_adapter_config, trainable_record)
 from ..errors import ResumeMismatchError
 from .base import Guard
 
@@ -147,7 +148,16 @@ class ResumeGuard(Guard):
             agree(problems, ResumeMismatchError, header)
 
     def _fix(self, model: Any, source: Optional[str], recorded: dict, problems: list[str]) -> list[str]:
-        """Set requires_grad to the recorded set (or enable frozen adapter params); undo it when not enough."""
+        """Restore missing modules_to_save copies (trained values from ``source``), then set requires_grad to the
+        recorded set (or enable frozen adapter params); undo the requires_grad changes when that is not enough."""
+        saved = None if recorded or not source else read_adapter_config(source)
+        copies, unrestorable = missing_copies(model, recorded, saved, source)
+        if unrestorable:  # checked before any change: the model stays as it was
+            return problems + [p + " (mode='fix' cannot restore this)" for p in unrestorable]
+        if copies:
+            add_modules_to_save(model, copies, source)
+            self.note(f"fix: added modules_to_save copies of {', '.join(copies)} to the adapter, with their trained "
+                      f"values from {source}", "warning")
         params = {canonical_name(n): p for n, p in model.named_parameters()}
         want = frozen_adapter_params(model)
         if recorded:
@@ -163,7 +173,7 @@ class ResumeGuard(Guard):
                 p.requires_grad_(False)
             for p in drop.values():
                 p.requires_grad_(True)
-            return [p + " (mode='fix' cannot restore this: the module has no such trainable copy now)" for p in left]
+            return [p + " (mode='fix' cannot restore this by trainability alone)" for p in left]
         self.fixed = dict(want)
         for msg in problems:
             self.note(f"fixed: {msg}", "warning")

@@ -50,6 +50,8 @@ __all__ = [
     "frozen_adapter_params",
     "describe_frozen_adapter",
     "is_no_decay",
+    "missing_copies",
+    "add_modules_to_save",
     "adapter_config_problems",
     "read_adapter_config",
     "count_table",
@@ -306,6 +308,57 @@ _NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\
 def is_no_decay(name: str) -> bool:
     """True when the Trainer's default optimizer puts parameter ``name`` in its no-weight-decay group."""
     return _NO_DECAY.search(name) is not None
+
+
+def missing_copies(model: nn.Module, recorded: Mapping[str, Any] | None, saved_config: Mapping[str, Any] | None,
+                   source: str | os.PathLike | None) -> tuple[list[str], list[str]]:
+    """Modules that trained as ``modules_to_save`` copies (per ``recorded`` or a saved adapter config) and have no
+    copy in PeftModel ``model`` now: ``(restorable, problems)``.
+
+    A module is restorable when it exists unwrapped now and ``source/adapter_model.safetensors`` holds its trained
+    copy; ``problems`` says why the others are not.
+    """
+    if not isinstance(getattr(model, "peft_config", None), Mapping) or not hasattr(model, "base_model"):
+        return [], []
+    has_copy = {module_of(n) for n, _ in model.named_parameters() if param_kind(canonical_name(n)) == "modules_to_save"}
+    if recorded:
+        wanted = {module_of(n) for n, (_, kind) in recorded.get("params", {}).items() if kind == "modules_to_save"}
+    else:
+        mts = (saved_config or {}).get("modules_to_save") or []
+        wanted = {module_of(n) for n, _ in model.named_parameters(remove_duplicate=False) if _matches(module_of(n), mts)}
+    wanted -= has_copy
+    if not wanted:
+        return [], []
+    path = os.path.join(os.fspath(source), "adapter_model.safetensors") if source else None
+    keys: set[str] = set()
+    if path and os.path.isfile(path):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+    stored = {module_of(k) for k in keys}
+    ok = sorted(m for m in wanted if m in stored)
+    bad = sorted(wanted - set(ok))
+    problems = [f"{_compress(bad)}: no trained copy in {path or 'the source'} to restore"] if bad else []
+    return ok, problems
+
+
+def add_modules_to_save(model: nn.Module, modules: list[str], source: str | os.PathLike) -> None:
+    """Give PeftModel ``model``'s active adapter ``modules_to_save`` copies of ``modules`` (canonical paths), loaded
+    with their trained values from ``source/adapter_model.safetensors``; the config lists them, so saves keep them.
+    """
+    from peft.tuners.tuners_utils import BaseTuner
+    from peft.utils import set_additional_trainable_modules, set_peft_model_state_dict
+    from safetensors import safe_open
+
+    name = model.active_adapter
+    cfg = model.peft_config[name]
+    cfg.modules_to_save = sorted(set(cfg.modules_to_save or []) | set(modules))
+    set_additional_trainable_modules(model=model.base_model, peft_config=cfg,
+                                     model_config=BaseTuner.get_model_config(model), adapter_name=name)
+    with safe_open(os.path.join(os.fspath(source), "adapter_model.safetensors"), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if module_of(k) in set(modules)}
+    set_peft_model_state_dict(model, state, adapter_name=name)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any] | None:

@@ -1,0 +1,160 @@
+"""UntrainedTokensGuard and core.tokens (field report R4: never-trained special-token rows used by the data)."""
+
+import pytest
+import torch
+
+from conftest import make_args
+from trainer_guard import UntrainedTokensError, UntrainedTokensGuard
+from trainer_guard.core.tokens import count_token_ids, template_token_ids, untrained_rows
+from trainer_guard.tiny import tiny_lora, tiny_model
+
+IM_START, IM_END, RESERVED = 121, 122, 125  # "special tokens" whose rows a base model never trained
+
+
+def base_model(kind="llama-untied"):
+    """A tiny base model whose special-token rows were never trained (zeros), like Llama 3's reserved tokens."""
+    model = tiny_model(kind)
+    with torch.no_grad():
+        for w in {id(t): t for t in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+                  }.values():
+            w[[IM_START, IM_END, RESERVED]] = 0
+    return model
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(120)}
+    vocab.update({"<unk>": 120, "<|im_start|>": IM_START, "<|im_end|>": IM_END, "<pad>": 123, "<x>": 124,
+                  "<|reserved|>": RESERVED})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tpl = "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", chat_template=tpl,
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|reserved|>"])
+
+
+def chat_dataset(n=8, seq_len=8):
+    """Chat-formatted examples: each starts with <|im_start|> and ends with <|im_end|>."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        body = torch.randint(0, 120, (seq_len - 2,), generator=g).tolist()
+        rows.append([IM_START, *body, IM_END])
+    return Dataset.from_dict({"input_ids": rows, "labels": rows, "attention_mask": [[1] * seq_len] * n})
+
+
+def make_trainer(tmp_path, model, callbacks=(), ds=None, **kw):
+    from transformers import Trainer
+
+    return Trainer(model=model, args=make_args(tmp_path, max_steps=2, save_strategy="no", **kw),
+                   train_dataset=ds if ds is not None else chat_dataset(), processing_class=tokenizer(),
+                   callbacks=list(callbacks))
+
+
+def test_untrained_rows_found_relative_to_typical_rows():
+    w = torch.randn(50, 8)
+    w[3] = 1e-7  # tiny but not zero: still untrained
+    w[7] = 0
+    assert untrained_rows(w) == [3, 7]
+    assert untrained_rows(torch.randn(50, 8)) == []
+
+
+def test_without_guard_lora_leaves_used_rows_untrained_silently(tmp_path):
+    model = tiny_lora(base_model())
+    make_trainer(tmp_path, model).train()
+    emb = model.get_input_embeddings().weight
+    assert emb[IM_START].abs().max() == 0  # used in every example, never trained, nothing said
+
+
+def test_report_names_ids_counts_template_and_what_to_enable(tmp_path):
+    guard = UntrainedTokensGuard()
+    model = tiny_lora(base_model())
+    make_trainer(tmp_path, model, [guard]).train()
+    assert guard.report() == [
+        "input embedding: 3 row(s) look never trained (~0): ids [121, 122, 125]",
+        "output head: 3 row(s) look never trained (~0): ids [121, 122, 125]",
+        "training data (all 8 examples, 64 tokens) uses: id 121 '<|im_start|>' x8, id 122 '<|im_end|>' x8",
+        "the chat template uses: id 121 '<|im_start|>' x3, id 122 '<|im_end|>' x3",  # 3-message sample chat
+        "input embedding rows [121, 122] cannot train (the weight is frozen): with PEFT add 'embed_tokens' to "
+        "LoraConfig(modules_to_save=[...]) or use LoraConfig(trainable_token_indices={'embed_tokens': [121, 122]}); "
+        "without PEFT set requires_grad=True on the input embedding's weight (a fix of frozen rows lives only in "
+        "the base weights, which an adapter checkpoint does not store)",
+        "output head rows [121, 122] cannot train (the weight is frozen): with PEFT add 'lm_head' to "
+        "LoraConfig(modules_to_save=[...]) or use LoraConfig(trainable_token_indices={'lm_head': [121, 122]}); "
+        "without PEFT set requires_grad=True on the output head's weight (a fix of frozen rows lives only in the "
+        "base weights, which an adapter checkpoint does not store)",
+    ]
+    assert model.get_input_embeddings().weight[IM_START].abs().max() == 0  # report only: nothing changed
+
+
+def test_fix_sets_used_rows_to_trained_mean_and_they_train(tmp_path):
+    model = tiny_lora(base_model(), modules_to_save=["embed_tokens", "lm_head"])
+    guard = UntrainedTokensGuard(mode="fix")
+    trainer = make_trainer(tmp_path, model, [guard])
+    emb = model.get_input_embeddings()
+    w = emb.modules_to_save["default"].weight
+    trained = [i for i in range(128) if i not in (IM_START, IM_END, RESERVED)]
+    mean = w[trained].detach().float().mean(0)
+    guard.check(model, chat_dataset(), tokenizer())
+    assert torch.allclose(w[IM_START].detach(), mean) and torch.allclose(w[IM_END].detach(), mean)
+    assert w[RESERVED].abs().max() == 0  # unused: left alone unless fix_unused=True
+    assert "fixed: input embedding rows [121, 122] set to the mean of 125 trained rows" in guard.report()
+    assert not any("cannot train" in line for line in guard.report())
+    trainer.train()
+    assert not torch.allclose(w[IM_START].detach(), mean)  # trainable copy: it learns
+
+
+def test_raise_mode_and_trainable_token_indices(tmp_path):
+    model = tiny_lora(base_model(), trainable_token_indices={"embed_tokens": [IM_START, IM_END]})
+    with pytest.raises(UntrainedTokensError) as e:
+        make_trainer(tmp_path, model, [UntrainedTokensGuard(mode="raise")]).train()
+    msg = str(e.value)
+    assert msg.startswith("Training would use never-trained embedding rows (NaN/garbage losses):\n  - input embedding: ")
+    assert "input embedding rows" not in msg  # 121 and 122 are trainable through trainable_token_indices
+    assert "output head rows [121, 122] cannot train" in msg
+    assert msg.endswith("Use UntrainedTokensGuard(mode='fix') to set them to the mean of the trained rows, or remove "
+                        "those tokens from the data/template.")
+
+
+def test_tied_model_one_table_and_no_false_alarm():
+    guard = UntrainedTokensGuard()
+    assert guard.check(tiny_model("llama-tied"), chat_dataset(), tokenizer()) == []  # all rows trained: silent
+    lines = guard.check(base_model("llama-tied"), chat_dataset(), tokenizer())
+    assert lines[0] == "input embedding: 3 row(s) look never trained (~0): ids [121, 122, 125]"
+    assert not any(line.startswith("output head") for line in lines)  # the tied head is the same rows
+
+
+def test_scan_streams_iterable_datasets_within_budget():
+    from datasets import IterableDataset
+
+    def gen():
+        for i in range(1000):
+            yield {"input_ids": [IM_START, i % 100, IM_END], "text": "x"}
+
+    full = count_token_ids(IterableDataset.from_generator(gen), [IM_START, RESERVED], max_tokens=None)
+    assert (full.counts, full.examples, full.tokens, full.complete) == ({IM_START: 1000}, 1000, 3000, True)
+    part = count_token_ids(IterableDataset.from_generator(gen), [IM_START], max_tokens=30)
+    assert (part.counts, part.examples, part.complete, part.stopped) == ({IM_START: 10}, 10, False, "max_tokens=30")
+
+    class TorchIterable(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([torch.tensor([IM_END, 5, 999])] * 4)
+
+    scan = count_token_ids(TorchIterable(), [IM_END], vocab_size=128)
+    assert scan.counts == {IM_END: 4} and scan.out_of_range == 4
+
+
+def test_template_ids():
+    tok = tokenizer()
+    assert template_token_ids(tok, [IM_START, IM_END, RESERVED]) == {IM_START: 3, IM_END: 3}  # system+user+assistant
+    tok.chat_template = None
+    assert template_token_ids(tok, [IM_START]) == {}
+
+
+def test_options_validated():
+    with pytest.raises(Exception, match=r"UntrainedTokensGuard.rtol: got 2.0; must be between 0 and 1"):
+        UntrainedTokensGuard(rtol=2.0)

@@ -1,0 +1,191 @@
+"""UntrainedTokensGuard: report (or fix) never-trained embedding rows that the training data uses.
+
+Answers field report R4: base models whose special-token rows were never trained give "Untrained tokens found" /
+NaN losses when fine-tuning text (or a chat template) contains those tokens, the more so when embed_tokens and
+lm_head are left out of a LoRA's trainable modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch import nn
+
+from .._dist import agree, gather
+from ..core.tokens import count_token_ids, set_rows_to_trained_mean, template_token_ids, untrained_rows
+from ..errors import UntrainedTokensError
+from .base import Guard
+
+__all__ = ["UntrainedTokensGuard"]
+
+
+def _tables(model: nn.Module) -> list[tuple[str, nn.Module, Any, set[int] | None, bool]]:
+    """``(label, module, weight to write, trainable ids or None, all rows trainable)`` for the input embedding and
+    an untied output head, seen through PEFT wrappers."""
+    out, seen = [], set()
+    for label, getter in (("input embedding", "get_input_embeddings"), ("output head", "get_output_embeddings")):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is None:
+            continue
+        kind = type(module).__name__
+        if kind == "ModulesToSaveWrapper":  # PEFT modules_to_save: a trainable full copy is what runs
+            weight = module.modules_to_save[module.active_adapters[0]].weight
+            out_t = (label, module, weight, None, weight.requires_grad)
+        elif kind == "TrainableTokensWrapper":  # PEFT trainable_token_indices: only those rows train
+            layer = module.token_adapter
+            ids = {i for a in layer.active_adapters for i in layer.token_indices.get(a, [])}
+            out_t = (label, module, layer.base_layer.weight, ids, False)
+        else:
+            weight = getattr(module, "weight", None)
+            if weight is None:
+                continue
+            out_t = (label, module, weight, None, weight.requires_grad)
+        if id(out_t[2]) in seen:  # tied head: one table
+            continue
+        seen.add(id(out_t[2]))
+        out.append(out_t)
+    return out
+
+
+class UntrainedTokensGuard(Guard):
+    """At train begin, find never-trained rows (~0) of the input embedding and output head, scan the training
+    data (streaming, bounded) and the tokenizer's chat template for their ids, and report which occur, how often.
+
+    Args:
+        mode: ``"report"`` (default) logs, changes nothing; ``"fix"`` sets the rows used by the data or template
+            to the mean of the trained rows (logged); ``"raise"`` raises
+            :class:`~trainer_guard.errors.UntrainedTokensError` when any is used.
+        fix_unused: in ``"fix"`` mode, also fix untrained rows the scan did not see.
+        rtol: a row is untrained when its max ``|w|`` <= ``rtol`` x the median row's.
+        column: the dataset field holding token ids.
+        max_tokens: scan budget in tokens (``0`` = no limit).
+        max_seconds: scan budget in seconds (``0`` = no limit); an ``IterableDataset`` is iterated afresh.
+        check_template: also render the tokenizer's chat template (``processing_class``).
+
+    Raises:
+        UntrainedTokensError: in ``"raise"`` mode, naming the ids, their counts and what to enable.
+
+    Example:
+        >>> from trainer_guard import UntrainedTokensGuard
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+        ...                   callbacks=[UntrainedTokensGuard(mode="fix")])  # doctest: +SKIP
+    """
+
+    name = "untrained_tokens"
+
+    def __init__(
+        self,
+        mode: Literal["report", "fix", "raise"] = "report",
+        fix_unused: bool = False,
+        rtol: float = 1e-3,
+        column: str = "input_ids",
+        max_tokens: int = 2_000_000,
+        max_seconds: float = 30.0,
+        check_template: bool = True,
+    ) -> None:
+        super().__init__(mode=mode, fix_unused=fix_unused, rtol=rtol, column=column, max_tokens=max_tokens,
+                         max_seconds=max_seconds, check_template=check_template)
+        self.found: dict[str, Any] = {}
+
+    @classmethod
+    def _check_options(cls, options: dict[str, Any]) -> list[str]:
+        out = [f"{k}: got {options[k]!r}; must be >= 0 (0 = no limit)" for k in ("max_tokens", "max_seconds")
+               if options[k] < 0]
+        if not 0 < options["rtol"] < 1:
+            out.append(f"rtol: got {options['rtol']!r}; must be between 0 and 1, e.g. 1e-3")
+        return out
+
+    def check(self, model: nn.Module, dataset: Any = None, tokenizer: Any = None) -> list[str]:
+        """Find, scan, report and act per ``mode``; return the report lines."""
+        o = self.options
+        tables = _tables(model)
+        rows = {label: untrained_rows(w, o["rtol"]) for label, _, w, _, _ in tables}
+        ids = sorted({i for r in rows.values() for i in r})
+        self.found = {"untrained": rows, "data": {}, "template": {}}
+        if not ids:
+            return []
+        lines = [f"{label}: {len(r)} row(s) look never trained (~0): ids {_short(r)}" for label, r in rows.items()
+                 if r]
+        data: dict[int, int] = {}
+        if dataset is not None:
+            scan = count_token_ids(dataset, ids, column=o["column"], max_tokens=o["max_tokens"] or None,
+                                   max_seconds=o["max_seconds"] or None)
+            data = scan.counts
+            extent = "all" if scan.complete else f"the first (stopped by {scan.stopped})"
+            lines.append(f"training data ({extent} {scan.examples} examples, {scan.tokens} tokens) uses: "
+                         + (_counts(data, tokenizer) or "none of them"))
+        template = template_token_ids(tokenizer, ids) if (o["check_template"] and tokenizer is not None) else {}
+        if template:
+            lines.append("the chat template uses: " + _counts(template, tokenizer))
+        per_rank = gather(sorted(set(data) | set(template)))  # every rank acts on the same ids
+        used = sorted({i for r in per_rank for i in r})
+        self.found.update(data=data, template=template, used=used)
+        lines.extend(_cannot_train(tables, rows, used))
+        if o["mode"] == "raise":
+            msg = ("Training would use never-trained embedding rows (NaN/garbage losses):\n  - " + "\n  - ".join(lines)
+                   + "\nUse UntrainedTokensGuard(mode='fix') to set them to the mean of the trained rows, or remove "
+                     "those tokens from the data/template.")
+            agree([msg] if used else [], UntrainedTokensError)
+        if o["mode"] == "fix":
+            for label, module, w, _, _ in tables:
+                todo = sorted(set(rows[label]) if o["fix_unused"] else set(rows[label]) & set(used))
+                if todo:
+                    n = set_rows_to_trained_mean(w, todo, rows[label])
+                    _sync_trainable_tokens(module, todo)
+                    lines.append(f"fixed: {label} rows {_short(todo)} set to the mean of {n} trained rows")
+        for line in lines:
+            self.note(line, "warning" if used else "info")
+        return lines
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
+                       **kwargs: Any):
+        if model is None:
+            return
+        dataset = getattr(train_dataloader, "dataset", None) if train_dataloader is not None else None
+        self.check(model, dataset, processing_class)
+
+
+def _short(ids: list[int], n: int = 12) -> str:
+    return str(ids) if len(ids) <= n else f"[{', '.join(map(str, ids[:n]))}, ... {len(ids) - n} more]"
+
+
+def _counts(counts: dict[int, int], tokenizer: Any) -> str:
+    def tok(i: int) -> str:
+        try:
+            return f" {tokenizer.convert_ids_to_tokens(i)!r}" if tokenizer is not None else ""
+        except Exception:
+            return ""
+
+    return ", ".join(f"id {i}{tok(i)} x{c}" for i, c in sorted(counts.items()))
+
+
+def _cannot_train(tables, rows, used) -> list[str]:
+    out = []
+    for label, module, w, trainable_ids, all_trainable in tables:
+        stuck = [i for i in rows[label] if i in used and not all_trainable
+                 and not (trainable_ids is not None and i in trainable_ids)]
+        if not stuck:
+            continue
+        target = "embed_tokens" if label == "input embedding" else "lm_head"
+        out.append(
+            f"{label} rows {_short(stuck)} cannot train (the weight is frozen): with PEFT add {target!r} to "
+            f"LoraConfig(modules_to_save=[...]) or use LoraConfig(trainable_token_indices={{{target!r}: {stuck}}}); "
+            f"without PEFT set requires_grad=True on the {label}'s weight (a fix of frozen rows lives only in the "
+            f"base weights, which an adapter checkpoint does not store)"
+        )
+    return out
+
+
+def _sync_trainable_tokens(module: nn.Module, ids: list[int]) -> None:
+    """PEFT trainable_token_indices: the trainable delta of a fixed row starts from the fixed value."""
+    if type(module).__name__ != "TrainableTokensWrapper":
+        return
+    layer = module.token_adapter
+    for a in layer.active_adapters:
+        idx = layer.token_indices.get(a, [])
+        for j, i in enumerate(idx):
+            if i in ids:
+                layer.trainable_tokens_delta[a].data[j] = layer.base_layer.weight.data[i]

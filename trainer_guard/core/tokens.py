@@ -1,0 +1,204 @@
+"""Embedding rows that were never trained, and whether the training data uses them (field report R4).
+
+Pure functions, no Trainer. Base models carry rows of the input embedding / output head that pre-training never
+touched (all ~0: Llama 3's reserved special tokens). Fine-tuning on text containing those ids - often through a
+chat template's special tokens - gives NaN losses or garbage ("Untrained tokens found").
+
+- :func:`untrained_rows`: rows whose largest magnitude is ~0 relative to the typical row (row-blocked, no full copy).
+- :func:`count_token_ids`: stream a dataset (``datasets`` map-style or iterable, torch datasets, lists) under a
+  token/example/time budget and count how often given ids occur.
+- :func:`template_token_ids`: which given ids a tokenizer's chat template produces.
+- :func:`set_rows_to_trained_mean`: the opt-in fix, rows := mean of the trained rows.
+
+Example:
+    >>> import torch
+    >>> from trainer_guard.core.tokens import untrained_rows, count_token_ids, set_rows_to_trained_mean
+    >>> w = torch.randn(6, 4); w[[2, 5]] = 0
+    >>> untrained_rows(w)
+    [2, 5]
+    >>> scan = count_token_ids([{"input_ids": [1, 2, 2]}, {"input_ids": [5, 0]}], [2, 5])
+    >>> scan.counts, scan.tokens, scan.complete
+    ({2: 2, 5: 1}, 5, True)
+    >>> _ = set_rows_to_trained_mean(w, [2, 5]); bool(w[2].abs().sum() > 0)
+    True
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["untrained_rows", "TokenScan", "count_token_ids", "template_token_ids", "set_rows_to_trained_mean"]
+
+_ROW_BLOCK = 4096
+
+
+@torch.no_grad()
+def untrained_rows(weight: torch.Tensor, rtol: float = 1e-3, atol: float = 0.0) -> list[int]:
+    """Indices of rows whose max ``|w|`` is at most ``max(atol, rtol * median row max |w|)``.
+
+    Computed in blocks of rows, so a 128K x 4K matrix never needs a second full-size temporary.
+    """
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.device.type == "meta":
+        return []
+    peaks = torch.cat([weight[a:a + _ROW_BLOCK].detach().abs().amax(dim=1).float().cpu()
+                       for a in range(0, weight.shape[0], _ROW_BLOCK)])
+    threshold = max(atol, rtol * float(peaks.median()))
+    return torch.nonzero(peaks <= threshold).flatten().tolist()
+
+
+@dataclass
+class TokenScan:
+    """What :func:`count_token_ids` saw.
+
+    Attributes:
+        counts: ``{id: occurrences}`` for the ids asked about that occurred.
+        examples: examples scanned.
+        tokens: tokens scanned.
+        complete: the whole dataset was scanned (else a budget stopped it: see ``stopped``).
+        stopped: which budget stopped the scan (``""`` when complete).
+        out_of_range: ids below 0 or at/above ``vocab_size`` (when given).
+    """
+
+    counts: dict[int, int] = field(default_factory=dict)
+    examples: int = 0
+    tokens: int = 0
+    complete: bool = True
+    stopped: str = ""
+    out_of_range: int = 0
+
+
+def _examples(dataset: Any, column: str) -> Iterable[Any]:
+    """Iterate ``dataset``'s ``column`` without touching other columns where the library allows it."""
+    names = getattr(dataset, "column_names", None)
+    if hasattr(dataset, "select_columns") and isinstance(names, list) and column in names:
+        dataset = dataset.select_columns([column])  # datasets: no copy, skips decoding the other columns
+    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and not hasattr(dataset, "__iter__"):
+        return (dataset[i] for i in range(len(dataset)))
+    return iter(dataset)
+
+
+def _ids_of(example: Any, column: str) -> torch.Tensor | None:
+    if isinstance(example, dict) or hasattr(example, "keys"):
+        example = example.get(column) if hasattr(example, "get") else None
+    if example is None:
+        return None
+    t = torch.as_tensor(example)
+    return t.reshape(-1).long() if t.numel() else None
+
+
+def count_token_ids(
+    dataset: Any,
+    ids: Sequence[int],
+    *,
+    column: str = "input_ids",
+    vocab_size: int | None = None,
+    max_tokens: int | None = 2_000_000,
+    max_examples: int | None = None,
+    max_seconds: float | None = 30.0,
+) -> TokenScan:
+    """Count how often each of ``ids`` occurs in ``dataset[column]``, streaming, within a budget.
+
+    Args:
+        dataset: a ``datasets.Dataset`` / ``IterableDataset``, a torch ``Dataset`` / ``IterableDataset``, or any
+            iterable of examples (dicts with ``column``, or id sequences/tensors).
+        ids: token ids to count.
+        column: the field holding token ids.
+        vocab_size: also count ids outside ``[0, vocab_size)`` (``out_of_range``).
+        max_tokens / max_examples / max_seconds: stop after this many tokens / examples / seconds
+            (``None`` = no limit); the result says whether the scan was complete.
+
+    Returns:
+        A :class:`TokenScan`.
+    """
+    ids = sorted({int(i) for i in ids})
+    bound = max([*ids, (vocab_size or 0) - 1, -1]) + 1
+    mask = torch.zeros(bound, dtype=torch.bool)
+    if ids:
+        mask[torch.tensor(ids)] = True
+    scan = TokenScan()
+    counts = torch.zeros(bound, dtype=torch.long)
+    start = time.monotonic()
+    for example in _examples(dataset, column):
+        if max_examples is not None and scan.examples >= max_examples:
+            scan.complete, scan.stopped = False, f"max_examples={max_examples}"
+            break
+        if max_tokens is not None and scan.tokens >= max_tokens:
+            scan.complete, scan.stopped = False, f"max_tokens={max_tokens}"
+            break
+        if max_seconds is not None and time.monotonic() - start > max_seconds:
+            scan.complete, scan.stopped = False, f"max_seconds={max_seconds}"
+            break
+        t = _ids_of(example, column)
+        scan.examples += 1
+        if t is None:
+            continue
+        scan.tokens += t.numel()
+        inside = (t >= 0) & (t < (vocab_size if vocab_size else bound))
+        if vocab_size:
+            scan.out_of_range += int((~inside).sum())
+        t = t[inside & (t < bound)]
+        hit = t[mask[t]]
+        if hit.numel():
+            counts += torch.bincount(hit, minlength=bound)
+    scan.counts = {i: int(counts[i]) for i in ids if counts[i] > 0}
+    return scan
+
+
+def template_token_ids(tokenizer: Any, ids: Sequence[int]) -> dict[int, int]:
+    """Which of ``ids`` the tokenizer's chat template emits: ``{id: occurrences}`` in a rendered sample chat,
+    plus ids whose token text appears literally in the template (counted 1 if not rendered). ``{}`` without
+    a template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return {}
+    wanted = {int(i) for i in ids}
+    found: dict[int, int] = {}
+    chats = [
+        [{"role": "system", "content": "You help."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+    ]
+    for chat in chats:
+        try:
+            out = tokenizer.apply_chat_template(chat, tokenize=True)
+        except Exception:  # templates may reject a role order, or need extra variables
+            continue
+        rendered = out.get("input_ids", []) if hasattr(out, "get") else out
+        for i in torch.as_tensor(rendered).reshape(-1).tolist():
+            if i in wanted:
+                found[i] = found.get(i, 0) + 1
+        break
+    text = template if isinstance(template, str) else " ".join(str(v) for v in dict(template).values())
+    try:
+        tokens = tokenizer.convert_ids_to_tokens(sorted(wanted))
+    except Exception:
+        tokens = []
+    for i, tok in zip(sorted(wanted), tokens):
+        if tok and len(tok) > 1 and tok in text:
+            found.setdefault(i, 1)
+    return dict(sorted(found.items()))
+
+
+@torch.no_grad()
+def set_rows_to_trained_mean(weight: torch.Tensor, rows: Sequence[int], untrained: Sequence[int] = ()) -> int:
+    """Set ``weight[rows]`` to the mean of the rows not in ``rows`` or ``untrained`` (computed in fp32, row
+    blocks); return how many rows the mean was taken over."""
+    skip = torch.zeros(weight.shape[0], dtype=torch.bool)
+    idx = sorted({int(r) for r in rows})
+    skip[idx] = True
+    skip[list(untrained)] = True
+    total = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+    n = 0
+    for a in range(0, weight.shape[0], _ROW_BLOCK):
+        keep = ~skip[a:a + _ROW_BLOCK]
+        if keep.any():
+            total += weight[a:a + _ROW_BLOCK][keep.to(weight.device)].float().sum(dim=0)
+            n += int(keep.sum())
+    if n and idx:
+        weight[torch.tensor(idx, device=weight.device)] = (total / n).to(weight.dtype)
+    return n

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from .callbacks import GUARDS, Guard, TiedWeightsGuard
 from .callbacks.divergence import ReplicaDivergenceGuard
+from .callbacks.dtype import DtypeGuard
+from .callbacks.head import HeadGuard
+from .callbacks.untrained_tokens import UntrainedTokensGuard
 from .callbacks.embedding_lr import EmbeddingLRGuard
 from .callbacks.preflight import AdapterSizeGuard
-from .callbacks.update_audit import UpdateAuditGuard
 from .callbacks.integrity import IntegrityGuard
 from .callbacks.resume import ResumeGuard
+from .callbacks.update_audit import UpdateAuditGuard
 from .config import callbacks_from_dict, callbacks_from_yaml
 from .core.checksum import checksums, file_checksums
+from .core.head import missing_head_problems
+from .core.loading import LoadResult, load_weights_inplace
 from .core.preflight import adapter_preflight
 from .core.ties import find_tied_groups, restore_ties
 from .errors import *  # noqa: F401,F403
@@ -29,9 +34,15 @@ __all__ = [
     "Guard",
     "TiedWeightsGuard",
     "ReplicaDivergenceGuard",
+    "DtypeGuard",
+    "HeadGuard",
+    "UntrainedTokensGuard",
+    "missing_head_problems",
     "IntegrityGuard",
-    "UpdateAuditGuard",
+    "load_weights_inplace",
+    "LoadResult",
     "ResumeGuard",
+    "UpdateAuditGuard",
     "EmbeddingLRGuard",
     "AdapterSizeGuard",
     "adapter_preflight",

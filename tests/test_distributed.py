@@ -6,6 +6,11 @@ and a subprocess timeout, so a deadlock fails the test instead of hanging CI. (W
 only spawns several CPU processes through ``mpirun``. ``--multi_gpu`` goes through torchrun; with
 ``TrainingArguments(use_cpu=True)`` accelerate then picks MULTI_CPU with gloo.)
 
+FSDP: accelerate 1.15 leaves FSDP off on CPU (``AcceleratorState`` only turns ``fsdp_plugin`` on for GPU-like
+distributed types; the Trainer then trains plain DDP without a word) and FSDP1 fails in
+``FullyShardedDataParallelPlugin`` ("There are currently no available devices found"). torch's own
+``fully_shard`` (FSDP2) does run on CPU/gloo, so the sharded-checksum test uses it directly.
+
 The other tests exercise the pure core and the guard in one process, the all-gather replaced by a fake.
 """
 
@@ -140,6 +145,19 @@ def test_divergence_message_exact():
     assert divergence_message(40, [3, 3, 3], sums) == ""
 
 
+@pytest.mark.parametrize("nbytes,cuts", [(2046, [8, 1024]), (4096, [4088]), (24, [8, 16]), (7, [])])
+def test_word_sums_of_aligned_pieces_add_up_to_the_whole(nbytes, cuts):
+    import numpy as np
+
+    from trainer_guard.core.checksum import word_sum
+    from trainer_guard.core.divergence import _word_sum_at
+
+    buf = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    edges = [0, *cuts, nbytes]
+    parts = sum(_word_sum_at(buf[a:b], a // 8) for a, b in zip(edges, edges[1:])) % (1 << 64)
+    assert parts == word_sum(buf)
+
+
 def test_is_sharded_detects_dtensor_and_zero3_params():
     model = tiny_model("llama-untied")
     assert not is_sharded(model)
@@ -251,10 +269,17 @@ def test_ddp_train_checkpoint_resume_doctor(tmp_path):
             assert doc.returncode == 0, f"doctor {ckpt}: {doc.stdout}\n{doc.stderr}"
 
 
+@pytest.fixture(scope="module")
+def diverge_run(tmp_path_factory):
+    """One 2-process launch of dist_scripts/diverge.py, shared by the tests below (saves a launch)."""
+    tmp = tmp_path_factory.mktemp("diverge")
+    out, res = dirs(tmp)
+    return launch("diverge.py", out, res, tmp_path=tmp)
+
+
 @pytest.mark.distributed
-def test_ddp_divergence_raises_the_same_error_on_every_rank(tmp_path):
-    out, res = dirs(tmp_path)
-    r0, r1 = launch("diverge.py", out, res, tmp_path=tmp_path)
+def test_ddp_divergence_raises_the_same_error_on_every_rank(diverge_run):
+    r0, r1 = diverge_run
     # without the guard: the nudged replica trains on silently and ends with different weights
     assert r0["silent"]["error"] is None and r0["silent"]["step"] == 4
     fps = r0["silent"]["fingerprints"]
@@ -270,3 +295,15 @@ def test_ddp_divergence_raises_the_same_error_on_every_rank(tmp_path):
     assert r0["rank_fails"] == r1["rank_fails"]
     assert r0["rank_fails"]["error"] == "ChecksumError" and r0["rank_fails"]["step"] == 2
     assert "  - rank 1: ChecksumError: simulated: tensor 'model.norm.weight'" in r0["rank_fails"]["message"]
+
+
+@pytest.mark.distributed
+def test_fsdp2_shard_checksums_combine_to_the_unsharded_ones(diverge_run):
+    r0, r1 = diverge_run
+    f = r0["fsdp2"]
+    assert f == r1["fsdp2"]
+    assert f["n_tensors"] == f["n_dtensors"] == 21
+    assert f["equal_unsharded"] is True  # combined from local shards, bit-identical to the unsharded model's
+    assert f["changed_by_step"] == 21 and f["equal_full_after_step"] is True
+    assert f["gathered"] == 5  # only the 5 norm weights (36-byte shard offset) were materialised
+    assert f["guard"] == [None, ["replica check skipped: sharded parameters (FSDP/ZeRO-3), no replicas to compare"]]

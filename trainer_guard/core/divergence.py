@@ -19,8 +19,9 @@ Example:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
-from typing import Literal
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ __all__ = [
     "divergent_ranks",
     "first_differences",
     "divergence_message",
+    "sharded_checksums",
 ]
 
 _MASK = (1 << 64) - 1
@@ -182,3 +184,81 @@ def divergence_message(
                  "Stop and resume from the last checkpoint saved before this step; if it recurs on the same rank, "
                  "exclude that device.")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- sharded tensors (FSDP2)
+def _word_sum_at(buf, word_offset: int) -> int:
+    """``S`` of a flat uint8 array whose first byte is word ``word_offset`` of the full tensor (see core.checksum)."""
+    import numpy as np
+
+    from . import checksum as ck
+
+    nfull = buf.size // 8
+    s = ck._loop_word_sum(buf[: 8 * nfull].view(np.uint64), word_offset) if nfull else 0
+    tail = buf[8 * nfull:]
+    if tail.size:
+        w = int.from_bytes(tail.tobytes() + b"\0" * (8 - tail.size), "little")
+        s += ck.mix64(w ^ (((word_offset + nfull) * ck.GAMMA) & ck.MASK64))
+    return s & _MASK
+
+
+def _row_sharded(t: torch.Tensor) -> bool:
+    """A DTensor split along dim 0 over a 1-D mesh of the whole world (FSDP2's layout)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor) or t.device_mesh.ndim != 1 or len(t.placements) != 1:
+        return False
+    pl = t.placements[0]
+    return isinstance(pl, Shard) and pl.dim == 0 and t.device_mesh.size() == torch.distributed.get_world_size()
+
+
+def sharded_checksums(tensors: Mapping[str, torch.Tensor], gather: Callable[[Any], list[Any]]) -> dict[str, int]:
+    """Checksums of the FULL tensors of a sharded model, equal to :func:`core.checksum.checksums` of the
+    unsharded tensors, computed from each rank's local shard without gathering any tensor.
+
+    The checksum is a sum over 64-bit words keyed by their position, so a shard that is a contiguous,
+    8-byte-aligned byte range of the full tensor contributes a partial sum at its word offset, and the partial
+    sums add up (mod 2^64) to the full one. Each rank: (1) reports its local row count per tensor; (2) computes
+    its partial sums at the offsets that follow; (3) the partials are summed and finalised with the full dtype,
+    shape and size. Tensors split any other way (2-D meshes, other dims, offsets not a multiple of 8 bytes) are
+    materialised with ``full_tensor()`` and checksummed whole (correct, but costs an all-gather of that tensor).
+    Plain tensors are taken as replicated.
+
+    Every rank must call this with the same names in the same order (it runs collectives through ``gather``,
+    e.g. :func:`trainer_guard._dist.gather`).
+
+    Raises:
+        ChecksumError: a tensor's dtype cannot be checksummed (named).
+    """
+    from . import checksum as ck
+
+    names = list(tensors)
+    sharded = [n for n in names if _row_sharded(tensors[n])]
+    rows = gather({n: int(tensors[n].to_local().shape[0]) for n in sharded})
+    out: dict[str, int] = {}
+    mine: dict[str, int] = {}
+    exact: dict[str, tuple[int, ...]] = {}
+    for n in names:
+        t = tensors[n]
+        if n not in sharded:
+            full = t.full_tensor() if hasattr(t, "full_tensor") else t
+            out[n] = int(ck.checksums({n: full}, backend="cpu")[n])
+            continue
+        order = [int(r) for r in t.device_mesh.mesh.flatten().tolist()]  # mesh position -> global rank
+        counts = [rows[r][n] for r in order]
+        row_bytes = t.element_size() * math.prod(t.shape[1:])
+        offsets = [sum(counts[:i]) * row_bytes for i in range(len(counts))]
+        if any(o % 8 for o, c in zip(offsets, counts) if c) or sum(counts) != t.shape[0]:
+            out[n] = int(ck.checksums({n: t.full_tensor()}, backend="cpu")[n])
+            continue
+        pos = order.index(torch.distributed.get_rank())
+        local = ck._cpu_bytes(n, t.to_local())
+        mine[n] = _word_sum_at(local, offsets[pos] // 8)
+        exact[n] = tuple(t.shape)
+    partials = gather(mine)
+    for n in names:
+        if n in exact:
+            t = tensors[n]
+            s = sum(p.get(n, 0) for p in partials) & _MASK
+            out[n] = ck.finalize(s, ck.dtype_name(t.dtype, n), exact[n], t.numel() * t.element_size())
+    return {n: out[n] for n in names}

@@ -176,6 +176,15 @@ def test_r1b_tie_stored_once_but_config_untied(runs, capsys):
         "true in config.json, or save with TiedWeightsGuard"]
 
 
+def test_r5_model_dir_without_head_is_named(tmp_path, capsys):
+    # R1b saved with plain save_pretrained: no manifest, no ties record; the head check (core.head) names it
+    tiny_model("llama-manual-tie").save_pretrained(tmp_path)
+    code, rep = _doctor(tmp_path, "--no-manifest-ok", capsys=capsys)
+    assert code == 1
+    (msg,) = _messages(rep, "problems")
+    assert msg.startswith(f"{tmp_path}: config.json names LlamaForCausalLM, a causal LM, but no output-head tensor")
+
+
 def test_adapter_size_split_by_module(runs, tmp_path, capsys):
     code, rep = _doctor(runs / "lora" / "checkpoint-2", capsys=capsys)
     assert code == 0

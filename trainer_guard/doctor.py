@@ -289,10 +289,16 @@ def _check_head(path: str, report: Report) -> None:
     except ImportError:
         report.summary["head_check"] = "unavailable (trainer_guard.core.head not installed)"
         return
+    if any(f.check == "files" for f in report.unusable):
+        report.summary["head_check"] = "skipped (unreadable weight files)"
+        return
+    if any(f.check == "ties" for f in report.problems):
+        report.summary["head_check"] = "skipped (the tie check already named the head)"
+        return
     try:
         found = missing_head_problems(path)
-    except (UsageError, IntegrityError, ChecksumError) as e:
-        report.unusable.append(Finding("head", str(e)))
+    except Exception as e:  # a user's file must never end in a traceback
+        report.unusable.append(Finding("head", f"head check could not run: {e}"))
         return
     report.problems.extend(Finding("head", p) for p in found)
     report.summary["head_check"] = "ran"

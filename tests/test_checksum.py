@@ -151,6 +151,20 @@ def test_triton_kernel_matches_cpu_path_on_gpu():
     assert got == checksums(z, backend="cpu")
 
 
+@pytest.mark.gpu
+def test_auto_backend_falls_back_to_cpu_when_the_kernel_fails(monkeypatch, caplog):
+    from trainer_guard.ops import checksum_triton
+
+    def broken(tensors):
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(checksum_triton, "triton_checksums", broken)
+    z = {"w": torch.randn(1000, device="cuda")}
+    with caplog.at_level("WARNING", logger="trainer_guard"):
+        assert checksums(z) == checksums(z, backend="cpu")
+    assert "the triton checksum kernel failed (RuntimeError: no kernel image for this GPU)" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------- detection
 def _flip(t: torch.Tensor, bit: int) -> torch.Tensor:
     b = bytearray(raw(t))

@@ -69,6 +69,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import struct
 from collections.abc import Callable, Mapping
@@ -78,6 +79,8 @@ import numpy as np
 import torch
 
 from ..errors import ChecksumError
+
+logger = logging.getLogger("trainer_guard")
 
 __all__ = [
     "CHECKSUM_ALGO",
@@ -295,7 +298,8 @@ def checksums(
         tensors: name -> tensor. Tied entries (two names, one storage) are each checksummed under their name.
         backend: ``"triton"`` runs the fused kernel (all tensors on CUDA, or CPU tensors under
             ``TRITON_INTERPRET=1``); ``"cpu"`` the CPU loop (copies CUDA tensors to the host one at a time);
-            ``"auto"`` picks triton when every tensor is on CUDA and triton imports, else cpu.
+            ``"auto"`` picks triton when every tensor is on CUDA and triton imports, else cpu (and falls back to
+            cpu, with a warning, if the kernel fails to compile or launch).
 
     Raises:
         ChecksumError: an unknown backend, a non-tensor value, a meta/sparse tensor, a dtype with no safetensors
@@ -317,7 +321,17 @@ def checksums(
         return {}
     if backend == "auto":
         on_cuda = all(t.device.type == "cuda" for t in tensors.values())
-        backend = "triton" if on_cuda and _triton_importable() else "cpu"
+        if on_cuda and _triton_importable():
+            from ..ops import checksum_triton
+
+            try:
+                return checksum_triton.triton_checksums(tensors)
+            except ChecksumError:
+                raise
+            except Exception as e:  # e.g. a GPU triton cannot compile for: same values from the CPU path
+                logger.warning(f"trainer_guard: the triton checksum kernel failed ({type(e).__name__}: {e}); "
+                               f"using the CPU path (same values, slower). Pass backend='cpu' to skip the kernel.")
+        backend = "cpu"
     if backend == "triton":
         from ..ops.checksum_triton import triton_checksums
 

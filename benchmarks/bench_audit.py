@@ -1,10 +1,11 @@
 """Cost of one UpdateAuditGuard check as a fraction of one training step (issue 8). A script, not a test.
 
-One *check* is exactly what the guard runs after an optimizer step: checksum every parameter, classify against the
-baseline, look at ``.grad`` of tensors that did not change, attribute causes (``UpdateAuditGuard._check``). One
-*step* is forward + backward + ``optimizer.step()`` + ``zero_grad`` on the same model. Both are timed in the same
-process, medians of ``--repeats`` after warm-up (numba JIT / triton compile excluded). The guard runs a full check
-after the first step and every ``every`` steps, so the amortised cost is ``check / (every * step)``.
+One *check* is exactly what the guard runs after an optimizer step (``UpdateAuditGuard.on_optimizer_step``):
+checksum every parameter, classify against the baseline, look at ``.grad`` of tensors that did not change,
+attribute causes. One *step* is forward + backward + ``optimizer.step()`` + ``zero_grad`` on the same model. Both
+are timed in the same process, medians of ``--repeats`` after warm-up (numba JIT / triton compile excluded). The
+guard runs a full check after the first step and every ``every`` steps, so the amortised cost is
+``check / (every * step)``.
 
 - ``--device cpu`` (default): a small Llama-shaped model (``--hidden``, ``--layers``, ``--vocab``, fp32), CPU
   checksum loop (numba).

@@ -12,7 +12,8 @@ from conftest import make_args
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 
 from trainer_guard import ConfigError, UpdateAuditError, UpdateAuditGuard, callbacks_from_dict
-from trainer_guard.core.audit import CAUSES, Finding, ParamFacts, audit, classify, module_summary, summarize
+from trainer_guard.core.audit import (CAUSES, Finding, ParamFacts, UpdateAudit, audit, classify, module_summary,
+                                      summarize)
 from trainer_guard.tiny import tiny_dataset, tiny_lora, tiny_model
 
 DEFAULT_YAML = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "default.yaml")
@@ -51,15 +52,16 @@ def test_warmup_from_zero_and_gradient_accumulation_report_nothing(tmp_path):
     assert guard.findings == []
 
 
-def test_lr_held_at_zero_defers_without_rechecking_every_step(tmp_path):
+def test_lr_held_at_zero_defers_without_rechecking_every_step(tmp_path, monkeypatch):
     """A schedule that holds LR 0 for 3 steps: nothing is judged (or re-checksummed) until a step runs at LR > 0."""
     model = tiny_model("llama-untied")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step < 3 else 1.0)
     guard = UpdateAuditGuard(every=100)
     checked = []
-    sums = guard._sums
-    guard._sums = lambda names: checked.append(len(names)) or sums(names)
+    sums = UpdateAudit.checksums
+    monkeypatch.setattr(UpdateAudit, "checksums", lambda self, names: checked.append(len(list(names))) or
+                        sums(self, names))
     train(model, tmp_path, guard, optimizers=(opt, sched), max_steps=5)
     n = len(list(model.parameters()))
     assert checked == [n, n, n]  # baseline, step 1 (all pending: LR 0), step 4 (first step at LR > 0)
@@ -193,7 +195,7 @@ def test_skipped_steps_with_grad_scaler_do_not_count():
         guard.on_optimizer_step(None, state, control, optimizer=opt)
         opt.zero_grad()
         state.global_step += 1
-    assert skipped == [True, False, False] and guard.findings == [] and guard._steps == 3
+    assert skipped == [True, False, False] and guard.findings == [] and guard.audit.steps == 3
 
 
 # -- options and config ---------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ __all__ = [
     "GroupInfo",
     "group_index",
     "grad_state",
+    "auditable",
+    "UpdateAudit",
 ]
 
 SAME, CHANGED, ONLY_A, ONLY_B = "same", "changed", "only_a", "only_b"
@@ -326,3 +328,125 @@ def grad_state(p: torch.Tensor) -> GradState:
     if g is None:
         return "none"
     return "nonzero" if bool(g.detach().ne(0).any()) else "zero"
+
+
+def auditable(p: torch.Tensor) -> bool:
+    """True for a parameter whose whole value is local: not a shard (FSDP ``DTensor``/``FlatParameter``,
+    DeepSpeed ZeRO-3), not on the meta device, not empty."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()
+    sharded = isinstance(p, DTensor) or hasattr(p, "ds_id") or type(p).__name__ == "FlatParameter"
+    return not sharded and p.device.type != "meta" and p.numel() > 0
+
+
+class UpdateAudit:
+    """A whole run's audit, without a Trainer: :meth:`baseline` once, then :meth:`step` after every optimizer step.
+
+    Keeps per tensor its baseline checksum and ``requires_grad``, per optimizer group a count of *effective* steps
+    (not skipped, LR > 0). :meth:`step` checks every tensor on the first step and every ``every`` steps, and in
+    between only tensors left undecided whose group has since run the effective steps they need; judged tensors get
+    a new baseline. Each (tensor, cause) is returned once.
+
+    Args:
+        params: name -> parameter (live objects; their values are read at each check).
+        every: full check every this many steps (besides the first).
+        min_grad_steps: see :func:`audit`.
+        backend: checksum backend (:func:`trainer_guard.core.checksum.checksums`).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> opt = torch.optim.SGD([lin.weight], lr=0.1)  # the bias is left out of the optimizer
+        >>> run = UpdateAudit(dict(lin.named_parameters()), every=10)
+        >>> run.baseline()
+        >>> lin(torch.ones(1, 2)).sum().backward(); opt.step()
+        >>> [(f.name, f.cause) for f in run.step(opt)]
+        [('bias', 'not_in_optimizer')]
+    """
+
+    def __init__(self, params: Mapping[str, torch.Tensor], *, every: int = 100, min_grad_steps: int = 2,
+                 backend: str = "auto") -> None:
+        self.params = dict(params)
+        self.every, self.min_grad_steps, self.backend = every, min_grad_steps, backend
+        self.steps = 0
+        self._base: dict[str, int] = {}  # baseline checksum
+        self._trainable: dict[str, bool] = {}  # requires_grad at the baseline
+        self._since: dict[str, int] = {}  # baseline -> index into _snaps
+        self._snaps: list[list[int]] = []  # cumulative effective steps per group, at each baseline
+        self._effective: list[int] = []
+        self._pending: dict[str, tuple[int | None, int]] = {}  # name -> (group, effective steps needed)
+        self._reported: set[tuple[str, str]] = set()
+
+    def checksums(self, names: Iterable[str]) -> dict[str, int]:
+        """Checksums of ``names``, one call per device (a model split over GPUs by ``device_map``)."""
+        from .checksum import checksums
+
+        by_device: dict[Any, dict[str, torch.Tensor]] = {}
+        for n in names:
+            by_device.setdefault(self.params[n].device, {})[n] = self.params[n].detach()
+        out: dict[str, int] = {}
+        for tensors in by_device.values():
+            out.update(checksums(tensors, backend=self.backend))
+        return out
+
+    def baseline(self) -> None:
+        """Checksum every tensor: the state later steps are compared with."""
+        self._rebase(self.checksums(self.params))
+
+    def _rebase(self, sums: Mapping[str, int]) -> None:
+        if not self._snaps or self._snaps[-1] != self._effective:
+            self._snaps.append(list(self._effective))
+        for n, s in sums.items():
+            self._base[n], self._since[n] = s, len(self._snaps) - 1
+            self._trainable[n] = self.params[n].requires_grad
+
+    def _eff(self, name: str, group: int | None) -> int:
+        if group is None:
+            return 0
+        snap = self._snaps[self._since[name]]
+        return self._effective[group] - (snap[group] if group < len(snap) else 0)
+
+    def step(self, optimizer: Any, skipped: bool | None = None) -> list[Finding]:
+        """Account one optimizer step (call after ``optimizer.step()``, before ``zero_grad``); return new findings.
+
+        ``skipped`` defaults to ``optimizer.step_was_skipped`` (accelerate's flag for a grad-scaler inf/nan skip).
+        """
+        groups = optimizer.param_groups
+        self._effective += [0] * (len(groups) - len(self._effective))
+        if skipped is None:
+            skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        if not skipped:
+            for i, g in enumerate(groups):
+                self._effective[i] += float(g.get("lr", 0.0)) > 0
+        self.steps += 1
+        if self.steps == 1 or self.steps % self.every == 0:
+            names = list(self.params)
+        else:
+            names = [n for n, (g, need) in self._pending.items() if self._eff(n, g) >= need]
+        return self.check(names, optimizer) if names else []
+
+    def check(self, names: list[str], optimizer: Any) -> list[Finding]:
+        """Compare ``names`` with their baselines now; rebase the judged ones; return new findings."""
+        now = self.checksums(names)
+        status = classify({n: self._base[n] for n in names}, now)
+        index = group_index(optimizer)
+        facts = {}
+        for n in names:
+            p, g = self.params[n], index.get(id(self.params[n]))
+            gi = g.index if g else None
+            facts[n] = ParamFacts(
+                trainable=self._trainable[n], trainable_now=p.requires_grad, group=gi, lr=g.lr if g else None,
+                initial_lr=g.initial_lr if g else None, weight_decay=g.weight_decay if g else 0.0,
+                effective_steps=self._eff(n, gi),
+                grad=grad_state(p) if status[n] == SAME and self._trainable[n] else "unknown",
+                dtype=str(p.dtype).removeprefix("torch."), numel=p.numel())
+        found, pending = audit(status, facts, self.min_grad_steps)
+        new = [f for f in found if (f.name, f.cause) not in self._reported]
+        self._reported.update((f.name, f.cause) for f in new)
+        for n in names:
+            self._pending.pop(n, None)
+        for n in pending:  # wait for one effective step, or for min_grad_steps of them (gradient verdicts)
+            self._pending[n] = (facts[n].group, 1 if facts[n].effective_steps < 1 else self.min_grad_steps)
+        self._rebase({n: s for n, s in now.items() if n not in self._pending})
+        return new

@@ -75,7 +75,8 @@ def test_record_counts_lora_and_modules_to_save(kind):
     assert rec["peft"]["default"]["modules_to_save"] == MTS and rec["peft"]["default"]["r"] == 4
     table = count_table(rec).splitlines()
     assert table[5].split() == ["modules_to_save", "lm_head", "4,096"]
-    assert table[-1].split() == ["total", "trainable", "9,088", "of", "31,776" if kind == "llama-tied" else "35,872", "(25.33%)" if kind == "llama-untied" else "(28.60%)"]
+    total, pct = ("31,776", "(28.60%)") if kind == "llama-tied" else ("35,872", "(25.33%)")
+    assert table[-1].split() == ["total", "trainable", "9,088", "of", total, pct]
 
 
 def test_describe_changes_groups_layers_and_counts():
@@ -91,7 +92,8 @@ def test_describe_changes_groups_layers_and_counts():
 
 
 def test_layout_problems_names_missing_modules():
-    then = [{"lr": 1e-3, "weight_decay": 0.0, "params": ["a.lora_A.default.weight", "lm_head.modules_to_save.default.weight"], "numel": 10}]
+    names = ["a.lora_A.default.weight", "lm_head.modules_to_save.default.weight"]
+    then = [{"lr": 1e-3, "weight_decay": 0.0, "params": names, "numel": 10}]
     now = [{"lr": 1e-3, "weight_decay": 0.0, "params": ["a.lora_A.default.weight"], "numel": 4}]
     assert layout_problems(then, now, "checkpoint-2") == [
         "optimizer group 0 (lr 0.001): 1 params (4) now, 2 (10) in checkpoint-2; missing now: lm_head"]
@@ -305,6 +307,42 @@ def test_case2_fresh_run_from_adapter_dir(tmp_path, kind):
     assert f"differs from adapter ({adapter}); no training step ran" in str(e.value)
     assert "\n  - lm_head, model.embed_tokens: 8,192 params trainable in adapter (modules_to_save), frozen now" in str(e.value)
     assert steps.steps == 0
+
+
+def test_case2_fix_restores_copies_from_adapter_dir(tmp_path):
+    adapter = tmp_path / "adapter"
+    trained = tiny_lora(tiny_model("llama-untied"), modules_to_save=MTS)
+    with torch.no_grad():
+        trained.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)  # "trained" head copy
+    trained.save_pretrained(adapter)
+    model = _defaults_then_weights(adapter, "llama-untied")
+    trainer, steps = second_trainer(tmp_path, model, ResumeGuard(mode="fix", adapter_dir=str(adapter)), max_steps=2)
+    head = None
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            nonlocal head
+            head = model.base_model.model.lm_head.modules_to_save["default"].weight
+            assert torch.equal(head, trained.base_model.model.lm_head.modules_to_save["default"].weight)
+            assert any(p is head for p in optimizer.param_groups[0]["params"])
+
+    trainer.add_callback(Probe())
+    guard(trainer).train()
+    assert steps.steps == 2 and head is not None and head.requires_grad
+    assert trainable_record(model)["trainable_params"] == 9088
+
+
+def test_trainable_tokens_kind_and_config_check(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[1, 2, 3])
+    model = get_peft_model(tiny_model("llama-untied"), LoraConfig(**cfg))
+    assert trainable_record(model)["by_kind"]["trainable_tokens"] == 3 * 32
+    from trainer_guard.core.trainable import adapter_config_problems
+    saved = model.peft_config["default"].to_dict()
+    plain = tiny_lora(tiny_model("llama-untied"), target_modules=["q_proj"])
+    assert adapter_config_problems(saved, plain, "adapter") == [
+        "trainable_token_indices [1, 2, 3] in adapter, no trainable token rows now"]
 
 
 def test_case2_uses_record_when_adapter_dir_is_a_checkpoint(tmp_path):

@@ -6,13 +6,14 @@ act earlier implements ``wire(trainer)``; :func:`guard` calls it, once, for ever
 
 Example:
     >>> import trainer_guard
-    >>> trainer = trainer_guard.guard(Trainer(model=model, args=args, callbacks=[trainer_guard.ResumeGuard()]))  # doctest: +SKIP
+    >>> callbacks = [trainer_guard.ResumeGuard()]
+    >>> trainer = trainer_guard.guard(Trainer(model=model, args=args, callbacks=callbacks))  # doctest: +SKIP
     >>> trainer.train(resume_from_checkpoint=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from .errors import UsageError
 
@@ -33,7 +34,7 @@ def guard(trainer: T) -> T:
 
     Example:
         >>> from trainer_guard import guard
-        >>> trainer = guard(Trainer(model=model, args=args, train_dataset=ds, callbacks=[ResumeGuard()]))  # doctest: +SKIP
+        >>> trainer = guard(Trainer(model=model, args=args, callbacks=[ResumeGuard()]))  # doctest: +SKIP
     """
     handler = getattr(trainer, "callback_handler", None)
     if handler is None:

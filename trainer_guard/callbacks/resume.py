@@ -10,14 +10,12 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Optional
 
-import torch
-
 from .._dist import agree, is_main_process
 from ..core.io import atomic_write_json, read_json
-from ..core.trainable import (TRAINABLE_FILE, add_modules_to_save, adapter_config_problems, canonical_name,
-                              compare_records, count_table, describe_changes, describe_frozen_adapter,
-                              frozen_adapter_params, is_no_decay, layout_problems, missing_copies, optimizer_layout,
-                              read_adapter_config, trainable_record)
+from ..core.trainable import (TRAINABLE_FILE, add_modules_to_save, add_to_trainer_groups, adapter_config_problems,
+                              adapter_source, canonical_name, compare_records, count_table, describe_changes,
+                              describe_frozen_adapter, frozen_adapter_params, layout_problems, missing_copies,
+                              optimizer_layout, read_adapter_config, saved_group_sizes, trainable_record)
 from ..errors import ResumeMismatchError
 from .base import Guard
 
@@ -55,6 +53,7 @@ class ResumeGuard(Guard):
                  write_record: bool = True) -> None:
         super().__init__(mode=mode, adapter_dir=adapter_dir, write_record=write_record)
         self.checked: Optional[str] = None  # what was verified in the current train() call
+        self._warned: set[str] = set()
         self._wired: set[int] = set()
         self.fixed: dict = {}
 
@@ -67,7 +66,7 @@ class ResumeGuard(Guard):
         create, load_opt = trainer.create_optimizer, trainer._load_optimizer_and_scheduler
 
         def _train(*a, **kw):
-            self.checked = None
+            self.checked, self._warned = None, set()
             return train(*a, **kw)
 
         def _load_from_checkpoint(resume_from_checkpoint, *a, **kw):
@@ -85,24 +84,18 @@ class ResumeGuard(Guard):
             return load_opt(checkpoint, *a, **kw)
 
         trainer.train, trainer._load_from_checkpoint = _train, _load_from_checkpoint
-        trainer.create_optimizer, trainer._load_optimizer_and_scheduler = _create_optimizer, _load_optimizer_and_scheduler
+        trainer.create_optimizer = _create_optimizer
+        trainer._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
         self._wired.add(id(trainer))
 
     # -- the check ------------------------------------------------------------------------------------------
     def _source(self, model: Any) -> Optional[str]:
-        if self.options["adapter_dir"]:
-            return self.options["adapter_dir"]
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        cands = [getattr(base, "name_or_path", None)]
-        cands += [getattr(c, "base_model_name_or_path", None) for c in (getattr(model, "peft_config", None) or {}).values()]
-        for c in cands:
-            if c and os.path.isdir(c) and any(os.path.isfile(os.path.join(c, f)) for f in (TRAINABLE_FILE, "adapter_config.json")):
-                return c
-        return None
+        return self.options["adapter_dir"] or adapter_source(model)
 
     def _problems(self, model: Any, source: Optional[str], optimizer: Any = None) -> tuple[list[str], dict]:
         where = os.path.basename(os.path.normpath(source)) if source else ""
-        recorded = read_json(os.path.join(source, TRAINABLE_FILE)) if source and os.path.isfile(os.path.join(source, TRAINABLE_FILE)) else None
+        record_file = os.path.join(source, TRAINABLE_FILE) if source else ""
+        recorded = read_json(record_file) if record_file and os.path.isfile(record_file) else None
         problems = describe_frozen_adapter(frozen_adapter_params(model))
         if recorded is not None:
             problems += describe_changes(compare_records(recorded, trainable_record(model)), where)
@@ -111,12 +104,10 @@ class ResumeGuard(Guard):
         elif source:
             saved = read_adapter_config(source)
             problems += adapter_config_problems(saved, model, where) if saved else []
-            opt_file = os.path.join(source, "optimizer.pt")
-            if optimizer is not None and os.path.isfile(opt_file):
-                sizes = [len(g["params"]) for g in torch.load(opt_file, weights_only=True, mmap=True)["param_groups"]]
-                now = [len(g["params"]) for g in optimizer.param_groups]
-                if sizes != now:
-                    problems.append(f"optimizer groups hold {now} params now, {sizes} in {where}/optimizer.pt")
+            sizes = saved_group_sizes(source) if optimizer is not None else None
+            now = [len(g["params"]) for g in optimizer.param_groups] if optimizer is not None else None
+            if sizes is not None and sizes != now:
+                problems.append(f"optimizer groups hold {now} params now, {sizes} in {where}/optimizer.pt")
         return problems, recorded or {}
 
     def verify(self, model: Any, checkpoint: Optional[str], optimizer: Any = None, late: bool = False) -> None:
@@ -143,7 +134,9 @@ class ResumeGuard(Guard):
                   f"saved LoraConfig with its modules_to_save), or pass ResumeGuard(mode='fix'); mode='warn' goes on")
         if self.options["mode"] == "warn":
             for p in problems:
-                self.note(p, "warning")
+                if p not in self._warned:  # the same line is not repeated at the optimizer load
+                    self.note(p, "warning")
+                    self._warned.add(p)
         else:
             agree(problems, ResumeMismatchError, header)
 
@@ -189,21 +182,14 @@ class ResumeGuard(Guard):
             custom = optimizer is not None and len(optimizer.param_groups) != 2
             self.fixed = {}
             self.verify(model, ckpt, optimizer if ckpt else None, late=bool(ckpt) or custom)
-            if self.fixed and optimizer is not None:
-                self._add_to_optimizer(optimizer, self.fixed)
+            if self.fixed and optimizer is not None:  # 2 groups checked above: the Trainer's own layout
+                add_to_trainer_groups(optimizer, self.fixed)
         continued = bool(state.global_step) or self._source(model) is not None  # R3: check the count after a reload
         self.note("trainable parameters at train begin:\n" + count_table(trainable_record(model)),
                   "warning" if continued else "info")
 
-    def _add_to_optimizer(self, optimizer: Any, params: dict) -> None:
-        """Put parameters restored after the Trainer built its (decay, no-decay) optimizer into their group."""
-        present = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        for name, p in params.items():
-            if id(p) not in present:
-                optimizer.param_groups[1 if is_no_decay(name) else 0]["params"].append(p)
-
     def on_train_end(self, args, state, control, **kwargs: Any):
-        self.checked = None
+        self.checked, self._warned = None, set()
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
         if not (self.options["write_record"] and model is not None and is_main_process()):

@@ -51,6 +51,9 @@ __all__ = [
     "describe_frozen_adapter",
     "is_no_decay",
     "missing_copies",
+    "adapter_source",
+    "saved_group_sizes",
+    "add_to_trainer_groups",
     "add_modules_to_save",
     "adapter_config_problems",
     "read_adapter_config",
@@ -325,7 +328,8 @@ def missing_copies(model: nn.Module, recorded: Mapping[str, Any] | None, saved_c
         wanted = {module_of(n) for n, (_, kind) in recorded.get("params", {}).items() if kind == "modules_to_save"}
     else:
         mts = (saved_config or {}).get("modules_to_save") or []
-        wanted = {module_of(n) for n, _ in model.named_parameters(remove_duplicate=False) if _matches(module_of(n), mts)}
+        wanted = {module_of(n) for n, _ in model.named_parameters(remove_duplicate=False)
+                  if _matches(module_of(n), mts)}
     wanted -= has_copy
     if not wanted:
         return [], []
@@ -359,6 +363,44 @@ def add_modules_to_save(model: nn.Module, modules: list[str], source: str | os.P
     with safe_open(os.path.join(os.fspath(source), "adapter_model.safetensors"), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys() if module_of(k) in set(modules)}
     set_peft_model_state_dict(model, state, adapter_name=name)
+
+
+def adapter_source(model: nn.Module) -> str | None:
+    """The directory ``model`` was loaded from when it holds a saved adapter or a trainable record, else None.
+
+    Looks at the base model's ``name_or_path`` and each PEFT config's ``base_model_name_or_path``.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cands = [getattr(base, "name_or_path", None)]
+    cands += [getattr(c, "base_model_name_or_path", None) for c in (getattr(model, "peft_config", None) or {}).values()]
+    for c in cands:
+        if c and os.path.isdir(c) and any(os.path.isfile(os.path.join(c, f))
+                                          for f in (TRAINABLE_FILE, ADAPTER_CONFIG_FILE)):
+            return os.fspath(c)
+    return None
+
+
+def saved_group_sizes(directory: str | os.PathLike) -> list[int] | None:
+    """Parameters per group of the ``optimizer.pt`` a Trainer saved in ``directory`` (memory-mapped), or None."""
+    import torch
+
+    path = os.path.join(os.fspath(directory), "optimizer.pt")
+    if not os.path.isfile(path):
+        return None
+    return [len(g["params"]) for g in torch.load(path, weights_only=True, mmap=True)["param_groups"]]
+
+
+def add_to_trainer_groups(optimizer: Any, params: Mapping[str, nn.Parameter]) -> list[str]:
+    """Add ``{name: param}`` missing from a Trainer-built (decay, no-decay) optimizer to the group the Trainer would
+    have chosen; their state starts empty, the scheduler is untouched (no group is added). Returns the names added.
+    """
+    present = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    added = []
+    for name, p in params.items():
+        if id(p) not in present:
+            optimizer.param_groups[1 if is_no_decay(name) else 0]["params"].append(p)
+            added.append(name)
+    return added
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any] | None:

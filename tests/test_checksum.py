@@ -311,6 +311,30 @@ def test_sharded_dir_missing_shard_and_duplicate_names(tmp_path):
         file_checksums(tmp_path)
 
 
+def test_file_progress_bar_counts_every_byte(tmp_path, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    seen = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            seen.append(("total", total))
+
+        def update(self, n):
+            seen.append(("update", n))
+
+        def close(self):
+            seen.append(("close", None))
+
+    monkeypatch.setattr(hf_logging, "tqdm", Bar)
+    tensors = {"w": make(torch.float32, 4097), "b": make(torch.uint8, 3)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    assert file_checksums(tmp_path, progress=True) == checksums(tensors, backend="cpu")
+    size = (tmp_path / "m.safetensors").stat().st_size
+    assert seen[0] == ("total", size) and seen[-1] == ("close", None)
+    assert sum(n for k, n in seen if k == "update") == size
+
+
 def test_file_path_maps_the_file_instead_of_reading_it(tmp_path):
     t = {"w": torch.zeros(4 * 1024 * 1024, dtype=torch.uint8)}  # 4 MiB of data
     path = tmp_path / "m.safetensors"

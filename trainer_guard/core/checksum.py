@@ -428,7 +428,9 @@ def safetensors_entries(path: str | os.PathLike) -> tuple[int, dict[str, dict[st
 
 
 def _file_sums(path: str, progress: Callable[[int], Any] | None) -> dict[str, int]:
-    _, entries, _ = safetensors_entries(path)
+    start, entries, _ = safetensors_entries(path)
+    if progress is not None:
+        progress(start)  # the header: with the data (which tiles the rest) the bar ends at the file size
     out: dict[str, int] = {}
     if not entries:
         return out

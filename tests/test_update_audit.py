@@ -159,6 +159,21 @@ def test_late_fault_caught_by_every_n(tmp_path):
     assert line.startswith("UpdateAuditGuard at optimizer step 4: ") and "model.layers.0.self_attn.o_proj" in line
 
 
+def test_bf16_weights_too_coarse_for_the_update(tmp_path):
+    """Pure-bf16 training at LR 1e-5: RMSNorm weights (1.0, bf16 spacing 2**-7) get gradients but never move."""
+    model = tiny_model("llama-untied").to(torch.bfloat16)
+    before = snapshot(model)
+    guard = UpdateAuditGuard(mode="warn")
+    train(model, tmp_path, guard, max_steps=3, learning_rate=1e-5)
+    assert all("norm" in n for n in unchanged(before, model)) and len(unchanged(before, model)) == 5
+    assert {f.cause for f in guard.findings} == {"stalled"} and len(guard.findings) == 5
+    assert guard.report()[0].endswith(
+        "trainable but unchanged: 5 tensors (160 values) in model.layers.*.input_layernorm x2, "
+        "model.layers.*.post_attention_layernorm x2, model.norm - it had a non-zero gradient and LR 1e-05, yet no "
+        "value changed: updates too small for bfloat16, or the optimizer skips it; raise the LR or keep these "
+        "weights in float32")
+
+
 class Unfreeze(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kw):
         model.model.embed_tokens.weight.requires_grad_(True)

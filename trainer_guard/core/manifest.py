@@ -34,6 +34,8 @@ import functools
 import json
 import os
 import struct
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -63,6 +65,7 @@ __all__ = [
     "reconcile",
     "load_tensors",
     "checkpoint_manifest",
+    "ManifestWriter",
     "model_problems",
     "compare",
     "foreign_reason",
@@ -590,9 +593,59 @@ def model_problems(
     problems = []
     for m in compare(expected, tensor_entries(present, sums), expected_label="checkpoint manifest",
                      actual_label="resumed model", check_extra=False):
-        msg = m.message
+        msg = m.message.replace("(data changed)", "(not restored from the checkpoint: the load skipped it, or it "
+                                                  "was re-initialised or changed after the load)")
         if m.name in aliases:
             msg += (f" (stored once as a tie of {aliases[m.name]} and the tie was not restored, so it was "
                     f"initialised at random: declare the tie, e.g. config.tie_word_embeddings=True, TiedWeightsGuard)")
         problems.append(msg)
     return problems, warnings
+
+
+class ManifestWriter:
+    """Writes manifests (atomic, fsynced: :func:`write_manifest`) in a background thread, one at a time.
+
+    Everything a manifest says is computed before :meth:`submit`; only the file write and fsync run in the thread.
+    :meth:`join` waits for it and raises the write's failure, so a manifest that could not be written is never
+    silent.
+
+    Example:
+        >>> import tempfile, torch
+        >>> w = ManifestWriter()
+        >>> w.submit(tempfile.mkdtemp(), build_manifest({"w": torch.ones(2)}, global_step=1, tie_groups=[]))
+        >>> w.join()
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: tuple[str, Exception] | None = None
+        self.last_seconds: float | None = None
+
+    def _run(self, directory: str, manifest: Mapping[str, Any]) -> None:
+        t0 = time.perf_counter()
+        try:
+            write_manifest(directory, manifest)
+        except Exception as e:  # re-raised by join() in the caller's thread
+            self._error = (directory, e)
+        self.last_seconds = time.perf_counter() - t0
+
+    def submit(self, directory: str | os.PathLike, manifest: Mapping[str, Any], background: bool = True) -> None:
+        """Write ``manifest`` into ``directory`` (after the previous write finished); inline when not ``background``."""
+        self.join()
+        if background:
+            self._thread = threading.Thread(target=self._run, args=(os.fspath(directory), manifest),
+                                            name="trainer_guard-manifest")
+            self._thread.start()
+        else:
+            self._run(os.fspath(directory), manifest)
+            self.join()
+
+    def join(self) -> None:
+        """Wait for the pending write; raise :class:`IntegrityError` (naming the file) if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            (directory, e), self._error = self._error, None
+            raise IntegrityError(f"{os.path.join(directory, MANIFEST_FILE)} could not be written ({e}); that "
+                                 f"checkpoint has no manifest. Check free disk space and permissions.") from e

@@ -130,7 +130,7 @@ def test_unchanged_resume_passes_and_logs_table(tmp_path, kind, caplog):
     ckpt = first_run(tmp_path, kind)
     g = ResumeGuard()
     trainer, steps = second_trainer(tmp_path, tiny_lora(tiny_model(kind), modules_to_save=MTS), g)
-    guard(trainer).train(resume_from_checkpoint=str(ckpt))
+    guard(trainer).train(resume_from_checkpoint=True)  # the Trainer resolves the path; the guard still sees it
     assert steps.steps == 2 and trainer.state.global_step == 4
     assert g.report()[0].startswith("trainable parameters at train begin:\n  kind ")
     assert "modules_to_save  lm_head" in g.report()[0] and "trainable 9,088 of " in g.report()[0]
@@ -145,6 +145,42 @@ def test_adapter_source_detected_from_model_path(tmp_path):
     with pytest.raises(ResumeMismatchError, match="differs from adapter"):
         guard(trainer).train()
     assert steps.steps == 0
+
+
+def test_case1_checkpoint_saved_without_guard(tmp_path):
+    """No trainer_guard record: the checkpoint's adapter_config.json and optimizer.pt group sizes are the reference."""
+    Trainer(model=tiny_lora(tiny_model("llama-untied"), modules_to_save=MTS), args=make_args(tmp_path / "out", max_steps=2),
+            train_dataset=ds()).train()
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    trainer, steps = second_trainer(tmp_path, tiny_lora(tiny_model("llama-untied")), ResumeGuard())
+    with pytest.raises(ResumeMismatchError, match="lm_head, model.embed_tokens: 8,192 params trainable in checkpoint-2 "
+                                                  r"\(modules_to_save\), frozen now"):
+        guard(trainer).train(resume_from_checkpoint=str(ckpt))
+
+    Trainer(model=_full_run(tmp_path, []), args=make_args(tmp_path / "full", max_steps=2), train_dataset=ds()).train()
+    trainer = guard(Trainer(model=_full_run(tmp_path, [0]), args=make_args(tmp_path / "full", max_steps=4),
+                            train_dataset=ds(), callbacks=[ResumeGuard()]))
+    with pytest.raises(ResumeMismatchError, match=r"set requires_grad as in the saved run[^\n]*\n  - optimizer groups hold \[9, 3\] params now, \[16, 5\] in "
+                                                  r"checkpoint-2/optimizer.pt"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+
+
+def test_all_default_guards_together(tmp_path):
+    """Every guard of configs/default.yaml, wired: an unchanged resume passes, R3's resume stops with our error."""
+    def cbs():
+        return trainer_guard.callbacks_from_yaml(os.path.join(os.path.dirname(__file__), "..", "configs", "default.yaml"))
+
+    Trainer(model=tiny_lora(tiny_model("llama-tied"), modules_to_save=MTS), args=make_args(tmp_path / "out", max_steps=2),
+            train_dataset=ds(), callbacks=cbs()).train()
+    ckpt = str(tmp_path / "out" / "checkpoint-2")
+    trainer = guard(Trainer(model=tiny_lora(tiny_model("llama-tied"), modules_to_save=MTS),
+                            args=make_args(tmp_path / "out", max_steps=4), train_dataset=ds(), callbacks=cbs()))
+    trainer.train(resume_from_checkpoint=ckpt)
+    assert trainer.state.global_step == 4
+    trainer = guard(Trainer(model=tiny_lora(tiny_model("llama-tied")), args=make_args(tmp_path / "out", max_steps=4),
+                            train_dataset=ds(), callbacks=cbs()))
+    with pytest.raises(ResumeMismatchError, match="lm_head, model.embed_tokens: 8,192 params trainable in checkpoint-2"):
+        trainer.train(resume_from_checkpoint=ckpt)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -129,9 +129,11 @@ class ResumeGuard(Guard):
         if not problems:
             return
         saved = f"{os.path.basename(os.path.normpath(source))} ({source})" if source else "the active adapter's config"
-        header = (f"ResumeGuard: the trainable set differs from {saved}; no training step ran. Rebuild the model as "
-                  f"saved (PeftModel.from_pretrained(base, {source or 'adapter_dir'!r}, is_trainable=True), or the "
-                  f"saved LoraConfig with its modules_to_save), or pass ResumeGuard(mode='fix'); mode='warn' goes on")
+        redo = (f"load the adapter as saved (PeftModel.from_pretrained(base, {source or 'adapter_dir'!r}, "
+                f"is_trainable=True), or the saved LoraConfig with its modules_to_save)"
+                if hasattr(model, "peft_config") else "set requires_grad as in the saved run")
+        header = (f"ResumeGuard: the trainable set differs from {saved}; no training step ran. To continue as saved, "
+                  f"{redo}, or pass ResumeGuard(mode='fix'); mode='warn' goes on")
         if self.options["mode"] == "warn":
             for p in problems:
                 if p not in self._warned:  # the same line is not repeated at the optimizer load

@@ -169,3 +169,60 @@ def test_bad_paths(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(LoadError, match="unreadable safetensors file"):
         load_weights_inplace(tiny_model("llama-untied"), tmp_path / "bad.safetensors")
+
+
+def _status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+
+def _peak_extra(load):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # peak RSS := current RSS
+    before = _status("VmRSS")
+    load()
+    return _status("VmHWM") - before
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_peak_memory_is_model_plus_a_bounded_window(tmp_path, monkeypatch):
+    """R2: load_state_dict(load_file(...)) holds a second copy of the model; load_weights_inplace holds a window of
+    REOPEN_BYTES + CHUNK_BYTES (scaled down here: 4 + 2 MiB) whatever the size of the model or its largest tensor."""
+    from safetensors.torch import load_file
+    from torch import nn
+
+    monkeypatch.setattr(loading, "REOPEN_BYTES", 4 << 20)
+    monkeypatch.setattr(loading, "CHUNK_BYTES", 2 << 20)
+
+    def build():
+        return nn.Sequential(nn.Embedding(8192, 1024), *[nn.Linear(1024, 1024) for _ in range(8)])  # 32 + 8x4 MiB
+
+    path = str(tmp_path / "m.safetensors")
+    save_file({k: v.contiguous() for k, v in build().state_dict().items()}, path)
+    model_bytes = 64 << 20
+    model = build()
+    extra = _peak_extra(lambda: load_weights_inplace(model, path))
+    assert extra < 0.25 * model_bytes, extra / model_bytes  # window: <= ~6 MiB + page-cache rounding
+    model = build()
+    extra = _peak_extra(lambda: model.load_state_dict(load_file(path)))
+    assert extra > 0.9 * model_bytes, extra / model_bytes  # the full second copy
+
+
+@pytest.mark.gpu
+def test_load_into_gpu_model_without_a_full_gpu_copy(tmp_path):
+    src = tiny_model("llama-untied", seed=1)
+    src.save_pretrained(tmp_path)
+    dst = tiny_model("llama-untied", seed=2).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    load_weights_inplace(dst, tmp_path)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= max(t.numel() * t.element_size() for t in dst.parameters())
+    for n, p in src.named_parameters():
+        assert torch.equal(dst.get_parameter(n).cpu(), p), n
+    meta = tiny_model("llama-untied", seed=3).to("meta")
+    load_weights_inplace(meta, tmp_path, device="cuda")
+    assert all(p.device.type == "cuda" for p in meta.parameters())

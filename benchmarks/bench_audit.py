@@ -11,8 +11,8 @@ guard runs a full check after the first step and every ``every`` steps, so the a
   checksum loop (numba).
 - ``--device cuda``: Llama-3-8B shapes (hidden 4096, MLP 14336, 32 heads / 8 KV heads, vocab 128256) in bf16,
   triton checksum kernel; ``--layers`` (default 32) shrinks the depth to fit memory (weights + grads + bf16 AdamW
-  states: about 8 GB per 4 layers, plus activations with gradient checkpointing); check and step both scale with
-  depth, so the fraction barely depends on it.
+  states: about 8 GB per 4 layers, plus activations with gradient checkpointing: use ``--layers 24`` on an 80 GB
+  H100, 32 fits a 141 GB H200); check and step both scale with depth, so the fraction barely depends on it.
 
 Usage::
 
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                       max_position_embeddings=seq, tie_word_embeddings=False)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if gpu else torch.float32
-    with torch.device(a.device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+    with torch.device(a.device):  # built directly in its dtype on its device (no fp32 copy of 8B weights)
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
     if gpu:
         model.gradient_checkpointing_enable()
     model.train()
@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    guard = UpdateAuditGuard(mode="warn", every=1)  # a full check at every optimizer step
+    # a full check at every optimizer step; in bf16, RMSNorm weights (1.0) cannot move by lr-sized steps (a true
+    # "stalled" finding, see tests/test_update_audit.py), so they are left out to time the healthy path
+    guard = UpdateAuditGuard(mode="warn", every=1, ignore=["*norm*"] if gpu else [])
     state, control = TrainerState(), TrainerControl()
     guard.on_train_begin(None, state, control, model=model)
     guard.on_step_begin(None, state, control, model=model)  # the baseline (also JIT-compiles the checksum code)

@@ -156,7 +156,7 @@ def test_files_reopened_and_big_tensors_copied_in_row_blocks(tmp_path, monkeypat
     src = tiny_model("llama-untied", seed=1)
     src.save_pretrained(tmp_path)
     dst = tiny_model("llama-untied", seed=2)
-    load_weights_inplace(dst, tmp_path)
+    load_weights_inplace(dst, tmp_path, progress=True)
     assert len(opened) > 5  # headers once, then a fresh mapping every 4 KiB read
     assert_same(dst, snapshot(src))
 

@@ -158,3 +158,15 @@ def test_template_ids():
 def test_options_validated():
     with pytest.raises(Exception, match=r"UntrainedTokensGuard.rtol: got 2.0; must be between 0 and 1"):
         UntrainedTokensGuard(rtol=2.0)
+
+
+def test_untokenized_or_ragged_data_is_said_not_silently_clean():
+    from datasets import Dataset
+
+    guard = UntrainedTokensGuard()
+    lines = guard.check(base_model(), Dataset.from_dict({"text": ["<|im_start|> w1", "w2"]}), None)
+    assert ("training data not scanned: its examples have no token ids in 'input_ids' (tokenized by the collator, "
+            "or another field?); set UntrainedTokensGuard(column=...)") in lines
+    ragged = [{"input_ids": [[IM_START, 1], [2, 3, IM_END]]}, {"input_ids": "raw text"}]
+    scan = count_token_ids(ragged, [IM_START, IM_END])
+    assert (scan.counts, scan.tokens, scan.no_ids) == ({IM_START: 1, IM_END: 1}, 5, 1)

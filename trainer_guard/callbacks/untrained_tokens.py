@@ -115,8 +115,12 @@ class UntrainedTokensGuard(Guard):
                                    max_seconds=o["max_seconds"] or None)
             data = scan.counts
             extent = "all" if scan.complete else f"the first (stopped by {scan.stopped})"
-            lines.append(f"training data ({extent} {scan.examples} examples, {scan.tokens} tokens) uses: "
-                         + (_counts(data, tokenizer) or "none of them"))
+            if scan.examples and scan.no_ids == scan.examples:
+                lines.append(f"training data not scanned: its examples have no token ids in {o['column']!r} "
+                             f"(tokenized by the collator, or another field?); set UntrainedTokensGuard(column=...)")
+            else:
+                lines.append(f"training data ({extent} {scan.examples} examples, {scan.tokens} tokens) uses: "
+                             + (_counts(data, tokenizer) or "none of them"))
         template = template_token_ids(tokenizer, ids) if (o["check_template"] and tokenizer is not None) else {}
         if template:
             lines.append("the chat template uses: " + _counts(template, tokenizer))

@@ -299,6 +299,7 @@ def load_weights_inplace(
     *,
     strict: bool = True,
     cast: bool = False,
+    progress: bool = False,
 ) -> LoadResult:
     """Load a ``.safetensors`` file or a (sharded) checkpoint directory into ``model``'s existing tensors.
 
@@ -314,6 +315,7 @@ def load_weights_inplace(
             manifest before copying anything (reads the files once more).
         strict: missing or unexpected names are an error (else they are reported in the result).
         cast: convert a tensor whose stored dtype differs from the model's (else an error).
+        progress: show a progress bar over the bytes (transformers' tqdm; off when its bars are disabled).
 
     Returns:
         A :class:`LoadResult`. Tied parameters are filled once, from whichever of their names the file stores.
@@ -343,16 +345,29 @@ def load_weights_inplace(
     for fp in files_keys:  # read in file order: sequential I/O
         order = {k: i for i, k in enumerate(_file_order(fp))}
         files_keys[fp].sort(key=lambda k: order.get(k, 0))
-    for fp, keys in files_keys.items():
-        reader = _Reader(fp)
-        try:
-            for key in keys:
-                dest = _destination(tensors, by_key[key], device)
-                result.bytes += reader.copy_into(key, dest)
-                _install(model, tensors, by_key[key], dest)
-                result.loaded += 1
-        finally:
-            reader.close()
+    bar = None
+    if progress:
+        from transformers.utils.logging import tqdm
+
+        total = sum(t.numel() * t.element_size() for key, names in plan for t in [tensors[names[0]]])
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="load_weights_inplace")
+    try:
+        for fp, keys in files_keys.items():
+            reader = _Reader(fp)
+            try:
+                for key in keys:
+                    dest = _destination(tensors, by_key[key], device)
+                    n = reader.copy_into(key, dest)
+                    _install(model, tensors, by_key[key], dest)
+                    result.bytes += n
+                    result.loaded += 1
+                    if bar is not None:
+                        bar.update(n)
+            finally:
+                reader.close()
+    finally:
+        if bar is not None:
+            bar.close()
     result.still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     return result
 

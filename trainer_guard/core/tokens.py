@@ -62,6 +62,7 @@ class TokenScan:
         complete: the whole dataset was scanned (else a budget stopped it: see ``stopped``).
         stopped: which budget stopped the scan (``""`` when complete).
         out_of_range: ids below 0 or at/above ``vocab_size`` (when given).
+        no_ids: examples without token ids in ``column`` (raw text tokenized later by a collator, another field).
     """
 
     counts: dict[int, int] = field(default_factory=dict)
@@ -70,6 +71,7 @@ class TokenScan:
     complete: bool = True
     stopped: str = ""
     out_of_range: int = 0
+    no_ids: int = 0
 
 
 def _examples(dataset: Any, column: str) -> Iterable[Any]:
@@ -85,10 +87,18 @@ def _examples(dataset: Any, column: str) -> Iterable[Any]:
 def _ids_of(example: Any, column: str) -> torch.Tensor | None:
     if isinstance(example, dict) or hasattr(example, "keys"):
         example = example.get(column) if hasattr(example, "get") else None
-    if example is None:
+    if example is None or isinstance(example, (str, bytes)):
         return None
-    t = torch.as_tensor(example)
-    return t.reshape(-1).long() if t.numel() else None
+    try:
+        t = torch.as_tensor(example)
+    except (TypeError, ValueError, RuntimeError):  # ragged nested lists (packed/batched rows)
+        if not isinstance(example, (list, tuple)):
+            return None
+        parts = [p for p in (_ids_of(e, column) for e in example) if p is not None]
+        return torch.cat(parts) if parts else None
+    if t.dtype.is_floating_point or t.dtype == torch.bool or not t.numel():
+        return None
+    return t.reshape(-1).long()
 
 
 def count_token_ids(
@@ -136,6 +146,7 @@ def count_token_ids(
         t = _ids_of(example, column)
         scan.examples += 1
         if t is None:
+            scan.no_ids += 1
             continue
         scan.tokens += t.numel()
         inside = (t >= 0) & (t < (vocab_size if vocab_size else bound))

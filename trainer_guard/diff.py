@@ -69,11 +69,13 @@ def _files(path: str) -> list[str]:
     return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
 
 
-def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping | None = None) -> dict[str, Any]:
+def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping | None = None,
+              progress: bool = False) -> dict[str, Any]:
     """Describe one side: ``{"path", "source", "global_step", "algo", "tensors": {name: {checksum, dtype, shape}}}``.
 
     ``source="manifest"`` reads ``manifest`` (or the directory's manifest), ``"files"`` checksums the safetensors
-    files, ``"auto"`` uses the manifest when its algorithm is this version's, else the files.
+    files, ``"auto"`` uses the manifest when its algorithm is this version's, else the files. ``progress`` shows a
+    progress bar over the bytes read.
 
     Raises:
         UsageError: missing path, no manifest where one is required, nothing to compare (no safetensors file).
@@ -101,7 +103,7 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
     if not files:
         raise UsageError(f"{path}: no *.safetensors file and no trainer_guard_manifest.json; nothing to compare "
                          f"(a checkpoint saved with save_safetensors=False holds only .bin files)")
-    sums = file_checksums(path)
+    sums = file_checksums(path, progress=progress)
     meta = {}
     for f in files:
         meta.update(safetensors_entries(f)[1])
@@ -110,7 +112,7 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
     return {"path": path, "source": "files", "global_step": step, "algo": CHECKSUM_ALGO, "tensors": tensors}
 
 
-def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto") -> dict[str, Any]:
+def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto", progress: bool = False) -> dict[str, Any]:
     """Compare two checkpoint/model directories; return the JSON-able report ``trainer-guard diff --json`` prints.
 
     Keys: ``a``/``b`` (path, source, global_step, tensor count), ``steps`` (B's step minus A's, or None),
@@ -130,7 +132,7 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto") -> di
             source = "files"
         else:
             source = "manifest"
-    sa, sb = load_side(a, source, ma), load_side(b, source, mb)
+    sa, sb = load_side(a, source, ma, progress), load_side(b, source, mb, progress)
     if source == "manifest" and sa["algo"] != sb["algo"]:
         raise UsageError(f"the manifests use different checksum algorithms ({sa['algo']} in A, {sb['algo']} in B); "
                          f"compare the files with --source files")
@@ -179,7 +181,7 @@ def format_text(report: Mapping[str, Any], list_tensors: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = diff(args.a, args.b, source=args.source)
+    report = diff(args.a, args.b, source=args.source, progress=sys.stderr.isatty())
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -216,6 +216,29 @@ def test_dtype_mix_is_reported(tmp_path, capsys):
                for m in _messages(rep, "warnings"))
 
 
+def test_plain_module_tie_record_is_read(tmp_path, capsys):
+    from trainer_guard import TiedWeightsGuard
+
+    Trainer(model=tiny_model("plain-gpt"), args=make_args(tmp_path, max_steps=2),
+            train_dataset=tiny_dataset(16, 16, 128), callbacks=[TiedWeightsGuard(), IntegrityGuard()]).train()
+    capsys.readouterr()  # the Trainer's log lines
+    code, rep = _doctor(tmp_path / "checkpoint-2", capsys=capsys)
+    assert code == 0
+    assert _messages(rep, "warnings") == ["out_head.weight: stored once as tok_emb.weight; load with strict=False and "
+                                          "re-tie (TiedWeightsGuard does both)"]
+
+
+def test_big_files_show_progress_on_stderr_but_never_in_json(ckpt, capsys, monkeypatch):
+    import trainer_guard.doctor as doctor
+
+    monkeypatch.setattr(doctor, "PROGRESS_BYTES", 1)
+    assert main(["doctor", str(ckpt)]) == 0
+    assert "checksum" in capsys.readouterr().err  # the tqdm bar over the file's bytes
+    assert main(["doctor", str(ckpt), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["status"] == "healthy" and "checksum" not in out.err
+
+
 def test_unusable_inputs_never_print_a_traceback(tmp_path, capsys):
     (tmp_path / "model.safetensors").write_bytes(b"this is not a safetensors file at all")
     proc = subprocess.run([sys.executable, "-m", "trainer_guard.cli", "doctor", str(tmp_path)],

@@ -115,6 +115,21 @@ def test_manifest_mode_stops_when_a_tensor_was_not_saved(tmp_path):
     assert any(name in line and "not saved" in line for line in guard.report())
 
 
+@pytest.mark.gpu
+def test_cuda_model_manifest_equals_the_files(tmp_path):
+    # backend "auto" checksums the CUDA model with the Triton kernel; the files are read on the CPU path
+    model = tiny_model("llama-tied").cuda()
+    trainer = Trainer(model=model, args=make_args(tmp_path, use_cpu=False, max_steps=2),
+                      train_dataset=tiny_dataset(16, 16, 128), callbacks=[IntegrityGuard(verify="readback")])
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-2"
+    assert {k: e["checksum"] for k, e in entries(read_manifest(ckpt)).items()} == file_checksums(ckpt)
+    guard = IntegrityGuard()
+    _train(tiny_model("llama-tied", seed=1).cuda(), tmp_path, [guard], resume=str(ckpt), max_steps=3,
+           use_cpu=False)
+    assert any(line.startswith("resumed model matches") for line in guard.report())
+
+
 # ------------------------------------------------------------------------------------------------ resume
 def test_clean_resume_passes(tmp_path):
     _train(tiny_model("llama-tied"), tmp_path, [IntegrityGuard()])

@@ -135,3 +135,16 @@ def test_config_options_validated():
     with pytest.raises(Exception) as e:
         DtypeGuard(mode="cast")
     assert "DtypeGuard.mode: got 'cast'; expected one of 'fix', 'raise', 'warn'" in str(e.value)
+
+
+def test_cast_also_casts_grads_and_existing_optimizer_state():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).to(torch.bfloat16)
+    model[1] = nn.Linear(8, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    head = model[1].weight
+    head.grad = torch.ones_like(head)
+    opt.state[head] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(head), "exp_avg_sq": torch.zeros_like(head)}
+    cast_mismatches(model, find_dtype_mismatches(model), opt)
+    assert model[1].weight is head and head.dtype == head.grad.dtype == torch.bfloat16
+    assert opt.state[head]["exp_avg"].dtype == opt.state[head]["exp_avg_sq"].dtype == torch.bfloat16
+    assert opt.state[head]["step"].dtype == torch.float32  # scalar step count untouched

@@ -9,7 +9,8 @@ runs, L2 flushed between runs), every peer in the same run:
 - plain reads: ``amax`` / int32 ``sum`` over one flat 16.06 GB copy of the model (the memory-speed roofline);
 - ``torch.hash_tensor`` per tensor (order-blind XOR) and over the flat copy;
 - ``torch._foreach_norm`` over the 291 tensors;
-- the same position hash written with per-tensor torch ops (also checked equal to the kernel on every tensor).
+- the same position hash written with per-tensor torch ops (also checked equal to the kernel on every tensor);
+- a small sweep of the kernel's tile shape (BLOCK, ITERS, num_warps), each checked to give the same sums.
 
 Prints one markdown row per method with GPU name, versions, ms and TB/s.
 
@@ -20,6 +21,7 @@ read back warm from the page cache: ``file_checksums`` (numba loop over an mmap,
 Example:
     python benchmarks/bench_checksum.py            # CPU section
     python benchmarks/bench_checksum.py --gpu      # GPU section (needs CUDA; ~50 GB of GPU memory at peak)
+    python benchmarks/bench_checksum.py --gpu --smoke   # the GPU section's code, dry-run on the CPU (no result)
 """
 
 from __future__ import annotations
@@ -87,6 +89,16 @@ def _torch_ops_checksum_sums(tensors: dict[str, torch.Tensor]) -> dict[str, int]
     return out
 
 
+def _wall_bench(fn, warmup=0, rep=0, quantiles=(0.5, 0.2, 0.8)) -> list[float]:
+    """Stand-in for do_bench in ``--smoke`` runs (no CUDA events on the CPU): 2 runs, wall clock, ms."""
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return [float(np.quantile(times, q)) for q in quantiles]
+
+
 def gpu_bench(args: argparse.Namespace) -> None:
     import triton
     from triton.testing import do_bench
@@ -95,15 +107,21 @@ def gpu_bench(args: argparse.Namespace) -> None:
     from trainer_guard.core.checksum import finalize
     from trainer_guard.ops.checksum_triton import ChecksumPlan
 
-    if not torch.cuda.is_available():
-        sys.exit("--gpu needs a CUDA device")
-    dev = torch.device("cuda")
     shapes = llama3_8b_shapes()
+    if args.smoke:  # dry run of this section on the CPU: triton interpreter, shapes / 256, wall-clock timer
+        dev, name = torch.device("cpu"), "CPU smoke run (TRITON_INTERPRET=1, 2 layers, rows / 256), NOT a result"
+        shapes = {n: tuple(max(1, d // 256) if i == 0 else d for i, d in enumerate(sh)) for n, sh in shapes.items()
+                  if not n.startswith("model.layers.") or n.split(".")[2] in ("0", "1")}
+        do_bench = _wall_bench
+    elif not torch.cuda.is_available():
+        sys.exit("--gpu needs a CUDA device")
+    else:
+        dev = torch.device("cuda")
+        name = torch.cuda.get_device_name(dev)
     torch.manual_seed(0)
     tensors = {n: torch.empty(s, dtype=torch.bfloat16, device=dev).normal_() for n, s in shapes.items()}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     flat = torch.cat([t.reshape(-1) for t in tensors.values()])
-    name = torch.cuda.get_device_name(dev)
     print(f"## GPU: {name}; {_versions()}; {len(tensors)} tensors, {nbytes / GB:.2f} GB bf16\n")
 
     # correctness at full size before timing: kernel == per-tensor torch ops == (on a few tensors) CPU path
@@ -121,7 +139,7 @@ def gpu_bench(args: argparse.Namespace) -> None:
     runs = [
         ("trainer_guard checksums(backend='triton'), end to end", lambda: checksums(tensors, backend="triton")),
         ("trainer_guard kernel only (prebuilt plan)", lambda: plan.run()),
-        ("plain read: flat.amax() (one 16 GB buffer)", lambda: flat.amax()),
+        ("plain read: flat.amax() (one flat copy of the model)", lambda: flat.amax()),
         ("plain read: flat.view(int32).sum()", lambda: flat.view(torch.int32).sum()),
     ]
     if hasattr(torch, "hash_tensor"):
@@ -133,6 +151,12 @@ def gpu_bench(args: argparse.Namespace) -> None:
         ("torch._foreach_norm", lambda: torch._foreach_norm(tl)),
         ("position hash in per-tensor torch ops", lambda: _torch_ops_checksum_sums(tensors)),
     ]
+    # tuning sweep (same 512 KiB chunk, other tile shapes): results must be identical, times may not be
+    for block, iters, warps in [(2048, 32, 8), (512, 128, 4), (4096, 16, 16), (1024, 32, 4)]:
+        p = ChecksumPlan(tensors, block=block, iters=iters, num_warps=warps)
+        same = p.finish(p.run()) == got
+        runs.append((f"kernel only, BLOCK={block} ITERS={iters} num_warps={warps}"
+                     f"{'' if same else ' (WRONG RESULT)'}", p.run))
     print("| GPU | method | median ms | p20 ms | p80 ms | TB/s (median) |")
     print("|---|---|---:|---:|---:|---:|")
     results = {}
@@ -232,7 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=5, help="CPU: best of this many runs")
     ap.add_argument("--warmup", type=int, default=100, help="GPU: do_bench warmup in ms")
     ap.add_argument("--rep", type=int, default=1000, help="GPU: do_bench measuring time in ms")
+    ap.add_argument("--smoke", action="store_true", help="with --gpu: dry-run the GPU section on the CPU (tiny)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        if not args.gpu:
+            sys.exit("--smoke goes with --gpu")
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     if args.gpu:
         gpu_bench(args)
     if args.cpu or not args.gpu:

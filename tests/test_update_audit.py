@@ -174,6 +174,38 @@ def test_bf16_weights_too_coarse_for_the_update(tmp_path):
         "weights in float32")
 
 
+class DecayEverything(torch.optim.Optimizer):
+    """A hand-written SGD with decoupled weight decay that decays every parameter of its groups, grad or not."""
+
+    def __init__(self, params, lr=1e-2, weight_decay=0.1):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+def test_weight_decay_applied_to_frozen_weights(tmp_path):
+    def frozen_model():
+        model = tiny_model("llama-untied")
+        model.model.embed_tokens.weight.requires_grad_(False)
+        return model
+
+    model = frozen_model()
+    w0 = model.model.embed_tokens.weight.detach().clone()
+    train(model, tmp_path, optimizers=(DecayEverything(model.parameters()), None))
+    assert not torch.equal(w0, model.model.embed_tokens.weight)  # silent: the "frozen" embeddings shrank
+
+    model = frozen_model()
+    with pytest.raises(UpdateAuditError, match=r"frozen but changed: 1 tensor \(4,096 values\) in model\.embed_tokens "
+                       r"- frozen, yet in optimizer group 0 \(weight_decay 0\.1\) which updated it"):
+        train(model, tmp_path, UpdateAuditGuard(), optimizers=(DecayEverything(model.parameters()), None))
+
+
 class Unfreeze(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kw):
         model.model.embed_tokens.weight.requires_grad_(True)

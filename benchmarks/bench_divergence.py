@@ -111,9 +111,10 @@ def _worker(args) -> None:
     n = args.nproc * args.batch * (args.warmup + args.steps)
     ds = tiny_dataset(n, args.seq, args.vocab)
     out = tempfile.mkdtemp(prefix="bench_div_")
-    targs = TrainingArguments(output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
-                              use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no",
-                              logging_strategy="no", disable_tqdm=True, seed=0, learning_rate=1e-4)
+    targs = TrainingArguments(output_dir=out, max_steps=args.warmup + args.steps,
+                              per_device_train_batch_size=args.batch, use_cpu=not torch.cuda.is_available(),
+                              report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
+                              learning_rate=1e-4)
     guard = TimedGuard(every=1)
     trainer = Trainer(model=model, args=targs, train_dataset=ds, callbacks=[StepTimer(), guard])
     trainer.train()
@@ -124,7 +125,8 @@ def _worker(args) -> None:
     params = sum(p.numel() for p in model.parameters())
     mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86'})"
-    row = (f"| {dev} | torch {torch.__version__} | {trainer.args.world_size} ranks ({trainer.accelerator.distributed_type.value}) "
+    kind = trainer.accelerator.distributed_type.value
+    row = (f"| {dev} | torch {torch.__version__} | {trainer.args.world_size} ranks ({kind}) "
            f"| {checksum_algo()} | {params / 1e6:.1f}M params, {mb:.0f} MB | step {step * 1e3:.1f} ms "
            f"| check {check * 1e3:.2f} ms (checksum {local * 1e3:.2f}, gather {(check - local) * 1e3:.2f}) "
            f"| {100 * check / step:.2f}% of a step | every={args.every}: {100 * check / (args.every * step):.4f}% |")

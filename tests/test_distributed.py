@@ -201,6 +201,18 @@ def test_single_process_computes_nothing(tmp_path, monkeypatch):
     assert guard.report() == ["replica check skipped: a single process, no replicas to compare"]
 
 
+def test_guard_skips_fsdp_and_zero3_runs_without_a_collective(tmp_path, monkeypatch):
+    world = FakeWorld(monkeypatch, [((1, ""), {})])
+    guard = ReplicaDivergenceGuard(every=1, at_train_end=True)
+    args = make_args(tmp_path)
+    args.fsdp = True  # what TrainingArguments normalises an FSDP config to
+    state = type("S", (), {"global_step": 1})()
+    guard.on_step_end(args, state, None, model=tiny_model("llama-tied"))
+    guard.on_train_end(args, state, None, model=tiny_model("llama-tied"))
+    assert world.calls == 0 and guard.checks == 0
+    assert guard.report() == ["replica check skipped: FSDP/ZeRO-3 shard the parameters, no replicas to compare"]
+
+
 def test_guard_agreeing_replicas_gather_one_value_per_check(monkeypatch):
     model = tiny_model("llama-tied")
     fp = model_fingerprint(model_checksums(model))

@@ -116,11 +116,29 @@ class ReplicaDivergenceGuard(Guard):
     def on_train_begin(self, args, state, control, **kwargs: Any):
         self._last_step = None
 
+    def _sharded_args(self, args) -> bool:
+        """FSDP or DeepSpeed ZeRO-3 configured in the Trainer's arguments (the same answer on every rank)."""
+        if getattr(args, "fsdp", None):
+            return True
+        if getattr(args, "deepspeed", None):
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            return bool(is_deepspeed_zero3_enabled())
+        return False
+
+    def _run(self, args, model, step: int) -> None:
+        if self._sharded_args(args) and world_size() > 1:
+            if not self._skip_noted:
+                self.note("replica check skipped: FSDP/ZeRO-3 shard the parameters, no replicas to compare")
+                self._skip_noted = True
+            return
+        self.check(model, step)
+
     def on_step_end(self, args, state, control, model=None, **kwargs: Any):
         every = self.options["every"]
         if model is not None and every and state.global_step % every == 0:
-            self.check(model, state.global_step)
+            self._run(args, model, state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs: Any):
         if model is not None and self.options["at_train_end"] and self._last_step != state.global_step:
-            self.check(model, state.global_step)
+            self._run(args, model, state.global_step)

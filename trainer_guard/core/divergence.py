@@ -80,7 +80,7 @@ def checksum_algo() -> str:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """True when parameters are shards (FSDP2 ``DTensor``, FSDP1 flat parameters, DeepSpeed ZeRO-3).
+    """True when parameters are shards (FSDP2 ``DTensor``, FSDP1 wrappers or flat parameters, DeepSpeed ZeRO-3).
 
     Sharded ranks hold different pieces by design, so their fingerprints are not comparable.
     """
@@ -88,6 +88,9 @@ def is_sharded(model: nn.Module) -> bool:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
         DTensor = ()
+    wrappers = {"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"}
+    if any(c.__name__ in wrappers for m in model.modules() for c in type(m).__mro__):
+        return True  # FSDP1 with use_orig_params exposes plain Parameters that are views of the local shard
     for p in model.parameters():
         if isinstance(p, DTensor) or hasattr(p, "ds_id") or type(p).__name__ == "FlatParameter":
             return True

@@ -9,10 +9,11 @@ Compares, each in a fresh subprocess so one method's allocations cannot hide ano
 
 The model is a Llama-shaped ``LlamaForCausalLM`` (untied, fp32 by default) of about ``--gb`` GB, created on the
 meta device and materialised with ``to_empty`` + ``zero_`` (resident before the load starts, no slow init). Each
-child imports every library first, takes its baseline RSS, builds the model, resets its peak RSS (``/proc/self/clear_refs``), loads, and reports
-``VmHWM``; the table gives the peak *above the process baseline before the model existed*, and that peak over the
-model's size (goal of issue 6: <= 1.1x). With ``--device cuda`` the model lives on the GPU and the table adds
-``torch.cuda.max_memory_allocated`` over the model's size (host RSS still reported).
+child imports every library first, takes its baseline RSS, builds the model, resets its peak RSS
+(``/proc/self/clear_refs``), loads, and reports ``VmHWM``; the table gives the peak *above the process baseline
+before the model existed*, and that peak over the model's size (goal of issue 6: <= 1.1x). With ``--device cuda``
+the model lives on the GPU and the table adds ``torch.cuda.max_memory_allocated`` over the model's size (host RSS
+still reported).
 
 Usage::
 

@@ -1,4 +1,5 @@
-"""DtypeGuard and core.dtype (field report R2: fp32 head on a bf16 model -> "mat1 and mat2 must have the same dtype")."""
+"""DtypeGuard and core.dtype (field report R2: an fp32 head on a bf16 model -> "mat1 and mat2 must have the same
+dtype")."""
 
 import pytest
 import torch
@@ -143,7 +144,8 @@ def test_cast_also_casts_grads_and_existing_optimizer_state():
     opt = torch.optim.AdamW(model.parameters())
     head = model[1].weight
     head.grad = torch.ones_like(head)
-    opt.state[head] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(head), "exp_avg_sq": torch.zeros_like(head)}
+    opt.state[head] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(head),
+                       "exp_avg_sq": torch.zeros_like(head)}
     cast_mismatches(model, find_dtype_mismatches(model), opt)
     assert model[1].weight is head and head.dtype == head.grad.dtype == torch.bfloat16
     assert opt.state[head]["exp_avg"].dtype == opt.state[head]["exp_avg_sq"].dtype == torch.bfloat16

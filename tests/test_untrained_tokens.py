@@ -113,7 +113,8 @@ def test_raise_mode_and_trainable_token_indices(tmp_path):
     with pytest.raises(UntrainedTokensError) as e:
         make_trainer(tmp_path, model, [UntrainedTokensGuard(mode="raise")]).train()
     msg = str(e.value)
-    assert msg.startswith("Training would use never-trained embedding rows (NaN/garbage losses):\n  - input embedding: ")
+    assert msg.startswith("Training would use never-trained embedding rows (NaN/garbage losses):\n"
+                          "  - input embedding: ")
     assert "input embedding rows" not in msg  # 121 and 122 are trainable through trainable_token_indices
     assert "output head rows [121, 122] cannot train" in msg
     assert msg.endswith("Use UntrainedTokensGuard(mode='fix') to set them to the mean of the trained rows, or remove "

@@ -1,6 +1,7 @@
 """Which tensors changed between two checksum maps, and why a tensor that should have trained did not.
 
-Pure functions, no Trainer. :func:`classify` compares two ``{name: checksum}`` maps (from
+No Trainer here. :class:`UpdateAudit` is a whole run's audit (baseline, then one call per optimizer step) built on
+pure functions: :func:`classify` compares two ``{name: checksum}`` maps (from
 :func:`trainer_guard.core.checksum.checksums`, a manifest or :func:`~trainer_guard.core.checksum.file_checksums`);
 :func:`audit` turns that plus a few :class:`ParamFacts` per tensor (trainable at the baseline? which optimizer
 group, its LR, how many effective optimizer steps since the baseline, what its ``.grad`` looked like) into

@@ -70,6 +70,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
 from collections.abc import Callable, Mapping
@@ -373,12 +374,13 @@ def safetensors_entries(path: str | os.PathLike) -> tuple[int, dict[str, dict[st
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise ChecksumError(f"{path}: {size} bytes is too short for a safetensors file (truncated?)")
+                raise ChecksumError(f"{path}: {size} bytes is too short for a safetensors file (truncated?); "
+                                    f"re-save or re-download it")
             (hlen,) = struct.unpack("<Q", head)
             if hlen > min(size - 8, 100_000_000):
                 raise ChecksumError(
                     f"{path}: header length {hlen} exceeds the file ({size} bytes): not a safetensors file, "
-                    f"or truncated"
+                    f"or truncated; re-save or re-download it"
                 )
             raw = f.read(hlen)
     except OSError as e:
@@ -386,7 +388,8 @@ def safetensors_entries(path: str | os.PathLike) -> tuple[int, dict[str, dict[st
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ChecksumError(f"{path}: header is not valid JSON ({e}); not a safetensors file, or corrupted") from None
+        raise ChecksumError(f"{path}: header is not valid JSON ({e}); not a safetensors file, or corrupted; "
+                            f"re-save or re-download it") from None
     if not isinstance(header, dict):
         raise ChecksumError(f"{path}: header is not a JSON object; not a safetensors file")
     meta = header.pop("__metadata__", None) or {}
@@ -405,10 +408,10 @@ def safetensors_entries(path: str | os.PathLike) -> tuple[int, dict[str, dict[st
                 or not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)):
             raise ChecksumError(f"{path}: tensor {name!r}: malformed shape {shape!r} or data_offsets {offs!r}")
         b, end = offs
-        want = int(np.prod(shape, dtype=np.int64)) * DTYPE_SIZES[dt] if shape else DTYPE_SIZES[dt]
+        want = math.prod(shape) * DTYPE_SIZES[dt]
         if b < 0 or end - b != want:
             raise ChecksumError(f"{path}: tensor {name!r}: data_offsets {offs} hold {end - b} bytes but {dt} "
-                                f"{shape} needs {want}")
+                                f"{shape} needs {want}: corrupted header")
         if end > data_size:
             raise ChecksumError(f"{path}: tensor {name!r}: ends at byte {start + end} but the file has {size} "
                                 f"bytes (truncated); re-save or re-download it")

@@ -450,6 +450,17 @@ def test_case3_frozen_modules_to_save_copies_fixed(tmp_path, wired):
     assert any(p is head for p in trainer.optimizer.param_groups[0]["params"])
 
 
+def test_deliberate_partial_freeze_is_no_finding(tmp_path):
+    """LoRA-FA style: lora_A frozen on purpose in an adapter created for training; nothing was saved before."""
+    model = tiny_lora(tiny_model("llama-tied"))
+    for n, p in model.named_parameters():
+        if "lora_A" in n:
+            p.requires_grad_(False)
+    trainer, steps = second_trainer(tmp_path, model, ResumeGuard(), max_steps=2)
+    guard(trainer).train()
+    assert steps.steps == 2
+
+
 def test_fix_unwired_resume_asks_for_guard(tmp_path):
     """Without guard(trainer) the check can only run at on_train_begin, after the optimizer load: fix refuses."""
     Trainer(model=_full_run(tmp_path, [0]), args=make_args(tmp_path / "out", max_steps=2), train_dataset=ds(),

@@ -170,6 +170,8 @@ class ResumeGuard(Guard):
                 p.requires_grad_(True)
             return [p + " (mode='fix' cannot restore this by trainability alone)" for p in left]
         self.fixed = dict(want)
+        if want and hasattr(model, "active_adapter"):
+            model.peft_config[model.active_adapter].inference_mode = False  # it trains now; saved configs say so
         for msg in problems:
             self.note(f"fixed: {msg}", "warning")
         return []

@@ -270,19 +270,26 @@ def layout_problems(then: list[Mapping[str, Any]], now: list[Mapping[str, Any]],
 
 
 def frozen_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters of the ACTIVE PEFT adapters (LoRA, modules_to_save copies, trainable tokens) that are frozen.
+    """Frozen parameters (LoRA, modules_to_save copies, trainable tokens) of the active PEFT adapters that were
+    loaded for inference (``inference_mode=True``: ``PeftModel.from_pretrained`` without ``is_trainable=True``).
+
+    Adapters created for training are left out, so a deliberate partial freeze (LoRA-FA's frozen A) is no finding.
 
     Example:
         >>> from trainer_guard.tiny import tiny_model, tiny_lora
-        >>> m = tiny_lora(tiny_model("llama-tied"))
-        >>> len(frozen_adapter_params(m)), len(frozen_adapter_params(m.requires_grad_(False)))
-        (0, 8)
+        >>> m = tiny_lora(tiny_model("llama-tied")).requires_grad_(False)
+        >>> len(frozen_adapter_params(m))
+        0
+        >>> m.peft_config["default"].inference_mode = True
+        >>> len(frozen_adapter_params(m))
+        8
     """
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, Mapping):
         return {}
     active = getattr(model, "active_adapters", None) or [getattr(model, "active_adapter", "default")]
     active = [active] if isinstance(active, str) else list(active)
+    active = [a for a in active if a in configs and getattr(configs[a], "inference_mode", False)]
     out = {}
     for name, p in model.named_parameters():
         cname = canonical_name(name)

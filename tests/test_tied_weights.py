@@ -209,3 +209,15 @@ def test_guarded_module_loads_strict(tmp_path):
     TiedWeightsGuard().attach(other)
     other.load_state_dict(st.load_file(str(tmp_path / "m.safetensors")), strict=True)
     _assert_same(_snapshot(other), _snapshot(model))
+
+
+def test_empty_placeholders_are_not_false_ties():
+    """ZeRO-3 empties parameters to size 0 (all at data pointer 0): they must not become one false tie group."""
+    model = tiny_model("llama-untied")
+    for p in model.parameters():
+        p.data = torch.empty(0)
+    assert find_tied_groups(model) == []
+    model = tiny_model("llama-tied")
+    for p in model.parameters():
+        p.data = torch.empty(0)
+    assert find_tied_groups(model) == [], "only identity can be judged on placeholders; same Parameter is deduped"

@@ -22,8 +22,11 @@ __all__ = ["state", "is_main_process", "world_size", "rank", "gather", "agree", 
 
 
 def state() -> PartialState:
-    """The accelerate process state (created on first use)."""
-    return PartialState()
+    """The accelerate process state (created on first use; CPU-only hosts ask for the CPU backend so a
+    torchrun-launched CPU job sees every rank)."""
+    import torch
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def is_main_process() -> bool:

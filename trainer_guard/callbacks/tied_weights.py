@@ -23,7 +23,8 @@ from ..core.ties import (
     ties_record,
 )
 from .base import Guard
-from .._dist import is_main_process
+from .._dist import agree
+from ..errors import TiedWeightsError
 
 __all__ = ["TiedWeightsGuard"]
 
@@ -120,7 +121,13 @@ class TiedWeightsGuard(Guard):
                 recorded = read_json(ckpt).get("groups", recorded)
         if recorded and broken_ties(model, recorded):
             if self.options["restore"]:
-                for msg in restore_ties(model, recorded):
+                try:
+                    problem = None
+                    msgs = restore_ties(model, recorded)
+                except TiedWeightsError as e:
+                    problem, msgs = str(e), []
+                agree([problem] if problem else [], TiedWeightsError)  # every rank raises, none hangs
+                for msg in msgs:
                     self.note(msg, "warning")
             else:
                 self.note(f"tie groups split since they were recorded: {broken_ties(model, recorded)}", "warning")
@@ -129,7 +136,7 @@ class TiedWeightsGuard(Guard):
             self.note(f"tied groups: {groups}")
 
     def on_save(self, args, state, control, model=None, **kwargs: Any):
-        if not (self.options["write_record"] and self.groups and is_main_process()):
+        if not (self.options["write_record"] and self.groups and args.should_save):
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(ckpt):

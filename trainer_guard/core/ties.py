@@ -36,10 +36,17 @@ TIES_FILE = "trainer_guard_ties.json"
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
-    if t.device.type == "meta":
-        return ("meta", id(t))
-    st = t.untyped_storage()
-    return (t.device.type, t.device.index, st.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    """Identity of the memory ``t`` views. Tensors whose storage cannot be inspected (meta, empty ZeRO-3
+    placeholders, sharded FSDP2 DTensors) are keyed by the tensor object itself: only the same Parameter
+    registered twice counts as a tie there."""
+    if t.device.type == "meta" or t.numel() == 0 or type(t).__name__ == "DTensor":
+        return ("object", id(t))
+    try:
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return ("object", id(t))
+    return (t.device.type, t.device.index, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def find_tied_groups(model: nn.Module, include_buffers: bool = False) -> list[list[str]]:

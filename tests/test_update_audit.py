@@ -21,7 +21,8 @@ DEFAULT_YAML = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "de
 
 def train(model, tmp_path, guard=None, optimizers=(None, None), callbacks=(), **kw):
     kw.setdefault("max_steps", 4)
-    args = make_args(tmp_path, save_strategy="no", **kw)
+    kw.setdefault("save_strategy", "no")
+    args = make_args(tmp_path, **kw)
     cbs = ([guard] if guard else []) + list(callbacks)
     trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset(16), callbacks=cbs, optimizers=optimizers)
     trainer.train()
@@ -66,6 +67,33 @@ def test_lr_held_at_zero_defers_without_rechecking_every_step(tmp_path, monkeypa
     n = len(list(model.parameters()))
     assert checked == [n, n, n]  # baseline, step 1 (all pending: LR 0), step 4 (first step at LR > 0)
     assert guard.findings == []
+
+
+def test_resumed_run_baselines_after_the_load_and_reports_nothing(tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer_guard import checksums
+
+    def model():
+        return tiny_lora(tiny_model("llama-untied"), modules_to_save=["lm_head"])
+
+    train(model(), tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    key = "base_model.model.lm_head.modules_to_save.default.weight"
+    guard, seen = UpdateAuditGuard(every=1), {}
+
+    class Spy(TrainerCallback):  # runs after the guard's on_step_begin: the baseline it just took
+        def on_step_begin(self, args, state, control, **kw):
+            seen.setdefault("baseline", guard.audit._base[key])
+
+    fresh = model()
+    init = checksums({key: fresh.get_parameter(key).detach()})[key]
+    trainer = Trainer(model=fresh, args=make_args(tmp_path, max_steps=4, save_strategy="no"),
+                      train_dataset=tiny_dataset(16), callbacks=[guard, Spy()])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    saved = load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
+    loaded = saved["base_model.model.lm_head.weight"]  # PEFT stores the modules_to_save copy under this name
+    assert seen["baseline"] == checksums({"w": loaded})["w"] != init  # checkpoint-2's head, not the fresh init
+    assert trainer.state.global_step == 4 and guard.audit.steps == 2 and guard.findings == []
 
 
 # -- planted failures -----------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ import functools
 import json
 import os
 import struct
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -540,6 +539,9 @@ def checkpoint_manifest(
     from .checksum import checksums, file_checksums
     from ..errors import ChecksumError
 
+    if not safetensors_files(directory):
+        return Checked(None, [], [f"no *.safetensors file in {os.fspath(directory)} (weights saved another way?): "
+                                  f"not verified, no manifest written"])
     try:
         index = read_index(directory)
     except (IntegrityError, UsageError) as e:
@@ -603,11 +605,11 @@ def model_problems(
 
 
 class ManifestWriter:
-    """Writes manifests (atomic, fsynced: :func:`write_manifest`) in a background thread, one at a time.
+    """Writes manifests (atomic, fsynced: :func:`write_manifest`) on one background thread, one at a time.
 
-    Everything a manifest says is computed before :meth:`submit`; only the file write and fsync run in the thread.
-    :meth:`join` waits for it and raises the write's failure, so a manifest that could not be written is never
-    silent.
+    Everything a manifest says is computed before :meth:`submit`; only the file write and fsync run on the thread
+    (started once, reused). :meth:`join` waits for the pending write and raises its failure, so a manifest that
+    could not be written is never silent.
 
     Example:
         >>> import tempfile, torch
@@ -617,7 +619,8 @@ class ManifestWriter:
     """
 
     def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
+        self._pool: Any = None
+        self._pending: Any = None
         self._error: tuple[str, Exception] | None = None
         self.last_seconds: float | None = None
 
@@ -633,18 +636,20 @@ class ManifestWriter:
         """Write ``manifest`` into ``directory`` (after the previous write finished); inline when not ``background``."""
         self.join()
         if background:
-            self._thread = threading.Thread(target=self._run, args=(os.fspath(directory), manifest),
-                                            name="trainer_guard-manifest")
-            self._thread.start()
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer_guard-manifest")
+            self._pending = self._pool.submit(self._run, os.fspath(directory), manifest)
         else:
             self._run(os.fspath(directory), manifest)
             self.join()
 
     def join(self) -> None:
         """Wait for the pending write; raise :class:`IntegrityError` (naming the file) if it failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
         if self._error is not None:
             (directory, e), self._error = self._error, None
             raise IntegrityError(f"{os.path.join(directory, MANIFEST_FILE)} could not be written ({e}); that "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Optional
 
-from .._dist import agree, is_main_process
+from .._dist import agree
 from ..core.io import atomic_write_json, read_json
 from ..core.trainable import (TRAINABLE_FILE, add_modules_to_save, add_to_trainer_groups, adapter_config_problems,
                               adapter_source, canonical_name, compare_records, count_table, describe_changes,
@@ -196,7 +196,7 @@ class ResumeGuard(Guard):
         self.checked, self._warned = None, set()
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
-        if not (self.options["write_record"] and model is not None and is_main_process()):
+        if not (self.options["write_record"] and model is not None and args.should_save):  # the Trainer's writer(s)
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(ckpt):

@@ -68,6 +68,7 @@ class IntegrityGuard(Guard):
         self._verified = False  # set when the wired load already checked this resume
         self.writer = ManifestWriter()  # atomic + fsync in a background thread, joined at the next step
         self._said_sharded = False
+        self._writing = False  # a save's manifest write may be pending
 
     # -- save -----------------------------------------------------------------------------------------------
     def write_checkpoint_manifest(self, model, directory: str, global_step: int | None,
@@ -114,12 +115,25 @@ class IntegrityGuard(Guard):
         agree(problems, IntegrityError,
               header=f"{ckpt} does not hold what the model holds; no manifest was written. Check the disk and the "
                      f"save path, then save again. Problems:")
+        self._writing = True  # on every rank, so that every rank takes part in the join's verdict
+
+    def _join_writer(self) -> None:
+        """Wait for the background write (before the next save's rotation may delete its directory); all agree."""
+        if not self._writing:
+            return
+        self._writing = False
+        try:
+            self.writer.join()
+            problems = []
+        except IntegrityError as e:
+            problems = [str(e)]
+        agree(problems, IntegrityError)
 
     def on_step_end(self, args, state, control, **kwargs: Any):
-        self.writer.join()  # before this step's save, whose checkpoint rotation may delete the previous one
+        self._join_writer()
 
     def on_train_end(self, args, state, control, **kwargs: Any):
-        self.writer.join()
+        self._join_writer()
 
     # -- resume ---------------------------------------------------------------------------------------------
     def check_model(self, model, directory: str) -> list[str]:

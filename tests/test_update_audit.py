@@ -353,3 +353,13 @@ def test_ddp_fault_on_one_rank_raises_the_same_error_on_every_rank(tmp_path):
     assert d0["step"] == d1["step"] == 0  # stopped inside optimizer step 1, on both ranks
     assert d0["message"].startswith("UpdateAuditGuard at optimizer step 1: ")
     assert d0["message"].endswith(CAUSES["modified_in_place"] + " (rank 1)")
+
+
+def test_stalled_bf16_updates_warn_but_do_not_stop_raise_mode(tmp_path):
+    """Precision stalls are reported without stopping a run in the default raise mode; wiring bugs still raise."""
+    model = tiny_model("llama-untied").to(torch.bfloat16)
+    guard = UpdateAuditGuard(mode="raise")
+    trainer = train(model, tmp_path, guard, max_steps=3, learning_rate=1e-5)
+    assert trainer.state.global_step == 3
+    assert {f.cause for f in guard.findings} == {"stalled"}
+    assert any("(warning only)" in line and "model.norm" in line for line in guard.report())

@@ -20,6 +20,9 @@ from .base import Guard
 __all__ = ["UpdateAuditGuard"]
 
 
+WARN_ONLY_CAUSES = frozenset({"stalled"})
+
+
 class UpdateAuditGuard(Guard):
     """Report trainable tensors that did not change while their group's LR was non-zero, and frozen ones that did.
 
@@ -38,6 +41,7 @@ class UpdateAuditGuard(Guard):
 
     Args:
         mode: ``"raise"`` an :class:`~trainer_guard.errors.UpdateAuditError` (same on every rank) or ``"warn"``.
+            Updates too small for the weights' dtype ("stalled", e.g. bf16 norms at LR 1e-5) only warn, in both.
         every: full check every this many optimizer steps (besides the first one).
         min_grad_steps: effective steps before "no gradient"/"stalled" verdicts.
         ignore: ``fnmatch`` patterns of parameter names never audited (e.g. ``"*.experts.*"`` for MoE).
@@ -92,7 +96,13 @@ class UpdateAuditGuard(Guard):
             return
         new = self.audit.step(optimizer)
         self.findings.extend(new)
-        self._queued.extend(summarize(new))
+        # "stalled" (gradient and LR present, updates below the dtype's resolution) is a precision limit, not a
+        # wiring bug: common in pure-bf16 runs at small LRs, so it warns even in raise mode instead of stopping.
+        soft = [f for f in new if f.cause in WARN_ONLY_CAUSES]
+        if soft and is_main_process():
+            self.note(f"UpdateAuditGuard at optimizer step {state.global_step + 1} (warning only):\n  - "
+                      + "\n  - ".join(summarize(soft)), "warning")
+        self._queued.extend(summarize([f for f in new if f.cause not in WARN_ONLY_CAUSES]))
         steps, every = self.audit.steps, self.options["every"]
         # every rank meets in agree() at the same steps; re-checks in between only queue what they find
         if steps <= self.options["min_grad_steps"] + 1 or steps % every == 0 or world_size() == 1:

@@ -48,7 +48,8 @@ __all__ = ["configure", "run", "Finding", "Report", "diagnose", "adapter_breakdo
 TIES_FILE = "trainer_guard_ties.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 PROGRESS_BYTES = 256 * 1024 * 1024
-_FLOAT = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu")
+_FLOAT = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu",
+          "float8_e4m3fnuz", "float8_e5m2fnuz")
 _LORA = re.compile(r"\.(lora_[A-Za-z_]+|hada_w\d_[ab]|lokr_w\d.*|ia3_l|oft_r)(\.[^.]+)?\.weight$|\.lora_magnitude_vector")
 
 
@@ -333,7 +334,8 @@ def _nbytes(info: TensorInfo) -> int:
     n = 1
     for s in info.shape:
         n *= s
-    return n * torch.empty(0, dtype=getattr(torch, info.dtype)).element_size()
+    dtype = getattr(torch, info.dtype, None)
+    return n * (torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1)
 
 
 def _check_adapter(path: str, index: dict[str, TensorInfo], report: Report) -> None:

@@ -260,6 +260,8 @@ def _check_ties(path: str, index: dict[str, TensorInfo], config: dict | None, ma
         aliases.update(ties.get("aliases", {}))
     if not index:
         return
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):  # ties of the base model: not in an adapter
+        aliases = {a: k for a, k in aliases.items() if a in index or k in index}
     cfgs = [c for c in (config, (config or {}).get("text_config")) if isinstance(c, dict)]
     untied = any(c.get("tie_word_embeddings") is False for c in cfgs)
     bad = 0

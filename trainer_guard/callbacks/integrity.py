@@ -34,7 +34,10 @@ class IntegrityGuard(Guard):
     after tie dedupe), checksums them and writes the manifest atomically (main process only). On resume
     (``state.global_step > 0`` at train begin) it checksums the live model and compares it with the manifest of
     ``output_dir/checkpoint-<step>`` before step one: a head reloaded at random, a tensor the load skipped or a
-    dtype change stops the run, naming the tensors. All ranks raise the same error.
+    dtype change stops the run, naming the tensors. All ranks raise the same error. With
+    ``trainer_guard.guard(trainer)`` the check runs right after the weight load (any checkpoint path), before the
+    optimizer load. The manifest's write and fsync run on a background thread, joined (verdict agreed) at the next
+    step. FSDP / DeepSpeed runs are skipped with a warning.
 
     Args:
         verify: what a save checks before the manifest is written. ``"manifest"`` (default): the files' headers

@@ -191,6 +191,19 @@ def test_wired_check_runs_before_the_optimizer_load(tmp_path):
     assert str(e.value).endswith(R1B_LINE_END)
 
 
+def test_wired_final_save_model_gets_a_manifest(tmp_path):
+    from trainer_guard import guard
+    from trainer_guard.doctor import diagnose
+
+    trainer = guard(Trainer(model=tiny_model("llama-tied"), args=make_args(tmp_path, max_steps=2),
+                            train_dataset=tiny_dataset(16, 16, 128), callbacks=[IntegrityGuard()]))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    m = read_manifest(tmp_path / "final")
+    assert m["global_step"] == 2 and set(m["tensors"]) == set(file_checksums(tmp_path / "final"))
+    assert diagnose(tmp_path / "final").exit_code == 0
+
+
 def test_r2_dtype_change_on_resume_is_named(tmp_path):
     _train(tiny_model("llama-untied"), tmp_path, [IntegrityGuard()])
     model = tiny_model("llama-untied", seed=1).to(torch.bfloat16)

@@ -170,6 +170,7 @@ class IntegrityGuard(Guard):
         """Check right after the Trainer loads the checkpoint's weights, before its optimizer load (idempotent).
 
         Catches a bad resume before the optimizer's own, less telling, errors, and works for any checkpoint path.
+        Also gives ``trainer.save_model(dir)`` (the final save, no ``on_save`` event) a manifest.
         """
         if getattr(trainer, "_trainer_guard_integrity", None) is self:
             return
@@ -182,7 +183,19 @@ class IntegrityGuard(Guard):
                 self._verified = True
             return out
 
-        trainer._load_from_checkpoint = _load_from_checkpoint
+        save = trainer.save_model
+
+        def save_model(output_dir=None, _internal_call=False):
+            out = save(output_dir, _internal_call)
+            if not _internal_call and not self._sharded(trainer.model, trainer.args):  # a final save gets one too
+                d = os.fspath(output_dir or trainer.args.output_dir)
+                problems = (self.write_checkpoint_manifest(trainer.model, d, trainer.state.global_step)
+                            if is_main_process() and os.path.isdir(d) else [])
+                agree(problems, IntegrityError, header=f"{d} does not hold what the model holds; no manifest was "
+                                                       f"written. Problems:")
+            return out
+
+        trainer._load_from_checkpoint, trainer.save_model = _load_from_checkpoint, save_model
         trainer._trainer_guard_integrity = self
 
     def on_train_begin(self, args, state, control, model=None, **kwargs: Any):

@@ -188,7 +188,7 @@ def test_r5_model_dir_without_head_is_named(tmp_path, capsys):
 
 
 def test_adapter_size_split_by_module(runs, tmp_path, capsys):
-    assert (runs / "lora" / "checkpoint-2" / "trainer_guard_ties.json").is_file()
+    assert not (runs / "lora" / "checkpoint-2" / "trainer_guard_ties.json").exists()  # adapters: no base ties record
     code, rep = _doctor(runs / "lora" / "checkpoint-2", capsys=capsys)
     assert code == 0 and rep["problems"] == []
     rows = {(r["module"], r["kind"]): r for r in rep["summary"]["adapter"]["modules"]}

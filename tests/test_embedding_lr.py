@@ -318,13 +318,14 @@ def test_epoch_saves_with_gradient_accumulation_resume_exactly(tmp_path):
 
 
 def test_default_config_all_guards_wired_peft_resume(tmp_path):
-    """Every guard of configs/default.yaml together, wired, PEFT modules_to_save (R3's setup): save and resume."""
+    """Every guard of configs/default.yaml together (embedding_lr, opt-in there, switched on), wired, PEFT
+    modules_to_save (R3's setup): save and resume."""
     import trainer_guard
 
     def run(resume=None):
         model, probe = tiny_lora(tiny_model("llama-untied"), modules_to_save=["embed_tokens", "lm_head"]), Probe()
         cbs = trainer_guard.callbacks_from_yaml(os.path.join(os.path.dirname(__file__), "..", "configs",
-                                                             "default.yaml"))
+                                                             "default.yaml"), embedding_lr={"enabled": True})
         t = trainer_guard.guard(make_trainer(model, tmp_path, cbs + [probe], max_steps=3, save_steps=2,
                                              lr_scheduler_type="linear"))
         t.train(resume_from_checkpoint=resume)

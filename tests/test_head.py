@@ -94,3 +94,17 @@ def test_tied_base_model_and_non_model_dirs_have_no_problem(tmp_path):
 def test_config_options_validated():
     with pytest.raises(Exception, match="HeadGuard.mode: got 'fix'; expected one of 'raise', 'warn'"):
         HeadGuard(mode="fix")
+
+
+def test_truncated_weights_file_is_a_usage_error(tmp_path):
+    """An unreadable file is named with the fix, not a raw safetensors exception."""
+    import os
+
+    from trainer_guard import UsageError
+
+    model = tiny_model("llama-tied")
+    model.save_pretrained(tmp_path)
+    p = tmp_path / "model.safetensors"
+    os.truncate(p, os.path.getsize(p) - 64)
+    with pytest.raises(UsageError, match="model.safetensors in .* is not a readable safetensors file"):
+        missing_head_problems(tmp_path)

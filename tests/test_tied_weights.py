@@ -171,6 +171,7 @@ def test_peft_lora_on_plain_tied_module(tmp_path):
     base = full.model.get_base_model()
     assert base.out_head.weight is base.tok_emb.weight
     assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "checkpoint-2" / TIES_FILE).exists(), "adapter checkpoints hold no base tensors"
     resumed = run(tmp_path, resume=str(tmp_path / "checkpoint-2"))
     _assert_same(_snapshot(resumed.model), _snapshot(full.model))
     rb = resumed.model.get_base_model()

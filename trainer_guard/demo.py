@@ -63,6 +63,20 @@ def _reload(kind: str, path: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the demo; transformers' verbosity/progress bars and trainer_guard's log level are restored after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    level = logging.getLogger("trainer_guard").level
+    try:
+        return _run(args)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+        logging.getLogger("trainer_guard").setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers.utils import logging as hf_logging

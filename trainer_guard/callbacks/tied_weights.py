@@ -39,6 +39,14 @@ def _is_hf_or_peft(model: nn.Module) -> bool:
     return isinstance(model, (PreTrainedModel, PeftModel))
 
 
+def _is_peft(model: nn.Module | None) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
 def _plain_modules(model: nn.Module) -> list[nn.Module]:
     """The module whose ``state_dict`` the Trainer hands to ``safetensors.save_file`` (non-HF models)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -137,6 +145,8 @@ class TiedWeightsGuard(Guard):
 
     def on_save(self, args, state, control, model=None, **kwargs: Any):
         if not (self.options["write_record"] and self.groups and args.should_save):
+            return
+        if _is_peft(model):  # an adapter checkpoint holds no base-model tensors: the record would name absent keys
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(ckpt):

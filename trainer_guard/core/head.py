@@ -27,6 +27,8 @@ import json
 import os
 from typing import Any
 
+from ..errors import UsageError
+
 __all__ = ["missing_head_problems", "stored_tensor_names", "head_tensor_names"]
 
 _HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -47,8 +49,12 @@ def stored_tensor_names(directory: str | os.PathLike) -> set[str] | None:
     for fname in (f for f in files if f.endswith(".safetensors")):
         from safetensors import safe_open
 
-        with safe_open(os.path.join(directory, fname), framework="pt") as f:
-            names.update(f.keys())
+        try:
+            with safe_open(os.path.join(directory, fname), framework="pt") as f:
+                names.update(f.keys())
+        except Exception as e:  # safetensors raises its own SafetensorError on a truncated/foreign file
+            raise UsageError(f"{fname} in {directory} is not a readable safetensors file ({e}); re-save the "
+                             f"checkpoint or check it with `trainer-guard doctor`") from None
         found = True
     if not found:
         for fname in (f for f in files if f.endswith(".bin") and "model" in f):

@@ -1,6 +1,5 @@
 """Every notebook executes top to bottom on CPU, offline, and is committed without (stale) outputs."""
 
-import os
 from pathlib import Path
 
 import nbformat

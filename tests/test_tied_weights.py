@@ -1,7 +1,6 @@
 """TiedWeightsGuard (field report R1): tied embeddings save once, reload bit-identical and tied, train unchanged."""
 
 import json
-import os
 
 import pytest
 import safetensors.torch as st

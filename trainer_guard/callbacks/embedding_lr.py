@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Optional
 
-from .._dist import agree, is_main_process
+from .._dist import agree
 from ..core.io import atomic_write_json, read_json
 from ..core.lr_groups import (
     SPLIT_FILE,
@@ -190,7 +190,7 @@ class EmbeddingLRGuard(Guard):
                           f"{g['factor']:g} x", "warning")
 
     def on_save(self, args, state, control, **kwargs: Any):
-        if self._plan is None or not is_main_process():
+        if self._plan is None or not args.should_save:  # the Trainer's own writer(s) of this checkpoint
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(ckpt):

@@ -113,7 +113,7 @@ class IntegrityGuard(Guard):
         problems = []
         if model is None or self._sharded(model, args):
             return
-        if is_main_process() and os.path.isdir(ckpt):
+        if args.should_save and os.path.isdir(ckpt):  # the Trainer's own writer(s): rank 0, or each node's first
             problems = self.write_checkpoint_manifest(model, ckpt, state.global_step, background=True)
         agree(problems, IntegrityError,
               header=f"{ckpt} does not hold what the model holds; no manifest was written. Check the disk and the "

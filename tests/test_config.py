@@ -111,3 +111,30 @@ def test_direct_construction_validates():
         TiedWeightsGuard(fix_config="yes")
     assert str(e.value) == ("Invalid options:\n"
                             "  - TiedWeightsGuard.fix_config: got 'yes' (str); expected true or false")
+
+
+def test_real_guards_bad_values_all_reported_at_once(tmp_path):
+    path = _yaml(tmp_path, """
+        dtype:
+          mode: explode
+        update_audit:
+          every: 0
+          ignore: norm
+        embedding_lr:
+          enabled: true
+          ratio: -1
+          lr: 0.1
+        integrity:
+          verify: true
+    """)
+    with pytest.raises(ConfigError) as e:
+        callbacks_from_yaml(path)
+    assert str(e.value) == (
+        f"Invalid trainer_guard config {path!r}:\n"
+        "  - dtype.mode: got 'explode'; expected one of 'fix', 'raise', 'warn'\n"
+        "  - update_audit.ignore: got 'norm' (str); expected a list of strings\n"
+        "  - update_audit.every: must be >= 1, got 0; pass a positive number of optimizer steps\n"
+        "  - embedding_lr.ratio: got -1; must be > 0 (ratios are fractions of the Trainer's LR, e.g. 0.1)\n"
+        "  - embedding_lr.ratio/lr: both given (-1, 0.1); give one of them\n"
+        "  - integrity.verify: got True; expected one of 'off', 'manifest', 'readback'"
+    )

@@ -102,8 +102,8 @@ def option_problems(cls: type, options: dict[str, Any], where: str) -> list[str]
             problems.append(f"{where}.{key}: got {value!r} ({type(value).__name__}); expected {_describe(hint)}")
     full = {k: d for k, (_, d) in schema.items() if d is not _MISSING}
     full.update(typed_ok)
-    if len(typed_ok) == len([k for k in options if k in schema]):
-        problems.extend(f"{where}.{msg}" for msg in cls._check_options(full))
+    # value rules see every well-typed option; a badly typed one (already reported) falls back to its default
+    problems.extend(f"{where}.{msg}" for msg in cls._check_options(full))
     return problems
 
 

@@ -363,3 +363,20 @@ def test_stalled_bf16_updates_warn_but_do_not_stop_raise_mode(tmp_path):
     assert trainer.state.global_step == 3
     assert {f.cause for f in guard.findings} == {"stalled"}
     assert any("(warning only)" in line and "model.norm" in line for line in guard.report())
+
+
+def test_lora_on_multihead_attention_out_proj_never_trains(tmp_path):
+    """A real-world silent failure: nn.MultiheadAttention uses out_proj.weight directly in its functional
+    forward, so PEFT LoRA adapters put on `out_proj` get no gradient at all. Without the guard the run trains
+    'fine'; with it the dead adapters are named with the cause."""
+    model = tiny_lora(tiny_model("plain-gpt"), target_modules=["out_proj", "linear1"])
+    before = snapshot(model)
+    train(model, tmp_path / "silent")  # no guard: no error
+    dead = [n for n in unchanged(before, model) if "lora" in n]
+    assert dead and all("out_proj" in n for n in dead)
+
+    model = tiny_lora(tiny_model("plain-gpt"), target_modules=["out_proj", "linear1"])
+    with pytest.raises(UpdateAuditError) as e:
+        train(model, tmp_path / "guarded", UpdateAuditGuard())
+    assert "self_attn.out_proj.lora_A.default" in str(e.value) and "no gradient reached it" in str(e.value)
+    assert "linear1" not in str(e.value)

@@ -97,7 +97,9 @@ def tiny_lora(model: nn.Module, **lora_kwargs):
     from peft import LoraConfig, get_peft_model
 
     if isinstance(model, TinyGPT):
-        targets = ["out_proj", "linear1", "linear2"]
+        # not "out_proj": nn.MultiheadAttention reads out_proj.weight directly, so LoRA there never trains
+        # (UpdateAuditGuard reports it: tests/test_update_audit.py)
+        targets = ["linear1", "linear2"]
     elif model.config.model_type == "gpt2":
         targets = ["c_attn", "c_proj"]
     else:

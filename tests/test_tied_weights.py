@@ -6,6 +6,8 @@ import pytest
 import safetensors.torch as st
 import torch
 from conftest import make_args
+
+import trainer_guard
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Trainer
 
@@ -185,7 +187,7 @@ def test_restore_ties_after_assign_load():
     model.load_state_dict(sd, assign=True)  # assign=True splits the tie
     assert find_tied_groups(model) == []
     msgs = restore_ties(model, groups)
-    assert msgs == ["re-tied out_head.weight to tok_emb.weight (split by a load, values identical)"]
+    assert msgs == ["re-tied out_head.weight to tok_emb.weight (split by a load; values identical)"]
     assert model.out_head.weight is model.tok_emb.weight
 
 
@@ -222,3 +224,55 @@ def test_empty_placeholders_are_not_false_ties():
         p.data = torch.empty(0)
     # on placeholders only object identity can be judged: the same Parameter registered twice is still a tie
     assert find_tied_groups(model) == TIED["llama-tied"]
+
+
+def _split_head(model):
+    """``load_state_dict(assign=True)`` with separate copies replaces both Parameters: the tie is gone."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    model.load_state_dict(sd, assign=True)
+    assert find_tied_groups(model) == []
+
+
+def test_resume_reties_from_checkpoint_record(tmp_path):
+    """A split head after a resume holds a stale value (the checkpoint stores the tie once, under the embedding
+    name): the guard re-ties it to the loaded embedding and the run ends as if never split."""
+    full = _train("llama-manual-tie", tmp_path)
+    model = tiny_model("llama-manual-tie", seed=4)
+    _split_head(model)
+    guard = TiedWeightsGuard()
+    resumed = Trainer(model=model, args=make_args(tmp_path), train_dataset=tiny_dataset(16), callbacks=[guard])
+    with pytest.raises(ValueError, match="parameter group"):  # unwired: the optimizer load fails first
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    resumed = trainer_guard.guard(Trainer(model=model, args=make_args(tmp_path), train_dataset=tiny_dataset(16),
+                                          callbacks=[guard]))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight, "re-tied from trainer_guard_ties.json"
+    assert ("re-tied lm_head.weight to model.embed_tokens.weight (split by a load; the checkpoint stores the tie "
+            "once, as model.embed_tokens.weight)") in guard.report()
+    _assert_same(_snapshot(model), _snapshot(full.model))
+
+
+def test_resume_split_without_restore_is_not_repaired(tmp_path):
+    """What the re-tie prevents: with restore=False the split stays and the resume fails in the optimizer load."""
+    _train("llama-manual-tie", tmp_path)
+    model = tiny_model("llama-manual-tie", seed=4)
+    _split_head(model)
+    guard = TiedWeightsGuard(restore=False)
+    trainer = trainer_guard.guard(Trainer(model=model, args=make_args(tmp_path), train_dataset=tiny_dataset(16),
+                                          callbacks=[guard]))
+    with pytest.raises(ValueError, match="parameter group"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert find_tied_groups(model) == []
+
+
+def test_restore_ties_trusts_the_stored_name_only_when_alias_absent():
+    model = tiny_model("plain-gpt")
+    groups = find_tied_groups(model)
+    model.out_head.weight = torch.nn.Parameter(model.tok_emb.weight.detach() + 1)
+    with pytest.raises(TiedWeightsError):
+        restore_ties(model, groups, stored={"tok_emb.weight", "out_head.weight"})  # both stored: ambiguous
+    assert restore_ties(model, groups, stored={"tok_emb.weight"}) == [
+        "re-tied out_head.weight to tok_emb.weight (split by a load; the checkpoint stores the tie once, as "
+        "tok_emb.weight)"]
+    assert model.out_head.weight is model.tok_emb.weight

@@ -24,7 +24,8 @@ from ..core.ties import (
 )
 from .base import Guard
 from .._dist import agree
-from ..errors import TiedWeightsError
+from ..core.head import stored_tensor_names
+from ..errors import TiedWeightsError, TrainerGuardError
 
 __all__ = ["TiedWeightsGuard"]
 
@@ -88,6 +89,7 @@ class TiedWeightsGuard(Guard):
         super().__init__(fix_config=fix_config, restore=restore, write_record=write_record)
         self.groups: list[list[str]] = []
         self._hooked: set[int] = set()
+        self._wired: set[int] = set()
 
     # -- wiring ---------------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> list[list[str]]:
@@ -114,6 +116,39 @@ class TiedWeightsGuard(Guard):
                       f"({', '.join(a + ' -> ' + g[0] for g in groups for a in g[1:])})")
         return self.groups
 
+    def wire(self, trainer: Any) -> None:
+        """Re-tie a split tie before ``train(resume_from_checkpoint=...)`` loads anything (see
+        :func:`trainer_guard.guard`): a split head is one more parameter, so the Trainer's optimizer load would
+        fail before ``on_train_begin`` with "a parameter group that doesn't match the size of optimizer's group".
+        Only groups the checkpoint stores once (kept name present, aliases absent) are re-tied here."""
+        if id(trainer) in self._wired:
+            return
+        train = trainer.train
+
+        def _train(resume_from_checkpoint: Any = None, *a: Any, **kw: Any):
+            ckpt = resume_from_checkpoint
+            if ckpt is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                ckpt = get_last_checkpoint(trainer.args.output_dir)
+            if isinstance(ckpt, (str, os.PathLike)) and os.path.isdir(ckpt):
+                self._retie_before_load(trainer.model, os.fspath(ckpt))
+            return train(resume_from_checkpoint, *a, **kw)
+
+        trainer.train = _train
+        self._wired.add(id(trainer))
+
+    def _retie_before_load(self, model: nn.Module, ckpt: str) -> None:
+        if _is_peft(model) or not os.path.isfile(os.path.join(ckpt, TIES_FILE)):
+            return
+        stored = stored_tensor_names(ckpt) or set()
+        recorded = read_json(os.path.join(ckpt, TIES_FILE)).get("groups", [])
+        once = [g for g in broken_ties(model, recorded) if g[0] in stored and not stored.intersection(g[1:])]
+        if once and self.options["restore"]:
+            for msg in restore_ties(model, once, stored):
+                self.note(msg, "warning")
+            self.attach(model)
+
     # -- events ---------------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs: Any):
         if model is not None:
@@ -122,18 +157,23 @@ class TiedWeightsGuard(Guard):
     def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
         if model is None:
             return
-        recorded = list(self.groups)
+        recorded, stored = list(self.groups), None
         if state.global_step > 0:
-            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", TIES_FILE)
-            if os.path.isfile(ckpt):
-                recorded = read_json(ckpt).get("groups", recorded)
+            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isfile(os.path.join(ckpt, TIES_FILE)):
+                recorded = read_json(os.path.join(ckpt, TIES_FILE)).get("groups", recorded)
+            if not _is_peft(model):
+                try:
+                    stored = stored_tensor_names(ckpt)
+                except (OSError, TrainerGuardError):
+                    stored = None
         if recorded and broken_ties(model, recorded):
             if self.options["restore"]:
+                problem, msgs = None, []
                 try:
-                    problem = None
-                    msgs = restore_ties(model, recorded)
+                    msgs = restore_ties(model, recorded, stored)
                 except TiedWeightsError as e:
-                    problem, msgs = str(e), []
+                    problem = str(e)
                 agree([problem] if problem else [], TiedWeightsError)  # every rank raises, none hangs
                 for msg in msgs:
                     self.note(msg, "warning")

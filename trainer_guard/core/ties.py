@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -145,40 +145,52 @@ def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
     setattr(model.get_submodule(mod_name) if mod_name else model, attr, param)
 
 
-def restore_ties(model: nn.Module, groups: list[list[str]]) -> list[str]:
+def restore_ties(model: nn.Module, groups: list[list[str]], stored: Collection[str] | None = None) -> list[str]:
     """Re-tie every recorded group whose members were split by a load (e.g. ``load_state_dict(assign=True)``).
 
-    All groups are checked before any is changed: a group whose copies hold different values raises and the
-    model is left untouched, since choosing one copy would silently discard the other.
+    A split alias is re-tied to the group's first (kept) name when both hold the same values, or when ``stored``
+    (the tensor names in the checkpoint just loaded) holds the kept name but not the alias: a tie is saved once,
+    so only the kept name received the checkpoint's value and the alias holds a stale one. All groups are checked
+    before any is changed: otherwise a group whose copies differ raises and the model is left untouched, since
+    choosing one copy would silently discard the other.
+
+    Args:
+        model: the model to repair.
+        groups: tie groups recorded when they were tied (first name kept).
+        stored: names stored in the checkpoint that was loaded, when known.
 
     Returns:
-        One message per group re-tied.
+        One message per alias re-tied.
 
     Raises:
-        TiedWeightsError: a split group's copies differ (names and the fix in the message).
+        TiedWeightsError: a split group's copies differ and the checkpoint does not say which is right.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
+    stored = set(stored) if stored is not None else None
     todo, problems = [], []
     for group in broken_ties(model, groups):
         kept = params[group[0]]
         for alias in group[1:]:
             other = params[alias]
+            if stored is not None and group[0] in stored and alias not in stored:
+                todo.append((alias, group[0], f"the checkpoint stores the tie once, as {group[0]}"))
+                continue
             same = other.shape == kept.shape and other.dtype == kept.dtype and torch.equal(
                 other.detach().cpu(), kept.detach().cpu()
             ) if other.device.type != "meta" and kept.device.type != "meta" else False
             if not same:
                 problems.append(f"{alias} differs from {group[0]} (they were tied when recorded)")
             else:
-                todo.append((alias, group[0]))
+                todo.append((alias, group[0], "values identical"))
     if problems:
         raise TiedWeightsError(
             "Tied parameters were split and now hold different values; nothing was changed:\n  - "
             + "\n  - ".join(problems)
             + "\nLoad the checkpoint without `assign=True`, or re-tie by hand choosing which copy to keep."
         )
-    for alias, kept in todo:
+    for alias, kept, _ in todo:
         _set_param(model, alias, params[kept])
-    return [f"re-tied {alias} to {kept} (split by a load, values identical)" for alias, kept in todo]
+    return [f"re-tied {alias} to {kept} (split by a load; {why})" for alias, kept, why in todo]
 
 
 def ties_record(groups: list[list[str]]) -> dict[str, Any]:

@@ -171,7 +171,9 @@ def test_options_are_validated_with_every_problem_listed():
         callbacks_from_dict({"replica_divergence": {"every": -1, "max_tensors": 0, "action": "ignore"}})
     assert str(e.value) == (
         "Invalid trainer_guard config:\n"
-        "  - replica_divergence.action: got 'ignore'; expected one of 'raise', 'warn'"
+        "  - replica_divergence.action: got 'ignore'; expected one of 'raise', 'warn'\n"
+        "  - replica_divergence.every: got -1; use 0 (off) or a positive number of steps\n"
+        "  - replica_divergence.max_tensors: got 0; use 1 or more"
     )
     with pytest.raises(ConfigError) as e:
         ReplicaDivergenceGuard(every=-1, max_tensors=0)

@@ -199,7 +199,9 @@ def test_option_errors_list_every_problem():
         callbacks_from_dict({"embedding_lr": {"ratio": 0.1, "lr": 1e-4, "head_ratio": 0, "when_absent": "stop"}})
     assert str(e.value) == (
         "Invalid trainer_guard config:\n"
-        "  - embedding_lr.when_absent: got 'stop'; expected one of 'warn', 'ignore', 'raise'")
+        "  - embedding_lr.when_absent: got 'stop'; expected one of 'warn', 'ignore', 'raise'\n"
+        "  - embedding_lr.head_ratio: got 0; must be > 0 (ratios are fractions of the Trainer's LR, e.g. 0.1)\n"
+        "  - embedding_lr.ratio/lr: both given (0.1, 0.0001); give one of them")
     with pytest.raises(ConfigError) as e:
         EmbeddingLRGuard(ratio=0.1, lr=1e-4, head_ratio=0)
     assert str(e.value) == (

@@ -277,7 +277,9 @@ def test_skipped_steps_with_grad_scaler_do_not_count():
 def test_options_are_validated():
     with pytest.raises(ConfigError) as e:
         UpdateAuditGuard(every=0, mode="loud")
-    assert str(e.value) == ("Invalid options:\n  - UpdateAuditGuard.mode: got 'loud'; expected one of 'raise', 'warn'")
+    assert str(e.value) == ("Invalid options:\n  - UpdateAuditGuard.mode: got 'loud'; expected one of 'raise', 'warn'\n"
+                            "  - UpdateAuditGuard.every: must be >= 1, got 0; pass a positive number of optimizer "
+                            "steps")
     with pytest.raises(ConfigError) as e:
         UpdateAuditGuard(every=0)
     assert str(e.value) == ("Invalid options:\n  - UpdateAuditGuard.every: must be >= 1, got 0; pass a positive "

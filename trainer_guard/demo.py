@@ -128,6 +128,9 @@ def _run(args: argparse.Namespace) -> int:
             if (type(cb), line) not in seen:
                 seen.add((type(cb), line))
                 print(f"  [{type(cb).__name__}] {line}")
+    quiet = [type(cb).__name__ for cb in callbacks if not any(t is type(cb) for t, _ in seen)]
+    if quiet:
+        print(f"  nothing to report from: {', '.join(quiet)}")
     ok = same_resume and same_reload and tied_ok
     print("demo: OK" if ok else "demo: FAILED")
     return 0 if ok else 1

@@ -494,3 +494,29 @@ def test_options_from_yaml_dict():
     with pytest.raises(ConfigError) as e:
         ResumeGuard(mode="repair")
     assert str(e.value) == "Invalid options:\n  - ResumeGuard.mode: got 'repair'; expected one of 'raise', 'fix', 'warn'"
+
+
+def test_late_save_while_embedding_lr_split_resumes_cleanly(tmp_path):
+    """A save decided after EmbeddingLRGuard split the optimizer groups (like save_strategy='best') must record the
+    Trainer's own layout, so the resume is not flagged as an optimizer-group change."""
+    import trainer_guard
+    from transformers import TrainerCallback
+
+    from trainer_guard import EmbeddingLRGuard, ResumeGuard
+    from trainer_guard.core.io import read_json
+
+    class LateSave(TrainerCallback):  # decides after every guard's on_step_end
+        def on_step_end(self, args, state, control, **k):
+            control.should_save = state.global_step == 2
+
+    def trainer(extra=()):
+        t = Trainer(model=tiny_model("llama-untied"), args=make_args(tmp_path, max_steps=3, save_strategy="no"),
+                    train_dataset=tiny_dataset(16), callbacks=[ResumeGuard(), EmbeddingLRGuard(ratio=0.1), *extra])
+        return trainer_guard.guard(t)
+
+    trainer([LateSave()]).train()
+    groups = read_json(tmp_path / "checkpoint-2" / "trainer_guard_trainable.json")["optimizer"]
+    assert [len(g["params"]) for g in groups] == [16, 5]  # the Trainer's decay / no-decay layout, not the split
+    t = trainer()
+    t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))  # no ResumeMismatchError
+    assert t.state.global_step == 3

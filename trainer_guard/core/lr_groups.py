@@ -44,6 +44,9 @@ from .io import atomic_write
 __all__ = [
     "ROLES",
     "ROLE_KEY",
+    "SOURCE_KEY",
+    "POSITIONS_KEY",
+    "base_param_groups",
     "SPLIT_FILE",
     "Split",
     "embedding_modules",
@@ -61,6 +64,8 @@ __all__ = [
 
 ROLES = ("embeddings", "lm_head", "tied")
 ROLE_KEY = "trainer_guard_role"
+SOURCE_KEY = "trainer_guard_source"  # index of the group an added group was split from
+POSITIONS_KEY = "trainer_guard_positions"  # where its parameters sat in that group
 SPLIT_FILE = "trainer_guard_embedding_lr.json"
 
 # Per-group lists kept by the schedulers we know how to extend; anything else is refused before any change.
@@ -248,7 +253,7 @@ def split_param_groups(optimizer: Any, scheduler: Any, roles: Mapping[str, list[
         src = opt.param_groups[gi]
         f = fac[role]
         new = {k: v for k, v in src.items() if k != "params"}
-        new.update(params=params, lr=_scale(src["lr"], f), **{ROLE_KEY: role})
+        new.update(params=params, lr=_scale(src["lr"], f), **{ROLE_KEY: role, SOURCE_KEY: gi, POSITIONS_KEY: pos})
         if "initial_lr" in src:
             new["initial_lr"] = _scale(src["initial_lr"], f)
         opt.add_param_group(new)
@@ -262,6 +267,29 @@ def split_param_groups(optimizer: Any, scheduler: Any, roles: Mapping[str, list[
         split.groups.append({"role": role, "source": gi, "positions": pos, "factor": f,
                              "names": [by_id[id(p)][1] for p in params]})
     return split
+
+
+def base_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The optimizer's groups as they were before :func:`split_param_groups` (pure: nothing is changed).
+
+    Groups added by the split are folded back into their source group at their original positions, so a
+    record of the layout taken while split (e.g. a save decided after ``on_step_end``) matches the Trainer's.
+
+    Example:
+        >>> g = [{"params": ["a", "c"], "lr": 1.0}, {"params": ["b"], "lr": 0.1, ROLE_KEY: "embeddings",
+        ...      SOURCE_KEY: 0, POSITIONS_KEY: [1]}]
+        >>> base_param_groups(g)
+        [{'params': ['a', 'b', 'c'], 'lr': 1.0}]
+    """
+    base = [dict(g, params=list(g["params"])) for g in param_groups if ROLE_KEY not in g]
+    inserts: dict[int, list[tuple[int, Any]]] = {}
+    for g in param_groups:
+        if ROLE_KEY in g:
+            inserts.setdefault(g[SOURCE_KEY], []).extend(zip(g[POSITIONS_KEY], g["params"]))
+    for gi, pairs in inserts.items():
+        for pos, p in sorted(pairs, key=lambda t: t[0]):
+            base[gi]["params"].insert(pos, p)
+    return base
 
 
 def merge_param_groups(optimizer: Any, scheduler: Any, split: Split) -> None:

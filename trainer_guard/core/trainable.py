@@ -34,6 +34,8 @@ from typing import Any
 
 from torch import nn
 
+from .lr_groups import base_param_groups
+
 __all__ = [
     "TRAINABLE_FILE",
     "ADAPTER_CONFIG_FILE",
@@ -106,7 +108,7 @@ def optimizer_layout(optimizer: Any, model: nn.Module) -> list[dict[str, Any]]:
     """Per optimizer group: its LR (``initial_lr`` when a scheduler set one), weight decay, parameter names, count."""
     names = {id(p): canonical_name(n) for n, p in model.named_parameters()}
     out = []
-    for group in optimizer.param_groups:
+    for group in base_param_groups(optimizer.param_groups):  # EmbeddingLRGuard's split groups folded back
         params = list(group["params"])
         out.append({
             "lr": float(group.get("initial_lr", group.get("lr", 0.0))),

@@ -23,7 +23,7 @@ from ..core.ties import (
     ties_record,
 )
 from .base import Guard
-from .._dist import agree
+from .._dist import agree, world_size
 from ..core.head import stored_tensor_names
 from ..errors import TiedWeightsError, TrainerGuardError
 
@@ -170,10 +170,15 @@ class TiedWeightsGuard(Guard):
         if recorded and broken_ties(model, recorded):
             if self.options["restore"]:
                 problem, msgs = None, []
-                try:
-                    msgs = restore_ties(model, recorded, stored)
-                except TiedWeightsError as e:
-                    problem = str(e)
+                if world_size() > 1:  # the model is wrapped by now: a swapped Parameter would leave DDP's buckets
+                    problem = (f"tie groups {broken_ties(model, recorded)} were split by a load and the model is "
+                               f"already wrapped for {world_size()} processes; wire the Trainer with "
+                               f"trainer_guard.guard(trainer) so the tie is restored before the wrap")
+                else:
+                    try:
+                        msgs = restore_ties(model, recorded, stored)
+                    except TiedWeightsError as e:
+                        problem = str(e)
                 agree([problem] if problem else [], TiedWeightsError)  # every rank raises, none hangs
                 for msg in msgs:
                     self.note(msg, "warning")

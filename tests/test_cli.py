@@ -34,3 +34,10 @@ def test_demo_bad_config_is_a_message_not_a_traceback(tmp_path, capsys):
 def test_unknown_command_exits_nonzero():
     r = _cli("frobnicate")
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_demo_output_dir_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main(["demo", "--output-dir", str(f), "--steps", "2"]) == 2
+    assert "Traceback" not in capsys.readouterr().err

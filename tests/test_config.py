@@ -138,3 +138,27 @@ def test_real_guards_bad_values_all_reported_at_once(tmp_path):
         "  - embedding_lr.ratio/lr: both given (-1, 0.1); give one of them\n"
         "  - integrity.verify: got True; expected one of 'off', 'manifest', 'readback'"
     )
+
+
+def test_exponent_floats_are_numbers(tmp_path):
+    """YAML 1.1 reads `1e-3` as a string; a float option takes it as the number everyone means."""
+    path = _yaml(tmp_path, """
+        untrained_tokens:
+          rtol: 1e-3
+        embedding_lr:
+          enabled: true
+          ratio: 1e-1
+    """)
+    ut, lr = callbacks_from_yaml(path)
+    assert ut.options["rtol"] == 0.001 and lr.options["ratio"] == 0.1
+    with pytest.raises(ConfigError, match=r"tied_weights.fix_config: got '1e-3' \(str\); expected true or false"):
+        callbacks_from_dict({"tied_weights": {"fix_config": "1e-3"}})
+
+
+def test_undecodable_file_is_a_config_error(tmp_path):
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        callbacks_from_yaml(p)
+    with pytest.raises(ConfigError, match="is a directory"):
+        callbacks_from_yaml(tmp_path)

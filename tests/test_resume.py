@@ -520,3 +520,39 @@ def test_late_save_while_embedding_lr_split_resumes_cleanly(tmp_path):
     t = trainer()
     t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))  # no ResumeMismatchError
     assert t.state.global_step == 3
+
+
+def test_reduce_lr_on_plateau_resume_is_not_a_mismatch(tmp_path):
+    """ReduceLROnPlateau lowers the live LR and sets no initial_lr: a resume after a drop changed nothing."""
+    import trainer_guard
+    from trainer_guard import ResumeGuard
+
+    ds = tiny_dataset(16)
+
+    def mk():
+        args = make_args(tmp_path, lr_scheduler_type="reduce_lr_on_plateau", max_steps=4, save_steps=2,
+                         lr_scheduler_kwargs={"patience": 0, "factor": 0.5, "mode": "max"},
+                         eval_strategy="steps", eval_steps=1)
+        return trainer_guard.guard(Trainer(model=tiny_model("llama-untied"), args=args, train_dataset=ds,
+                                           eval_dataset=ds.select(range(4)), callbacks=[ResumeGuard()]))
+
+    mk().train()
+    t = mk()
+    t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert t.state.global_step == 4
+
+
+def test_new_run_from_a_full_checkpoint_is_not_a_continuation(tmp_path):
+    """Continued pre-training, then a NEW LoRA run on its checkpoint: not a resume, nothing to compare."""
+    import trainer_guard
+    from transformers import AutoModelForCausalLM
+
+    from trainer_guard import ResumeGuard
+
+    Trainer(model=tiny_model("llama-untied"), args=make_args(tmp_path / "cpt", max_steps=2),
+            train_dataset=tiny_dataset(16), callbacks=[ResumeGuard()]).train()
+    model = tiny_lora(AutoModelForCausalLM.from_pretrained(str(tmp_path / "cpt" / "checkpoint-2")))
+    t = trainer_guard.guard(Trainer(model=model, args=make_args(tmp_path / "sft", max_steps=2),
+                                    train_dataset=tiny_dataset(16), callbacks=[ResumeGuard()]))
+    t.train()
+    assert t.state.global_step == 2

@@ -167,7 +167,29 @@ def test_untokenized_or_ragged_data_is_said_not_silently_clean():
     guard = UntrainedTokensGuard()
     lines = guard.check(base_model(), Dataset.from_dict({"text": ["<|im_start|> w1", "w2"]}), None)
     assert ("training data not scanned: its examples have no token ids in 'input_ids' (tokenized by the collator, "
-            "or another field?); set UntrainedTokensGuard(column=...)") in lines
+            "or another field?); set UntrainedTokensGuard(column=...) or tokenize the dataset before training") in lines
+    assert any(e.startswith("training data not scanned") for e in guard.events)
     ragged = [{"input_ids": [[IM_START, 1], [2, 3, IM_END]]}, {"input_ids": "raw text"}]
     scan = count_token_ids(ragged, [IM_START, IM_END])
     assert (scan.counts, scan.tokens, scan.no_ids) == ({IM_START: 1, IM_END: 1}, 5, 1)
+
+
+def test_padding_row_is_not_reported(tmp_path):
+    """nn.Embedding(padding_idx=...) keeps the pad row at zero by design; pad positions are masked out."""
+    import transformers as tf
+    from datasets import Dataset
+    from transformers import Trainer
+
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg)
+    assert float(model.get_input_embeddings().weight[0].abs().max()) == 0.0
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 128, (10,), generator=g).tolist() + [0] * 6 for _ in range(16)]
+    ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 10 + [0] * 6] * 16,
+                            "labels": [r[:10] + [-100] * 6 for r in ids]})
+    guard = UntrainedTokensGuard(mode="raise")
+    Trainer(model=model, args=make_args(tmp_path, max_steps=2, save_strategy="no"), train_dataset=ds,
+            callbacks=[guard]).train()
+    assert guard.found["untrained"]["input embedding"] == []

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerGuardError as e:
         print(f"trainer-guard {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"trainer-guard {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the reader left: not an error of ours

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from .callbacks.base import coerce_options
 from .errors import ConfigError
 
 __all__ = ["callbacks_from_yaml", "callbacks_from_dict", "validate_config", "load_config"]
@@ -66,8 +67,10 @@ def load_config(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a YAML file such as "
                           f"configs/default.yaml") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {str(path)!r} is a directory; pass the path of a YAML file") from None
 
 
 def _merge(cfg: dict, overrides: Mapping[str, Any]) -> dict:
@@ -108,7 +111,7 @@ def callbacks_from_dict(cfg: Mapping[str, Any] | None, source: str = "config", *
         opts = dict(opts) if isinstance(opts, Mapping) else {}
         if not opts.pop("enabled", True):
             continue
-        callbacks.append(cls(**opts))
+        callbacks.append(cls(**coerce_options(cls, opts)))
     return callbacks
 
 

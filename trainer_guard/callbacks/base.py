@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -27,7 +28,7 @@ from transformers.utils import logging
 
 from ..errors import ConfigError
 
-__all__ = ["Guard", "option_problems", "option_schema"]
+__all__ = ["Guard", "coerce_options", "option_problems", "option_schema"]
 
 logger = logging.get_logger("trainer_guard")
 
@@ -81,9 +82,26 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True
 
 
+# YAML 1.1 (what yaml.safe_load reads) takes "1e-3" for a string; YAML 1.2 and every user take it for a number.
+_FLOAT_TEXT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+def _accepts_float(hint: Any) -> bool:
+    return hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
+
+
+def coerce_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with exponent-notation strings (``"1e-3"``) turned into floats where the option takes one."""
+    schema = option_schema(cls)
+    return {k: float(v) if (k in schema and _accepts_float(schema[k][0]) and isinstance(v, str)
+                            and _FLOAT_TEXT.match(v)) else v
+            for k, v in options.items()}
+
+
 def option_problems(cls: type, options: dict[str, Any], where: str) -> list[str]:
     """Every problem with ``options`` for guard class ``cls``; ``where`` prefixes each message."""
     schema = option_schema(cls)
+    options = coerce_options(cls, options)
     problems = []
     for key in options:
         if key not in schema:

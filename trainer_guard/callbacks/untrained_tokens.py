@@ -102,7 +102,9 @@ class UntrainedTokensGuard(Guard):
         """Find, scan, report and act per ``mode``; return the report lines."""
         o = self.options
         tables = _tables(model)
-        rows = {label: untrained_rows(w, o["rtol"]) for label, _, w, _, _ in tables}
+        # the padding row is zero by design (nn.Embedding(padding_idx=...)) and masked out of the loss
+        rows = {label: [i for i in untrained_rows(w, o["rtol"]) if i != getattr(module, "padding_idx", None)]
+                for label, module, w, _, _ in tables}
         ids = sorted({i for r in rows.values() for i in r})
         self.found = {"untrained": rows, "data": {}, "template": {}}
         if not ids:
@@ -110,14 +112,17 @@ class UntrainedTokensGuard(Guard):
         lines = [f"{label}: {len(r)} row(s) look never trained (~0): ids {_short(r)}" for label, r in rows.items()
                  if r]
         data: dict[int, int] = {}
+        unscanned = False
         if dataset is not None:
             scan = count_token_ids(dataset, ids, column=o["column"], max_tokens=o["max_tokens"] or None,
                                    max_seconds=o["max_seconds"] or None)
             data = scan.counts
             extent = "all" if scan.complete else f"the first (stopped by {scan.stopped})"
             if scan.examples and scan.no_ids == scan.examples:
+                unscanned = True
                 lines.append(f"training data not scanned: its examples have no token ids in {o['column']!r} "
-                             f"(tokenized by the collator, or another field?); set UntrainedTokensGuard(column=...)")
+                             f"(tokenized by the collator, or another field?); set UntrainedTokensGuard(column=...) "
+                             f"or tokenize the dataset before training")
             else:
                 lines.append(f"training data ({extent} {scan.examples} examples, {scan.tokens} tokens) uses: "
                              + (_counts(data, tokenizer) or "none of them"))
@@ -141,7 +146,7 @@ class UntrainedTokensGuard(Guard):
                     _sync_trainable_tokens(module, todo)
                     lines.append(f"fixed: {label} rows {_short(todo)} set to the mean of {n} trained rows")
         for line in lines:
-            self.note(line, "warning" if used else "info")
+            self.note(line, "warning" if used or unscanned else "info")
         return lines
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,

@@ -112,6 +112,8 @@ def optimizer_layout(optimizer: Any, model: nn.Module) -> list[dict[str, Any]]:
         params = list(group["params"])
         out.append({
             "lr": float(group.get("initial_lr", group.get("lr", 0.0))),
+            # "lr" falls back to the live LR when no scheduler set initial_lr (ReduceLROnPlateau lowers it)
+            "lr_scheduled": "initial_lr" in group,
             "weight_decay": float(group.get("weight_decay", 0.0)),
             "params": [names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in params],
             "numel": int(sum(p.numel() for p in params)),
@@ -265,7 +267,8 @@ def layout_problems(then: list[Mapping[str, Any]], now: list[Mapping[str, Any]],
                 "same parameters in a different order" if not gone and not new else "") if s)
             problems.append(f"optimizer group {i} (lr {b['lr']:g}): {len(b['params'])} params ({b['numel']:,}) now, "
                             f"{len(a['params'])} ({a['numel']:,}) in {where}; {detail}")
-        elif a["lr"] != b["lr"] or a["weight_decay"] != b["weight_decay"]:
+        elif ((a["lr"] != b["lr"] and a.get("lr_scheduled") and b.get("lr_scheduled"))
+              or a["weight_decay"] != b["weight_decay"]):
             problems.append(f"optimizer group {i}: lr {b['lr']:g}, weight_decay {b['weight_decay']:g} now; "
                             f"lr {a['lr']:g}, weight_decay {a['weight_decay']:g} in {where}")
     return problems
@@ -375,16 +378,17 @@ def add_modules_to_save(model: nn.Module, modules: list[str], source: str | os.P
 
 
 def adapter_source(model: nn.Module) -> str | None:
-    """The directory ``model`` was loaded from when it holds a saved adapter or a trainable record, else None.
+    """The directory ``model`` was loaded from when it holds a saved adapter (``adapter_config.json``), else None.
 
-    Looks at the base model's ``name_or_path`` and each PEFT config's ``base_model_name_or_path``.
+    Looks at the base model's ``name_or_path`` and each PEFT config's ``base_model_name_or_path``. A full-model
+    checkpoint used as the starting point of a NEW run (continued pre-training, then LoRA) is not a continuation:
+    pass ``ResumeGuard(adapter_dir=...)`` to compare against such a directory explicitly.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cands = [getattr(base, "name_or_path", None)]
     cands += [getattr(c, "base_model_name_or_path", None) for c in (getattr(model, "peft_config", None) or {}).values()]
     for c in cands:
-        if c and os.path.isdir(c) and any(os.path.isfile(os.path.join(c, f))
-                                          for f in (TRAINABLE_FILE, ADAPTER_CONFIG_FILE)):
+        if c and os.path.isdir(c) and os.path.isfile(os.path.join(c, ADAPTER_CONFIG_FILE)):
             return os.fspath(c)
     return None
 

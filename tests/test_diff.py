@@ -110,13 +110,22 @@ def test_manifests_are_used_when_both_sides_have_one(run_dir, tmp_path, capsys):
         manifest.write_manifest(d, manifest.build_manifest(tensors, global_step=4, tie_groups=[]))
     assert diff(a, b)["a"]["source"] == "manifest"
     assert cli(capsys, a, b)[0] == 0
-    # the manifest is what the save wrote; a file edited afterwards is seen only when reading the files
+    # a file written after its manifest (re-saved without the guard): the manifest no longer answers for it
     tensors = load_file(b / "model.safetensors")
     tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
     save_file(tensors, b / "model.safetensors", metadata={"format": "pt"})
-    assert cli(capsys, a, b)[0] == 0
+    rc, out, _ = cli(capsys, a, b)
+    assert rc == 1 and "  model.norm: changed" in out and diff(a, b)["b"]["source"] == "files"
     rc, out, _ = cli(capsys, a, b, "--source", "files")
     assert rc == 1 and "  model.norm: changed" in out
+    rc, _, err = cli(capsys, a, b, "--source", "manifest")
+    assert rc == 2 and "model.safetensors was written after the manifest" in err
+    # a truncated copy is never "identical"
+    c = tmp_path / "c"
+    shutil.copytree(a, c)
+    with open(c / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    assert cli(capsys, a, c)[0] == 2
     # one side without a manifest: both sides are read from the files
     os.remove(a / manifest.MANIFEST_FILE)
     assert diff(a, b)["b"]["source"] == "files" and cli(capsys, a, b)[0] == 1

@@ -251,3 +251,25 @@ def test_unusable_inputs_never_print_a_traceback(tmp_path, capsys):
                       (tmp_path / "model.safetensors", "is a file; pass the directory that holds it")):
         assert main(["doctor", str(path)]) == 2
         assert f"!! [input] {path}: {why}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("what", ["index_list", "ties_list", "tensors_list", "fingerprint_null", "files_list"])
+def test_malformed_sidecars_are_unusable_input_not_tracebacks(what, runs, tmp_path, capsys):
+    ck = shutil.copytree(runs / "manual" / "checkpoint-2", tmp_path / what)
+    mpath = ck / "trainer_guard_manifest.json"
+    m = json.loads(mpath.read_text())
+    if what == "index_list":
+        (ck / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+    elif what == "ties_list":
+        (ck / "trainer_guard_ties.json").write_text('{"aliases": ["lm_head.weight"]}')
+    else:
+        key, value = {"tensors_list": ("tensors", []), "fingerprint_null": ("fingerprint", None),
+                      "files_list": ("files", ["model.safetensors"])}[what]
+        m[key] = value
+        mpath.write_text(json.dumps(m))
+    code = main(["doctor", str(ck)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in out + err
+    if what in ("tensors_list", "files_list"):
+        assert main(["diff", str(runs / "manual" / "checkpoint-2"), str(ck)]) == 2
+        assert "malformed manifest" in capsys.readouterr().err

@@ -313,3 +313,41 @@ def test_read_manifest_rejects_foreign_json(tmp_path):
         read_manifest(tmp_path)
     assert str(e.value) == (f"{tmp_path / MANIFEST_FILE}: not a trainer_guard manifest (format 'something-else', "
                             f"expected 'trainer_guard.manifest')")
+
+
+def test_background_write_into_a_deleted_checkpoint_is_not_an_error(tmp_path):
+    """The Trainer may delete a checkpoint (rotation, load_best_model_at_end cleanup) while its manifest is being
+    written: that is not a failed save. A write that fails while the directory exists still raises."""
+    import shutil
+
+    from trainer_guard.core.manifest import ManifestWriter, build_manifest
+
+    m = build_manifest({"w": torch.ones(2)}, global_step=1, tie_groups=[])
+    gone = tmp_path / "checkpoint-1"
+    gone.mkdir()
+    shutil.rmtree(gone)
+    w = ManifestWriter()
+    w.submit(gone, m)
+    w.join()  # no error: nothing is left to describe
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    (ro / "trainer_guard_manifest.json").mkdir()  # a directory in the way: the rename fails
+    w.submit(ro, m)
+    with pytest.raises(IntegrityError, match="could not be written"):
+        w.join()
+
+
+def test_named_or_several_peft_adapters_are_skipped_with_a_warning(tmp_path):
+    """PEFT stores a non-"default" adapter in checkpoint-N/<name>/: no manifest that would describe the wrong
+    file (doctor would call a healthy checkpoint foreign; readback would stop training)."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainer_guard.tiny import tiny_model
+
+    model = get_peft_model(tiny_model("llama-untied"), LoraConfig(r=4, target_modules=["q_proj"]),
+                           adapter_name="my_lora")
+    guard = IntegrityGuard(verify="readback")
+    Trainer(model=model, args=make_args(tmp_path, max_steps=2), train_dataset=tiny_dataset(16),
+            callbacks=[guard]).train()
+    assert not (tmp_path / "checkpoint-2" / "trainer_guard_manifest.json").exists()
+    assert any("PEFT adapter named 'my_lora'" in line for line in guard.report())

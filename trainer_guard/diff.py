@@ -91,6 +91,12 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
     if source == "manifest" and manifest is None:
         raise UsageError(f"{path}: no trainer_guard_manifest.json; drop --source manifest to compare the files")
     step = _step_of(path)
+    stale = _stale(path, manifest) if manifest is not None else None
+    if stale and source == "manifest":
+        raise UsageError(f"{path}: the manifest does not describe the files here ({stale}); run `trainer-guard "
+                         f"doctor {path}`, or drop --source manifest to compare the files")
+    if stale:
+        manifest = None  # never call two directories identical from a manifest whose files changed
     if manifest is not None and (source == "manifest" or manifest.get("algo") == CHECKSUM_ALGO):
         from .core.manifest import entries
 
@@ -112,6 +118,25 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
     return {"path": path, "source": "files", "global_step": step, "algo": CHECKSUM_ALGO, "tensors": tensors}
 
 
+def _stale(path: str, manifest: dict[str, Any]) -> str | None:
+    """Why ``manifest`` cannot stand for the files of ``path`` (a file missing, resized or newer), or None."""
+    files = manifest.get("files") or {}
+    if not files:
+        return "it lists no files"
+    from .core.manifest import MANIFEST_FILE
+
+    written = os.path.getmtime(os.path.join(path, MANIFEST_FILE)) if os.path.isdir(path) else None
+    for fname, info in files.items():
+        fp = os.path.join(path, fname)
+        if not os.path.isfile(fp):
+            return f"{fname} is missing"
+        if isinstance(info, dict) and "size" in info and os.path.getsize(fp) != info["size"]:
+            return f"{fname} is {os.path.getsize(fp):,} bytes, the manifest recorded {info['size']:,}"
+        if written is not None and os.path.getmtime(fp) > written:
+            return f"{fname} was written after the manifest"
+    return None
+
+
 def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto", progress: bool = False) -> dict[str, Any]:
     """Compare two checkpoint/model directories; return the JSON-able report ``trainer-guard diff --json`` prints.
 
@@ -128,8 +153,9 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto", progr
     ma = mb = None
     if source == "auto":  # manifests only when both sides have one with the same algorithm
         ma, mb = _manifest(os.fspath(a)), _manifest(os.fspath(b))
-        if not (ma and mb and ma.get("algo") == mb.get("algo")):
-            source = "files"
+        if not (ma and mb and ma.get("algo") == mb.get("algo")) or _stale(os.fspath(a), ma) or _stale(
+                os.fspath(b), mb):
+            source, ma, mb = "files", None, None  # a manifest whose files changed never answers for them
         else:
             source = "manifest"
     sa, sb = load_side(a, source, ma, progress), load_side(b, source, mb, progress)

@@ -170,7 +170,11 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
     for idx in sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json")):
         data = _read_json(os.path.join(path, idx), report, "files") or {}
         by_file: dict[str, list[str]] = {}
-        for name, shard in (data.get("weight_map") or {}).items():
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if weight_map is not None and not isinstance(weight_map, dict):
+            report.unusable.append(Finding("files", f"{idx}: 'weight_map' is not a mapping of tensor names to files"))
+            continue
+        for name, shard in (weight_map or {}).items():
             by_file.setdefault(shard, []).append(name)
         for shard, names in sorted(by_file.items()):
             if shard not in sizes:
@@ -257,6 +261,10 @@ def _check_ties(path: str, index: dict[str, TensorInfo], config: dict | None, ma
     aliases = dict((manifest or {}).get("aliases", {}))
     ties = _read_json(os.path.join(path, TIES_FILE), report, "ties")
     if ties:
+        if not isinstance(ties, dict) or not isinstance(ties.get("aliases", {}), dict):
+            report.unusable.append(Finding("ties", f"{TIES_FILE}: malformed ('aliases' must map alias to kept name); "
+                                                   f"delete it or re-save the checkpoint"))
+            return
         aliases.update(ties.get("aliases", {}))
     if not index:
         return

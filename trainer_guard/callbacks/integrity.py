@@ -81,6 +81,13 @@ class IntegrityGuard(Guard):
         With ``background`` the (atomic, fsynced) write runs in a thread, joined at the next step or train end;
         everything the manifest says is computed before this returns.
         """
+        why = _unsupported_adapters(model)
+        if why:
+            if not self._said_adapters:
+                self._said_adapters = True
+                self.note(f"{why}: PEFT saves such adapters in per-name subfolders, which manifests do not cover "
+                          f"yet; no manifest written (training is not affected)", "warning")
+            return []
         t0 = time.perf_counter()
         expected, groups = saved_tensors(model)
         result = checkpoint_manifest(expected, groups, directory, global_step=global_step,
@@ -97,6 +104,8 @@ class IntegrityGuard(Guard):
                   f"({timing['bytes'] / 1e6:.1f} MB), verify={self.options['verify']}, "
                   f"{timing['seconds'] * 1e3:.0f} ms")
         return []
+
+    _said_adapters = False
 
     def _sharded(self, model, args) -> bool:
         """FSDP / DeepSpeed ranks hold shards, not the tensors the files hold: skipped, said once."""
@@ -205,3 +214,14 @@ class IntegrityGuard(Guard):
         if self._sharded(model, args):
             return
         self.verify_resume(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), state.global_step)
+
+
+def _unsupported_adapters(model: Any) -> str | None:
+    """Why a PEFT model's checkpoint layout is out of the manifest's reach (several or non-"default" adapters)."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return None
+    if len(configs) > 1:
+        return f"{len(configs)} PEFT adapters ({', '.join(sorted(configs))})"
+    (name,) = configs
+    return None if name == "default" else f"PEFT adapter named {name!r}"

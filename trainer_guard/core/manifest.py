@@ -316,10 +316,17 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     if m.get("version") != MANIFEST_VERSION:
         raise UsageError(f"{path}: manifest version {m.get('version')!r} is not supported (this trainer_guard reads "
                          f"version {MANIFEST_VERSION}); upgrade trainer_guard")
+    shapes = {"tensors": dict, "files": dict, "aliases": dict, "fingerprint": str, "tie_groups": list}
+    bad = [f"{k!r} is a {type(m[k]).__name__}, expected a {t.__name__}" for k, t in shapes.items()
+           if k in m and not isinstance(m[k], t)]
+    if bad or "tensors" not in m:
+        raise UsageError(f"{path}: malformed manifest ({'; '.join(bad) or 'no tensors entry'}); delete it or "
+                         f"re-save the checkpoint")
     try:
         entries(m)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{path}: malformed manifest entry ({e!r})") from None
+        int(m.get("fingerprint", "0"), 16)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{path}: malformed manifest entry ({e!r}); delete it or re-save the checkpoint") from None
     return m
 
 
@@ -653,5 +660,7 @@ class ManifestWriter:
             self._pending = None
         if self._error is not None:
             (directory, e), self._error = self._error, None
+            if not os.path.isdir(directory):  # the checkpoint itself was deleted meanwhile (rotation, best-model
+                return                        # cleanup at train end): nothing is left that a manifest could lie about
             raise IntegrityError(f"{os.path.join(directory, MANIFEST_FILE)} could not be written ({e}); that "
                                  f"checkpoint has no manifest. Check free disk space and permissions.") from e

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .core.audit import CHANGED, ONLY_A, ONLY_B, SAME, classify, module_summary
-from .core.checksum import CHECKSUM_ALGO, DTYPE_NAMES, file_checksums, safetensors_entries
+from .core.checksum import CHECKSUM_ALGO, DTYPE_NAMES, file_checksums, safetensors_entries, safetensors_files
 from .errors import UsageError
 
 __all__ = ["configure", "run", "load_side", "diff", "format_text"]
@@ -66,7 +66,7 @@ def _step_of(path: str) -> int | None:
 def _files(path: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
-    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    return [os.path.join(path, f) for f in safetensors_files(path)]
 
 
 def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping | None = None,

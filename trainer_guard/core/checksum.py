@@ -465,6 +465,12 @@ def _index_problems(directory: str, files: dict[str, dict[str, int]]) -> list[st
     return problems
 
 
+def safetensors_files(directory: str | os.PathLike) -> list[str]:
+    """Sorted names of the ``*.safetensors`` files directly in ``directory``."""
+    return sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")
+                  and os.path.isfile(os.path.join(directory, f)))
+
+
 def file_checksums(path: str | os.PathLike, *, progress: bool = False) -> dict[str, int]:
     """Checksum every tensor stored in a ``.safetensors`` file, or in all ``*.safetensors`` of a directory.
 
@@ -491,7 +497,7 @@ def file_checksums(path: str | os.PathLike, *, progress: bool = False) -> dict[s
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        files = [os.path.join(path, f) for f in safetensors_files(path)]
         if not files:
             raise ChecksumError(f"{path}: no *.safetensors files in this directory")
     elif os.path.isfile(path):

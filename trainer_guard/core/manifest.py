@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import IntegrityError, UsageError
+from .checksum import safetensors_files  # noqa: F401  (re-exported for doctor)
 from .io import atomic_write_json, read_json
 
 __all__ = [
@@ -111,12 +112,6 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     if isinstance(dtype, torch.dtype):
         return str(dtype).removeprefix("torch.")
     return _ST_CODES.get(dtype, dtype)
-
-
-def safetensors_files(directory: str | os.PathLike) -> list[str]:
-    """Sorted names of the ``*.safetensors`` files directly in ``directory``."""
-    return sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")
-                  and os.path.isfile(os.path.join(directory, f)))
 
 
 def file_problem(path: str | os.PathLike) -> str | None:

@@ -271,7 +271,7 @@ def test_file_truncation_padding_and_foreign_files_raise_naming_the_file(saved, 
         file_checksums(tmp_path / "nowhere")
     empty = tmp_path / "emptydir"
     empty.mkdir()
-    with pytest.raises(ChecksumError, match=r"emptydir: no \*.safetensors files in this directory"):
+    with pytest.raises(ChecksumError, match=r"emptydir: no \*.safetensors file in this directory"):
         file_checksums(empty)
 
 

@@ -471,6 +471,20 @@ def safetensors_files(directory: str | os.PathLike) -> list[str]:
                   and os.path.isfile(os.path.join(directory, f)))
 
 
+def safetensors_paths(path: str | os.PathLike, error: type[Exception] = ChecksumError) -> list[str]:
+    """``[path]`` for a file, the paths of the ``*.safetensors`` files directly in a directory; ``error`` (with the
+    path in the message) when the path does not exist or the directory holds none."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise error(f"{path}: no such file or directory")
+    files = [os.path.join(path, f) for f in safetensors_files(path)]
+    if not files:
+        raise error(f"{path}: no *.safetensors file in this directory")
+    return files
+
+
 def file_checksums(path: str | os.PathLike, *, progress: bool = False) -> dict[str, int]:
     """Checksum every tensor stored in a ``.safetensors`` file, or in all ``*.safetensors`` of a directory.
 
@@ -496,14 +510,7 @@ def file_checksums(path: str | os.PathLike, *, progress: bool = False) -> dict[s
         True
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        files = [os.path.join(path, f) for f in safetensors_files(path)]
-        if not files:
-            raise ChecksumError(f"{path}: no *.safetensors files in this directory")
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise ChecksumError(f"{path}: no such file or directory")
+    files = safetensors_paths(path)
     bar = None
     cb = None
     if progress:

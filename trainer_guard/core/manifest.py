@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import IntegrityError, UsageError
-from .checksum import safetensors_files  # noqa: F401  (re-exported for doctor)
+from .checksum import safetensors_files, safetensors_paths  # noqa: F401  (safetensors_files re-exported)
 from .io import atomic_write_json, read_json
 
 __all__ = [
@@ -160,14 +160,7 @@ def read_index(path: str | os.PathLike) -> dict[str, TensorInfo]:
     from safetensors import safe_open
 
     path = os.fspath(path)
-    if os.path.isdir(path):
-        files = [os.path.join(path, f) for f in safetensors_files(path)]
-        if not files:
-            raise UsageError(f"{path}: no *.safetensors file in this directory")
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise UsageError(f"{path}: no such file or directory")
+    files = safetensors_paths(path, UsageError)
     out: dict[str, TensorInfo] = {}
     for fp in files:
         problem = file_problem(fp)

@@ -273,3 +273,38 @@ def test_malformed_sidecars_are_unusable_input_not_tracebacks(what, runs, tmp_pa
     if what in ("tensors_list", "files_list"):
         assert main(["diff", str(runs / "manual" / "checkpoint-2"), str(ck)]) == 2
         assert "malformed manifest" in capsys.readouterr().err
+
+
+def _named_adapters_run(out):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama-untied"), LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="mine")
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["v_proj"]))
+    _train(model, out)
+    return out / "checkpoint-2"
+
+
+def test_named_peft_adapters_in_sub_directories_are_each_checked(tmp_path, capsys):
+    """PEFT saves adapters not named "default" into <checkpoint>/<name>/: each is checked, none is "unusable"."""
+    ckpt = _named_adapters_run(tmp_path)
+    capsys.readouterr()  # the training log
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert (code, rep["unusable"], rep["problems"]) == (0, [], [])
+    assert sorted(_messages(rep, "passed")) == ["mine/: 4 tensors match the manifest (step 2)",
+                                                "second/: 4 tensors match the manifest (step 2)"]
+    assert set(rep["summary"]["adapters"]) == {"mine", "second"}
+    name = sorted(safetensors_entries(ckpt / "second" / "adapter_model.safetensors")[1])[0]
+    _flip_bit(ckpt / "second" / "adapter_model.safetensors", name, byte=0)
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 1 and _messages(rep, "problems")[0].startswith(f"second/: {name}: checksum ")
+    assert main(["doctor", str(ckpt)]) == 1
+    assert "  second/:  4 tensors, manifest of step 2" in capsys.readouterr().out
+
+
+def test_diff_points_to_the_adapter_sub_directories(tmp_path, capsys):
+    ckpt = _named_adapters_run(tmp_path)
+    capsys.readouterr()
+    assert main(["diff", str(ckpt), str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "holds PEFT adapters in sub-directories (mine/, second/)" in err and "Traceback" not in err
+    assert main(["diff", str(ckpt / "mine"), str(ckpt / "mine")]) == 0

@@ -337,17 +337,47 @@ def test_background_write_into_a_deleted_checkpoint_is_not_an_error(tmp_path):
         w.join()
 
 
-def test_named_or_several_peft_adapters_are_skipped_with_a_warning(tmp_path):
-    """PEFT stores a non-"default" adapter in checkpoint-N/<name>/: no manifest that would describe the wrong
-    file (doctor would call a healthy checkpoint foreign; readback would stop training)."""
+def _two_adapters(names=("default", "other"), seed=0):
     from peft import LoraConfig, get_peft_model
 
-    from trainer_guard.tiny import tiny_model
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny_model("llama-untied", seed=seed), LoraConfig(r=4, target_modules=["q_proj"]),
+                           adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    return model
 
-    model = get_peft_model(tiny_model("llama-untied"), LoraConfig(r=4, target_modules=["q_proj"]),
-                           adapter_name="my_lora")
+
+@pytest.mark.parametrize("names", [("default", "other"), ("my_lora",), ("my_lora", "second")])
+def test_named_and_several_peft_adapters_each_get_a_manifest(tmp_path, names):
+    """PEFT stores a non-"default" adapter in checkpoint-N/<name>/: each adapter directory gets the manifest of
+    what it holds, checked in readback mode, and a clean resume of every adapter passes."""
     guard = IntegrityGuard(verify="readback")
-    Trainer(model=model, args=make_args(tmp_path, max_steps=2), train_dataset=tiny_dataset(16),
-            callbacks=[guard]).train()
-    assert not (tmp_path / "checkpoint-2" / "trainer_guard_manifest.json").exists()
-    assert any("PEFT adapter named 'my_lora'" in line for line in guard.report())
+    _train(_two_adapters(names), tmp_path, [guard])
+    ckpt = tmp_path / "checkpoint-2"
+    for name in names:
+        where = ckpt if name == "default" else ckpt / name
+        m = read_manifest(where)
+        assert {k: e["checksum"] for k, e in entries(m).items()} == file_checksums(where / "adapter_model.safetensors")
+        assert {e["file"] for e in m["tensors"].values()} == {"adapter_model.safetensors"}
+        assert all("lora_" in k for k in m["tensors"])
+    if "default" not in names:
+        assert not (ckpt / MANIFEST_FILE).exists()  # nothing stored at the top level, nothing described there
+    assert f"in {len(names)} adapter directories" in guard.report()[0] or len(names) == 1
+
+    resumed = IntegrityGuard()
+    _train(_two_adapters(names, seed=1), tmp_path, [resumed], resume=str(ckpt), max_steps=3)
+    line = next(x for x in resumed.report() if x.startswith("resumed model matches"))
+    assert line.count(MANIFEST_FILE) == len(names)
+
+
+def test_corrupted_second_adapter_is_named_on_resume(tmp_path):
+    _train(_two_adapters(), tmp_path, [IntegrityGuard()])
+    ckpt = tmp_path / "checkpoint-2"
+    f = ckpt / "other" / "adapter_model.safetensors"
+    sd = load_file(f)
+    key = sorted(sd)[0]
+    sd[key] = sd[key] + 1
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(IntegrityError, match=r"other/" + key.replace(".", r"\.") + r": checksum"):
+        _train(_two_adapters(seed=1), tmp_path, [IntegrityGuard()], resume=str(ckpt), max_steps=3)

@@ -24,6 +24,7 @@ from typing import Any
 
 from .core.audit import CHANGED, ONLY_A, ONLY_B, SAME, classify, module_summary
 from .core.checksum import CHECKSUM_ALGO, DTYPE_NAMES, file_checksums, safetensors_entries, safetensors_files
+from .core.manifest import adapter_subdirs
 from .errors import UsageError
 
 __all__ = ["configure", "run", "load_side", "diff", "format_text"]
@@ -106,6 +107,11 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
                 "tensors": {n: {"checksum": e["checksum"], "dtype": e["dtype"], "shape": list(e["shape"])}
                             for n, e in entries(manifest).items()}}
     files = _files(path)
+    subdirs = adapter_subdirs(path)
+    if not files and subdirs:
+        raise UsageError(f"{path}: holds PEFT adapters in sub-directories ({', '.join(d + '/' for d in subdirs)}), "
+                         f"nothing at the top level; compare one adapter at a time, e.g. trainer-guard diff "
+                         f"{os.path.join(path, subdirs[0])} <other checkpoint>/{subdirs[0]}")
     if not files:
         raise UsageError(f"{path}: no *.safetensors file and no trainer_guard_manifest.json; nothing to compare "
                          f"(a checkpoint saved with save_safetensors=False holds only .bin files)")
@@ -173,6 +179,7 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto", progr
     counts = {k: sum(1 for s in status.values() if s == k) for k in (SAME, CHANGED, ONLY_A, ONLY_B)}
     sa["tensors"], sb["tensors"] = len(ta), len(tb)
     steps = (sb["global_step"] - sa["global_step"]) if None not in (sa["global_step"], sb["global_step"]) else None
+    sa["adapters"], sb["adapters"] = adapter_subdirs(a), adapter_subdirs(b)  # not compared: named in the text
     return {"a": sa, "b": sb, "steps": steps, "identical": counts[SAME] == len(status), "counts": counts,
             "modules": module_summary(status), "tensors": status, "retyped": retyped}
 
@@ -202,6 +209,10 @@ def format_text(report: Mapping[str, Any], list_tensors: bool = False) -> str:
         lines.append(f"  ! {name}: {what}")
     if list_tensors:
         lines += [f"  {st:8s} {name}" for name, st in report["tensors"].items() if st != SAME]
+    subdirs = sorted(set(a.get("adapters", [])) | set(b.get("adapters", [])))
+    if subdirs:
+        lines.append(f"not compared: the PEFT adapters in {', '.join(d + '/' for d in subdirs)} (diff each "
+                     f"sub-directory on its own)")
     lines.append("identical" if report["identical"] else "different")
     return "\n".join(lines)
 

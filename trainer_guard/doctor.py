@@ -10,6 +10,9 @@ Checks (field reports R1-R5):
 - an adapter's size split by module, full copies of embeddings / head called out (R3, R4);
 - the dtype mix of the stored floating tensors (R2).
 
+PEFT adapters not named ``"default"`` live in ``PATH/<name>/`` (``PeftModel.save_pretrained``'s layout): each such
+sub-directory is checked the same way, its findings prefixed ``<name>/:``.
+
 Exit code: 0 healthy, 1 problems found, 2 unusable input (missing directory, truncated or foreign file, foreign or
 missing manifest; the checks that need none still run). ``--json`` prints one JSON object; progress bars go to
 stderr for files over 256 MB. User errors never print a traceback.
@@ -32,6 +35,7 @@ from typing import Any
 from .core.manifest import (
     MANIFEST_FILE,
     TensorInfo,
+    adapter_subdirs,
     compare,
     entries,
     file_problem,
@@ -136,6 +140,16 @@ def diagnose(path: str | os.PathLike, *, progress: bool = False, no_manifest_ok:
         why = "is a file; pass the directory that holds it" if os.path.isfile(path) else "no such directory"
         report.unusable.append(Finding("input", f"{path}: {why}"))
         return report
+    subdirs = adapter_subdirs(path)
+    if not subdirs or safetensors_files(path):  # named PEFT adapters alone leave no weights at the top level
+        _diagnose_dir(path, report, progress, no_manifest_ok)
+    for sub in subdirs:  # PEFT saves every adapter not named "default" into <path>/<name>/
+        _merge(report, _diagnose_dir(os.path.join(path, sub), Report(os.path.join(path, sub)), progress,
+                                     no_manifest_ok), sub)
+    return report
+
+
+def _diagnose_dir(path: str, report: Report, progress: bool, no_manifest_ok: bool) -> Report:
     index, sizes = _check_files(path, report)
     config = _read_json(os.path.join(path, "config.json"), report, "input")
     manifest = _check_manifest(path, index, report, progress, no_manifest_ok)
@@ -145,6 +159,13 @@ def diagnose(path: str | os.PathLike, *, progress: bool = False, no_manifest_ok:
     _check_dtypes(index, report)
     report.summary.update({"files": sizes, "tensors": len(index)})
     return report
+
+
+def _merge(report: Report, sub: Report, name: str) -> None:
+    """Add the findings of adapter sub-directory ``name`` to ``report`` (messages prefixed ``name/:``)."""
+    for key in ("problems", "warnings", "unusable", "passed"):
+        getattr(report, key).extend(Finding(f.check, f"{name}/: {f.message}") for f in getattr(sub, key))
+    report.summary.setdefault("adapters", {})[name] = sub.summary
 
 
 def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict[str, int]]:
@@ -415,6 +436,11 @@ def format_text(report: Report) -> str:
         a = s["adapter"]
         lines.append(f"  adapter:  {_human(a['bytes'])}: " + ", ".join(
             f"{r['module']} ({r['kind']}) {r['share']:.0%}" for r in a["modules"][:6]))
+    for name, a in s.get("adapters", {}).items():
+        m = a.get("manifest")
+        lines.append(f"  {name}/:" + " " * max(1, 8 - len(name)) + f"{a.get('tensors', 0)} tensors"
+                     + (f", manifest of step {m['global_step']}" if m else "")
+                     + (f", adapter {_human(a['adapter']['bytes'])}" if a.get("adapter") else ""))
     for title, items, mark in (("ok", report.passed, "ok "), ("unusable input", report.unusable, "!! "),
                                ("problems", report.problems, "XX "), ("warnings", report.warnings, "?? ")):
         for f in items:

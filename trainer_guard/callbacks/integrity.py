@@ -15,10 +15,11 @@ from ..core.divergence import is_sharded
 from ..core.manifest import (
     MANIFEST_FILE,
     ManifestWriter,
+    adapter_subdirs,
     checkpoint_manifest,
     model_problems,
     read_manifest,
-    saved_tensors,
+    saved_layout,
 )
 from ..errors import IntegrityError, UsageError
 from .base import Guard
@@ -81,31 +82,32 @@ class IntegrityGuard(Guard):
         With ``background`` the (atomic, fsynced) write runs in a thread, joined at the next step or train end;
         everything the manifest says is computed before this returns.
         """
-        why = _unsupported_adapters(model)
-        if why:
-            if not self._said_adapters:
-                self._said_adapters = True
-                self.note(f"{why}: PEFT saves such adapters in per-name subfolders, which manifests do not cover "
-                          f"yet; no manifest written (training is not affected)", "warning")
-            return []
         t0 = time.perf_counter()
-        expected, groups = saved_tensors(model)
-        result = checkpoint_manifest(expected, groups, directory, global_step=global_step,
-                                     verify=self.options["verify"], backend=self.options["backend"])
-        for w in result.warnings:
-            self.note(f"{os.path.basename(directory)}: {w}", "warning")
-        if result.manifest is None:
-            return result.problems
-        timing = {"step": global_step, "bytes": sum(t.numel() * t.element_size() for t in expected.values())}
-        self.writer.submit(directory, result.manifest, background=background)
-        timing["seconds"] = time.perf_counter() - t0
+        problems, writes, nbytes = [], [], 0
+        for sub, (expected, groups) in saved_layout(model).items():
+            where, prefix = os.path.join(directory, sub), (f"{sub}/" if sub else "")
+            if not os.path.isdir(where):
+                problems.append(f"PEFT adapter {sub!r}: not saved ({where} does not exist)")
+                continue
+            result = checkpoint_manifest(expected, groups, where, global_step=global_step,
+                                         verify=self.options["verify"], backend=self.options["backend"])
+            for w in result.warnings:
+                self.note(f"{os.path.basename(directory)}/{prefix}: {w}", "warning")
+            problems += [f"{prefix}{p}" if prefix else p for p in result.problems]
+            if result.manifest is not None:
+                writes.append((where, result.manifest))
+                nbytes += sum(t.numel() * t.element_size() for t in expected.values())
+        if problems or not writes:  # all or nothing: no save gets manifests for some adapters only
+            return problems
+        self.writer.submit_many(writes, background=background)
+        timing = {"step": global_step, "bytes": nbytes, "seconds": time.perf_counter() - t0}
         self.timings.append(timing)
-        self.note(f"{os.path.basename(directory)}: checked, manifest of {len(result.manifest['tensors'])} tensors "
+        count = sum(len(m["tensors"]) for _, m in writes)
+        where = "" if len(writes) == 1 else f" in {len(writes)} adapter directories"
+        self.note(f"{os.path.basename(directory)}: checked, manifest of {count} tensors{where} "
                   f"({timing['bytes'] / 1e6:.1f} MB), verify={self.options['verify']}, "
                   f"{timing['seconds'] * 1e3:.0f} ms")
         return []
-
-    _said_adapters = False
 
     def _sharded(self, model, args) -> bool:
         """FSDP / DeepSpeed ranks hold shards, not the tensors the files hold: skipped, said once."""
@@ -149,17 +151,25 @@ class IntegrityGuard(Guard):
 
     # -- resume ---------------------------------------------------------------------------------------------
     def check_model(self, model, directory: str) -> list[str]:
-        """Differences between the live ``model`` and the manifest in ``directory`` (empty when none or equal)."""
-        try:
-            manifest = read_manifest(directory)
-        except UsageError as e:
-            return [str(e)]
-        if manifest is None:
-            self.note(f"{directory} has no {MANIFEST_FILE}; the resumed weights were not verified", "warning")
-            return []
-        problems, warnings = model_problems(saved_tensors(model)[0], manifest, backend=self.options["backend"])
-        for w in warnings:
-            self.note(w, "warning")
+        """Differences between the live ``model`` and the manifest(s) in ``directory`` (empty when none or equal).
+
+        A PEFT model with several adapters is checked against the manifest of each adapter's directory.
+        """
+        problems = []
+        for sub, (live, _) in saved_layout(model).items():
+            where, prefix = os.path.join(directory, sub), (f"{sub}/" if sub else "")
+            try:
+                manifest = read_manifest(where) if os.path.isdir(where) else None
+            except UsageError as e:
+                problems.append(str(e))
+                continue
+            if manifest is None:
+                self.note(f"{where} has no {MANIFEST_FILE}; the resumed weights were not verified", "warning")
+                continue
+            found, warnings = model_problems(live, manifest, backend=self.options["backend"])
+            for w in warnings:
+                self.note(w, "warning")
+            problems += [f"{prefix}{p}" for p in found]
         return problems
 
     def verify_resume(self, model, ckpt: str, step: int | None = None) -> None:
@@ -167,8 +177,11 @@ class IntegrityGuard(Guard):
         problems = self.check_model(model, ckpt) if os.path.isdir(ckpt) else []
         if not os.path.isdir(ckpt):
             self.note(f"resumed, but {ckpt} does not exist; weights not verified", "warning")
-        elif not problems and os.path.isfile(os.path.join(ckpt, MANIFEST_FILE)):
-            self.note(f"resumed model matches {os.path.join(ckpt, MANIFEST_FILE)}")
+        elif not problems:
+            checked = [os.path.join(ckpt, sub, MANIFEST_FILE) for sub in ["", *adapter_subdirs(ckpt)]
+                       if os.path.isfile(os.path.join(ckpt, sub, MANIFEST_FILE))]
+            if checked:
+                self.note(f"resumed model matches {', '.join(checked)}")
         agree(problems, IntegrityError,
               header=f"The resumed model does not match {os.path.join(ckpt, MANIFEST_FILE)}"
                      + ("" if step is None else f" (step {step})")
@@ -215,13 +228,3 @@ class IntegrityGuard(Guard):
             return
         self.verify_resume(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), state.global_step)
 
-
-def _unsupported_adapters(model: Any) -> str | None:
-    """Why a PEFT model's checkpoint layout is out of the manifest's reach (several or non-"default" adapters)."""
-    configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict) or not configs:
-        return None
-    if len(configs) > 1:
-        return f"{len(configs)} PEFT adapters ({', '.join(sorted(configs))})"
-    (name,) = configs
-    return None if name == "default" else f"PEFT adapter named {name!r}"

@@ -62,6 +62,8 @@ __all__ = [
     "index_entries",
     "tensor_entries",
     "saved_tensors",
+    "saved_layout",
+    "adapter_subdirs",
     "reconcile",
     "load_tensors",
     "checkpoint_manifest",
@@ -409,11 +411,54 @@ def foreign_reason(manifest: Mapping[str, Any], mismatches: Sequence[Mismatch], 
     return None
 
 
-def saved_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+def saved_layout(model: torch.nn.Module) -> dict[str, tuple[dict[str, torch.Tensor], list[list[str]]]]:
+    """Where a ``Trainer`` save of ``model`` puts its tensors: sub-directory -> :func:`saved_tensors` of it.
+
+    ``""`` is the checkpoint directory itself. A PEFT model's adapters are saved as ``PeftModel.save_pretrained``
+    lays them out: ``"default"`` in the directory, every other adapter name in ``<directory>/<name>/`` (this is
+    where ``Trainer`` looks for them on resume). Any other model: ``{"": saved_tensors(model)}``.
+
+    Example:
+        >>> from trainer_guard.tiny import tiny_model
+        >>> list(saved_layout(tiny_model("llama-tied")))
+        ['']
+    """
+    names = _peft_adapter_names(model)
+    if not names:
+        return {"": saved_tensors(model)}
+    return {("" if n == "default" else n): saved_tensors(model, adapter_name=n) for n in names}
+
+
+def adapter_subdirs(directory: str | os.PathLike) -> list[str]:
+    """Sub-directories of ``directory`` that hold a PEFT adapter (``adapter_model.safetensors``/``.bin``), sorted.
+
+    ``PeftModel.save_pretrained`` puts every adapter not named ``"default"`` there; ``Trainer`` resumes them from
+    there too.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(d for d in os.listdir(directory) if any(
+        os.path.isfile(os.path.join(directory, d, f)) for f in ("adapter_model.safetensors", "adapter_model.bin")))
+
+
+def _peft_adapter_names(model: Any) -> list[str]:
+    """The adapter names a ``PeftModel`` saves (all of ``peft_config``); ``[]`` for any other model."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return []
+    return sorted(model.peft_config) if isinstance(model, PeftModel) else []
+
+
+def saved_tensors(
+    model: torch.nn.Module, adapter_name: str | None = None
+) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
     """The tensors a ``Trainer`` save of ``model`` writes, keyed by their stored names, and its tie groups.
 
-    - PEFT model: the active adapter's state dict as ``PeftModel.save_pretrained`` writes it
-      (``get_peft_model_state_dict``, embedding layers ``"auto"``), no tie groups.
+    - PEFT model: the state dict of adapter ``adapter_name`` (default: the active one) as
+      ``PeftModel.save_pretrained`` writes it (``get_peft_model_state_dict``, embedding layers ``"auto"``), no tie
+      groups. Several adapters are saved into several directories: see :func:`saved_layout`.
     - Hugging Face model: ``state_dict()`` minus ``_keys_to_ignore_on_save``; tie groups found by identity (the
       save keeps one member per group).
     - Any other module: ``state_dict()`` (a guard's state-dict hook may already have dropped tie aliases).
@@ -428,7 +473,8 @@ def saved_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list
     if PeftModel is not None and isinstance(model, PeftModel):
         from transformers.utils import logging as hf_logging
 
-        adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
+        adapter = adapter_name or (model.active_adapter if isinstance(model.active_adapter, str)
+                                   else model.active_adapters[0])
         verbosity = hf_logging.get_verbosity()
         try:
             sd = get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers="auto")
@@ -620,25 +666,33 @@ class ManifestWriter:
         self._error: tuple[str, Exception] | None = None
         self.last_seconds: float | None = None
 
-    def _run(self, directory: str, manifest: Mapping[str, Any]) -> None:
+    def _run(self, items: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
         t0 = time.perf_counter()
-        try:
-            write_manifest(directory, manifest)
-        except Exception as e:  # re-raised by join() in the caller's thread
-            self._error = (directory, e)
+        for directory, manifest in items:
+            try:
+                write_manifest(directory, manifest)
+            except Exception as e:  # re-raised by join() in the caller's thread
+                self._error = (directory, e)
+                break
         self.last_seconds = time.perf_counter() - t0
 
     def submit(self, directory: str | os.PathLike, manifest: Mapping[str, Any], background: bool = True) -> None:
         """Write ``manifest`` into ``directory`` (after the previous write finished); inline when not ``background``."""
+        self.submit_many([(directory, manifest)], background=background)
+
+    def submit_many(self, items: Sequence[tuple[str | os.PathLike, Mapping[str, Any]]],
+                    background: bool = True) -> None:
+        """Write several ``(directory, manifest)`` pairs in order (one save of several PEFT adapters)."""
         self.join()
+        items = [(os.fspath(d), m) for d, m in items]
         if background:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer_guard-manifest")
-            self._pending = self._pool.submit(self._run, os.fspath(directory), manifest)
+            self._pending = self._pool.submit(self._run, items)
         else:
-            self._run(os.fspath(directory), manifest)
+            self._run(items)
             self.join()
 
     def join(self) -> None:

@@ -381,3 +381,92 @@ def test_corrupted_second_adapter_is_named_on_resume(tmp_path):
     save_file(sd, f, metadata={"format": "pt"})
     with pytest.raises(IntegrityError, match=r"other/" + key.replace(".", r"\.") + r": checksum"):
         _train(_two_adapters(seed=1), tmp_path, [IntegrityGuard()], resume=str(ckpt), max_steps=3)
+
+def _tiny_mixtral(seed=0):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1))
+
+
+@pytest.mark.parametrize("verify", ["manifest", "readback"])
+def test_moe_experts_converted_on_save_are_checked_under_their_stored_names(tmp_path, verify):
+    """transformers saves Mixtral's fused experts (mlp.experts.gate_up_proj) as per-expert tensors
+    (block_sparse_moe.experts.0.w1.weight). The manifest describes them from memory under the stored names (the
+    conversion reverted as save_pretrained does), so a resume whose experts did not load is caught."""
+    from trainer_guard.doctor import diagnose
+
+    guard = IntegrityGuard(verify=verify)
+    _train(_tiny_mixtral(), tmp_path, [guard])
+    ckpt = tmp_path / "checkpoint-2"
+    m = read_manifest(ckpt)
+    assert {e["source"] for e in m["tensors"].values()} == {"model"}
+    assert sum(".block_sparse_moe.experts." in k for k in m["tensors"]) == 6
+    assert {k: e["checksum"] for k, e in entries(m).items()} == file_checksums(ckpt)
+    assert not any("weight conversion" in line for line in guard.report())
+    assert diagnose(ckpt).exit_code == 0
+
+    # transformers 5.23's Trainer resumes weights with load_state_dict(strict=False): the per-expert names match
+    # nothing, the experts and router keep their random values and training goes on (one logged warning)
+    with pytest.raises(IntegrityError) as e:
+        _train(_tiny_mixtral(seed=1), tmp_path, [IntegrityGuard()], resume=str(ckpt), max_steps=3)
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight: checksum" in str(e.value)
+    assert "7 of these (model.layers.0.block_sparse_moe.experts.0.w1.weight, ...) are stored in the layout" in str(
+        e.value) and f"MixtralForCausalLM.from_pretrained({str(ckpt)!r})" in str(e.value)
+    # the fix the message names: from_pretrained applies the conversion, the Trainer's partial load keeps it
+    from transformers import MixtralForCausalLM
+
+    resumed = IntegrityGuard()
+    _train(MixtralForCausalLM.from_pretrained(ckpt), tmp_path, [resumed], resume=str(ckpt), max_steps=3)
+    assert any(line.startswith("resumed model matches") for line in resumed.report())
+
+    class SkipExperts(TrainerCallback):  # an expert that did not load: re-initialised after the weight load
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            with torch.no_grad():
+                model.model.layers[0].mlp.experts.gate_up_proj.normal_()
+
+    with pytest.raises(IntegrityError, match=r"model\.layers\.0\.block_sparse_moe\.experts\.0\.w1\.weight: checksum"):
+        _train(MixtralForCausalLM.from_pretrained(ckpt), tmp_path, [SkipExperts(), IntegrityGuard()],
+               resume=str(ckpt), max_steps=3)
+
+
+def test_renamed_tensors_without_a_known_conversion_are_described_from_the_files(tmp_path):
+    """A save that renames tensors in a way the library cannot revert: the stored names are checksummed from the
+    files (headers give dtype and shape, nothing is read into memory), with a warning."""
+    from trainer_guard.core.manifest import checkpoint_manifest
+
+    model = tiny_model("llama-untied")
+    sd = {k.replace("mlp.", "ffn."): v.clone() for k, v in model.state_dict().items()}
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    expected = dict(model.state_dict())
+    result = checkpoint_manifest(expected, [], tmp_path, global_step=1)
+    assert result.problems == [] and "weight conversion on save?" in result.warnings[0]
+    m = result.manifest
+    assert {k for k, e in m["tensors"].items() if e["source"] == "file"} == {k for k in sd if ".ffn." in k}
+    assert {k: e["checksum"] for k, e in entries(m).items()} == file_checksums(tmp_path)
+    index = read_index(tmp_path)
+    assert all((e["dtype"], tuple(e["shape"])) == (index[k].dtype, index[k].shape) for k, e in m["tensors"].items())
+
+
+def _best_model_run(model, out, guard):
+    args = make_args(out, max_steps=4, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                     metric_for_best_model="loss", greater_is_better=True)  # the higher-loss step 2 is "best"
+    trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset(16, 16, 128),
+                      eval_dataset=tiny_dataset(8, 16, 128), callbacks=[guard])
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(out / "checkpoint-2")
+
+
+def test_best_model_loaded_at_train_end_is_checked(tmp_path):
+    guard = IntegrityGuard()
+    _best_model_run(tiny_model("llama-untied"), tmp_path, guard)
+    assert any(line.startswith("best model matches") for line in guard.report())
+
+
+def test_best_model_whose_moe_experts_were_not_loaded_is_an_error(tmp_path):
+    """load_best_model_at_end has the same strict=False load as a resume: a MoE's experts stay as trained last."""
+    with pytest.raises(IntegrityError, match=r"The best model does not match .*the model in memory is not that "
+                                             r"checkpoint(.|\n)*experts\.0\.w1\.weight: checksum"):
+        _best_model_run(_tiny_mixtral(), tmp_path, IntegrityGuard())

@@ -17,6 +17,7 @@ from ..core.manifest import (
     ManifestWriter,
     adapter_subdirs,
     checkpoint_manifest,
+    converted_names,
     model_problems,
     read_manifest,
     saved_layout,
@@ -46,7 +47,8 @@ class IntegrityGuard(Guard):
             pass over the saved tensors in memory. ``"readback"``: also re-reads the files and compares their
             checksums with memory (catches a corrupted write; about one more pass over the files). ``"off"``: no
             check; problems are logged as warnings and the manifest records what the files hold.
-        check_resume: compare the resumed model with the checkpoint's manifest at train begin.
+        check_resume: compare the resumed model with the checkpoint's manifest at train begin, and the best model
+            that ``load_best_model_at_end`` loads with that checkpoint's manifest at train end.
         backend: checksum backend (``"auto"``: the fused Triton kernel when the model is on CUDA, else CPU).
 
     Raises:
@@ -85,14 +87,15 @@ class IntegrityGuard(Guard):
         t0 = time.perf_counter()
         problems, writes, nbytes = [], [], 0
         for sub, (expected, groups) in saved_layout(model).items():
-            where, prefix = os.path.join(directory, sub), (f"{sub}/" if sub else "")
+            where, prefix = (os.path.join(directory, sub) if sub else directory), (f"{sub}/" if sub else "")
             if not os.path.isdir(where):
                 problems.append(f"PEFT adapter {sub!r}: not saved ({where} does not exist)")
                 continue
             result = checkpoint_manifest(expected, groups, where, global_step=global_step,
                                          verify=self.options["verify"], backend=self.options["backend"])
             for w in result.warnings:
-                self.note(f"{os.path.basename(directory)}/{prefix}: {w}", "warning")
+                self.note(f"{os.path.join(os.path.basename(directory), sub) if sub else os.path.basename(directory)}"
+                          f": {w}", "warning")
             problems += [f"{prefix}{p}" if prefix else p for p in result.problems]
             if result.manifest is not None:
                 writes.append((where, result.manifest))
@@ -146,8 +149,11 @@ class IntegrityGuard(Guard):
     def on_step_end(self, args, state, control, **kwargs: Any):
         self._join_writer()
 
-    def on_train_end(self, args, state, control, **kwargs: Any):
+    def on_train_end(self, args, state, control, model=None, **kwargs: Any):
         self._join_writer()
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
+        if best and self.options["check_resume"] and model is not None and not self._sharded(model, args):
+            self.verify_resume(model, best, what="best model")  # the Trainer's _load_best_model ran just before
 
     # -- resume ---------------------------------------------------------------------------------------------
     def check_model(self, model, directory: str) -> list[str]:
@@ -157,7 +163,7 @@ class IntegrityGuard(Guard):
         """
         problems = []
         for sub, (live, _) in saved_layout(model).items():
-            where, prefix = os.path.join(directory, sub), (f"{sub}/" if sub else "")
+            where, prefix = (os.path.join(directory, sub) if sub else directory), (f"{sub}/" if sub else "")
             try:
                 manifest = read_manifest(where) if os.path.isdir(where) else None
             except UsageError as e:
@@ -170,22 +176,33 @@ class IntegrityGuard(Guard):
             for w in warnings:
                 self.note(w, "warning")
             problems += [f"{prefix}{p}" for p in found]
+            converted = sorted(n for n in converted_names(model) if any(p.startswith(f"{n}:") for p in found))
+            if converted:
+                problems.append(
+                    f"{len(converted)} of these ({converted[0]}, ...) are stored in the layout transformers saves "
+                    f"(its weight conversion reverted, e.g. per-expert MoE weights); the Trainer resumes weights with "
+                    f"load_state_dict(strict=False), which skips them. Load the model with "
+                    f"{type(model).__name__}.from_pretrained({directory!r}) before resuming from it (transformers "
+                    f"issue #48805)")
         return problems
 
-    def verify_resume(self, model, ckpt: str, step: int | None = None) -> None:
-        """Raise :class:`IntegrityError` on every rank when ``model`` differs from ``ckpt``'s manifest."""
+    def verify_resume(self, model, ckpt: str, step: int | None = None, what: str = "resumed model") -> None:
+        """Raise :class:`IntegrityError` on every rank when ``model`` (``what``: the resumed model, or the best
+        model loaded at train end) differs from ``ckpt``'s manifest."""
         problems = self.check_model(model, ckpt) if os.path.isdir(ckpt) else []
         if not os.path.isdir(ckpt):
-            self.note(f"resumed, but {ckpt} does not exist; weights not verified", "warning")
+            self.note(f"{what} loaded, but {ckpt} does not exist; weights not verified", "warning")
         elif not problems:
             checked = [os.path.join(ckpt, sub, MANIFEST_FILE) for sub in ["", *adapter_subdirs(ckpt)]
                        if os.path.isfile(os.path.join(ckpt, sub, MANIFEST_FILE))]
             if checked:
-                self.note(f"resumed model matches {', '.join(checked)}")
+                self.note(f"{what} matches {', '.join(checked)}")
+        after = ("stopped before training on" if what == "resumed model" else
+                 "the model in memory is not that checkpoint: do not save or use it")
         agree(problems, IntegrityError,
-              header=f"The resumed model does not match {os.path.join(ckpt, MANIFEST_FILE)}"
+              header=f"The {what} does not match {os.path.join(ckpt, MANIFEST_FILE)}"
                      + ("" if step is None else f" (step {step})")
-                     + "; stopped before training on. Load the checkpoint with the model class, config and dtype it "
+                     + f"; {after}. Load the checkpoint with the model class, config and dtype it "
                        "was saved with. Differences:")
 
     def wire(self, trainer: Any) -> None:

@@ -63,9 +63,9 @@ __all__ = [
     "tensor_entries",
     "saved_tensors",
     "saved_layout",
+    "converted_names",
     "adapter_subdirs",
     "reconcile",
-    "load_tensors",
     "checkpoint_manifest",
     "ManifestWriter",
     "model_problems",
@@ -206,7 +206,7 @@ def _hex(x: int) -> str:
 
 
 def build_manifest(
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor | TensorInfo],
     *,
     global_step: int | None,
     tie_groups: list[list[str]],
@@ -219,7 +219,8 @@ def build_manifest(
     """The manifest describing ``tensors`` (names as stored on disk).
 
     Args:
-        tensors: name -> tensor, exactly what the files hold (any device; checksums are device-independent).
+        tensors: name -> tensor, exactly what the files hold (any device; checksums are device-independent), or
+            its :class:`TensorInfo` (a file header entry: nothing is read) when ``sums`` holds its checksum.
         global_step: the optimizer step of the checkpoint (``None`` for a model directory).
         tie_groups: groups of names sharing one storage; members absent from ``tensors`` become aliases of the
             member that is present.
@@ -235,6 +236,9 @@ def build_manifest(
 
     sums = dict(sums or {})
     todo = {k: v for k, v in tensors.items() if k not in sums}
+    headers_only = sorted(k for k, v in todo.items() if not isinstance(v, torch.Tensor))
+    if headers_only:
+        raise ValueError(f"build_manifest: {headers_only[0]} is given by its header only, with no checksum in sums")
     if todo:
         sums.update(checksums(todo, backend=backend))
     files = dict(files or {})
@@ -242,7 +246,7 @@ def build_manifest(
     for name in sorted(tensors):
         t = tensors[name]
         out_tensors[name] = {
-            "checksum": _hex(sums[name]), "dtype": dtype_name(t.dtype), "shape": list(t.shape),
+            "checksum": _hex(sums[name]), "dtype": dtype_name(t.dtype), "shape": [int(s) for s in t.shape],
             "file": files.get(name, "model.safetensors"), "source": (sources or {}).get(name, "model"),
         }
     aliases = {}
@@ -459,7 +463,8 @@ def saved_tensors(
     - PEFT model: the state dict of adapter ``adapter_name`` (default: the active one) as
       ``PeftModel.save_pretrained`` writes it (``get_peft_model_state_dict``, embedding layers ``"auto"``), no tie
       groups. Several adapters are saved into several directories: see :func:`saved_layout`.
-    - Hugging Face model: ``state_dict()`` minus ``_keys_to_ignore_on_save``; tie groups found by identity (the
+    - Hugging Face model: ``state_dict()`` minus ``_keys_to_ignore_on_save``, under the names ``save_pretrained``
+      writes (load-time weight conversions such as fused MoE experts reverted); tie groups found by identity (the
       save keeps one member per group).
     - Any other module: ``state_dict()`` (a guard's state-dict hook may already have dropped tie aliases).
     """
@@ -484,7 +489,36 @@ def saved_tensors(
     sd = model.state_dict()
     for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
         sd.pop(key, None)
-    return dict(sd), find_tied_groups(model)
+    return _as_saved(model, dict(sd)), find_tied_groups(model)
+
+
+def converted_names(model: torch.nn.Module) -> set[str]:
+    """Stored names that exist only in the layout ``save_pretrained`` writes, not in ``model.state_dict()``
+    (transformers' load-time weight conversions, e.g. per-expert MoE tensors). ``Trainer``'s resume loads weights
+    with ``load_state_dict(strict=False)``, which skips every one of them."""
+    if _peft_adapter_names(model):
+        return set()
+    names = set(model.state_dict())
+    return {k for k in _as_saved(model, dict(model.state_dict())) if k not in names}
+
+
+def _as_saved(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` under the names and layout ``save_pretrained`` writes: transformers reverts its load-time weight
+    conversions on save (e.g. Mixtral's fused ``mlp.experts.gate_up_proj`` becomes per-expert
+    ``block_sparse_moe.experts.N.w1/w3.weight``). Uses transformers' own ``revert_weight_conversion``; models it
+    does not convert come back unchanged. Where it is unavailable or fails, the names stay as they are and the
+    renamed tensors are checksummed from the files (:func:`reconcile`)."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # pragma: no cover - transformers < 5
+        return sd
+    if not isinstance(model, PreTrainedModel):
+        return sd
+    try:
+        return dict(revert_weight_conversion(model, sd))
+    except Exception:  # pragma: no cover - a conversion this version cannot revert: files answer for it
+        return sd
 
 
 class Reconciled(NamedTuple):
@@ -541,20 +575,6 @@ def reconcile(
     return Reconciled(from_model, sorted(extra + mismatched), problems, warnings)
 
 
-def load_tensors(directory: str | os.PathLike, index: Mapping[str, TensorInfo], names: Sequence[str]) -> dict:
-    """Read the stored tensors ``names`` (located by ``index``) from the files of ``directory``."""
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    by_file: dict[str, list[str]] = {}
-    for n in names:
-        by_file.setdefault(index[n].file, []).append(n)
-    for fname, keys in by_file.items():
-        with safe_open(os.path.join(os.fspath(directory), fname), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in keys})
-    return out
-
-
 class Checked(NamedTuple):
     """Result of :func:`checkpoint_manifest`: the manifest (``None`` when problems block it), problems, warnings."""
 
@@ -604,7 +624,7 @@ def checkpoint_manifest(
     if problems and verify != "off":
         return Checked(None, problems, warnings)
     sums.update({k: file_sums[k] for k in rec.from_file})
-    stored = {**rec.from_model, **load_tensors(directory, index, rec.from_file)}
+    stored = {**rec.from_model, **{k: index[k] for k in rec.from_file}}  # headers only: nothing is read back
     manifest = build_manifest(
         stored, global_step=global_step, tie_groups=tie_groups, files={k: i.file for k, i in index.items()},
         sums=sums, sources={k: "file" for k in rec.from_file}, directory=directory)

@@ -108,3 +108,29 @@ def test_truncated_weights_file_is_a_usage_error(tmp_path):
     os.truncate(p, os.path.getsize(p) - 64)
     with pytest.raises(UsageError, match="model.safetensors in .* is not a readable safetensors file"):
         missing_head_problems(tmp_path)
+
+
+def test_wired_final_save_model_is_checked(tmp_path):
+    """trainer.save_model() fires no callback event; guard(trainer) makes HeadGuard check it too."""
+    from transformers import Trainer
+
+    from trainer_guard import guard
+
+    head = HeadGuard()
+    trainer = guard(Trainer(model=tiny_model("llama-manual-tie"), train_dataset=tiny_dataset(8, 8, 128),
+                            args=make_args(tmp_path, max_steps=1, save_strategy="no"), callbacks=[head]))
+    trainer.train()
+    final = os.path.join(tmp_path, "final")
+    with pytest.raises(HeadMissingError) as e:
+        trainer.save_model(final)
+    assert str(e.value) == r1b_message(final)
+    assert head.checked == [final]
+    head.wire(trainer)  # idempotent: still one check per save
+    with pytest.raises(HeadMissingError):
+        trainer.save_model(final + "2")
+    assert head.checked == [final, final + "2"]
+    ok = HeadGuard()
+    healthy = guard(Trainer(model=tiny_model("llama-tied"), train_dataset=tiny_dataset(8, 8, 128),
+                            args=make_args(tmp_path / "ok", max_steps=1, save_strategy="no"), callbacks=[ok]))
+    healthy.save_model(tmp_path / "ok" / "final")
+    assert ok.checked == [str(tmp_path / "ok" / "final")] and ok.report() == []

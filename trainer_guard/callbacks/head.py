@@ -24,8 +24,8 @@ class HeadGuard(Guard):
 
     ``on_save`` fires after the whole checkpoint is written, so the check sees exactly what a later
     ``from_pretrained`` will see. The main process reads the files; every rank raises the same error.
-    ``trainer.save_model()`` fires no event: check a final directory with ``trainer-guard doctor`` or
-    :func:`trainer_guard.missing_head_problems`.
+    ``trainer.save_model()`` fires no event: with ``trainer_guard.guard(trainer)`` the guard checks that save too;
+    otherwise check a final directory with ``trainer-guard doctor`` or :func:`trainer_guard.missing_head_problems`.
 
     Args:
         mode: ``"raise"`` stops training with :class:`~trainer_guard.errors.HeadMissingError` at the first bad
@@ -57,3 +57,17 @@ class HeadGuard(Guard):
 
     def on_save(self, args, state, control, **kwargs: Any):
         self.check(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    def wire(self, trainer: Any) -> None:
+        """Also check what ``trainer.save_model(dir)`` writes (the final save fires no ``on_save``); idempotent."""
+        if getattr(trainer, "_trainer_guard_head", None) is self:
+            return
+        save = trainer.save_model
+
+        def save_model(output_dir=None, _internal_call=False):
+            out = save(output_dir, _internal_call)
+            if not _internal_call:  # checkpoints: on_save checks them, after the whole checkpoint is written
+                self.check(os.fspath(output_dir or trainer.args.output_dir))
+            return out
+
+        trainer.save_model, trainer._trainer_guard_head = save_model, self

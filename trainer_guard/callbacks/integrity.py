@@ -176,20 +176,21 @@ class IntegrityGuard(Guard):
             for w in warnings:
                 self.note(w, "warning")
             problems += [f"{prefix}{p}" for p in found]
-            converted = sorted(n for n in converted_names(model) if any(p.startswith(f"{n}:") for p in found))
-            if converted:
-                problems.append(
-                    f"{len(converted)} of these ({converted[0]}, ...) are stored in the layout transformers saves "
-                    f"(its weight conversion reverted, e.g. per-expert MoE weights); the Trainer resumes weights with "
-                    f"load_state_dict(strict=False), which skips them. Load the model with "
-                    f"{type(model).__name__}.from_pretrained({directory!r}) before resuming from it (transformers "
-                    f"issue #48805)")
         return problems
 
     def verify_resume(self, model, ckpt: str, step: int | None = None, what: str = "resumed model") -> None:
         """Raise :class:`IntegrityError` on every rank when ``model`` (``what``: the resumed model, or the best
         model loaded at train end) differs from ``ckpt``'s manifest."""
         problems = self.check_model(model, ckpt) if os.path.isdir(ckpt) else []
+        converted = sorted(n for n in converted_names(model) if any(p.startswith(f"{n}:") for p in problems))
+        if converted:  # transformers#48805: the Trainer's loads do not apply its weight conversion
+            fix = (f"load the model with {type(model).__name__}.from_pretrained({ckpt!r}) before resuming from it"
+                   if what == "resumed model" else
+                   f"drop load_best_model_at_end and load {type(model).__name__}.from_pretrained({ckpt!r}) instead")
+            problems.append(f"{len(converted)} of these ({converted[0]}, ...) are stored in the layout transformers "
+                            f"saves (its weight conversion reverted, e.g. per-expert MoE weights); the Trainer loads "
+                            f"checkpoints with load_state_dict(strict=False), which skips them (transformers issue "
+                            f"#48805). To fix: {fix}")
         if not os.path.isdir(ckpt):
             self.note(f"{what} loaded, but {ckpt} does not exist; weights not verified", "warning")
         elif not problems:

@@ -232,7 +232,7 @@ def test_resume_without_manifest_warns_and_continues(tmp_path):
     _train(tiny_model("llama-tied"), tmp_path, [])
     guard = IntegrityGuard()
     _train(tiny_model("llama-tied"), tmp_path, [guard], resume=str(tmp_path / "checkpoint-2"), max_steps=3)
-    assert f"{tmp_path / 'checkpoint-2'} has no {MANIFEST_FILE}; the resumed weights were not verified" \
+    assert f"{tmp_path / 'checkpoint-2'} has no {MANIFEST_FILE}; the loaded weights were not verified" \
         in guard.report()
 
 

@@ -12,17 +12,9 @@ from typing import Any, Literal
 
 from .._dist import agree, is_main_process
 from ..core.divergence import is_sharded
-from ..core.manifest import (
-    MANIFEST_FILE,
-    ManifestWriter,
-    adapter_subdirs,
-    checkpoint_manifest,
-    converted_names,
-    model_problems,
-    read_manifest,
-    saved_layout,
-)
-from ..errors import IntegrityError, UsageError
+from ..core.checkpoint import conversion_hint, plan_manifests, verify_against
+from ..core.manifest import MANIFEST_FILE, ManifestWriter
+from ..errors import IntegrityError
 from .base import Guard
 
 __all__ = ["IntegrityGuard"]
@@ -85,28 +77,17 @@ class IntegrityGuard(Guard):
         everything the manifest says is computed before this returns.
         """
         t0 = time.perf_counter()
-        problems, writes, nbytes = [], [], 0
-        for sub, (expected, groups) in saved_layout(model).items():
-            where, prefix = (os.path.join(directory, sub) if sub else directory), (f"{sub}/" if sub else "")
-            if not os.path.isdir(where):
-                problems.append(f"PEFT adapter {sub!r}: not saved ({where} does not exist)")
-                continue
-            result = checkpoint_manifest(expected, groups, where, global_step=global_step,
-                                         verify=self.options["verify"], backend=self.options["backend"])
-            for w in result.warnings:
-                self.note(f"{os.path.join(os.path.basename(directory), sub) if sub else os.path.basename(directory)}"
-                          f": {w}", "warning")
-            problems += [f"{prefix}{p}" if prefix else p for p in result.problems]
-            if result.manifest is not None:
-                writes.append((where, result.manifest))
-                nbytes += sum(t.numel() * t.element_size() for t in expected.values())
-        if problems or not writes:  # all or nothing: no save gets manifests for some adapters only
-            return problems
-        self.writer.submit_many(writes, background=background)
-        timing = {"step": global_step, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+        plan = plan_manifests(model, directory, global_step=global_step, verify=self.options["verify"],
+                              backend=self.options["backend"])
+        for w in plan.warnings:
+            self.note(w, "warning")
+        if plan.problems or not plan.writes:  # all or nothing: no save gets manifests for some adapters only
+            return plan.problems
+        self.writer.submit_many(plan.writes, background=background)
+        timing = {"step": global_step, "bytes": plan.nbytes, "seconds": time.perf_counter() - t0}
         self.timings.append(timing)
-        count = sum(len(m["tensors"]) for _, m in writes)
-        where = "" if len(writes) == 1 else f" in {len(writes)} adapter directories"
+        count = sum(len(m["tensors"]) for _, m in plan.writes)
+        where = "" if len(plan.writes) == 1 else f" in {len(plan.writes)} adapter directories"
         self.note(f"{os.path.basename(directory)}: checked, manifest of {count} tensors{where} "
                   f"({timing['bytes'] / 1e6:.1f} MB), verify={self.options['verify']}, "
                   f"{timing['seconds'] * 1e3:.0f} ms")
@@ -161,43 +142,29 @@ class IntegrityGuard(Guard):
 
         A PEFT model with several adapters is checked against the manifest of each adapter's directory.
         """
-        problems = []
-        for sub, (live, _) in saved_layout(model).items():
-            where, prefix = (os.path.join(directory, sub) if sub else directory), (f"{sub}/" if sub else "")
-            try:
-                manifest = read_manifest(where) if os.path.isdir(where) else None
-            except UsageError as e:
-                problems.append(str(e))
-                continue
-            if manifest is None:
-                self.note(f"{where} has no {MANIFEST_FILE}; the resumed weights were not verified", "warning")
-                continue
-            found, warnings = model_problems(live, manifest, backend=self.options["backend"])
-            for w in warnings:
-                self.note(w, "warning")
-            problems += [f"{prefix}{p}" for p in found]
-        return problems
+        result = verify_against(model, directory, backend=self.options["backend"])
+        for w in result.warnings:
+            self.note(w, "warning")
+        return result.problems
 
     def verify_resume(self, model, ckpt: str, step: int | None = None, what: str = "resumed model") -> None:
         """Raise :class:`IntegrityError` on every rank when ``model`` (``what``: the resumed model, or the best
         model loaded at train end) differs from ``ckpt``'s manifest."""
-        problems = self.check_model(model, ckpt) if os.path.isdir(ckpt) else []
-        converted = sorted(n for n in converted_names(model) if any(p.startswith(f"{n}:") for p in problems))
-        if converted:  # transformers#48805: the Trainer's loads do not apply its weight conversion
-            fix = (f"load the model with {type(model).__name__}.from_pretrained({ckpt!r}) before resuming from it"
-                   if what == "resumed model" else
-                   f"drop load_best_model_at_end and load {type(model).__name__}.from_pretrained({ckpt!r}) instead")
-            problems.append(f"{len(converted)} of these ({converted[0]}, ...) are stored in the layout transformers "
-                            f"saves (its weight conversion reverted, e.g. per-expert MoE weights); the Trainer loads "
-                            f"checkpoints with load_state_dict(strict=False), which skips them (transformers issue "
-                            f"#48805). To fix: {fix}")
         if not os.path.isdir(ckpt):
             self.note(f"{what} loaded, but {ckpt} does not exist; weights not verified", "warning")
-        elif not problems:
-            checked = [os.path.join(ckpt, sub, MANIFEST_FILE) for sub in ["", *adapter_subdirs(ckpt)]
-                       if os.path.isfile(os.path.join(ckpt, sub, MANIFEST_FILE))]
-            if checked:
-                self.note(f"{what} matches {', '.join(checked)}")
+            result = None
+        else:
+            result = verify_against(model, ckpt, backend=self.options["backend"])
+            for w in result.warnings:
+                self.note(w, "warning")
+            if not result.problems and result.checked:
+                self.note(f"{what} matches {', '.join(result.checked)}")
+        problems = list(result.problems) if result else []
+        load = f"{type(model).__name__}.from_pretrained({ckpt!r})"
+        hint = conversion_hint(model, problems, f"load the model with {load} before resuming from it"
+                               if what == "resumed model" else f"drop load_best_model_at_end and load {load} instead")
+        if hint:
+            problems.append(hint)
         after = ("stopped before training on" if what == "resumed model" else
                  "the model in memory is not that checkpoint: do not save or use it")
         agree(problems, IntegrityError,

@@ -1,0 +1,121 @@
+"""A model against a whole checkpoint directory: every place a ``Trainer`` save puts its tensors.
+
+A checkpoint may hold several weight directories: PEFT saves the adapter ``"default"`` in the checkpoint itself and
+every other adapter in ``<checkpoint>/<name>/`` (:func:`~trainer_guard.core.manifest.saved_layout`). These
+functions build the manifests of all of them at a save (all or nothing) and compare a loaded model with all of
+them; they know nothing of the ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import torch
+
+from ..errors import UsageError
+from .manifest import (
+    MANIFEST_FILE,
+    checkpoint_manifest,
+    converted_names,
+    model_problems,
+    read_manifest,
+    saved_layout,
+)
+
+__all__ = ["Planned", "Verified", "plan_manifests", "verify_against", "conversion_hint"]
+
+
+class Planned(NamedTuple):
+    """What :func:`plan_manifests` found: ``writes`` (``(directory, manifest)`` pairs; empty when ``problems``),
+    ``problems``, ``warnings`` (each naming its directory), ``nbytes`` (the bytes checksummed from memory)."""
+
+    writes: list[tuple[str, dict[str, Any]]]
+    problems: list[str]
+    warnings: list[str]
+    nbytes: int
+
+
+class Verified(NamedTuple):
+    """What :func:`verify_against` found: ``problems``, ``warnings``, ``checked`` (the manifest files compared)."""
+
+    problems: list[str]
+    warnings: list[str]
+    checked: list[str]
+
+
+def _where(directory: str, sub: str) -> str:
+    return os.path.join(directory, sub) if sub else directory
+
+
+def plan_manifests(model: torch.nn.Module, directory: str | os.PathLike, *, global_step: int | None,
+                   verify: str = "manifest", backend: str = "auto") -> Planned:
+    """Check every weight directory a save of ``model`` wrote into ``directory`` and build its manifest.
+
+    All or nothing: with a problem in any adapter directory, no manifest is planned for any.
+
+    Example:
+        >>> import tempfile
+        >>> from trainer_guard.tiny import tiny_model
+        >>> model, d = tiny_model("llama-tied"), tempfile.mkdtemp()
+        >>> model.save_pretrained(d)
+        >>> plan = plan_manifests(model, d, global_step=None)
+        >>> len(plan.writes), plan.problems
+        (1, [])
+    """
+    directory = os.fspath(directory)
+    problems, warnings, writes, nbytes = [], [], [], 0
+    for sub, (expected, groups) in saved_layout(model).items():
+        where, prefix = _where(directory, sub), (f"{sub}/" if sub else "")
+        if not os.path.isdir(where):
+            problems.append(f"PEFT adapter {sub!r}: not saved ({where} does not exist)")
+            continue
+        result = checkpoint_manifest(expected, groups, where, global_step=global_step, verify=verify,
+                                     backend=backend)
+        label = os.path.join(os.path.basename(directory), sub) if sub else os.path.basename(directory)
+        warnings += [f"{label}: {w}" for w in result.warnings]
+        problems += [f"{prefix}{p}" for p in result.problems]
+        if result.manifest is not None:
+            writes.append((where, result.manifest))
+            nbytes += sum(t.numel() * t.element_size() for t in expected.values())
+    return Planned([] if problems else writes, problems, warnings, nbytes)
+
+
+def verify_against(model: torch.nn.Module, directory: str | os.PathLike, *, backend: str = "auto") -> Verified:
+    """Compare the live ``model`` with the manifest of every weight directory of the checkpoint ``directory``.
+
+    A directory without a manifest is a warning (nothing to compare with), an unreadable manifest a problem.
+    Problems of an adapter directory are prefixed ``<name>/``.
+    """
+    directory = os.fspath(directory)
+    problems, warnings, checked = [], [], []
+    for sub, (live, _) in saved_layout(model).items():
+        where = _where(directory, sub)
+        try:
+            manifest = read_manifest(where) if os.path.isdir(where) else None
+        except UsageError as e:
+            problems.append(str(e))
+            continue
+        if manifest is None:
+            warnings.append(f"{where} has no {MANIFEST_FILE}; the loaded weights were not verified")
+            continue
+        found, said = model_problems(live, manifest, backend=backend)
+        warnings += said
+        problems += [f"{sub}/{p}" if sub else p for p in found]
+        checked.append(os.path.join(where, MANIFEST_FILE))
+    return Verified(problems, warnings, checked)
+
+
+def conversion_hint(model: torch.nn.Module, problems: list[str], fix: str) -> str | None:
+    """The line explaining ``problems`` about tensors stored in transformers' converted layout, or ``None``.
+
+    transformers reverts its load-time weight conversions on save (per-expert MoE weights), but ``Trainer`` loads
+    checkpoints (resume, ``load_best_model_at_end``) with ``load_state_dict(strict=False)``, which skips every
+    such tensor (transformers issue #48805). ``fix`` says what to do instead.
+    """
+    converted = sorted(n for n in converted_names(model) if any(p.startswith(f"{n}:") for p in problems))
+    if not converted:
+        return None
+    return (f"{len(converted)} of these ({converted[0]}, ...) are stored in the layout transformers saves (its weight "
+            f"conversion reverted, e.g. per-expert MoE weights); the Trainer loads checkpoints with "
+            f"load_state_dict(strict=False), which skips them (transformers issue #48805). To fix: {fix}")

@@ -299,6 +299,11 @@ def test_named_peft_adapters_in_sub_directories_are_each_checked(tmp_path, capsy
     assert code == 1 and _messages(rep, "problems")[0].startswith(f"second/: {name}: checksum ")
     assert main(["doctor", str(ckpt)]) == 1
     assert "  second/:  4 tensors, manifest of step 2" in capsys.readouterr().out
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    (ckpt / "trainer_state.json").write_text(json.dumps({**state, "global_step": 7}))  # copied from elsewhere
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2 and _messages(rep, "unusable")[0].startswith(
+        "mine/: foreign manifest: trainer_guard_manifest.json is for step 2 but trainer_state.json says step 7")
 
 
 def test_diff_points_to_the_adapter_sub_directories(tmp_path, capsys):

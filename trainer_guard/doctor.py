@@ -231,7 +231,10 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, pro
         report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: its fingerprint does not match its own tensor "
                                                    f"entries: the manifest was edited or corrupted"))
         return manifest
-    state = _read_json(os.path.join(path, "trainer_state.json"), report, "manifest")
+    state_file = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state_file) and os.path.isfile(os.path.join(path, "adapter_config.json")):
+        state_file = os.path.join(os.path.dirname(os.path.abspath(path)), "trainer_state.json")  # <ckpt>/<adapter>/
+    state = _read_json(state_file, report, "manifest")
     step = manifest.get("global_step")
     if state and step is not None and state.get("global_step") not in (None, step):
         report.unusable.append(Finding("manifest", f"foreign manifest: {MANIFEST_FILE} is for step {step} but "

@@ -411,7 +411,7 @@ def test_moe_experts_converted_on_save_are_checked_under_their_stored_names(tmp_
     # transformers 5.23's Trainer resumes weights with load_state_dict(strict=False): the per-expert names match
     # nothing, the experts and router keep their random values and training goes on (one logged warning)
     with pytest.raises(IntegrityError) as e:
-        _train(_tiny_mixtral(seed=1), tmp_path, [IntegrityGuard()], resume=str(ckpt), max_steps=3)
+        _train(_tiny_mixtral(seed=1), tmp_path, [IntegrityGuard(repair_load=False)], resume=str(ckpt), max_steps=3)
     assert "model.layers.0.block_sparse_moe.experts.0.w1.weight: checksum" in str(e.value)
     assert "7 of these (model.layers.0.block_sparse_moe.experts.0.w1.weight, ...) are stored in the layout" in str(
         e.value) and f"load the model with MixtralForCausalLM.from_pretrained({str(ckpt)!r}) before resuming" in str(
@@ -423,13 +423,23 @@ def test_moe_experts_converted_on_save_are_checked_under_their_stored_names(tmp_
     _train(MixtralForCausalLM.from_pretrained(ckpt), tmp_path, [resumed], resume=str(ckpt), max_steps=3)
     assert any(line.startswith("resumed model matches") for line in resumed.report())
 
+    # by default the guard loads what the Trainer skipped, says so, and the model then matches the manifest
+    repaired = IntegrityGuard()
+    trainer = _train(_tiny_mixtral(seed=1), tmp_path, [repaired], resume=str(ckpt), max_steps=2)
+    assert any(line.startswith("resumed model: loaded 3 tensors the Trainer's load_state_dict(strict=False) "
+                               "skipped") for line in repaired.report())
+    assert any(line.startswith("resumed model matches") for line in repaired.report())
+    reference = MixtralForCausalLM.from_pretrained(ckpt)
+    for (name, p), q in zip(trainer.model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+
     class SkipExperts(TrainerCallback):  # an expert that did not load: re-initialised after the weight load
         def on_train_begin(self, args, state, control, model=None, **kw):
             with torch.no_grad():
                 model.model.layers[0].mlp.experts.gate_up_proj.normal_()
 
     with pytest.raises(IntegrityError, match=r"model\.layers\.0\.block_sparse_moe\.experts\.0\.w1\.weight: checksum"):
-        _train(MixtralForCausalLM.from_pretrained(ckpt), tmp_path, [SkipExperts(), IntegrityGuard()],
+        _train(MixtralForCausalLM.from_pretrained(ckpt), tmp_path, [SkipExperts(), IntegrityGuard(repair_load=False)],
                resume=str(ckpt), max_steps=3)
 
 
@@ -458,6 +468,7 @@ def _best_model_run(model, out, guard):
                       eval_dataset=tiny_dataset(8, 16, 128), callbacks=[guard])
     trainer.train()
     assert trainer.state.best_model_checkpoint == str(out / "checkpoint-2")
+    return trainer
 
 
 def test_best_model_loaded_at_train_end_is_checked(tmp_path):
@@ -471,4 +482,15 @@ def test_best_model_whose_moe_experts_were_not_loaded_is_an_error(tmp_path):
     with pytest.raises(IntegrityError, match=r"The best model does not match .*the model in memory is not that "
                                              r"checkpoint(.|\n)*experts\.0\.w1\.weight: checksum(.|\n)*"
                                              r"drop load_best_model_at_end and load MixtralForCausalLM"):
-        _best_model_run(_tiny_mixtral(), tmp_path, IntegrityGuard())
+        _best_model_run(_tiny_mixtral(), tmp_path, IntegrityGuard(repair_load=False))
+
+
+def test_best_model_moe_experts_are_repaired_by_default(tmp_path):
+    from transformers import MixtralForCausalLM
+
+    guard = IntegrityGuard()
+    trainer = _best_model_run(_tiny_mixtral(), tmp_path, guard)
+    assert any(line.startswith("best model: loaded 3 tensors") for line in guard.report())
+    reference = MixtralForCausalLM.from_pretrained(tmp_path / "checkpoint-2")
+    for (name, p), q in zip(trainer.model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name

@@ -7,6 +7,8 @@ Nothing here downloads anything. Model kinds (see :data:`KINDS`):
 - ``llama-untied``: untied Llama
 - ``qwen2`` / ``gemma`` / ``gpt2``: tied configs of those families
 - ``plain-gpt``: a plain ``nn.Module`` GPT whose ``out_head.weight = tok_emb.weight`` (report R1a)
+- ``mixtral``: a mixture-of-experts ``MixtralForCausalLM`` (untied); transformers saves its fused experts per
+  expert, under names the model lacks
 
 Example:
     >>> from trainer_guard.tiny import tiny_model, tiny_dataset
@@ -23,7 +25,7 @@ from torch import nn
 
 __all__ = ["KINDS", "TinyGPT", "tiny_model", "tiny_dataset", "tiny_lora"]
 
-KINDS = ("llama-tied", "llama-manual-tie", "llama-untied", "qwen2", "gemma", "gpt2", "plain-gpt")
+KINDS = ("llama-tied", "llama-manual-tie", "llama-untied", "qwen2", "gemma", "gpt2", "plain-gpt", "mixtral")
 
 VOCAB = 128
 HIDDEN = 32
@@ -89,6 +91,8 @@ def tiny_model(kind: str = "llama-tied", seed: int = 0, vocab_size: int = VOCAB,
                                                 bos_token_id=0, eos_token_id=0))
     if kind == "plain-gpt":
         return TinyGPT(vocab_size=vocab_size, dim=hidden)
+    if kind == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common))
     raise ValueError(f"kind can be {', '.join(KINDS)}, got {kind!r}")
 
 

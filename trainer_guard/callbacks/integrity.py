@@ -13,8 +13,9 @@ from typing import Any, Literal
 from .._dist import agree, is_main_process
 from ..core.divergence import is_sharded
 from ..core.checkpoint import conversion_hint, plan_manifests, verify_against
+from ..core.conversion import load_converted
 from ..core.manifest import MANIFEST_FILE, ManifestWriter
-from ..errors import IntegrityError
+from ..errors import IntegrityError, TrainerGuardError
 from .base import Guard
 
 __all__ = ["IntegrityGuard"]
@@ -42,6 +43,9 @@ class IntegrityGuard(Guard):
         check_resume: compare the resumed model with the checkpoint's manifest at train begin, and the best model
             that ``load_best_model_at_end`` loads with that checkpoint's manifest at train end.
         backend: checksum backend (``"auto"``: the fused Triton kernel when the model is on CUDA, else CPU).
+        repair_load: before that comparison, load the tensors the Trainer's load skipped because the checkpoint
+            stores them in transformers' converted layout (MoE experts and router: transformers issue #48805;
+            :func:`trainer_guard.core.conversion.load_converted`), and say so. ``False``: only report them.
 
     Raises:
         IntegrityError: a save wrote something other than the model (no manifest is written then), or a resumed
@@ -60,8 +64,9 @@ class IntegrityGuard(Guard):
         verify: Literal["off", "manifest", "readback"] = "manifest",
         check_resume: bool = True,
         backend: Literal["auto", "triton", "cpu"] = "auto",
+        repair_load: bool = True,
     ) -> None:
-        super().__init__(verify=verify, check_resume=check_resume, backend=backend)
+        super().__init__(verify=verify, check_resume=check_resume, backend=backend, repair_load=repair_load)
         self.timings: list[dict[str, Any]] = []
         self._verified = False  # set when the wired load already checked this resume
         self.writer = ManifestWriter()  # atomic + fsync in a background thread, joined at the next step
@@ -147,6 +152,19 @@ class IntegrityGuard(Guard):
             self.note(w, "warning")
         return result.problems
 
+    def _repair(self, model, ckpt: str, what: str) -> list[str]:
+        """Load what the Trainer's load skipped (converted layout); return why that was refused, if it was."""
+        try:
+            done = load_converted(model, ckpt)
+        except TrainerGuardError as e:  # unreadable files: the comparison that follows names them
+            self.note(f"converted-layout tensors not loaded: {e}", "warning")
+            return []
+        if done.loaded:
+            self.note(f"{what}: loaded {len(done.loaded)} tensors the Trainer's load_state_dict(strict=False) skipped "
+                      f"(stored in transformers' converted layout, transformers issue #48805): "
+                      f"{', '.join(done.loaded[:4])}{', ...' if len(done.loaded) > 4 else ''}")
+        return [f"not loaded from the converted layout: {p}" for p in done.problems]
+
     def verify_resume(self, model, ckpt: str, step: int | None = None, what: str = "resumed model") -> None:
         """Raise :class:`IntegrityError` on every rank when ``model`` (``what``: the resumed model, or the best
         model loaded at train end) differs from ``ckpt``'s manifest."""
@@ -154,7 +172,9 @@ class IntegrityGuard(Guard):
             self.note(f"{what} loaded, but {ckpt} does not exist; weights not verified", "warning")
             result = None
         else:
+            repaired = self._repair(model, ckpt, what) if self.options["repair_load"] else []
             result = verify_against(model, ckpt, backend=self.options["backend"])
+            result = result._replace(problems=repaired + result.problems)
             for w in result.warnings:
                 self.note(w, "warning")
             if not result.problems and result.checked:

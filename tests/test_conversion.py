@@ -1,0 +1,78 @@
+"""core.conversion: loading the tensors a checkpoint stores in transformers' converted layout (MoE experts), which
+``Trainer``'s ``load_state_dict(strict=False)`` skips (transformers issue #48805)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer_guard.core.conversion import conversion_map, load_converted
+
+
+def _moe(kind, seed):
+    torch.manual_seed(seed)
+    if kind == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        return MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                num_local_experts=3, num_experts_per_tok=1))
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                              moe_intermediate_size=8, num_experts=3, num_experts_per_tok=1,
+                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+
+
+def _saved(kind, tmp_path):
+    model = _moe(kind, 0)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_what_load_state_dict_skips_is_loaded_exactly(tmp_path, kind):
+    saved = _saved(kind, tmp_path)
+    model = _moe(kind, 1)
+    stored = load_file(tmp_path / "model.safetensors")
+    result = model.load_state_dict(stored, strict=False)  # what the Trainer does on resume
+    assert result.missing_keys  # the experts: silently left as they were
+    done = load_converted(model, tmp_path)
+    assert done.problems == [] and sorted(done.loaded) == sorted(result.missing_keys)
+    for (name, p), q in zip(model.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert load_converted(model, tmp_path).loaded == done.loaded  # idempotent: loads the same again
+
+
+def test_every_element_has_one_stored_place():
+    model = _moe("mixtral", 0)
+    w = model.model.layers[0].mlp.experts.gate_up_proj
+    maps = conversion_map(model, "model.layers.0.mlp.experts.gate_up_proj", w)
+    assert len(maps) == 6  # 3 experts x (w1, w3)
+    flat = torch.cat([m.reshape(-1) for m in maps.values()]).sort().values
+    assert torch.equal(flat.long(), torch.arange(w.numel()))
+    assert conversion_map(model, "model.embed_tokens.weight", model.model.embed_tokens.weight) is None
+
+
+def _rewrite(path, change):
+    sd = load_file(path)
+    change(sd)
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"),
+     "model.layers.1.mlp.experts.gate_up_proj: the checkpoint lacks "
+     "model.layers.1.block_sparse_moe.experts.2.w3.weight of the 6 tensors it is stored as"),
+    (lambda sd: sd.update({"model.layers.1.block_sparse_moe.experts.0.w2.weight":
+                           sd["model.layers.1.block_sparse_moe.experts.0.w2.weight"].half()}),
+     "model.layers.1.mlp.experts.down_proj: stored part model.layers.1.block_sparse_moe.experts.0.w2.weight is "
+     "float16 [16, 32] in model.safetensors, the model expects float32 [16, 32]"),
+])
+def test_a_bad_checkpoint_loads_nothing_and_names_the_tensor(tmp_path, change, message):
+    _saved("mixtral", tmp_path)
+    _rewrite(tmp_path / "model.safetensors", change)
+    model = _moe("mixtral", 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    done = load_converted(model, tmp_path)
+    assert done == ([], [message])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # all or nothing

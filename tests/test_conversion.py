@@ -76,3 +76,14 @@ def test_a_bad_checkpoint_loads_nothing_and_names_the_tensor(tmp_path, change, m
     done = load_converted(model, tmp_path)
     assert done == ([], [message])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # all or nothing
+
+
+def test_models_without_a_converted_layout_are_left_alone(tmp_path):
+    from trainer_guard.tiny import tiny_lora, tiny_model
+
+    tied = tiny_model("llama-tied")
+    tied.save_pretrained(tmp_path / "tied")  # lm_head is stored once, as the embedding: no conversion
+    assert load_converted(tied, tmp_path / "tied") == ([], [])
+    lora = tiny_lora(tiny_model("llama-untied"))
+    lora.save_pretrained(tmp_path / "lora")  # an adapter checkpoint: the base weights are not in it
+    assert load_converted(lora, tmp_path / "lora") == ([], [])

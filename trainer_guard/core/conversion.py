@@ -44,11 +44,10 @@ def conversion_map(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> d
         'model.layers.0.block_sparse_moe.experts.0.w1.weight'
     """
     n = tensor.numel()
-    tags = torch.arange(n, dtype=torch.int32 if n < 2**31 else torch.int64).view(tensor.shape)
-    out = _as_saved(model, {name: tags})
-    if set(out) == {name}:
-        return None
-    return dict(out)
+    dtype = torch.int32 if n < 2**31 else torch.int64
+    if set(_as_saved(model, {name: torch.empty(tensor.shape, dtype=dtype, device="meta")})) == {name}:
+        return None  # decided on a meta tensor: nothing allocated for the tensors stored as they are
+    return dict(_as_saved(model, {name: torch.arange(n, dtype=dtype).view(tensor.shape)}))
 
 
 def _bijective(maps: dict[str, torch.Tensor], numel: int) -> bool:
@@ -76,6 +75,12 @@ def load_converted(model: torch.nn.Module, directory: str | os.PathLike) -> Conv
     """
     from safetensors import safe_open
 
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return ConvertedLoad([], [])
+    if not isinstance(model, PreTrainedModel):  # PEFT wrappers too: their checkpoints hold adapters only
+        return ConvertedLoad([], [])
     directory = os.fspath(directory)
     index = read_index(directory)
     live = model.state_dict()

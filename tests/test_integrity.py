@@ -262,8 +262,8 @@ def test_options_are_validated_with_the_valid_choices():
 def test_default_config_turns_it_on_in_manifest_mode():
     guards = [c for c in callbacks_from_yaml(os.path.join(ROOT, "configs", "default.yaml"))
               if isinstance(c, IntegrityGuard)]
-    assert len(guards) == 1 and guards[0].options == {"verify": "manifest", "check_resume": True, "backend": "auto",
-                                                 "repair_load": True}
+    assert len(guards) == 1
+    assert guards[0].options == {"verify": "manifest", "check_resume": True, "backend": "auto", "repair_load": True}
 
 
 def test_manifest_write_is_atomic(tmp_path, monkeypatch):

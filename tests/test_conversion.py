@@ -87,3 +87,45 @@ def test_models_without_a_converted_layout_are_left_alone(tmp_path):
     lora = tiny_lora(tiny_model("llama-untied"))
     lora.save_pretrained(tmp_path / "lora")  # an adapter checkpoint: the base weights are not in it
     assert load_converted(lora, tmp_path / "lora") == ([], [])
+
+
+def _llava(seed):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    text = tf.LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1)
+    vision = tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=8, patch_size=4)
+    return tf.LlavaForConditionalGeneration(tf.LlavaConfig(text_config=text, vision_config=vision,
+                                                           image_token_index=127))
+
+
+def test_vision_language_model_resume_loads_every_renamed_tensor(tmp_path):
+    """transformers saves a LLaVA under its original names (language_model.model.*): the Trainer's resume matches
+    none of them and would go on from the model it was given (transformers issue #43701). IntegrityGuard loads
+    them all, then finds the model equal to the checkpoint's manifest."""
+    from conftest import make_args
+    from transformers import Trainer
+
+    from trainer_guard import IntegrityGuard
+    from trainer_guard.errors import IntegrityError
+    from trainer_guard.tiny import tiny_dataset
+
+    def train(model, guard, resume=None, steps=2):
+        trainer = Trainer(model=model, args=make_args(tmp_path, max_steps=steps), callbacks=[guard],
+                          train_dataset=tiny_dataset(16, 16, 100))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    first = train(_llava(0), IntegrityGuard())
+    ckpt = str(tmp_path / "checkpoint-2")
+    with pytest.raises(IntegrityError, match=r"  - vision_tower\.encoder\.layers\.0\.mlp\.fc1\.weight: checksum (.|\n)*"
+                                             r"of these \(language_model\.lm_head\.weight, \.\.\.\) are stored in "
+                                             r"the layout transformers saves"):
+        train(_llava(1), IntegrityGuard(repair_load=False), resume=ckpt)
+    guard = IntegrityGuard()
+    resumed = train(_llava(1), guard, resume=ckpt)
+    assert any(line.startswith("resumed model: loaded ") for line in guard.report())
+    for (name, p), q in zip(resumed.model.state_dict().items(), first.model.state_dict().values()):
+        assert torch.equal(p, q), name

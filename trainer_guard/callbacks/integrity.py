@@ -44,7 +44,8 @@ class IntegrityGuard(Guard):
             that ``load_best_model_at_end`` loads with that checkpoint's manifest at train end.
         backend: checksum backend (``"auto"``: the fused Triton kernel when the model is on CUDA, else CPU).
         repair_load: before that comparison, load the tensors the Trainer's load skipped because the checkpoint
-            stores them in transformers' converted layout (MoE experts and router: transformers issue #48805;
+            stores them in transformers' converted layout (MoE experts and router, vision-language models' renamed
+            weights: transformers issues #48805, #43701;
             :func:`trainer_guard.core.conversion.load_converted`), and say so. ``False``: only report them.
 
     Raises:
@@ -161,7 +162,7 @@ class IntegrityGuard(Guard):
             return []
         if done.loaded:
             self.note(f"{what}: loaded {len(done.loaded)} tensors the Trainer's load_state_dict(strict=False) skipped "
-                      f"(stored in transformers' converted layout, transformers issue #48805): "
+                      f"(stored in transformers' converted layout, transformers issues #48805, #43701): "
                       f"{', '.join(done.loaded[:4])}{', ...' if len(done.loaded) > 4 else ''}")
         return [f"not loaded from the converted layout: {p}" for p in done.problems]
 

@@ -109,7 +109,8 @@ def verify_against(model: torch.nn.Module, directory: str | os.PathLike, *, back
 def conversion_hint(model: torch.nn.Module, problems: list[str], fix: str) -> str | None:
     """The line explaining ``problems`` about tensors stored in transformers' converted layout, or ``None``.
 
-    transformers reverts its load-time weight conversions on save (per-expert MoE weights), but ``Trainer`` loads
+    transformers reverts its load-time weight conversions on save (per-expert MoE weights, the original key names of
+    vision-language models), but ``Trainer`` loads
     checkpoints (resume, ``load_best_model_at_end``) with ``load_state_dict(strict=False)``, which skips every
     such tensor (transformers issue #48805). ``fix`` says what to do instead.
     """
@@ -117,5 +118,6 @@ def conversion_hint(model: torch.nn.Module, problems: list[str], fix: str) -> st
     if not converted:
         return None
     return (f"{len(converted)} of these ({converted[0]}, ...) are stored in the layout transformers saves (its weight "
-            f"conversion reverted, e.g. per-expert MoE weights); the Trainer loads checkpoints with "
-            f"load_state_dict(strict=False), which skips them (transformers issue #48805). To fix: {fix}")
+            f"conversion reverted: per-expert MoE weights, a vision-language model's original names); the Trainer "
+            f"loads checkpoints with load_state_dict(strict=False), which skips them (transformers issues #48805, "
+            f"#43701). To fix: {fix}")

@@ -4,6 +4,8 @@ transformers 5 converts some weights at load time (Mixtral's per-expert ``block_
 fused into ``mlp.experts.gate_up_proj``) and reverts the conversion when it saves. ``Trainer`` loads checkpoints
 (resume, ``load_best_model_at_end``) with ``load_state_dict(strict=False)``, which matches none of the stored
 names: the experts and router keep whatever they held, with one logged warning (transformers issue #48805).
+Vision-language models (LLaVA, Qwen2-VL) are saved under their original names (``language_model.model.*``), so a
+resume loads none of their weights at all (transformers issue #43701).
 
 :func:`load_converted` loads them. It asks transformers' own ``revert_weight_conversion`` where each element of a
 live tensor is stored, by running it on a tensor of element indices: the conversions are pure data movement

@@ -21,6 +21,15 @@ def test_demo_runs_and_reports(tmp_path):
     assert (tmp_path / "checkpoint-2").is_dir() and (tmp_path / "final").is_dir()
 
 
+def test_demo_on_a_moe_and_a_vision_language_model(tmp_path, capsys):
+    """Both are saved in a layout the Trainer's resume cannot load (transformers #48805, #43701)."""
+    for kind in ("mixtral", "llava"):
+        assert main(["demo", "--model", kind, "--output-dir", str(tmp_path / kind), "--steps", "4"]) == 0
+        out = capsys.readouterr().out
+        assert "final weights identical to the first run: yes" in out, out
+        assert "resumed model: loaded " in out and "bit-identical: yes" in out
+
+
 def test_demo_bad_config_is_a_message_not_a_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("tied_weights:\n  colour: blue\n")

@@ -57,9 +57,7 @@ def _reload(kind: str, path: str):
         model = tiny_model(kind, seed=123)
         model.load_state_dict(st.load_file(os.path.join(path, "model.safetensors")), strict=False)
         return model
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path)
+    return type(tiny_model(kind)).from_pretrained(path)  # the class it was saved from (LLaVA is no causal-LM auto class)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """Train a tiny tied Llama on N processes with the guards of configs/default.yaml, checkpoint, resume.
 
 Usage (from tests/test_distributed.py):
-    accelerate launch --multi_gpu --num_processes 2 tests/dist_scripts/train_resume.py OUT RESULTS CONFIG
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_scripts/train_resume.py OUT RESULTS CONFIG [KIND]
+
+KIND is a :func:`trainer_guard.tiny.tiny_model` kind (default ``llama-tied``).
 
 Run 1 (max_steps=4) is stopped after step 2, once checkpoint-2 is saved (a preempted job); run 2 builds a fresh
 model and Trainer and resumes from checkpoint-2 to step 4. Run 3 trains 4 steps uninterrupted into OUT/straight,
@@ -36,9 +38,9 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def build(out: str, config: str, seed: int, extra: list | None = None) -> Trainer:
+def build(out: str, config: str, seed: int, extra: list | None = None, kind: str = "llama-tied") -> Trainer:
     callbacks = trainer_guard.callbacks_from_yaml(config, replica_divergence={"every": 1, "at_train_end": True})
-    model = tiny_model("llama-tied", seed=seed)
+    model = tiny_model(kind, seed=seed)
     trainer = Trainer(model=model, args=make_args(out, max_steps=4, save_steps=2),
                       train_dataset=tiny_dataset(32, 16, model.config.vocab_size),
                       callbacks=callbacks + list(extra or []))
@@ -47,21 +49,21 @@ def build(out: str, config: str, seed: int, extra: list | None = None) -> Traine
     return trainer
 
 
-def main(out: str, results: str, config: str) -> None:
+def main(out: str, results: str, config: str, kind: str = "llama-tied") -> None:
     record_writes(out)
     result: dict = {"error": None}
     try:
-        t1 = build(out, config, seed=0, extra=[StopAt(2)])
+        t1 = build(out, config, seed=0, extra=[StopAt(2)], kind=kind)
         result["world_size_seen"] = t1.args.world_size
         result["distributed_type"] = str(t1.accelerator.distributed_type)
         t1.train()
         result["step_run1"] = t1.state.global_step
         # A different init seed on purpose: the resume must load checkpoint-2, whatever the fresh weights.
-        t2 = build(out, config, seed=1)
+        t2 = build(out, config, seed=1, kind=kind)
         t2.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
         result["step_run2"] = t2.state.global_step
         result["fingerprint"] = f"{model_fingerprint(model_checksums(t2.model)):016x}"
-        t3 = build(os.path.join(out, "straight"), config, seed=0)
+        t3 = build(os.path.join(out, "straight"), config, seed=0, kind=kind)
         t3.train()
         result["fingerprint_straight"] = f"{model_fingerprint(model_checksums(t3.model)):016x}"
         result["reports"] = {type(cb).__name__: cb.report() for cb in t2.callback_handler.callbacks
@@ -74,4 +76,4 @@ def main(out: str, results: str, config: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

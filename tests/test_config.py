@@ -155,6 +155,20 @@ def test_exponent_floats_are_numbers(tmp_path):
         callbacks_from_dict({"tied_weights": {"fix_config": "1e-3"}})
 
 
+def test_unquoted_off_is_the_word_off(tmp_path):
+    """YAML 1.1 reads an unquoted `off` as false; where a choice is the word "off", that is what it means."""
+    path = _yaml(tmp_path, """
+        integrity:
+          verify: off
+    """)
+    (guard,) = callbacks_from_yaml(path)
+    assert guard.options["verify"] == "off"
+    with pytest.raises(ConfigError, match=r"integrity.verify: got True; expected one of 'off', 'manifest'"):
+        callbacks_from_dict({"integrity": {"verify": True}})  # no "on" among its choices
+    with pytest.raises(ConfigError, match=r"dtype.mode: got False; expected one of"):
+        callbacks_from_dict({"dtype": {"mode": False}})  # no "off" among its choices
+
+
 def test_undecodable_file_is_a_config_error(tmp_path):
     p = tmp_path / "bin.yaml"
     p.write_bytes(b"\xff\xfe\x00garbage")

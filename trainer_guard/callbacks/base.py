@@ -91,11 +91,20 @@ def _accepts_float(hint: Any) -> bool:
 
 
 def coerce_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with exponent-notation strings (``"1e-3"``) turned into floats where the option takes one."""
+    """``options`` as YAML meant them: exponent-notation strings (``"1e-3"``) become floats where the option takes
+    one, and a YAML boolean becomes ``"off"`` / ``"on"`` where the option is a choice among those words (YAML 1.1
+    reads an unquoted ``off`` as ``False``)."""
     schema = option_schema(cls)
-    return {k: float(v) if (k in schema and _accepts_float(schema[k][0]) and isinstance(v, str)
-                            and _FLOAT_TEXT.match(v)) else v
-            for k, v in options.items()}
+    out = {}
+    for k, v in options.items():
+        hint = schema[k][0] if k in schema else None
+        if hint is not None and _accepts_float(hint) and isinstance(v, str) and _FLOAT_TEXT.match(v):
+            v = float(v)
+        elif (hint is not None and isinstance(v, bool) and typing.get_origin(hint) is typing.Literal
+              and ("on" if v else "off") in typing.get_args(hint)):
+            v = "on" if v else "off"
+        out[k] = v
+    return out
 
 
 def option_problems(cls: type, options: dict[str, Any], where: str) -> list[str]:

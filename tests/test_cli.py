@@ -49,4 +49,7 @@ def test_demo_output_dir_that_is_a_file(tmp_path, capsys):
     f = tmp_path / "afile"
     f.write_text("x")
     assert main(["demo", "--output-dir", str(f), "--steps", "2"]) == 2
-    assert "Traceback" not in capsys.readouterr().err
+    assert capsys.readouterr().err == f"trainer-guard demo: error: --output-dir {f}: is a file; pass a directory " \
+                                      f"(new or existing)\n"
+    assert main(["demo", "--steps", "1"]) == 2
+    assert "--steps 1: the demo needs at least 2 steps" in capsys.readouterr().err

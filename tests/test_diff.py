@@ -133,3 +133,23 @@ def test_manifests_are_used_when_both_sides_have_one(run_dir, tmp_path, capsys):
     assert rc == 2 and "no trainer_guard_manifest.json; drop --source manifest" in err
     (a / manifest.MANIFEST_FILE).write_text('{"format": "something-else"}')
     assert cli(capsys, a, b)[0] == 2
+
+
+def test_json_callers_get_json_on_unusable_input(tmp_path, run_dir, capsys):
+    rc, out, err = cli(capsys, tmp_path / "missing", run_dir / "single", "--json")
+    assert rc == 2 and "no such file or directory" in err
+    report = json.loads(out)
+    assert report["status"] == "unusable" and report["exit_code"] == 2 and "missing" in report["error"]
+
+
+def test_backwards_steps_and_a_stray_shard(run_dir, tmp_path, capsys):
+    rc, out, _ = cli(capsys, run_dir / "checkpoint-4", run_dir / "checkpoint-2")
+    assert rc == 1 and "  model.embed_tokens: unchanged" in out.splitlines() and "-2 steps" not in out
+    manifest = pytest.importorskip("trainer_guard.core.manifest")
+    a = tmp_path / "a"
+    shutil.copytree(run_dir / "checkpoint-4", a)
+    manifest.write_manifest(a, manifest.build_manifest(load_file(a / "model.safetensors"), global_step=4,
+                                                       tie_groups=[], files=None, directory=a))
+    shutil.copy(a / "model.safetensors", a / "model-2.safetensors")  # a copy the manifest does not list
+    rc, _, err = cli(capsys, a, run_dir / "checkpoint-4")  # the manifest no longer answers: the files do
+    assert rc == 2 and "is stored twice: in " in err and "model-2.safetensors" in err, err

@@ -146,6 +146,46 @@ def test_edited_manifest_is_caught_by_its_fingerprint(ckpt, capsys):
     assert code == 2 and "the manifest was edited or corrupted" in _messages(rep, "unusable")[0]
 
 
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m["files"].update({"model.safetensors": 5}), "files entry 'model.safetensors' is 5"),
+    (lambda m: m["files"]["model.safetensors"].update({"size": "abc"}), "files entry 'model.safetensors' is"),
+    (lambda m: m["files"].update({"../../etc/passwd": {"size": 1}}), "is not a file name in the checkpoint"),
+    (lambda m: m["tensors"]["model.norm.weight"].update({"file": ["a"]}), "tensor entry 'model.norm.weight'"),
+    (lambda m: m["aliases"].update({"lm_head.weight": ["a"]}), "alias 'lm_head.weight' maps to ['a']"),
+    (lambda m: m.update({"global_step": "4"}), "global_step is '4'"),
+])
+def test_hand_edited_manifest_values_are_unusable_input_not_tracebacks(ckpt, capsys, edit, says):
+    m = json.loads((ckpt / MANIFEST_FILE).read_text())
+    edit(m)
+    (ckpt / MANIFEST_FILE).write_text(json.dumps(m))
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2 and "malformed manifest" in _messages(rep, "unusable")[0] and says in _messages(rep, "unusable")[0]
+    assert main(["diff", str(ckpt), str(ckpt)]) == 2  # diff reads the same manifest: a message, exit 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("trainer_guard_ties.json", '{"aliases": {"lm_head.weight": ["a"]}}', "trainer_guard_ties.json: malformed"),
+    ("model.safetensors.index.json", '{"weight_map": {"a.weight": ["x"]}}',
+     "model.safetensors.index.json: 'weight_map' is not a mapping of tensor names to files"),
+])
+def test_hand_edited_sidecars_are_unusable_input_not_tracebacks(ckpt, capsys, name, text, says):
+    (ckpt / name).write_text(text)
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2 and says in " ".join(_messages(rep, "unusable"))
+
+
+def test_unreadable_weights_file_is_a_finding(ckpt, capsys, monkeypatch):
+    import trainer_guard.doctor as doctor
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(doctor, "file_problem", denied)
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2 and "model.safetensors: unreadable (Permission denied)" in _messages(rep, "unusable")
+
+
 def test_missing_weights_file_is_named(ckpt, capsys):
     os.remove(ckpt / "model.safetensors")
     code, rep = _doctor(ckpt, capsys=capsys)

@@ -277,6 +277,15 @@ def test_manifest_write_is_atomic(tmp_path, monkeypatch):
     assert read_manifest(tmp_path) == old and os.listdir(tmp_path) == [MANIFEST_FILE]
 
 
+def test_sidecar_files_get_the_permissions_open_would_give(tmp_path):
+    """mkstemp creates 0600 files; a manifest must be readable wherever the checkpoint's other files are."""
+    from trainer_guard.core.manifest import build_manifest
+
+    write_manifest(tmp_path, build_manifest({"w": torch.ones(3)}, global_step=1, tie_groups=[]))
+    (tmp_path / "plain.json").write_text("{}")
+    assert os.stat(tmp_path / MANIFEST_FILE).st_mode & 0o777 == os.stat(tmp_path / "plain.json").st_mode & 0o777
+
+
 def test_failed_background_write_stops_the_run(tmp_path, monkeypatch):
     import trainer_guard.core.manifest as manifest_core
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 
@@ -48,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(mods[args.command].run(args) or 0)
-    except TrainerGuardError as e:
+    except (TrainerGuardError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as e:
         print(f"trainer-guard {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        print(f"trainer-guard {args.command}: error: {e}", file=sys.stderr)
+        if getattr(args, "json", False):  # --json callers parse stdout: they get an object there too
+            print(json.dumps({"status": "unusable", "exit_code": 2, "error": str(e)}, indent=2))
         return 2
     except BrokenPipeError:  # output piped into `head` and the reader left: not an error of ours
         try:

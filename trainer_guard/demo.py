@@ -16,6 +16,8 @@ import os
 import tempfile
 from importlib import resources
 
+from .errors import UsageError
+
 __all__ = ["configure", "run", "default_config_path"]
 
 
@@ -88,8 +90,12 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("trainer_guard").setLevel(logging.ERROR)  # the report below says it all
     cfg = args.config or default_config_path()
     callbacks = callbacks_from_yaml(cfg)
+    if args.steps < 2:
+        raise UsageError(f"--steps {args.steps}: the demo needs at least 2 steps (it resumes from the middle one)")
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UsageError(f"--output-dir {args.output_dir}: is a file; pass a directory (new or existing)")
     out = args.output_dir or tempfile.mkdtemp(prefix="trainer-guard-demo-")
-    steps = max(2, args.steps)
+    steps = args.steps
     half = max(1, steps // 2)
     ds = tiny_dataset(n=32, seq_len=16)
     print(f"trainer-guard demo: model={args.model} config={cfg} output={out}")

@@ -112,6 +112,9 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
         raise UsageError(f"{path}: holds PEFT adapters in sub-directories ({', '.join(d + '/' for d in subdirs)}), "
                          f"nothing at the top level; compare one adapter at a time, e.g. trainer-guard diff "
                          f"{os.path.join(path, subdirs[0])} <other checkpoint>/{subdirs[0]}")
+    if not files and stale:
+        raise UsageError(f"{path}: no *.safetensors file, and its trainer_guard_manifest.json cannot stand for the "
+                         f"files ({stale}); nothing to compare")
     if not files:
         raise UsageError(f"{path}: no *.safetensors file and no trainer_guard_manifest.json; nothing to compare "
                          f"(a checkpoint saved with save_safetensors=False holds only .bin files)")
@@ -132,6 +135,9 @@ def _stale(path: str, manifest: dict[str, Any]) -> str | None:
     from .core.manifest import MANIFEST_FILE
 
     written = os.path.getmtime(os.path.join(path, MANIFEST_FILE)) if os.path.isdir(path) else None
+    unlisted = sorted(set(safetensors_files(path) if os.path.isdir(path) else []) - set(files))
+    if unlisted:
+        return f"{unlisted[0]} is not in the manifest"
     for fname, info in files.items():
         fp = os.path.join(path, fname)
         if not os.path.isfile(fp):
@@ -192,7 +198,7 @@ def format_text(report: Mapping[str, Any], list_tensors: bool = False) -> str:
         step = f"step {s['global_step']}, " if s["global_step"] is not None else ""
         return f"{s['path']} ({step}{s['tensors']} tensors, from {s['source']})"
 
-    over = f" over {report['steps']} steps" if report["steps"] else ""
+    over = f" over {report['steps']} steps" if (report["steps"] or 0) > 0 else ""  # B before A: no "over -3 steps"
     lines = [f"A: {side(a)}", f"B: {side(b)}",
              f"{sum(c.values())} tensors: {c[SAME]} same, {c[CHANGED]} changed, {c[ONLY_A]} only in A, "
              f"{c[ONLY_B]} only in B"]

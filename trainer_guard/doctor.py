@@ -140,12 +140,15 @@ def diagnose(path: str | os.PathLike, *, progress: bool = False, no_manifest_ok:
         why = "is a file; pass the directory that holds it" if os.path.isfile(path) else "no such directory"
         report.unusable.append(Finding("input", f"{path}: {why}"))
         return report
-    subdirs = adapter_subdirs(path)
-    if not subdirs or safetensors_files(path):  # named PEFT adapters alone leave no weights at the top level
-        _diagnose_dir(path, report, progress, no_manifest_ok)
-    for sub in subdirs:  # PEFT saves every adapter not named "default" into <path>/<name>/
-        _merge(report, _diagnose_dir(os.path.join(path, sub), Report(os.path.join(path, sub)), progress,
-                                     no_manifest_ok), sub)
+    try:
+        subdirs = adapter_subdirs(path)
+        if not subdirs or safetensors_files(path):  # named PEFT adapters alone leave no weights at the top level
+            _diagnose_dir(path, report, progress, no_manifest_ok)
+        for sub in subdirs:  # PEFT saves every adapter not named "default" into <path>/<name>/
+            _merge(report, _diagnose_dir(os.path.join(path, sub), Report(os.path.join(path, sub)), progress,
+                                         no_manifest_ok), sub)
+    except OSError as e:  # whatever the checks above did not expect to be unreadable: still a report
+        report.unusable.append(Finding("input", f"{e.filename or path}: unreadable ({e.strerror or e})"))
     return report
 
 
@@ -177,7 +180,10 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
         report.unusable.append(Finding("files", f"{path}: no *.safetensors weights in this directory{hint}"))
     index: dict[str, TensorInfo] = {}
     for f in files:
-        problem = file_problem(os.path.join(path, f))
+        try:
+            problem = file_problem(os.path.join(path, f))
+        except OSError as e:  # permissions, a vanished file, an I/O error
+            problem = f"{f}: unreadable ({e.strerror or e})"
         if problem is None:
             try:
                 for k, info in read_index(os.path.join(path, f)).items():
@@ -192,7 +198,8 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
         data = _read_json(os.path.join(path, idx), report, "files") or {}
         by_file: dict[str, list[str]] = {}
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if weight_map is not None and not isinstance(weight_map, dict):
+        if weight_map is not None and (not isinstance(weight_map, dict)
+                                       or not all(isinstance(v, str) for v in weight_map.values())):
             report.unusable.append(Finding("files", f"{idx}: 'weight_map' is not a mapping of tensor names to files"))
             continue
         for name, shard in (weight_map or {}).items():
@@ -285,7 +292,8 @@ def _check_ties(path: str, index: dict[str, TensorInfo], config: dict | None, ma
     aliases = dict((manifest or {}).get("aliases", {}))
     ties = _read_json(os.path.join(path, TIES_FILE), report, "ties")
     if ties:
-        if not isinstance(ties, dict) or not isinstance(ties.get("aliases", {}), dict):
+        if not isinstance(ties, dict) or not isinstance(ties.get("aliases", {}), dict) or not all(
+                isinstance(v, str) for v in ties.get("aliases", {}).values()):
             report.unusable.append(Finding("ties", f"{TIES_FILE}: malformed ('aliases' must map alias to kept name); "
                                                    f"delete it or re-save the checkpoint"))
             return

@@ -457,6 +457,9 @@ def _index_problems(directory: str, files: dict[str, dict[str, int]]) -> list[st
         except (OSError, ValueError, AttributeError) as e:
             problems.append(f"{idx}: unreadable index ({e})")
             continue
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            problems.append(f"{idx}: malformed index ('weight_map' must map tensor names to shard file names)")
+            continue
         for name, fname in weight_map.items():
             if fname not in files:
                 problems.append(f"{idx}: tensor {name!r} is in shard {fname!r}, which is missing")

@@ -23,12 +23,15 @@ __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "read_json
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
     """Call ``write(f)`` on a temp file beside ``path``, fsync, then rename it over ``path``.
 
-    A crash leaves either the old file or the new one, never a torn one; on error the temp file is removed.
+    A crash leaves either the old file or the new one, never a torn one; on error the temp file is removed. The
+    file gets the permissions ``open()`` would give it (``0o666`` less the umask), not ``mkstemp``'s private 0600.
     """
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -38,6 +41,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would, for every thread, for a moment)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -304,6 +304,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
         m = read_json(path)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"{path}: not valid JSON ({e}); delete it or re-save the checkpoint") from None
+    except OSError as e:
+        raise UsageError(f"{path}: unreadable ({e.strerror or e}); check its permissions") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         got = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise UsageError(f"{path}: not a trainer_guard manifest (format {got!r}, expected {MANIFEST_FORMAT!r})")
@@ -321,7 +323,34 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
         int(m.get("fingerprint", "0"), 16)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{path}: malformed manifest entry ({e!r}); delete it or re-save the checkpoint") from None
+    bad = _malformed_values(m)
+    if bad:
+        raise UsageError(f"{path}: malformed manifest ({bad}); delete it or re-save the checkpoint")
     return m
+
+
+def _malformed_values(m: Mapping[str, Any]) -> str | None:
+    """What is wrong inside a manifest whose top-level keys have the right types (hand edits), or ``None``."""
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    step = m.get("global_step")
+    if step is not None and not count(step):
+        return f"global_step is {step!r}, expected a step number or null"
+    for name, e in m["tensors"].items():
+        if not isinstance(e, dict) or not isinstance(e.get("file", ""), str) or not isinstance(
+                e.get("source", "model"), str):
+            return f"tensor entry {name!r} needs a 'file' and a 'source' that are strings"
+    for fname, info in m.get("files", {}).items():
+        if not isinstance(info, dict) or not all(count(info[k]) for k in ("size", "tensors") if k in info):
+            return f"files entry {fname!r} is {info!r}, expected {{'size': bytes, 'tensors': count}}"
+        if os.path.basename(fname) != fname:
+            return f"files entry {fname!r} is not a file name in the checkpoint directory"
+    for alias, kept in m.get("aliases", {}).items():
+        if not isinstance(kept, str):
+            return f"alias {alias!r} maps to {kept!r}, expected a tensor name"
+    return None
 
 
 def entries(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

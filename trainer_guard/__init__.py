@@ -17,7 +17,7 @@ from .callbacks.preflight import AdapterSizeGuard
 from .callbacks.integrity import IntegrityGuard
 from .callbacks.resume import ResumeGuard
 from .callbacks.update_audit import UpdateAuditGuard
-from .config import callbacks_from_dict, callbacks_from_yaml
+from .config import callbacks_from_dict, callbacks_from_yaml, default_config_path
 from .core.checksum import checksums, file_checksums
 from .core.head import missing_head_problems
 from .core.loading import LoadResult, load_weights_inplace
@@ -49,6 +49,7 @@ __all__ = [
     "guard",
     "callbacks_from_dict",
     "callbacks_from_yaml",
+    "default_config_path",
     "find_tied_groups",
     "restore_ties",
     "checksums",

@@ -22,7 +22,7 @@ import yaml
 from .callbacks.base import coerce_options
 from .errors import ConfigError
 
-__all__ = ["callbacks_from_yaml", "callbacks_from_dict", "validate_config", "load_config"]
+__all__ = ["callbacks_from_yaml", "callbacks_from_dict", "validate_config", "load_config", "default_config_path"]
 
 
 def _guards() -> dict[str, type]:
@@ -115,12 +115,25 @@ def callbacks_from_dict(cfg: Mapping[str, Any] | None, source: str = "config", *
     return callbacks
 
 
-def callbacks_from_yaml(path: str | os.PathLike, **overrides: Any) -> list:
+def callbacks_from_yaml(path: str | os.PathLike | None = None, **overrides: Any) -> list:
     """Read ``path`` with ``yaml.safe_load`` and return the enabled guard callbacks.
+
+    ``path=None`` reads the default config shipped inside the package (the same file as ``configs/default.yaml``
+    in the repository). A guard a file does not name is off.
 
     Example:
         >>> import trainer_guard
-        >>> cbs = trainer_guard.callbacks_from_yaml("configs/default.yaml")  # doctest: +SKIP
-        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=cbs)  # doctest: +SKIP
+        >>> [type(c).__name__ for c in trainer_guard.callbacks_from_yaml()][:2]
+        ['TiedWeightsGuard', 'DtypeGuard']
+        >>> cbs = trainer_guard.callbacks_from_yaml("my_guards.yaml", integrity={"verify": "readback"})  # doctest: +SKIP
     """
+    if path is None:
+        path = default_config_path()
     return callbacks_from_dict(load_config(path), source=f"config {str(path)!r}", **overrides)
+
+
+def default_config_path() -> str:
+    """Path of the packaged default config (the same file as ``configs/default.yaml`` in the repository)."""
+    from importlib import resources
+
+    return str(resources.files("trainer_guard") / "data" / "default.yaml")

@@ -14,16 +14,11 @@ import argparse
 import logging
 import os
 import tempfile
-from importlib import resources
 
+from .config import default_config_path
 from .errors import UsageError
 
 __all__ = ["configure", "run", "default_config_path"]
-
-
-def default_config_path() -> str:
-    """Path of the packaged default config (the same file as ``configs/default.yaml`` in the repository)."""
-    return str(resources.files("trainer_guard") / "data" / "default.yaml")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

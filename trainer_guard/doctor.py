@@ -292,12 +292,12 @@ def _check_ties(path: str, index: dict[str, TensorInfo], config: dict | None, ma
     aliases = dict((manifest or {}).get("aliases", {}))
     ties = _read_json(os.path.join(path, TIES_FILE), report, "ties")
     if ties:
-        if not isinstance(ties, dict) or not isinstance(ties.get("aliases", {}), dict) or not all(
-                isinstance(v, str) for v in ties.get("aliases", {}).values()):
+        recorded = ties.get("stored_aliases", ties.get("aliases", {})) if isinstance(ties, dict) else None
+        if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
             report.unusable.append(Finding("ties", f"{TIES_FILE}: malformed ('aliases' must map alias to kept name); "
                                                    f"delete it or re-save the checkpoint"))
             return
-        aliases.update(ties.get("aliases", {}))
+        aliases.update(recorded)  # under the names the files use
     if not index:
         return
     if os.path.isfile(os.path.join(path, "adapter_config.json")):  # ties of the base model: not in an adapter

@@ -9,7 +9,7 @@ Nothing here downloads anything. Model kinds (see :data:`KINDS`):
 - ``plain-gpt``: a plain ``nn.Module`` GPT whose ``out_head.weight = tok_emb.weight`` (report R1a)
 - ``mixtral``: a mixture-of-experts ``MixtralForCausalLM`` (untied); transformers saves its fused experts per
   expert, under names the model lacks
-- ``llava``: a vision-language ``LlavaForConditionalGeneration`` (Llama text model, CLIP vision tower) trained on
+- ``llava``: a vision-language ``LlavaForConditionalGeneration`` (tied Llama text model, CLIP vision tower) trained on
   text only, vision tower and projector frozen; transformers saves every weight under its original name (the image
   token id is ``vocab_size``, outside :func:`tiny_dataset`'s ids)
 
@@ -97,11 +97,11 @@ def tiny_model(kind: str = "llama-tied", seed: int = 0, vocab_size: int = VOCAB,
     if kind == "mixtral":
         return tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common))
     if kind == "llava":
-        text = tf.LlamaConfig(**{**common, "vocab_size": vocab_size + 1})
+        text = tf.LlamaConfig(**{**common, "vocab_size": vocab_size + 1}, tie_word_embeddings=True)
         vision = tf.CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=1,
                                      num_attention_heads=2, image_size=8, patch_size=4)
         model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(text_config=text, vision_config=vision,
-                                                                image_token_index=vocab_size))
+                                                                image_token_index=vocab_size, tie_word_embeddings=True))
         for module in (model.model.vision_tower, model.model.multi_modal_projector):
             module.requires_grad_(False)  # text-only data: no gradient reaches them (UpdateAuditGuard would say so)
         return model

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from ..core.io import atomic_write_json, read_json
+from ..core.manifest import stored_groups
 from ..core.ties import (
     TIES_FILE,
     broken_ties,
@@ -195,7 +196,8 @@ class TiedWeightsGuard(Guard):
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(ckpt):
-            atomic_write_json(os.path.join(ckpt, TIES_FILE), ties_record(self.groups))
+            record = ties_record(self.groups, stored_groups(model, self.groups))
+            atomic_write_json(os.path.join(ckpt, TIES_FILE), record)
 
 
 def _drop_aliases(groups: list[list[str]]):

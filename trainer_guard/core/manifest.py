@@ -63,6 +63,7 @@ __all__ = [
     "tensor_entries",
     "saved_tensors",
     "saved_layout",
+    "stored_groups",
     "converted_names",
     "adapter_subdirs",
     "reconcile",
@@ -518,7 +519,24 @@ def saved_tensors(
     sd = model.state_dict()
     for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
         sd.pop(key, None)
-    return _as_saved(model, dict(sd)), find_tied_groups(model)
+    return _as_saved(model, dict(sd)), stored_groups(model, find_tied_groups(model), sd)
+
+
+def stored_groups(model: torch.nn.Module, groups: list[list[str]],
+                  sd: Mapping[str, torch.Tensor] | None = None) -> list[list[str]]:
+    """Tie ``groups`` under the names ``save_pretrained`` stores (a vision-language model's ``lm_head.weight`` is
+    ``language_model.lm_head.weight`` on disk); names it stores unchanged stay as they are."""
+    sd = model.state_dict() if sd is None else sd
+    return [[_saved_name(model, n, sd.get(n)) for n in g] for g in groups]
+
+
+def _saved_name(model: torch.nn.Module, name: str, tensor: torch.Tensor | None) -> str:
+    """The name ``save_pretrained`` stores ``name`` under when it only renames it (a vision-language model's
+    ``lm_head.weight`` -> ``language_model.lm_head.weight``); ``name`` itself otherwise. Decided on a meta tensor."""
+    if tensor is None:
+        return name
+    out = _as_saved(model, {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")})
+    return next(iter(out)) if len(out) == 1 else name
 
 
 def converted_names(model: torch.nn.Module) -> set[str]:

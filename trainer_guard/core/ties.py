@@ -193,9 +193,16 @@ def restore_ties(model: nn.Module, groups: list[list[str]], stored: Collection[s
     return [f"re-tied {alias} to {kept} (split by a load; {why})" for alias, kept, why in todo]
 
 
-def ties_record(groups: list[list[str]]) -> dict[str, Any]:
-    """The JSON-able record of ``groups`` written next to a checkpoint."""
-    return {"format": 1, "groups": groups, "aliases": {a: g[0] for g in groups for a in g[1:]}}
+def ties_record(groups: list[list[str]], stored: list[list[str]] | None = None) -> dict[str, Any]:
+    """The JSON-able record of ``groups`` written next to a checkpoint.
+
+    ``stored``: the same groups under the names the files use, when the save renames them (vision-language models);
+    recorded as ``stored_aliases`` for tools that read the files (``trainer-guard doctor``).
+    """
+    record = {"format": 1, "groups": groups, "aliases": {a: g[0] for g in groups for a in g[1:]}}
+    if stored is not None and stored != groups:
+        record["stored_aliases"] = {a: g[0] for g in stored for a in g[1:]}
+    return record
 
 
 def aliases_of(record: Mapping[str, Any]) -> dict[str, str]:

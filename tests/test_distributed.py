@@ -288,6 +288,16 @@ def test_ddp_train_checkpoint_resume_doctor(tmp_path, kind):
             assert doc.returncode == 0, f"doctor {ckpt}: {doc.stdout}\n{doc.stderr}"
 
 
+@pytest.mark.distributed
+def test_save_model_called_on_the_main_process_only_does_not_hang(tmp_path):
+    """The wired save_model checks (manifest, head) run on the main process alone: no collective to wait in."""
+    out, res = dirs(tmp_path)
+    r0, r1 = launch("save_on_main.py", out, res, tmp_path=tmp_path)
+    assert r0["error"] is None and r1["error"] is None, (r0["error"], r1["error"])
+    assert r0["saved"] and r0["head_checked"] == [os.path.join(out, "final")] and not r1["saved"]
+    assert r0["done"] and r1["done"]
+
+
 @pytest.fixture(scope="module")
 def diverge_run(tmp_path_factory):
     """One 2-process launch of dist_scripts/diverge.py, shared by the tests below (saves a launch)."""

@@ -45,12 +45,18 @@ class HeadGuard(Guard):
         super().__init__(mode=mode)
         self.checked: list[str] = []
 
-    def check(self, directory: str | os.PathLike) -> list[str]:
-        """Check one saved directory and act per ``mode`` (all ranks must call it); return the problems."""
+    def check(self, directory: str | os.PathLike, collective: bool = True) -> list[str]:
+        """Check one saved directory and act per ``mode``; return the problems.
+
+        ``collective``: every rank calls it and raises the same error (checkpoints); ``False``: the main process
+        checks and raises alone, no rank waits for another (``trainer.save_model``, often called on one process).
+        """
         problems = missing_head_problems(directory) if is_main_process() and os.path.isdir(directory) else []
         self.checked.append(os.fspath(directory))
-        if self.options["mode"] == "raise":
+        if self.options["mode"] == "raise" and collective:
             agree(problems, HeadMissingError)
+        elif self.options["mode"] == "raise" and problems:
+            raise HeadMissingError("\n".join(problems))
         for p in problems:
             self.note(p, "warning")
         return problems
@@ -67,7 +73,7 @@ class HeadGuard(Guard):
         def save_model(output_dir=None, _internal_call=False):
             out = save(output_dir, _internal_call)
             if not _internal_call:  # checkpoints: on_save checks them, after the whole checkpoint is written
-                self.check(os.fspath(output_dir or trainer.args.output_dir))
+                self.check(os.fspath(output_dir or trainer.args.output_dir), collective=False)
             return out
 
         trainer.save_model, trainer._trainer_guard_head = save_model, self

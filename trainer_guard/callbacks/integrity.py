@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from .._dist import agree, is_main_process
 from ..core.divergence import is_sharded
-from ..core.checkpoint import conversion_hint, plan_manifests, verify_against
+from ..core.checkpoint import Verified, conversion_hint, plan_manifests, verify_against
 from ..core.conversion import load_converted
 from ..core.manifest import MANIFEST_FILE, ManifestWriter
 from ..errors import IntegrityError, TrainerGuardError
@@ -139,7 +139,7 @@ class IntegrityGuard(Guard):
     def on_train_end(self, args, state, control, model=None, **kwargs: Any):
         self._join_writer()
         best = state.best_model_checkpoint if args.load_best_model_at_end else None
-        if best and self.options["check_resume"] and model is not None and not self._sharded(model, args):
+        if best and self._after_load() and model is not None and not self._sharded(model, args):
             self.verify_resume(model, best, what="best model")  # the Trainer's _load_best_model ran just before
 
     # -- resume ---------------------------------------------------------------------------------------------
@@ -160,22 +160,33 @@ class IntegrityGuard(Guard):
         except TrainerGuardError as e:  # unreadable files: the comparison that follows names them
             self.note(f"converted-layout tensors not loaded: {e}", "warning")
             return []
+        except Exception as e:  # I/O error, out of memory: a problem on this rank, agreed on below (no rank hangs)
+            return [f"loading the tensors stored in transformers' converted layout failed ({type(e).__name__}: "
+                    f"{e}); the model may be partly loaded: do not train on it"]
         if done.loaded:
             self.note(f"{what}: loaded {len(done.loaded)} tensors the Trainer's load_state_dict(strict=False) skipped "
                       f"(stored in transformers' converted layout, transformers issues #48805, #43701): "
                       f"{', '.join(done.loaded[:4])}{', ...' if len(done.loaded) > 4 else ''}")
         return [f"not loaded from the converted layout: {p}" for p in done.problems]
 
+    def _after_load(self) -> bool:
+        """Whether a load (resume, best model) is followed by the repair and/or the comparison."""
+        return bool(self.options["check_resume"] or self.options["repair_load"])
+
     def verify_resume(self, model, ckpt: str, step: int | None = None, what: str = "resumed model") -> None:
-        """Raise :class:`IntegrityError` on every rank when ``model`` (``what``: the resumed model, or the best
-        model loaded at train end) differs from ``ckpt``'s manifest."""
+        """After the Trainer loaded ``ckpt`` into ``model`` (``what``: the resumed model, or the best model loaded at
+        train end): load what it skipped (``repair_load``), then compare with ``ckpt``'s manifest (``check_resume``).
+        Raises :class:`IntegrityError` on every rank on a difference."""
         if not os.path.isdir(ckpt):
             self.note(f"{what} loaded, but {ckpt} does not exist; weights not verified", "warning")
             result = None
         else:
             repaired = self._repair(model, ckpt, what) if self.options["repair_load"] else []
-            result = verify_against(model, ckpt, backend=self.options["backend"])
-            result = result._replace(problems=repaired + result.problems)
+            if self.options["check_resume"]:
+                result = verify_against(model, ckpt, backend=self.options["backend"])
+                result = result._replace(problems=repaired + result.problems)
+            else:  # repair_load alone: no comparison, only what the repair said
+                result = Verified(repaired, [], [])
             for w in result.warnings:
                 self.note(w, "warning")
             if not result.problems and result.checked:
@@ -206,7 +217,7 @@ class IntegrityGuard(Guard):
 
         def _load_from_checkpoint(resume_from_checkpoint, *a, **kw):
             out = load(resume_from_checkpoint, *a, **kw)
-            if self.options["check_resume"] and not self._sharded(trainer.model, trainer.args):
+            if self._after_load() and not self._sharded(trainer.model, trainer.args):
                 self.verify_resume(trainer.model, os.fspath(resume_from_checkpoint))
                 self._verified = True
             return out
@@ -215,12 +226,15 @@ class IntegrityGuard(Guard):
 
         def save_model(output_dir=None, _internal_call=False):
             out = save(output_dir, _internal_call)
-            if not _internal_call and not self._sharded(trainer.model, trainer.args):  # a final save gets one too
-                d = os.fspath(output_dir or trainer.args.output_dir)
-                problems = (self.write_checkpoint_manifest(trainer.model, d, trainer.state.global_step)
-                            if is_main_process() and os.path.isdir(d) else [])
-                agree(problems, IntegrityError, header=f"{d} does not hold what the model holds; no manifest was "
-                                                       f"written. Problems:")
+            d = os.fspath(output_dir or trainer.args.output_dir)
+            # a final save gets a manifest too; on the main process only and with no collective: scripts often
+            # call save_model from the main process alone, and a rank waiting for the others would hang
+            if not _internal_call and is_main_process() and os.path.isdir(d) and not self._sharded(
+                    trainer.model, trainer.args):
+                problems = self.write_checkpoint_manifest(trainer.model, d, trainer.state.global_step)
+                if problems:
+                    raise IntegrityError(f"{d} does not hold what the model holds; no manifest was written. "
+                                         f"Problems:\n  - " + "\n  - ".join(problems))
             return out
 
         trainer._load_from_checkpoint, trainer.save_model = _load_from_checkpoint, save_model
@@ -228,7 +242,7 @@ class IntegrityGuard(Guard):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
         verified, self._verified = self._verified, False
-        if verified or not self.options["check_resume"] or state.global_step <= 0 or model is None:
+        if verified or not self._after_load() or state.global_step <= 0 or model is None:
             return
         if self._sharded(model, args):
             return

@@ -326,8 +326,12 @@ def _named_adapters_run(out):
 
 def test_named_peft_adapters_in_sub_directories_are_each_checked(tmp_path, capsys):
     """PEFT saves adapters not named "default" into <checkpoint>/<name>/: each is checked, none is "unusable"."""
+    from trainer_guard.core.manifest import adapter_subdirs
+
     ckpt = _named_adapters_run(tmp_path)
     capsys.readouterr()  # the training log
+    assert adapter_subdirs(ckpt) == ["mine", "second"]
+    assert adapter_subdirs(tmp_path) == []  # output_dir/checkpoint-2 is a checkpoint, not an adapter directory
     code, rep = _doctor(ckpt, capsys=capsys)
     assert (code, rep["unusable"], rep["problems"]) == (0, [], [])
     assert sorted(_messages(rep, "passed")) == ["mine/: 4 tensors match the manifest (step 2)",
@@ -343,7 +347,7 @@ def test_named_peft_adapters_in_sub_directories_are_each_checked(tmp_path, capsy
     (ckpt / "trainer_state.json").write_text(json.dumps({**state, "global_step": 7}))  # copied from elsewhere
     code, rep = _doctor(ckpt, capsys=capsys)
     assert code == 2 and _messages(rep, "unusable")[0].startswith(
-        "mine/: foreign manifest: trainer_guard_manifest.json is for step 2 but trainer_state.json says step 7")
+        "mine/: foreign manifest: trainer_guard_manifest.json is for step 2 but ../trainer_state.json says step 7")
 
 
 def test_diff_points_to_the_adapter_sub_directories(tmp_path, capsys):

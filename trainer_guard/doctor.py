@@ -239,13 +239,16 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, pro
                                                    f"entries: the manifest was edited or corrupted"))
         return manifest
     state_file = os.path.join(path, "trainer_state.json")
-    if not os.path.isfile(state_file) and os.path.isfile(os.path.join(path, "adapter_config.json")):
-        state_file = os.path.join(os.path.dirname(os.path.abspath(path)), "trainer_state.json")  # <ckpt>/<adapter>/
+    parent = os.path.dirname(os.path.abspath(path))
+    if (not os.path.isfile(state_file) and os.path.isfile(os.path.join(path, "adapter_config.json"))
+            and re.fullmatch(r"checkpoint-\d+", os.path.basename(parent))):
+        state_file = os.path.join(parent, "trainer_state.json")  # checkpoint-N/<adapter>/: the checkpoint's state
     state = _read_json(state_file, report, "manifest")
     step = manifest.get("global_step")
     if state and step is not None and state.get("global_step") not in (None, step):
         report.unusable.append(Finding("manifest", f"foreign manifest: {MANIFEST_FILE} is for step {step} but "
-                                                   f"trainer_state.json says step {state['global_step']}: it was "
+                                                   f"{os.path.relpath(state_file, path)} says step "
+                                                   f"{state['global_step']}: it was "
                                                    f"copied from another checkpoint"))
         return manifest
     usable = {i.file for i in index.values()}

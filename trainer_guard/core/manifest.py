@@ -473,7 +473,8 @@ def adapter_subdirs(directory: str | os.PathLike) -> list[str]:
     if not os.path.isdir(directory):
         return []
     return sorted(d for d in os.listdir(directory) if any(
-        os.path.isfile(os.path.join(directory, d, f)) for f in ("adapter_model.safetensors", "adapter_model.bin")))
+        os.path.isfile(os.path.join(directory, d, f)) for f in ("adapter_model.safetensors", "adapter_model.bin"))
+        and not os.path.isfile(os.path.join(directory, d, "trainer_state.json")))  # a checkpoint-N of a PEFT run
 
 
 def _peft_adapter_names(model: Any) -> list[str]:

@@ -129,3 +129,25 @@ def test_vision_language_model_resume_loads_every_renamed_tensor(tmp_path):
     assert any(line.startswith("resumed model: loaded ") for line in guard.report())
     for (name, p), q in zip(resumed.model.state_dict().items(), first.model.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_tensors_fused_on_disk_and_split_in_memory_are_mapped_together(tmp_path):
+    """GTE stores one qkv_proj; in memory it is q_proj, k_proj and v_proj. Mapped one at a time, q_proj alone would
+    look like a too-small qkv_proj; mapped together, every element has its place."""
+    import transformers as tf
+
+    def gte(seed):
+        torch.manual_seed(seed)
+        return tf.GteForMaskedLM(tf.GteConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=1, num_attention_heads=2))
+
+    saved = gte(0)
+    saved.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert any("qkv" in k for k in stored) and not any("qkv" in k for k in saved.state_dict())
+    model = gte(1)
+    model.load_state_dict(stored, strict=False)
+    done = load_converted(model, tmp_path)
+    assert done.problems == [] and any(n.endswith("q_proj.weight") for n in done.loaded)
+    for (name, p), q in zip(model.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(p, q), name

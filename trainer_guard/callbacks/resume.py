@@ -11,11 +11,10 @@ import os
 from typing import Any, Literal, Optional
 
 from .._dist import agree
-from ..core.io import atomic_write_json, read_json
-from ..core.trainable import (TRAINABLE_FILE, add_modules_to_save, add_to_trainer_groups, adapter_config_problems,
-                              adapter_source, canonical_name, compare_records, count_table, describe_changes,
-                              describe_frozen_adapter, frozen_adapter_params, layout_problems, missing_copies,
-                              optimizer_layout, read_adapter_config, saved_group_sizes, trainable_record)
+from ..core.io import atomic_write_json
+from ..core.trainable import (TRAINABLE_FILE, add_modules_to_save, add_to_trainer_groups, adapter_source,
+                              canonical_name, continuation_problems, count_table, frozen_adapter_params,
+                              missing_copies, read_adapter_config, trainable_record)
 from ..errors import ResumeMismatchError
 from .base import Guard
 
@@ -92,24 +91,6 @@ class ResumeGuard(Guard):
     def _source(self, model: Any) -> Optional[str]:
         return self.options["adapter_dir"] or adapter_source(model)
 
-    def _problems(self, model: Any, source: Optional[str], optimizer: Any = None) -> tuple[list[str], dict]:
-        where = os.path.basename(os.path.normpath(source)) if source else ""
-        record_file = os.path.join(source, TRAINABLE_FILE) if source else ""
-        recorded = read_json(record_file) if record_file and os.path.isfile(record_file) else None
-        problems = describe_frozen_adapter(frozen_adapter_params(model))
-        if recorded is not None:
-            problems += describe_changes(compare_records(recorded, trainable_record(model)), where)
-            if optimizer is not None and recorded.get("optimizer") is not None:
-                problems += layout_problems(recorded["optimizer"], optimizer_layout(optimizer, model), where)
-        elif source:
-            saved = read_adapter_config(source)
-            problems += adapter_config_problems(saved, model, where) if saved else []
-            sizes = saved_group_sizes(source) if optimizer is not None else None
-            now = [len(g["params"]) for g in optimizer.param_groups] if optimizer is not None else None
-            if sizes is not None and sizes != now:
-                problems.append(f"optimizer groups hold {now} params now, {sizes} in {where}/optimizer.pt")
-        return problems, recorded or {}
-
     def verify(self, model: Any, checkpoint: Optional[str], optimizer: Any = None, late: bool = False) -> None:
         """Compare ``model``'s trainable set with ``checkpoint`` (or the adapter source); act per ``mode``.
 
@@ -119,7 +100,7 @@ class ResumeGuard(Guard):
         if self.checked == key:
             return
         source = checkpoint or self._source(model)
-        problems, recorded = self._problems(model, source, optimizer)
+        problems, recorded = continuation_problems(model, source, optimizer)
         if problems and self.options["mode"] == "fix" and optimizer is None and not late:
             problems = self._fix(model, source, recorded, problems)
         elif problems and self.options["mode"] == "fix" and late:
@@ -162,7 +143,7 @@ class ResumeGuard(Guard):
             p.requires_grad_(True)
         for p in drop.values():
             p.requires_grad_(False)
-        left, _ = self._problems(model, source)
+        left, _ = continuation_problems(model, source)
         if left:  # not fixable by trainability alone: leave the model as it was
             for p in want.values():
                 p.requires_grad_(False)

@@ -60,6 +60,7 @@ __all__ = [
     "adapter_config_problems",
     "read_adapter_config",
     "count_table",
+    "continuation_problems",
 ]
 
 TRAINABLE_FILE = "trainer_guard_trainable.json"
@@ -515,3 +516,32 @@ def _compress_ints(idx: list[int]) -> str:
             runs.append(str(start) if start == i else f"{start}-{i}")
             start = j
     return ",".join(runs)
+
+
+def continuation_problems(model: nn.Module, source: str | os.PathLike | None,
+                          optimizer: Any = None) -> tuple[list[str], dict[str, Any]]:
+    """``(problems, record)``: how ``model`` (and ``optimizer``, once built) differs from what it continues from.
+
+    ``source`` is the checkpoint or adapter directory. With a ``trainer_guard_trainable.json`` there, the trainable
+    sets (and optimizer layouts) are compared; without one, the adapter config and the saved optimizer's group
+    sizes. A PEFT adapter loaded frozen is always a problem. ``record`` is the recorded trainable set (``{}``
+    when none).
+    """
+    from .io import read_json
+
+    where = os.path.basename(os.path.normpath(source)) if source else ""
+    record_file = os.path.join(source, TRAINABLE_FILE) if source else ""
+    recorded = read_json(record_file) if record_file and os.path.isfile(record_file) else None
+    problems = describe_frozen_adapter(frozen_adapter_params(model))
+    if recorded is not None:
+        problems += describe_changes(compare_records(recorded, trainable_record(model)), where)
+        if optimizer is not None and recorded.get("optimizer") is not None:
+            problems += layout_problems(recorded["optimizer"], optimizer_layout(optimizer, model), where)
+    elif source:
+        saved = read_adapter_config(source)
+        problems += adapter_config_problems(saved, model, where) if saved else []
+        sizes = saved_group_sizes(source) if optimizer is not None else None
+        now = [len(g["params"]) for g in optimizer.param_groups] if optimizer is not None else None
+        if sizes is not None and sizes != now:
+            problems.append(f"optimizer groups hold {now} params now, {sizes} in {where}/optimizer.pt")
+    return problems, recorded or {}

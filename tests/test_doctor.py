@@ -350,10 +350,24 @@ def test_named_peft_adapters_in_sub_directories_are_each_checked(tmp_path, capsy
         "mine/: foreign manifest: trainer_guard_manifest.json is for step 2 but ../trainer_state.json says step 7")
 
 
-def test_diff_points_to_the_adapter_sub_directories(tmp_path, capsys):
+def test_diff_compares_every_adapter_sub_directory(tmp_path, capsys):
+    from trainer_guard.diff import diff
+
     ckpt = _named_adapters_run(tmp_path)
     capsys.readouterr()
-    assert main(["diff", str(ckpt), str(ckpt)]) == 2
-    err = capsys.readouterr().err
-    assert "holds PEFT adapters in sub-directories (mine/, second/)" in err and "Traceback" not in err
-    assert main(["diff", str(ckpt / "mine"), str(ckpt / "mine")]) == 0
+    assert main(["diff", str(ckpt), str(ckpt)]) == 0
+    assert "8 tensors: 8 same, 0 changed, 0 only in A, 0 only in B" in capsys.readouterr().out
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    shutil.rmtree(other / "second")  # an adapter only A has
+    sd = load_file(other / "mine" / "adapter_model.safetensors")
+    key = sorted(sd)[0]
+    sd[key] = sd[key] + 1
+    save_file(sd, other / "mine" / "adapter_model.safetensors", metadata={"format": "pt"})
+    report = diff(ckpt, other)
+    assert report["counts"] == {"same": 3, "changed": 1, "only_a": 4, "only_b": 0}
+    assert report["tensors"][f"mine/{key}"] == "changed"
+    assert all(report["tensors"][n] == "only_a" for n in report["tensors"] if n.startswith("second/"))
+    # mine/ was re-written after its manifest: both sides of it come from the files; second/ from its manifest
+    assert report["a"]["source"] == "manifest and files" and report["b"]["source"] == "files"
+    assert main(["diff", str(ckpt), str(other)]) == 1 and "Traceback" not in capsys.readouterr().err

@@ -371,3 +371,6 @@ def test_diff_compares_every_adapter_sub_directory(tmp_path, capsys):
     # mine/ was re-written after its manifest: both sides of it come from the files; second/ from its manifest
     assert report["a"]["source"] == "manifest and files" and report["b"]["source"] == "files"
     assert main(["diff", str(ckpt), str(other)]) == 1 and "Traceback" not in capsys.readouterr().err
+    (other / MANIFEST_FILE).write_text('{"format": "other"}')  # a stray file where no weights are: not a part
+    for extra in ([], ["--source", "files"]):
+        assert main(["diff", str(ckpt), str(other), *extra]) == 1, capsys.readouterr().err

@@ -110,8 +110,7 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
     subdirs = adapter_subdirs(path)
     if not files and subdirs:
         raise UsageError(f"{path}: holds PEFT adapters in sub-directories ({', '.join(d + '/' for d in subdirs)}), "
-                         f"nothing at the top level; compare one adapter at a time, e.g. trainer-guard diff "
-                         f"{os.path.join(path, subdirs[0])} <other checkpoint>/{subdirs[0]}")
+                         f"nothing at the top level; diff() compares those, load_side() one directory")
     if not files and stale:
         raise UsageError(f"{path}: no *.safetensors file, and its trainer_guard_manifest.json cannot stand for the "
                          f"files ({stale}); nothing to compare")
@@ -167,10 +166,10 @@ def _pair(a: str, b: str, source: str, progress: bool) -> tuple[dict[str, Any], 
 
 
 def _parts(path: str) -> list[str]:
-    """The weight directories of ``path``: ``""`` (itself) and PEFT's per-adapter sub-directories."""
-    subs = adapter_subdirs(path)
-    top = not subs or bool(_files(path)) or _manifest(path) is not None
-    return ([""] if top else []) + subs
+    """The weight directories of ``path``: ``""`` (itself, when it holds weights) and PEFT's per-adapter
+    sub-directories (those with ``adapter_model.safetensors``: the only format compared)."""
+    subs = [d for d in adapter_subdirs(path) if os.path.isfile(os.path.join(path, d, "adapter_model.safetensors"))]
+    return ([""] if not subs or _files(path) else []) + subs
 
 
 def _sides(a: str, b: str, source: str, progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:

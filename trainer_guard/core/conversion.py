@@ -92,7 +92,7 @@ def _groups(model: torch.nn.Module, live: dict[str, torch.Tensor], index: dict) 
         if name in index:
             continue  # the Trainer's load matched it by name
         names = _stored_names(model, name, tensor)
-        if names != {name} and names & set(index):
+        if names != {name} and not names.isdisjoint(index):
             stored[name] = names
     groups: list[tuple[list[str], set[str]]] = []
     for name, names in stored.items():

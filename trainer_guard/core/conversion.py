@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .manifest import _as_saved, dtype_name, read_index
+from .manifest import _as_saved, dtype_name, read_index, stored_names
 
 __all__ = ["ConvertedLoad", "conversion_map", "group_map", "load_converted"]
 
@@ -50,18 +50,13 @@ def conversion_map(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> d
         >>> sorted(conversion_map(model, "model.layers.0.mlp.experts.gate_up_proj", w))[0]
         'model.layers.0.block_sparse_moe.experts.0.w1.weight'
     """
-    if _stored_names(model, name, tensor) == {name}:
+    if stored_names(model, name, tensor) == {name}:
         return None  # decided on a meta tensor: nothing allocated for the tensors stored as they are
     return group_map(model, {name: tensor})
 
 
 def _index_dtype(n: int) -> torch.dtype:
     return torch.int32 if n < 2**31 else torch.int64
-
-
-def _stored_names(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> set[str]:
-    meta = torch.empty(tensor.shape, dtype=_index_dtype(tensor.numel()), device="meta")
-    return set(_as_saved(model, {name: meta}))
 
 
 def group_map(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -91,7 +86,7 @@ def _groups(model: torch.nn.Module, live: dict[str, torch.Tensor], index: dict) 
     for name, tensor in live.items():
         if name in index:
             continue  # the Trainer's load matched it by name
-        names = _stored_names(model, name, tensor)
+        names = stored_names(model, name, tensor)
         if names != {name} and not names.isdisjoint(index):
             stored[name] = names
     groups: list[tuple[list[str], set[str]]] = []

@@ -533,11 +533,17 @@ def stored_groups(model: torch.nn.Module, groups: list[list[str]],
 
 def _saved_name(model: torch.nn.Module, name: str, tensor: torch.Tensor | None) -> str:
     """The name ``save_pretrained`` stores ``name`` under when it only renames it (a vision-language model's
-    ``lm_head.weight`` -> ``language_model.lm_head.weight``); ``name`` itself otherwise. Decided on a meta tensor."""
+    ``lm_head.weight`` -> ``language_model.lm_head.weight``); ``name`` itself otherwise."""
     if tensor is None:
         return name
-    out = _as_saved(model, {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")})
+    out = stored_names(model, name, tensor)
     return next(iter(out)) if len(out) == 1 else name
+
+
+def stored_names(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> set[str]:
+    """The names ``save_pretrained`` stores the live tensor ``name`` under (``{name}`` when unchanged), decided on a
+    meta tensor of its shape: nothing is allocated or copied."""
+    return set(_as_saved(model, {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")}))
 
 
 def converted_names(model: torch.nn.Module) -> set[str]:
@@ -546,8 +552,8 @@ def converted_names(model: torch.nn.Module) -> set[str]:
     with ``load_state_dict(strict=False)``, which skips every one of them."""
     if _peft_adapter_names(model):
         return set()
-    names = set(model.state_dict())
-    return {k for k in _as_saved(model, dict(model.state_dict())) if k not in names}
+    sd = model.state_dict()
+    return {k for n, t in sd.items() for k in stored_names(model, n, t)} - set(sd)
 
 
 def _as_saved(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@
   ``torch.save`` or trainer_guard's atomic writes (not safetensors' own writer), so the test can assert which
   rank wrote what.
 - :func:`dump` writes this rank's result JSON into the results directory (outside the training output).
+- :func:`finish` ends a script whose runs were stopped inside a DDP step on purpose, without interpreter teardown.
 """
 
 from __future__ import annotations
@@ -70,3 +71,20 @@ def dump(results_dir: str, result: dict) -> None:
     result = dict(result, rank=RANK, world_size=WORLD, writes=sorted(set(WRITES)))
     with open(os.path.join(results_dir, f"rank{RANK}.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
+
+
+def finish() -> None:
+    """Close the process group and leave without interpreter teardown (call after :func:`dump`).
+
+    A run stopped inside a DDP step on purpose leaves the DDP reducer / gloo threads behind; left to interpreter
+    teardown they sometimes abort the process ("terminate called without an active exception", exit -6) after the
+    results were written, which fails the launch.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-from _common import RANK, dump
+from _common import RANK, dump, finish
 
 import torch  # noqa: E402
 from conftest import make_args  # noqa: E402
@@ -86,6 +86,7 @@ def main(out: str, results: str) -> None:
     barrier()
     result["fsdp2"] = fsdp2()
     dump(results, result)
+    finish()  # two of the runs were stopped inside a DDP step on purpose
 
 
 def fsdp2() -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-from _common import RANK, dump
+from _common import RANK, dump, finish
 
 import torch  # noqa: E402
 from conftest import make_args  # noqa: E402
@@ -55,15 +55,7 @@ def main(out: str, results: str) -> None:
     barrier()
     result["rank1_drift"] = run(os.path.join(out, "drift"), drift=True)
     dump(results, result)
-    # The drift run was stopped inside a DDP step on purpose. Left to interpreter teardown, the abandoned DDP
-    # reducer / gloo threads sometimes abort the process ("terminate called without an active exception",
-    # exit -6) after the results are written: close the group, then leave without that teardown.
-    barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
+    finish()  # the drift run was stopped inside a DDP step on purpose
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])

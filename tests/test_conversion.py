@@ -1,6 +1,9 @@
 """core.conversion: loading the tensors a checkpoint stores in transformers' converted layout (MoE experts), which
 ``Trainer``'s ``load_state_dict(strict=False)`` skips (transformers issue #48805)."""
 
+import errno
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -76,6 +79,90 @@ def test_a_bad_checkpoint_loads_nothing_and_names_the_tensor(tmp_path, change, m
     done = load_converted(model, tmp_path)
     assert done == ([], [message])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # all or nothing
+
+
+def _sharded_mixtral(tmp_path):
+    """A 2-layer Mixtral saved in 4 shards with its manifest; returns the shard holding layer 1's experts (layer 0's
+    are in earlier shards: a load that writes as it reads has written layer 0 when it gets there)."""
+    from trainer_guard.core.manifest import checkpoint_manifest, saved_tensors, write_manifest
+
+    saved = _moe("mixtral", 0)
+    saved.save_pretrained(tmp_path, max_shard_size="20KB")
+    write_manifest(tmp_path, checkpoint_manifest(*saved_tensors(saved), tmp_path, global_step=None).manifest)
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = weight_map["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    assert len(set(weight_map.values())) > 2 and not any(
+        f == shard for k, f in weight_map.items() if k.startswith("model.layers.0.block_sparse_moe"))
+    return shard
+
+
+@pytest.mark.parametrize("fault", ["io-error", "corrupted"])
+def test_a_shard_that_cannot_be_read_loads_nothing_and_names_it(tmp_path, monkeypatch, fault):
+    """All or nothing: every stored tensor is read (and checked against the manifest) before any is written, so
+    an I/O error or a corrupted shard leaves every parameter bit-identical and names the file and tensor."""
+    import safetensors
+
+    from trainer_guard.core.checksum import safetensors_entries
+
+    shard = _sharded_mixtral(tmp_path)
+    key = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    if fault == "io-error":  # the disk fails while reading that shard's tensor data (headers still read)
+        real = safetensors.safe_open
+
+        class Failing:
+            def __init__(self, path, *args, **kwargs):
+                self.f, self.bad = real(path, *args, **kwargs), str(path).endswith(shard)
+
+            def __enter__(self):
+                self.f.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.f.__exit__(*exc)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def get_tensor(self, name):
+                if self.bad:
+                    raise OSError(errno.EIO, "Input/output error")
+                return self.f.get_tensor(name)
+
+        monkeypatch.setattr(safetensors, "safe_open", Failing)
+        said = f"in {shard} cannot be read (OSError: [Errno 5] Input/output error)"
+    else:  # one byte of a stored expert flipped on disk: headers and sizes intact, only the checksum tells
+        _, tensors, _ = safetensors_entries(tmp_path / shard)
+        with open(tmp_path / shard, "r+b") as f:
+            f.seek(tensors[key]["begin"] + 5)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0x10]))
+        said = f"stored part {key} in {shard} has checksum"
+    model = _moe("mixtral", 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    done = load_converted(model, tmp_path)
+    assert done.loaded == [] and done.problems
+    assert any(said in p for p in done.problems), done.problems
+    assert all("nothing was loaded" in p for p in done.problems)
+    for name, v in model.state_dict().items():
+        assert torch.equal(before[name], v), name  # bit-identical: layer 0 was not written either
+
+
+def test_moe_experts_are_copied_into_strided_views_without_index_maps(tmp_path, monkeypatch):
+    """MoE experts and renamed tensors are strided views of their parameter: loaded with no element-index map (the
+    memory that dominated: 4 bytes an element plus transformers' copies), and still exactly."""
+    import trainer_guard.core.conversion as conversion
+
+    def no_maps(*args, **kwargs):
+        raise AssertionError("group_map called for a tensor stored as strided views")
+
+    saved = _saved("mixtral", tmp_path)
+    model = _moe("mixtral", 1)
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
+    monkeypatch.setattr(conversion, "group_map", no_maps)
+    assert load_converted(model, tmp_path).problems == []
+    for (name, p), q in zip(model.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 def test_models_without_a_converted_layout_are_left_alone(tmp_path):

@@ -4,6 +4,7 @@ Regression tests for field report R1 ("verify the saved model's integrity after 
 that reloads at random) and R2 (a dtype that changes on the way back in).
 """
 
+import logging
 import os
 import shutil
 
@@ -131,18 +132,58 @@ def test_cuda_model_manifest_equals_the_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ resume
+class _Logged(logging.Handler):
+    """Collects what transformers' Trainer logs."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _trainer_warnings(fn):
+    handler, log = _Logged(), logging.getLogger("transformers.trainer")
+    log.addHandler(handler)
+    try:
+        fn()
+    finally:
+        log.removeHandler(handler)
+    return handler.lines
+
+
+TIE_NOTE = ("the Trainer's warning 'There were missing keys in the checkpoint model loaded: ['lm_head.weight']' is "
+            "expected: lm_head.weight is stored once, as its tie model.embed_tokens.weight, and was restored through "
+            "the tie (checked against the manifest)")
+
+
 def test_clean_resume_passes(tmp_path):
     _train(tiny_model("llama-tied"), tmp_path, [IntegrityGuard()])
     guard = IntegrityGuard()
-    _train(tiny_model("llama-tied", seed=1), tmp_path, [guard], resume=str(tmp_path / "checkpoint-2"), max_steps=3)
+    said = _trainer_warnings(lambda: _train(tiny_model("llama-tied", seed=1), tmp_path, [guard],
+                                            resume=str(tmp_path / "checkpoint-2"), max_steps=3))
     assert f"resumed model matches {tmp_path / 'checkpoint-2' / MANIFEST_FILE}" in guard.report()
+    # transformers warns about the tie alias on every resume of a tied model; the guard says, next to it, why
+    assert "There were missing keys in the checkpoint model loaded: ['lm_head.weight']." in said
+    assert TIE_NOTE in guard.report()
 
 
 def test_clean_peft_resume_passes(tmp_path):
     _train(_build("lora"), tmp_path, [IntegrityGuard()])
     guard = IntegrityGuard()
-    _train(_build("lora"), tmp_path, [guard], resume=str(tmp_path / "checkpoint-2"), max_steps=3)
+    said = _trainer_warnings(lambda: _train(_build("lora"), tmp_path, [guard], resume=str(tmp_path / "checkpoint-2"),
+                                            max_steps=3))
     assert any(line.startswith("resumed model matches") for line in guard.report())
+    assert not any("missing keys" in line for line in said + guard.report())  # no tie warning to explain
+
+
+def test_untied_resume_has_no_tie_note(tmp_path):
+    _train(tiny_model("llama-untied"), tmp_path, [IntegrityGuard()])
+    guard = IntegrityGuard()
+    _train(tiny_model("llama-untied", seed=1), tmp_path, [guard], resume=str(tmp_path / "checkpoint-2"), max_steps=3)
+    assert any(line.startswith("resumed model matches") for line in guard.report())
+    assert not any("missing keys" in line for line in guard.report())
 
 
 R1B_LINE_END = ("(stored once as a tie of model.embed_tokens.weight and the tie was not restored, so it was "

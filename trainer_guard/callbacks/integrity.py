@@ -14,7 +14,7 @@ from .._dist import agree, is_main_process
 from ..core.divergence import is_sharded
 from ..core.checkpoint import Verified, conversion_hint, plan_manifests, verify_against
 from ..core.conversion import load_converted
-from ..core.manifest import MANIFEST_FILE, ManifestWriter
+from ..core.manifest import MANIFEST_FILE, ManifestWriter, read_manifest
 from ..errors import IntegrityError, TrainerGuardError
 from .base import Guard
 
@@ -191,6 +191,7 @@ class IntegrityGuard(Guard):
                 self.note(w, "warning")
             if not result.problems and result.checked:
                 self.note(f"{what} matches {', '.join(result.checked)}")
+                self._explain_tie_warning(model, ckpt)
         problems = list(result.problems) if result else []
         load = f"{type(model).__name__}.from_pretrained({ckpt!r})"
         hint = conversion_hint(model, problems, f"load the model with {load} before resuming from it"
@@ -204,6 +205,28 @@ class IntegrityGuard(Guard):
                      + ("" if step is None else f" (step {step})")
                      + f"; {after}. Load the checkpoint with the model class, config and dtype it "
                        "was saved with. Differences:")
+
+    def _explain_tie_warning(self, model, ckpt: str) -> None:
+        """After a verified load: transformers 5.23's Trainer warns "There were missing keys in the checkpoint model
+        loaded: ['lm_head.weight']" for every tied model it resumes (the alias is stored once, under its tie). Say,
+        next to it, that this one is expected and was checked."""
+        try:
+            from transformers import PreTrainedModel
+
+            aliases = (read_manifest(ckpt) or {}).get("aliases", {})
+        except Exception:  # nothing to explain (already verified; this is only a message)
+            return
+        if not isinstance(model, PreTrainedModel) or not isinstance(aliases, dict):
+            return
+        names = dict(model.named_parameters(remove_duplicate=False))
+        tied = {a: k for a, k in aliases.items() if a in names and k in names and names[a] is names[k]}
+        ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+        if not tied or (ignored and set(tied) == ignored):  # the Trainer re-ties those silently
+            return
+        self.note("the Trainer's warning 'There were missing keys in the checkpoint model loaded: "
+                  f"{sorted(tied)}' is expected: " + "; ".join(f"{a} is stored once, as its tie {k}" for a, k in
+                                                              sorted(tied.items()))
+                  + ", and was restored through the tie (checked against the manifest)", "warning")
 
     def wire(self, trainer: Any) -> None:
         """Check right after the Trainer loads the checkpoint's weights, before its optimizer load (idempotent).

@@ -337,3 +337,60 @@ def test_default_config_all_guards_wired_peft_resume(tmp_path):
     model, probe = run(str(tmp_path / "checkpoint-2"))
     assert [r["step"] for r in probe.steps] == [3]
     check_ratios(probe, model, {"embeddings": 0.1, "lm_head": 0.1}, base_wd=(0.0, 0.0))
+
+
+def test_preflight_of_an_adapter_not_named_default(tmp_path):
+    """get_peft_model(..., adapter_name="sft"): AdapterSizeGuard (on by default) crashed the run at train begin with
+    a bare KeyError: 'default' (PEFT's state dict was asked for the adapter "default")."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama-untied"), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                  modules_to_save=["embed_tokens", "lm_head"]),
+                           adapter_name="sft")
+    guard = AdapterSizeGuard()
+    make_trainer(model, tmp_path, [guard], max_steps=1, save_strategy="no").train()
+    r = guard.last_report
+    assert r.extra_trainable == 2 * 128 * 32 and r.extra_adapter_bytes == 4 * 2 * 128 * 32
+    assert r.adapter_bytes == r.extra_adapter_bytes + 4 * 2 * (4 * 32 + 32 * 4)  # + LoRA on q_proj in 2 layers
+
+
+def test_adafactor_with_relative_step_is_refused(tmp_path):
+    """Adafactor(relative_step=True) (the transformers docs' recipe with AdafactorSchedule) ignores every group's lr:
+    the guard used to log "at 0.1 x the Trainer's LR" while the embeddings trained exactly as before."""
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    model = tiny_model("llama-untied")
+    opt = Adafactor(model.parameters(), scale_parameter=True, relative_step=True, warmup_init=True, lr=None)
+    t = Trainer(model=model, args=make_args(tmp_path, max_steps=1, save_strategy="no"),
+                train_dataset=tiny_dataset(8, 16), callbacks=[EmbeddingLRGuard()],
+                optimizers=(opt, AdafactorSchedule(opt)))
+    with pytest.raises(EmbeddingLRError, match=r"optimizer group 0 \(Adafactor with relative_step=True\) computes its "
+                                               r"own step size and ignores the group's lr"):
+        t.train()
+    assert len(opt.param_groups) == 1  # nothing was changed
+    make_trainer(tiny_model("llama-untied"), tmp_path, [EmbeddingLRGuard()], max_steps=1, save_strategy="no",
+                 optim="adafactor").train()  # the Trainer's Adafactor honours lr: accepted
+
+
+def test_run_stopped_mid_step_resumes_on_the_same_trainer(tmp_path):
+    """A KeyboardInterrupt (or any error) in a forward pass fires no event. The groups used to stay split from
+    on_step_begin on, and the Trainer's next train(resume_from_checkpoint=True), which reuses the optimizer, died in
+    its optimizer load ("loaded state dict has a different number of parameter groups"). Without the guard it works."""
+    model, probe = tiny_model("llama-untied"), Probe()
+    calls = []
+
+    def interrupt(module, inputs):
+        calls.append(1)
+        if len(calls) == 3:  # the third forward: after checkpoint-2 was written
+            raise KeyboardInterrupt("stopped by the user")
+
+    handle = model.register_forward_pre_hook(interrupt)
+    t = make_trainer(model, tmp_path, [EmbeddingLRGuard(ratio=0.1), probe], max_steps=4, save_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    assert len(t.optimizer.param_groups) == 2  # the Trainer's own layout, although the run stopped mid-step
+    handle.remove()
+    probe.steps.clear()
+    t.train(resume_from_checkpoint=True)
+    assert [r["step"] for r in probe.steps] == [3, 4]
+    check_ratios(probe, model, {"embeddings": 0.1, "lm_head": 0.1}, base_wd=(0.0, 0.0))

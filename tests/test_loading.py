@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file, save_model
 
-from trainer_guard import LoadError, load_weights_inplace
+from conftest import make_args
+
+from trainer_guard import LoadError, find_tied_groups, load_weights_inplace
 from trainer_guard.core import loading
 from trainer_guard.tiny import tiny_model
 
@@ -226,3 +228,28 @@ def test_load_into_gpu_model_without_a_full_gpu_copy(tmp_path):
     meta = tiny_model("llama-untied", seed=3).to("meta")
     load_weights_inplace(meta, tmp_path, device="cuda")
     assert all(p.device.type == "cuda" for p in meta.parameters())
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "llava"])
+def test_checkpoint_in_transformers_converted_layout(tmp_path, kind):
+    """transformers 5 saves a Mixtral's fused experts per expert and a LLaVA under its original names: every such
+    Trainer checkpoint failed with "missing from the file(s)" and the advice to load into the class the weights were
+    saved from, which it was. Those tensors are now loaded through the conversion, the rest as before."""
+    from transformers import Trainer
+
+    from trainer_guard.tiny import tiny_dataset
+
+    trained = tiny_model(kind)
+    Trainer(model=trained, args=make_args(tmp_path, max_steps=1, save_steps=1), train_dataset=tiny_dataset(8)).train()
+    ckpt = tmp_path / "checkpoint-1"
+    model = tiny_model(kind, seed=1)
+    result = load_weights_inplace(model, ckpt)
+    a, b = dict(trained.named_parameters()), dict(model.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert find_tied_groups(model) == find_tied_groups(trained)
+    assert result.loaded == len(dict(model.named_parameters()))
+    with torch.device("meta"):
+        empty = tiny_model(kind)
+    with pytest.raises(LoadError, match="stored in the layout transformers' save_pretrained writes"):
+        load_weights_inplace(empty, ckpt)
+    assert all(p.device.type == "meta" for p in empty.parameters())  # nothing was changed

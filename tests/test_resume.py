@@ -556,3 +556,61 @@ def test_new_run_from_a_full_checkpoint_is_not_a_continuation(tmp_path):
                                     train_dataset=tiny_dataset(16), callbacks=[ResumeGuard()]))
     t.train()
     assert t.state.global_step == 2
+
+
+@pytest.mark.parametrize("mode", ["raise", "fix"])
+def test_changed_learning_rate_or_weight_decay_warns_and_resumes(tmp_path, mode):
+    """A resume with another learning_rate / weight_decay but the same trainable set is no mismatch: the Trainer
+    restores the checkpoint's LR and weight decay from optimizer.pt, so the guard says the new values are ignored
+    and lets the resume run (it used to stop it, even in mode='fix', with "set requires_grad as in the saved run")."""
+    Trainer(model=tiny_model("llama-untied"), args=make_args(tmp_path / "out", max_steps=2), train_dataset=ds(),
+            callbacks=[ResumeGuard()]).train()
+    g = ResumeGuard(mode=mode)
+    trainer, steps = second_trainer(tmp_path, tiny_model("llama-untied"), g, learning_rate=5e-3, weight_decay=0.1)
+    guard(trainer).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert steps.steps == 2
+    assert [(grp["initial_lr"], grp["weight_decay"]) for grp in trainer.optimizer.param_groups] == [(1e-2, 0.0)] * 2
+    warned = [e for e in g.report() if "the Trainer restores checkpoint-2's values from optimizer.pt" in e]
+    assert warned[0].startswith("optimizer group 0: lr 0.005, weight_decay 0.1 now; lr 0.01, weight_decay 0 in "
+                                "checkpoint-2: ")
+    assert len(warned) == 2  # one per group, said once although checked at the load and at the optimizer load
+
+
+@pytest.mark.parametrize("added", [{"modules_to_save": ["lm_head"]}, {"trainable_token_indices": [1, 2]}])
+def test_fix_refuses_wrappers_the_checkpoint_cannot_load(tmp_path, added):
+    """A modules_to_save copy / trainable tokens added after the checkpoint: PEFT's load_adapter (the Trainer's
+    resume) raises a bare KeyError on them. mode='fix' used to freeze them, log "fixed" and then crash in that load
+    with the model changed; now it refuses before any change and says what to remove."""
+    Trainer(model=tiny_lora(tiny_model("llama-untied")), args=make_args(tmp_path / "out", max_steps=2),
+            train_dataset=ds(), callbacks=[ResumeGuard()]).train()
+    model = tiny_lora(tiny_model("llama-untied"), **added)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    trainer, steps = second_trainer(tmp_path, model, ResumeGuard(mode="fix"))
+    with pytest.raises(ResumeMismatchError) as e:
+        guard(trainer).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    module = "lm_head" if "modules_to_save" in added else "model.embed_tokens"
+    assert (f"\n  - {module}: a modules_to_save copy or trainable tokens now, none saved in checkpoint-2, so the "
+            f"Trainer's load (PeftModel.load_adapter) would fail with a KeyError; remove them") in str(e.value)
+    assert steps.steps == 0 and {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_fix_restores_copies_of_an_adapter_not_named_default(tmp_path):
+    """PEFT and the Trainer keep an adapter named "sft" in checkpoint-N/sft/: mode='fix' looked for its trained
+    modules_to_save copies in checkpoint-N/ and refused ("no trained copy ... to restore")."""
+    from peft import LoraConfig, get_peft_model
+
+    def model(**kw):
+        return get_peft_model(tiny_model("llama-untied"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **kw),
+                              adapter_name="sft")
+
+    Trainer(model=model(modules_to_save=MTS), args=make_args(tmp_path / "out", max_steps=2), train_dataset=ds(),
+            callbacks=[ResumeGuard()]).train()
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    m = model()
+    trainer, steps = second_trainer(tmp_path, m, ResumeGuard())
+    with pytest.raises(ResumeMismatchError, match=f"PeftModel.from_pretrained\\(base, '{ckpt}/sft', "
+                                                  f"adapter_name='sft', is_trainable=True\\)"):
+        guard(trainer).train(resume_from_checkpoint=str(ckpt))
+    trainer, steps = second_trainer(tmp_path, m, ResumeGuard(mode="fix"))
+    guard(trainer).train(resume_from_checkpoint=str(ckpt))
+    assert steps.steps == 2 and trainable_record(m)["trainable_params"] == 896 + 8192

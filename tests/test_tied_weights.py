@@ -276,3 +276,20 @@ def test_restore_ties_trusts_the_stored_name_only_when_alias_absent():
         "re-tied out_head.weight to tok_emb.weight (split by a load; the checkpoint stores the tie once, as "
         "tok_emb.weight)"]
     assert model.out_head.weight is model.tok_emb.weight
+
+
+def test_model_init_resume_of_a_plain_tied_module(tmp_path):
+    """Trainer(model_init=...) builds the model again inside train(), after the guard's train wrapper ran: the new
+    module had no alias-filling load hook, so the resume's load_state_dict(strict=False) missed out_head.weight and
+    transformers crashed on it ("'TinyGPT' object has no attribute '_keys_to_ignore_on_save'")."""
+    def trainer(max_steps):
+        return trainer_guard.guard(Trainer(model_init=lambda: tiny_model("plain-gpt"), train_dataset=tiny_dataset(16),
+                                           args=make_args(tmp_path, max_steps=max_steps),
+                                           callbacks=[TiedWeightsGuard()]))
+
+    full = trainer(4)
+    full.train()
+    resumed = trainer(4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert find_tied_groups(resumed.model) == TIED["plain-gpt"]
+    _assert_same(_snapshot(full.model), _snapshot(resumed.model))

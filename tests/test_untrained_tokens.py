@@ -193,3 +193,43 @@ def test_padding_row_is_not_reported(tmp_path):
     Trainer(model=model, args=make_args(tmp_path, max_steps=2, save_strategy="no"), train_dataset=ds,
             callbacks=[guard]).train()
     assert guard.found["untrained"]["input embedding"] == []
+
+
+def test_resumed_trainable_token_rows_are_trained_not_overwritten(tmp_path):
+    """PEFT trainable_token_indices keep the trained rows in the adapter (trainable_tokens_delta), the base rows stay
+    ~0. On a resume the guard used to judge the base rows: raise mode stopped a healthy resume, and fix mode wrote the
+    trained mean-of-rows start value over the rows the checkpoint had just restored (silent loss of training)."""
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    def trainer(model, guard, **kw):
+        args = make_args(tmp_path, max_steps=2, save_steps=2, **kw)
+        return Trainer(model=model, args=args, train_dataset=chat_dataset(), processing_class=tokenizer(),
+                       callbacks=[guard])
+
+    def model():
+        return tiny_lora(base_model("llama-tied"), trainable_token_indices={"embed_tokens": [IM_START, IM_END]})
+
+    trainer(model(), UntrainedTokensGuard(mode="fix")).train()
+    ckpt = tmp_path / "checkpoint-2"
+    saved = load_file(str(ckpt / "adapter_model.safetensors"))
+    saved = saved["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+
+    for mode in ("fix", "raise", "report"):
+        m, guard = model(), UntrainedTokensGuard(mode=mode)
+        trainer(m, guard).train(resume_from_checkpoint=str(ckpt))  # nothing left to train: only the load ran
+        delta = m.get_input_embeddings().token_adapter.trainable_tokens_delta["default"]
+        assert torch.equal(delta.detach(), saved), mode
+        assert guard.found["untrained"]["input embedding"] == [RESERVED], mode  # unused: reported, not acted on
+        assert not any(line.startswith("fixed") for line in guard.report()), mode
+
+
+def test_lora_on_the_embedding_is_not_called_frozen():
+    """LoRA targeting embed_tokens / lm_head trains every row (each token has its own LoRA column / row): the
+    advice "cannot train (the weight is frozen): add it to modules_to_save" would be wrong."""
+    model = tiny_lora(base_model(), target_modules=["q_proj", "embed_tokens", "lm_head"])
+    lines = UntrainedTokensGuard().check(model, chat_dataset(), tokenizer())
+    assert lines[0] == "input embedding: 3 row(s) look never trained (~0): ids [121, 122, 125]"
+    assert not any("cannot train" in line for line in lines)
+    frozen = tiny_lora(base_model(), target_modules=["q_proj"])
+    assert sum("cannot train" in line for line in UntrainedTokensGuard().check(frozen, chat_dataset(), tokenizer())) == 2

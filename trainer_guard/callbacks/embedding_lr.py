@@ -3,11 +3,12 @@
 Practitioners give trained ``embed_tokens``/``lm_head`` about 1/10 of the LR; the Trainer has no way to say so and
 logs only group 0's LR. Works with ``callbacks=[...]`` alone, resume included. The Trainer writes ``optimizer.pt``
 before ``on_save`` and, on resume, loads it into a fresh optimizer with its own groups before ``on_train_begin``, so
-checkpoints must hold that layout: the guard splits the groups at each step's ``on_step_begin`` and merges them back
-(every parameter to its place, moments untouched) at ``on_step_end``/``on_epoch_end`` when a save is due, so the
-Trainer itself writes ``optimizer.pt``/``scheduler.pt`` in its own layout. A save decided later (``save_strategy=
-"best"``) finds the groups split: ``on_save`` then rewrites both files atomically into that layout. Each checkpoint
-gets ``trainer_guard_embedding_lr.json`` describing the split; on resume the split is simply made again."""
+checkpoints must hold that layout: the guard splits the groups at each step's ``on_pre_optimizer_step`` and merges
+them back (every parameter to its place, moments untouched) at ``on_step_end``, so the optimizer has the Trainer's
+layout everywhere but inside the optimizer and scheduler steps, and the Trainer itself writes ``optimizer.pt``/
+``scheduler.pt`` in it. A save found with the groups split anyway makes ``on_save`` rewrite both files atomically
+into that layout. Each checkpoint gets ``trainer_guard_embedding_lr.json`` describing the split; on resume the split
+is simply made again."""
 
 from __future__ import annotations
 
@@ -134,6 +135,13 @@ class EmbeddingLRGuard(Guard):
         roles = {r: [(n, p) for n, p in ps if id(p) in in_opt] for r, ps in embedding_parameters(model).items()}
         factors, how = self.rates(args.learning_rate)
         problems += tied_rate_problems(roles, factors, how)
+        mine = {id(p) for ps in roles.values() for _, p in ps}
+        problems += [f"optimizer group {i} ({type(unwrap_optimizer(optimizer)).__name__} with relative_step=True) "
+                     f"computes its own step size and ignores the group's lr, so the embeddings' LR would have no "
+                     f"effect; create it with relative_step=False and an lr (the Trainer's optim='adafactor' does), "
+                     f"or remove EmbeddingLRGuard"
+                     for i, g in enumerate(unwrap_optimizer(optimizer).param_groups)
+                     if g.get("relative_step") and any(id(p) in mine for p in g["params"])]
         agree(problems, EmbeddingLRError, "EmbeddingLRGuard cannot run; nothing was changed:")
         if not any(roles.values()):
             msg = ("no embedding or output-head parameter is being trained, so there is nothing to give its own LR; "
@@ -163,15 +171,15 @@ class EmbeddingLRGuard(Guard):
             merge_param_groups(self._optimizer, self._scheduler, self.split)
             self.split = None
 
-    def on_step_begin(self, args, state, control, **kwargs: Any):
-        self._ensure_split()
-
     def on_pre_optimizer_step(self, args, state, control, **kwargs: Any):
         self._ensure_split()
 
     def on_step_end(self, args, state, control, **kwargs: Any):
-        if control.should_save:  # the Trainer saves next: let it write optimizer.pt in its own layout
-            self._merge()
+        # Split only around optimizer.step() and the scheduler step: between steps (saves, evaluation, and a run
+        # stopped by an exception or KeyboardInterrupt, which fires no event) the optimizer has the Trainer's own
+        # layout, so optimizer.pt is written in it and a later train(resume_from_checkpoint=...) on the same
+        # Trainer, which reuses the optimizer, can load it.
+        self._merge()
 
     def on_epoch_end(self, args, state, control, **kwargs: Any):
         if control.should_save:

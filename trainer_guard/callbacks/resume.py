@@ -12,9 +12,10 @@ from typing import Any, Literal, Optional
 
 from .._dist import agree
 from ..core.io import atomic_write_json
-from ..core.trainable import (TRAINABLE_FILE, add_modules_to_save, add_to_trainer_groups, adapter_source,
-                              canonical_name, continuation_problems, count_table, frozen_adapter_params,
-                              missing_copies, read_adapter_config, trainable_record)
+from ..core.trainable import (TRAINABLE_FILE, adapter_dir, adapter_load_gaps, add_modules_to_save,
+                              add_to_trainer_groups, adapter_source, canonical_name, continuation_problems, count_table,
+                              frozen_adapter_params, hyperparameter_changes, missing_copies, optimizer_layout,
+                              read_adapter_config, trainable_record)
 from ..errors import ResumeMismatchError
 from .base import Guard
 
@@ -101,8 +102,9 @@ class ResumeGuard(Guard):
             return
         source = checkpoint or self._source(model)
         problems, recorded = continuation_problems(model, source, optimizer)
+        self._note_hyperparameters(model, source, recorded, optimizer)
         if problems and self.options["mode"] == "fix" and optimizer is None and not late:
-            problems = self._fix(model, source, recorded, problems)
+            problems = self._fix(model, source, recorded, problems, loads=checkpoint is not None)
         elif problems and self.options["mode"] == "fix" and late:
             problems = problems + ["mode='fix' needs trainer = trainer_guard.guard(trainer) before train(), so the "
                                    "set is restored before the optimizer is built and loaded"]
@@ -110,8 +112,11 @@ class ResumeGuard(Guard):
         if not problems:
             return
         saved = f"{os.path.basename(os.path.normpath(source))} ({source})" if source else "the active adapter's config"
-        redo = (f"load the adapter as saved (PeftModel.from_pretrained(base, {source or 'adapter_dir'!r}, "
-                f"is_trainable=True), or the saved LoraConfig with its modules_to_save)"
+        name = getattr(model, "active_adapter", "default")
+        named = f"adapter_name={name!r}, " if isinstance(name, str) and name != "default" else ""
+        where = adapter_dir(model, source) or "adapter_dir"
+        redo = (f"load the adapter as saved (PeftModel.from_pretrained(base, {where!r}, {named}is_trainable=True), "
+                f"or the saved LoraConfig with its modules_to_save)"
                 if hasattr(model, "peft_config") else "set requires_grad as in the saved run")
         header = (f"ResumeGuard: the trainable set differs from {saved}; no training step ran. To continue as saved, "
                   f"{redo}, or pass ResumeGuard(mode='fix'); mode='warn' goes on")
@@ -123,11 +128,37 @@ class ResumeGuard(Guard):
         else:
             agree(problems, ResumeMismatchError, header)
 
-    def _fix(self, model: Any, source: Optional[str], recorded: dict, problems: list[str]) -> list[str]:
+    def _note_hyperparameters(self, model: Any, source: Optional[str], recorded: dict, optimizer: Any) -> None:
+        """Warn (never stop) when a resumed group has another LR / weight decay than the checkpoint's: the Trainer's
+        optimizer load restores the checkpoint's values, so the new ones would be silently ignored."""
+        if optimizer is None or not source or not recorded.get("optimizer"):
+            return
+        if not os.path.isfile(os.path.join(source, "optimizer.pt")):  # nothing restores them: the new values apply
+            return
+        where = os.path.basename(os.path.normpath(source))
+        for line in hyperparameter_changes(recorded["optimizer"], optimizer_layout(optimizer, model), where):
+            msg = (f"{line}: the Trainer restores {where}'s values from optimizer.pt and scheduler.pt, so training "
+                   f"continues with those and the new ones are ignored; to train with the new values, start a new "
+                   f"run from {where}'s weights instead of resuming it")
+            if msg not in self._warned:
+                self.note(msg, "warning")
+                self._warned.add(msg)
+
+    def _fix(self, model: Any, source: Optional[str], recorded: dict, problems: list[str],
+             loads: bool = False) -> list[str]:
         """Restore missing modules_to_save copies (trained values from ``source``), then set requires_grad to the
-        recorded set (or enable frozen adapter params); undo the requires_grad changes when that is not enough."""
-        saved = None if recorded or not source else read_adapter_config(source)
+        recorded set (or enable frozen adapter params); undo the requires_grad changes when that is not enough.
+
+        ``loads``: the Trainer loads ``source`` next (a resume): wrappers it cannot load make the fix impossible."""
+        saved = None if recorded or not source else read_adapter_config(adapter_dir(model, source))
         copies, unrestorable = missing_copies(model, recorded, saved, source)
+        gaps = adapter_load_gaps(model, source) if loads else []
+        if gaps:
+            where = os.path.basename(os.path.normpath(source))
+            unrestorable = unrestorable + [
+                f"{', '.join(gaps)}: a modules_to_save copy or trainable tokens now, none saved in {where}, so the "
+                f"Trainer's load (PeftModel.load_adapter) would fail with a KeyError; remove them from the LoraConfig "
+                f"(modules_to_save / trainable_token_indices) to resume {where} as saved"]
         if unrestorable:  # checked before any change: the model stays as it was
             return problems + [p + " (mode='fix' cannot restore this)" for p in unrestorable]
         if copies:

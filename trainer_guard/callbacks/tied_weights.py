@@ -124,7 +124,7 @@ class TiedWeightsGuard(Guard):
         Only groups the checkpoint stores once (kept name present, aliases absent) are re-tied here."""
         if id(trainer) in self._wired:
             return
-        train = trainer.train
+        train, load = trainer.train, trainer._load_from_checkpoint
 
         def _train(resume_from_checkpoint: Any = None, *a: Any, **kw: Any):
             ckpt = resume_from_checkpoint
@@ -136,7 +136,17 @@ class TiedWeightsGuard(Guard):
                 self._retie_before_load(trainer.model, os.fspath(ckpt))
             return train(resume_from_checkpoint, *a, **kw)
 
-        trainer.train = _train
+        def _load_from_checkpoint(resume_from_checkpoint: Any, model: Any = None, *a: Any, **kw: Any):
+            # Trainer(model_init=...) builds a new model inside train(), after _train above ran: give that model
+            # the alias-filling load hook (a checkpoint stores each tie once) and its re-tie before it is loaded.
+            # (A model passed in is FSDP's / SageMaker's wrapped one: left as it was.)
+            if model is None and trainer.model is not None:
+                self.attach(trainer.model)
+                if os.path.isdir(os.fspath(resume_from_checkpoint)):
+                    self._retie_before_load(trainer.model, os.fspath(resume_from_checkpoint))
+            return load(resume_from_checkpoint, model, *a, **kw)
+
+        trainer.train, trainer._load_from_checkpoint = _train, _load_from_checkpoint
         self._wired.add(id(trainer))
 
     def _retie_before_load(self, model: nn.Module, ckpt: str) -> None:

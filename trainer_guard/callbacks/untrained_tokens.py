@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from .._dist import agree, gather
@@ -19,9 +20,33 @@ from .base import Guard
 __all__ = ["UntrainedTokensGuard"]
 
 
-def _tables(model: nn.Module) -> list[tuple[str, nn.Module, Any, set[int] | None, bool]]:
-    """``(label, module, weight to write, trainable ids or None, all rows trainable)`` for the input embedding and
-    an untied output head, seen through PEFT wrappers."""
+def _token_rows(layer: Any) -> tuple[list[int], Any] | None:
+    """``(ids, rows)``: the values PEFT trainable tokens use for their rows (the base rows stay as they were)."""
+    ids, rows = [], []
+    deltas = getattr(layer, "trainable_tokens_delta", None) or {}
+    for a in layer.active_adapters:
+        idx, delta = layer.token_indices.get(a, []), deltas[a] if a in deltas else None
+        if idx and delta is not None and delta.shape[0] == len(idx):
+            ids.extend(idx)
+            rows.append(delta)
+    return (ids, torch.cat([r.detach() for r in rows])) if ids else None
+
+
+def _adapter_trains(module: nn.Module) -> bool:
+    """A PEFT tuner layer (LoRA on the embedding or head) with a trainable adapter: every row can change."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, BaseTunerLayer) and any(
+        p.requires_grad for name in getattr(module, "adapter_layer_names", ()) if isinstance(
+            getattr(module, name, None), nn.Module) for p in getattr(module, name).parameters())
+
+
+def _tables(model: nn.Module) -> list[tuple[str, nn.Module, Any, set[int] | None, bool, Any]]:
+    """``(label, module, weight to write, trainable ids or None, all rows trainable, (ids, rows) the model uses
+    instead of the weight's or None)`` for the input embedding and an untied output head, seen through PEFT
+    wrappers."""
     out, seen = [], set()
     for label, getter in (("input embedding", "get_input_embeddings"), ("output head", "get_output_embeddings")):
         try:
@@ -33,16 +58,17 @@ def _tables(model: nn.Module) -> list[tuple[str, nn.Module, Any, set[int] | None
         kind = type(module).__name__
         if kind == "ModulesToSaveWrapper":  # PEFT modules_to_save: a trainable full copy is what runs
             weight = module.modules_to_save[module.active_adapters[0]].weight
-            out_t = (label, module, weight, None, weight.requires_grad)
+            out_t = (label, module, weight, None, weight.requires_grad, None)
         elif kind == "TrainableTokensWrapper":  # PEFT trainable_token_indices: only those rows train
             layer = module.token_adapter
             ids = {i for a in layer.active_adapters for i in layer.token_indices.get(a, [])}
-            out_t = (label, module, layer.base_layer.weight, ids, False)
+            # the trained values of those rows live in the adapter (loaded by a resume), not in the base rows
+            out_t = (label, module, layer.base_layer.weight, ids, False, _token_rows(layer))
         else:
             weight = getattr(module, "weight", None)
             if weight is None:
                 continue
-            out_t = (label, module, weight, None, weight.requires_grad)
+            out_t = (label, module, weight, None, weight.requires_grad or _adapter_trains(module), None)
         if id(out_t[2]) in seen:  # tied head: one table
             continue
         seen.add(id(out_t[2]))
@@ -103,8 +129,9 @@ class UntrainedTokensGuard(Guard):
         o = self.options
         tables = _tables(model)
         # the padding row is zero by design (nn.Embedding(padding_idx=...)) and masked out of the loss
-        rows = {label: [i for i in untrained_rows(w, o["rtol"]) if i != getattr(module, "padding_idx", None)]
-                for label, module, w, _, _ in tables}
+        rows = {label: [i for i in untrained_rows(w, o["rtol"], overrides=used_rows)
+                        if i != getattr(module, "padding_idx", None)]
+                for label, module, w, _, _, used_rows in tables}
         ids = sorted({i for r in rows.values() for i in r})
         self.found = {"untrained": rows, "data": {}, "template": {}}
         if not ids:
@@ -139,10 +166,10 @@ class UntrainedTokensGuard(Guard):
                      "those tokens from the data/template.")
             agree([msg] if used else [], UntrainedTokensError)
         if o["mode"] == "fix":
-            for label, module, w, _, _ in tables:
+            for label, module, w, _, _, used_rows in tables:
                 todo = sorted(set(rows[label]) if o["fix_unused"] else set(rows[label]) & set(used))
-                if todo:
-                    n = set_rows_to_trained_mean(w, todo, rows[label])
+                if todo:  # base rows the model does not use (trainable tokens' stale copies) stay out of the mean
+                    n = set_rows_to_trained_mean(w, todo, [*rows[label], *(used_rows[0] if used_rows else ())])
                     _sync_trainable_tokens(module, todo)
                     lines.append(f"fixed: {label} rows {_short(todo)} set to the mean of {n} trained rows")
         for line in lines:
@@ -173,7 +200,7 @@ def _counts(counts: dict[int, int], tokenizer: Any) -> str:
 
 def _cannot_train(tables, rows, used) -> list[str]:
     out = []
-    for label, module, w, trainable_ids, all_trainable in tables:
+    for label, module, w, trainable_ids, all_trainable, _ in tables:
         stuck = [i for i in rows[label] if i in used and not all_trainable
                  and not (trainable_ids is not None and i in trainable_ids)]
         if not stuck:

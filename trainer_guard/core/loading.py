@@ -165,11 +165,33 @@ def _verify_manifest(path: str, files: list[str], headers: dict) -> int:
     return len(expected)
 
 
-def _plan(model: nn.Module, headers: dict, strict: bool, cast: bool, path: str, result: LoadResult):
+def _converted(model: nn.Module, headers: dict, path: str) -> tuple[set[str], set[str]]:
+    """``(live names, stored names)`` of the tensors a transformers model's ``save_pretrained`` stores under other
+    names (its load-time weight conversions: Mixtral's per-expert weights, a vision-language model's original
+    names), when ``path`` is a checkpoint directory that stores them so; ``(set(), set())`` otherwise."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return set(), set()
+    if not isinstance(model, PreTrainedModel) or not os.path.isdir(path):
+        return set(), set()
+    from .manifest import stored_names
+
+    live, stored = set(), set()
+    for name, t in model.state_dict().items():
+        names = stored_names(model, name, t)
+        if names != {name} and name not in headers and names <= set(headers):
+            live.add(name)
+            stored |= names
+    return live, stored
+
+
+def _plan(model: nn.Module, headers: dict, strict: bool, cast: bool, path: str, result: LoadResult,
+          skip: set[str] = frozenset()):
     tensors, groups = _model_tensors(model)
     plan: list[tuple[str, list[str]]] = []  # (file key, model names sharing that tensor)
     problems: list[str] = []
-    done: set[str] = set()
+    done: set[str] = {m for n in skip for m in groups.get(n, [n])}  # loaded otherwise (converted layout), ties too
     used: set[str] = set()
     for name, t in tensors.items():
         if name in done:
@@ -308,7 +330,10 @@ def load_weights_inplace(
             Parameters on the ``meta`` device (empty-weight init) are materialised on ``device`` (default CPU);
             a Hugging Face model with meta parameters gets ``model.tie_weights()`` first.
         path: a ``.safetensors`` file, or a directory (its ``*.safetensors.index.json`` shards, else every
-            ``*.safetensors`` in it).
+            ``*.safetensors`` in it). A directory that stores some tensors in the layout transformers'
+            ``save_pretrained`` writes for the model's class (its weight conversions: Mixtral's per-expert weights,
+            LLaVA's original names) has those loaded by :func:`trainer_guard.core.conversion.load_converted`, in
+            place, first and all or nothing (the model's tensors must then be real and, with ``device``, on it).
         device: where the tensors end up; ``None`` keeps each on its current device. Each tensor is read on the
             CPU and copied straight into its destination, so a GPU model never needs a second CPU copy.
         verify_manifest: check every tensor's checksum, dtype and shape against the directory's trainer_guard
@@ -335,9 +360,31 @@ def load_weights_inplace(
     result = LoadResult()
     if callable(getattr(model, "tie_weights", None)) and any(p.device.type == "meta" for p in model.parameters()):
         model.tie_weights()  # accelerate.init_empty_weights() re-registers tied parameters as separate meta tensors
-    tensors, plan = _plan(model, headers, strict, cast, path, result)
+    conv_live, conv_stored = _converted(model, headers, path)
+    tensors, plan = _plan(model, {k: v for k, v in headers.items() if k not in conv_stored}, strict, cast, path,
+                          result, skip=conv_live)
+    if conv_live:
+        awkward = sorted(n for n in conv_live if tensors[n].device.type == "meta"
+                         or (device is not None and tensors[n].device != torch.device(device)))
+        if awkward:
+            raise LoadError(
+                f"Cannot load {path} into {type(model).__name__}; nothing was changed: {len(conv_live)} tensors are "
+                f"stored in the layout transformers' save_pretrained writes for this class (weight conversion, "
+                f"e.g. per-expert MoE weights), which load_weights_inplace fills only in place on the tensors' own "
+                f"device, and {', '.join(awkward[:3])}{', ...' if len(awkward) > 3 else ''} are on the meta device "
+                f"or not on {device}: build the model on its final device first, or load it with "
+                f"{type(model).__name__}.from_pretrained({path!r})")
     if verify_manifest:
         result.verified = _verify_manifest(path, files, headers)
+    if conv_live:  # all or nothing on its own; run before any other copy, so a refusal leaves the model unchanged
+        from .conversion import load_converted
+
+        done = load_converted(model, path)
+        if done.problems:
+            raise LoadError(f"Cannot load {path} into {type(model).__name__}; nothing was changed:\n  - "
+                            + "\n  - ".join(done.problems[:_MAX_LISTED]))
+        result.loaded += len(done.loaded)
+        result.bytes += sum(_nbytes(headers[k]) for k in conv_stored)
     by_key = {key: names for key, names in plan}
     files_keys: dict[str, list[str]] = {}
     for key in by_key:
@@ -370,6 +417,14 @@ def load_weights_inplace(
             bar.close()
     result.still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     return result
+
+
+def _nbytes(header: tuple) -> int:
+    _, dtype, shape = header
+    n = 1
+    for d in shape:
+        n *= d
+    return n * (torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1)
 
 
 def _file_order(fp: str) -> list[str]:

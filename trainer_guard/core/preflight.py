@@ -155,13 +155,13 @@ def adapter_preflight(model: nn.Module, optim: str = "adamw_torch") -> Preflight
         return None
     from peft.utils import get_peft_model_state_dict
 
-    cfg = model.peft_config.get(getattr(model, "active_adapter", "default")) if isinstance(
-        getattr(model, "peft_config", None), dict) else None
+    adapter = getattr(model, "active_adapter", "default")  # the adapter the Trainer trains, whatever its name
+    cfg = model.peft_config.get(adapter) if isinstance(getattr(model, "peft_config", None), dict) else None
     lora_on_emb = any(c.how == "target_modules (LoRA)" for c in items)
     tokens = getattr(cfg, "trainable_token_indices", None) is not None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sd = get_peft_model_state_dict(model, save_embedding_layers=lora_on_emb and not tokens)
+        sd = get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=lora_on_emb and not tokens)
     sizes = {k: v.numel() * v.element_size() for k, v in sd.items()}
     for c in items:
         c.adapter_bytes = sum(b for k, b in sizes.items() if k.startswith(c.module + "."))

@@ -38,15 +38,26 @@ _ROW_BLOCK = 4096
 
 
 @torch.no_grad()
-def untrained_rows(weight: torch.Tensor, rtol: float = 1e-3, atol: float = 0.0) -> list[int]:
+def untrained_rows(weight: torch.Tensor, rtol: float = 1e-3, atol: float = 0.0,
+                   overrides: tuple[Sequence[int], torch.Tensor] | None = None) -> list[int]:
     """Indices of rows whose max ``|w|`` is at most ``max(atol, rtol * median row max |w|)``.
 
-    Computed in blocks of rows, so a 128K x 4K matrix never needs a second full-size temporary.
+    Computed in blocks of rows, so a 128K x 4K matrix never needs a second full-size temporary. ``overrides``:
+    ``(ids, rows)``, the rows the model really uses for ``ids`` instead of ``weight``'s (PEFT trainable tokens keep
+    the trained values of their rows in a separate tensor and leave the base rows as they were).
+
+    Example:
+        >>> w = torch.randn(6, 4); w[[2, 5]] = 0
+        >>> untrained_rows(w, overrides=([5], torch.ones(1, 4)))
+        [2]
     """
     if weight.dim() != 2 or weight.shape[0] == 0 or weight.device.type == "meta":
         return []
     peaks = torch.cat([weight[a:a + _ROW_BLOCK].detach().abs().amax(dim=1).float().cpu()
                        for a in range(0, weight.shape[0], _ROW_BLOCK)])
+    if overrides is not None and len(overrides[0]):
+        ids, rows = overrides
+        peaks[torch.as_tensor(list(ids), dtype=torch.long)] = rows.detach().abs().amax(dim=1).float().cpu()
     threshold = max(atol, rtol * float(peaks.median()))
     return torch.nonzero(peaks <= threshold).flatten().tolist()
 

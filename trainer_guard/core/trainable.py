@@ -49,6 +49,7 @@ __all__ = [
     "compare_records",
     "describe_changes",
     "layout_problems",
+    "hyperparameter_changes",
     "frozen_adapter_params",
     "describe_frozen_adapter",
     "is_no_decay",
@@ -57,6 +58,8 @@ __all__ = [
     "saved_group_sizes",
     "add_to_trainer_groups",
     "add_modules_to_save",
+    "adapter_dir",
+    "adapter_load_gaps",
     "adapter_config_problems",
     "read_adapter_config",
     "count_table",
@@ -254,7 +257,9 @@ def describe_changes(changes: Iterable[Change], where: str) -> list[str]:
 
 
 def layout_problems(then: list[Mapping[str, Any]], now: list[Mapping[str, Any]], where: str) -> list[str]:
-    """Differences between two optimizer layouts (group count, members, LR, weight decay), one line each."""
+    """Differences between two optimizer layouts in group count and members (which parameters, in which order),
+    one line each. LR / weight-decay differences of groups with the same members are :func:`hyperparameter_changes`:
+    they do not stop a resume (the Trainer restores the checkpoint's values with ``optimizer.pt``)."""
     if len(then) != len(now):
         return [f"optimizer has {len(now)} parameter groups now, {len(then)} in {where}"]
     problems = []
@@ -268,11 +273,24 @@ def layout_problems(then: list[Mapping[str, Any]], now: list[Mapping[str, Any]],
                 "same parameters in a different order" if not gone and not new else "") if s)
             problems.append(f"optimizer group {i} (lr {b['lr']:g}): {len(b['params'])} params ({b['numel']:,}) now, "
                             f"{len(a['params'])} ({a['numel']:,}) in {where}; {detail}")
-        elif ((a["lr"] != b["lr"] and a.get("lr_scheduled") and b.get("lr_scheduled"))
-              or a["weight_decay"] != b["weight_decay"]):
-            problems.append(f"optimizer group {i}: lr {b['lr']:g}, weight_decay {b['weight_decay']:g} now; "
-                            f"lr {a['lr']:g}, weight_decay {a['weight_decay']:g} in {where}")
     return problems
+
+
+def hyperparameter_changes(then: list[Mapping[str, Any]], now: list[Mapping[str, Any]], where: str) -> list[str]:
+    """Groups holding the same parameters with another LR (both scheduled) or weight decay now, one line each.
+
+    Example:
+        >>> g = {"lr": 1e-2, "lr_scheduled": True, "weight_decay": 0.0, "params": ["w"], "numel": 4}
+        >>> hyperparameter_changes([g], [dict(g, lr=5e-3)], "checkpoint-4")
+        ['optimizer group 0: lr 0.005, weight_decay 0 now; lr 0.01, weight_decay 0 in checkpoint-4']
+    """
+    if len(then) != len(now):
+        return []
+    return [f"optimizer group {i}: lr {b['lr']:g}, weight_decay {b['weight_decay']:g} now; "
+            f"lr {a['lr']:g}, weight_decay {a['weight_decay']:g} in {where}"
+            for i, (a, b) in enumerate(zip(then, now))
+            if a["params"] == b["params"] and ((a["lr"] != b["lr"] and a.get("lr_scheduled") and b.get("lr_scheduled"))
+                                               or a["weight_decay"] != b["weight_decay"])]
 
 
 def frozen_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -326,6 +344,16 @@ def is_no_decay(name: str) -> bool:
     return _NO_DECAY.search(name) is not None
 
 
+def adapter_dir(model: nn.Module, source: str | os.PathLike | None) -> str | None:
+    """The directory holding the files of ``model``'s active adapter inside ``source``: PEFT (and so the Trainer's
+    checkpoints) saves an adapter not named ``"default"`` in ``source/<name>/``, and resumes it from there."""
+    if not source:
+        return None
+    name = getattr(model, "active_adapter", None)
+    sub = os.path.join(os.fspath(source), name) if isinstance(name, str) and name != "default" else None
+    return sub if sub and os.path.isfile(os.path.join(sub, ADAPTER_CONFIG_FILE)) else os.fspath(source)
+
+
 def missing_copies(model: nn.Module, recorded: Mapping[str, Any] | None, saved_config: Mapping[str, Any] | None,
                    source: str | os.PathLike | None) -> tuple[list[str], list[str]]:
     """Modules that trained as ``modules_to_save`` copies (per ``recorded`` or a saved adapter config) and have no
@@ -346,7 +374,7 @@ def missing_copies(model: nn.Module, recorded: Mapping[str, Any] | None, saved_c
     wanted -= has_copy
     if not wanted:
         return [], []
-    path = os.path.join(os.fspath(source), "adapter_model.safetensors") if source else None
+    path = os.path.join(adapter_dir(model, source), "adapter_model.safetensors") if source else None
     keys: set[str] = set()
     if path and os.path.isfile(path):
         from safetensors import safe_open
@@ -358,6 +386,41 @@ def missing_copies(model: nn.Module, recorded: Mapping[str, Any] | None, saved_c
     bad = sorted(wanted - set(ok))
     problems = [f"{_compress(bad)}: no trained copy in {path or 'the source'} to restore"] if bad else []
     return ok, problems
+
+
+def adapter_load_gaps(model: nn.Module, source: str | os.PathLike | None) -> list[str]:
+    """Modules (canonical paths) whose PEFT wrapper in ``model`` (a ``modules_to_save`` copy, trainable tokens) the
+    active adapter needs from ``source/adapter_model.safetensors`` and finds no tensor for there.
+
+    ``PeftModel.load_adapter`` (the Trainer's resume) raises a bare ``KeyError`` on such a wrapper, whatever its
+    ``requires_grad``: it cannot load a checkpoint saved before the wrapper was added. Empty when ``model`` is not a
+    PeftModel or ``source`` holds no safetensors adapter file.
+    """
+    if not isinstance(getattr(model, "peft_config", None), Mapping) or not source:
+        return []
+    path = os.path.join(adapter_dir(model, source), "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return []
+    from safetensors import safe_open
+
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # pragma: no cover
+        return []
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+    adapter = getattr(model, "active_adapter", "default")
+    gaps = []
+    for name, module in model.named_modules():
+        if not isinstance(module, AuxiliaryTrainingWrapper):
+            continue
+        try:
+            wanted = [f"{name}.{k}" for k in module.adapter_state_dict_load_map(adapter)]
+        except Exception:  # another PEFT version's wrapper: no verdict
+            continue
+        if wanted and not any(k in keys for k in wanted):
+            gaps.append(canonical_name(name))
+    return sorted(gaps)
 
 
 def add_modules_to_save(model: nn.Module, modules: list[str], source: str | os.PathLike) -> None:
@@ -373,7 +436,7 @@ def add_modules_to_save(model: nn.Module, modules: list[str], source: str | os.P
     cfg.modules_to_save = sorted(set(cfg.modules_to_save or []) | set(modules))
     set_additional_trainable_modules(model=model.base_model, peft_config=cfg,
                                      model_config=BaseTuner.get_model_config(model), adapter_name=name)
-    with safe_open(os.path.join(os.fspath(source), "adapter_model.safetensors"), framework="pt") as f:
+    with safe_open(os.path.join(adapter_dir(model, source), "adapter_model.safetensors"), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys() if module_of(k) in set(modules)}
     set_peft_model_state_dict(model, state, adapter_name=name)
 
@@ -538,7 +601,7 @@ def continuation_problems(model: nn.Module, source: str | os.PathLike | None,
         if optimizer is not None and recorded.get("optimizer") is not None:
             problems += layout_problems(recorded["optimizer"], optimizer_layout(optimizer, model), where)
     elif source:
-        saved = read_adapter_config(source)
+        saved = read_adapter_config(adapter_dir(model, source))
         problems += adapter_config_problems(saved, model, where) if saved else []
         sizes = saved_group_sizes(source) if optimizer is not None else None
         now = [len(g["params"]) for g in optimizer.param_groups] if optimizer is not None else None

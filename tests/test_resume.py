@@ -345,6 +345,31 @@ def test_case2_fresh_run_from_adapter_dir(tmp_path, kind):
     assert steps.steps == 0
 
 
+class _Interrupt(TrainerCallback):
+    """Stops the first train() call at its first step, as an exception or Ctrl-C does (no on_train_end)."""
+
+    def __init__(self):
+        self.fired = False
+
+    def on_step_begin(self, args, state, control, **kw):
+        if not self.fired:
+            self.fired = True
+            raise RuntimeError("interrupted")
+
+
+def test_unwired_check_runs_again_after_an_interrupted_train(tmp_path):
+    adapter = tmp_path / "adapter"
+    tiny_lora(tiny_model("llama-untied"), modules_to_save=MTS).save_pretrained(adapter)
+    g = ResumeGuard(adapter_dir=str(adapter), mode="warn")
+    trainer, steps = second_trainer(tmp_path, _defaults_then_weights(adapter, "llama-untied"), g, _Interrupt(),
+                                    max_steps=2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        trainer.train()
+    trainer.train()  # the same Trainer again, not wired: train begin checks again (nothing reset it before)
+    said = [ev for ev in g.report() if "8,192 params trainable in adapter (modules_to_save), frozen now" in ev]
+    assert len(said) == 2, g.report()
+
+
 def test_case2_fix_restores_copies_from_adapter_dir(tmp_path):
     adapter = tmp_path / "adapter"
     trained = tiny_lora(tiny_model("llama-untied"), modules_to_save=MTS)

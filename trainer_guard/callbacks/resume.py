@@ -203,6 +203,9 @@ class ResumeGuard(Guard):
         continued = bool(state.global_step) or self._source(model) is not None  # R3: check the count after a reload
         self.note("trainable parameters at train begin:\n" + count_table(trainable_record(model)),
                   "warning" if continued else "info")
+        # Every check of this train() call ran by now (the wired ones come before train begin). Forget it, so the
+        # next train() checks again even when this one ends without on_train_end (an exception, Ctrl-C).
+        self.checked, self._warned = None, set()
 
     def on_train_end(self, args, state, control, **kwargs: Any):
         self.checked, self._warned = None, set()

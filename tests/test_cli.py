@@ -1,7 +1,12 @@
 """The trainer-guard CLI: demo runs end to end offline; user errors exit non-zero without a traceback."""
 
+import io
+import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from trainer_guard.cli import main
 
@@ -53,3 +58,75 @@ def test_demo_output_dir_that_is_a_file(tmp_path, capsys):
                                       f"(new or existing)\n"
     assert main(["demo", "--steps", "1"]) == 2
     assert "--steps 1: the demo needs at least 2 steps" in capsys.readouterr().err
+
+
+def _two_different_dirs(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    for name, value in (("a", 0.0), ("b", 1.0)):
+        (tmp_path / name).mkdir()
+        save_file({f"m.layers.{i}.w": torch.full((4,), value) for i in range(400)}, tmp_path / name / "model.safetensors")
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_json_callers_get_json_on_a_bad_command_line(capsys):
+    """`--json` promises one JSON object on stdout, also when argparse rejects the command line."""
+    for argv, says in ((["doctor", "--json"], "required: path"), (["diff", "only-a", "--json"], "required: B")):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        report = json.loads(out)
+        assert (report["status"], report["exit_code"]) == ("unusable", 2) and says in report["error"]
+        assert "usage: trainer-guard" in err and says in err
+    assert main(["doctor"]) == 2  # without --json: usage and message on stderr only
+    out, err = capsys.readouterr()
+    assert out == "" and "required: path" in err
+
+
+def test_reader_that_leaves_keeps_the_verdict(tmp_path):
+    """`trainer-guard diff A B | head -1`: the exit code is still "different", not the 0 of "identical"."""
+    a, b = _two_different_dirs(tmp_path)
+    p = subprocess.Popen([sys.executable, "-m", "trainer_guard.cli", "diff", str(a), str(b), "--tensors", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the report is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 1, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_unwritable_stdout_is_a_message(tmp_path):
+    a, b = _two_different_dirs(tmp_path)
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "trainer_guard.cli", "doctor", str(a), "--no-manifest-ok"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == ("trainer-guard doctor: error: cannot write the report to standard output: No space left on "
+                        "device\n")
+
+
+def test_names_the_terminal_cannot_encode_are_escaped(tmp_path, monkeypatch):
+    """A non-ASCII checkpoint path on an ASCII terminal (PYTHONIOENCODING=ascii, LANG=C on old systems)."""
+    a, _ = _two_different_dirs(tmp_path)
+    d = tmp_path / "modèle"
+    a.rename(d)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["doctor", str(d), "--no-manifest-ok"]) == 0
+    stdout.flush()
+    assert f"trainer-guard doctor: {tmp_path}/mod\\xe8le".encode() in stdout.buffer.getvalue()
+
+
+def test_ctrl_c_before_the_command_runs(monkeypatch, capsys):
+    import trainer_guard.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_available", interrupted)
+    try:
+        code = main(["doctor", "x"])
+    except KeyboardInterrupt:  # would end this pytest session too
+        pytest.fail("KeyboardInterrupt escaped main(): the user sees a traceback")
+    assert code == 130
+    assert capsys.readouterr().err == "trainer-guard: interrupted\n"

@@ -1,5 +1,6 @@
 """YAML config: default file builds every guard; invalid files raise ONE error listing every problem."""
 
+import os
 import textwrap
 
 import pytest
@@ -176,3 +177,74 @@ def test_undecodable_file_is_a_config_error(tmp_path):
         callbacks_from_yaml(p)
     with pytest.raises(ConfigError, match="is a directory"):
         callbacks_from_yaml(tmp_path)
+
+
+def test_a_key_given_twice_is_an_error_not_silently_the_last(tmp_path):
+    """YAML keeps the last of two equal keys: a second `integrity:` block would silently drop the first one."""
+    path = _yaml(tmp_path, """
+        integrity:
+          verify: readback
+        dtype:
+          mode: raise
+          mode: warn
+        integrity:
+          enabled: true
+    """)
+    with pytest.raises(ConfigError) as e:
+        callbacks_from_yaml(path)
+    assert str(e.value) == (f"config file {path!r}: key 'integrity' is given twice (lines 2 and 7); YAML would keep "
+                            f"only the last one: merge them into one entry")
+    with pytest.raises(ConfigError, match=r"key 'mode' is given twice \(lines 3 and 4\)"):
+        callbacks_from_yaml(_yaml(tmp_path, """
+            dtype:
+              mode: raise
+              mode: warn
+        """))
+    # anchors and merge keys that override on purpose are not duplicates
+    ok = _yaml(tmp_path, """
+        base: &b {mode: warn}
+    """)
+    with pytest.raises(ConfigError, match="unknown guard 'base'"):
+        callbacks_from_yaml(ok)
+    assert trainer_guard.config.load_config(_yaml(tmp_path, """
+        dtype: &d
+          mode: warn
+        head:
+          <<: *d
+          mode: raise
+    """)) == {"dtype": {"mode": "warn"}, "head": {"mode": "raise"}}
+
+
+def test_typos_get_a_suggestion(tmp_path):
+    path = _yaml(tmp_path, """
+        tied_weight:
+          fix_config: true
+        integrity:
+          verfy: readback
+          enable: false
+    """)
+    with pytest.raises(ConfigError) as e:
+        callbacks_from_yaml(path)
+    assert str(e.value) == (
+        f"Invalid trainer_guard config {path!r}:\n"
+        f"  - unknown guard 'tied_weight' (did you mean 'tied_weights'?); valid guards: {', '.join(GUARDS)}\n"
+        "  - integrity: unknown option 'verfy' (did you mean 'verify'?); valid options: backend, check_resume, "
+        "repair_load, verify\n"
+        "  - integrity: unknown option 'enable' (did you mean 'enabled'?); valid options: backend, check_resume, "
+        "repair_load, verify"
+    )
+    with pytest.raises(ConfigError, match=r"unknown option 'fix_confg' \(did you mean 'fix_config'\?\)"):
+        callbacks_from_dict({"tied_weights": True}, tied_weights={"fix_confg": False})
+
+
+def test_unreadable_and_pathological_files_are_config_errors(tmp_path):
+    loop = tmp_path / "loop.yaml"
+    os.symlink(loop, loop)
+    with pytest.raises(ConfigError, match=r"config file '.*loop.yaml' cannot be read: Too many levels of symbolic"):
+        callbacks_from_yaml(loop)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"cannot be read: Not a directory"):
+        callbacks_from_yaml(tmp_path / "afile" / "x.yaml")
+    deep = _yaml(tmp_path, "tied_weights: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(ConfigError, match="its YAML is nested too deeply"):
+        callbacks_from_yaml(deep)

@@ -153,3 +153,69 @@ def test_backwards_steps_and_a_stray_shard(run_dir, tmp_path, capsys):
     shutil.copy(a / "model.safetensors", a / "model-2.safetensors")  # a copy the manifest does not list
     rc, _, err = cli(capsys, a, run_dir / "checkpoint-4")  # the manifest no longer answers: the files do
     assert rc == 2 and "is stored twice: in " in err and "model-2.safetensors" in err, err
+
+
+def _with_manifest(src, dst, *, step, tensors_of=None):
+    """A copy of checkpoint ``src`` with a manifest describing ``tensors_of``'s weights (default: its own)."""
+    manifest = pytest.importorskip("trainer_guard.core.manifest")
+    shutil.copytree(src, dst)
+    tensors = load_file((tensors_of or dst) / "model.safetensors")
+    manifest.write_manifest(dst, manifest.build_manifest(tensors, global_step=step, tie_groups=[], directory=dst))
+    return dst
+
+
+def test_a_manifest_copied_from_another_checkpoint_never_says_identical(run_dir, tmp_path, capsys):
+    """checkpoint-4 holding checkpoint-2's manifest (same size, written after the files): trainer_state.json says
+    step 4, the manifest step 2; the files answer, and they differ."""
+    a = _with_manifest(run_dir / "checkpoint-2", tmp_path / "a", step=2)
+    b = _with_manifest(run_dir / "checkpoint-4", tmp_path / "b", step=2, tensors_of=a)
+    report = diff(a, b)
+    assert report["b"]["source"] == "files" and not report["identical"]
+    assert report["counts"] == {"same": 1, "changed": 20, "only_a": 0, "only_b": 0}
+    rc, _, err = cli(capsys, a, b, "--source", "manifest")
+    assert rc == 2 and "it is for step 2 but trainer_state.json says step 4: copied from another checkpoint" in err
+
+
+def test_an_edited_manifest_never_answers_for_the_files(run_dir, tmp_path, capsys):
+    a = _with_manifest(run_dir / "checkpoint-4", tmp_path / "a", step=4)
+    b = _with_manifest(run_dir / "checkpoint-4", tmp_path / "b", step=4)
+    m = json.loads((b / "trainer_guard_manifest.json").read_text())
+    m["tensors"]["model.norm.weight"]["checksum"] = "0" * 16  # the fingerprint no longer matches
+    (b / "trainer_guard_manifest.json").write_text(json.dumps(m))
+    report = diff(a, b)
+    assert report["identical"] and (report["a"]["source"], report["b"]["source"]) == ("files", "files")
+    rc, _, err = cli(capsys, a, b, "--source", "manifest")
+    assert rc == 2 and "its fingerprint does not match its own tensor entries: it was edited or corrupted" in err
+    m["tensors"]["model.norm.weight"]["checksum"] = "1" * 40  # not even a 64-bit number
+    (b / "trainer_guard_manifest.json").write_text(json.dumps(m))
+    assert diff(a, b)["identical"]
+
+
+def test_pathological_json_is_a_message_not_a_traceback(run_dir, tmp_path, capsys):
+    import struct
+
+    deep = "[" * 100_000 + "]" * 100_000
+    a = shutil.copytree(run_dir / "checkpoint-4", tmp_path / "a")
+    (a / "trainer_state.json").write_text('{"global_step": 1e400}')  # inf: no step, not an OverflowError
+    assert diff(a, run_dir / "checkpoint-4")["a"]["global_step"] is None
+    (a / "model.safetensors.index.json").write_text(deep)
+    rc, _, err = cli(capsys, a, run_dir / "checkpoint-4")
+    assert rc == 2 and err == (f"trainer-guard diff: error: {a / 'model.safetensors.index.json'}: unreadable index "
+                               f"(JSON nested too deeply); fix or delete it\n")
+    (a / "model.safetensors.index.json").unlink()
+    (a / "trainer_guard_manifest.json").write_text(deep)
+    rc, _, err = cli(capsys, a, run_dir / "checkpoint-4")
+    assert rc == 2 and "trainer_guard_manifest.json: malformed manifest (JSON nested too deeply)" in err
+    (a / "trainer_guard_manifest.json").unlink()
+    header = deep.encode()
+    (a / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    rc, _, err = cli(capsys, a, run_dir / "checkpoint-4")
+    assert rc == 2 and err == (f"trainer-guard diff: error: {a / 'model.safetensors'}: header is not valid JSON "
+                               f"(nested too deeply); not a safetensors file, or corrupted; re-save or re-download it\n")
+
+
+def test_a_trainer_output_dir_names_its_checkpoints(run_dir, capsys):
+    rc, _, err = cli(capsys, run_dir, run_dir / "single")
+    assert rc == 2 and err == (f"trainer-guard diff: error: {run_dir}: no *.safetensors file and no "
+                               f"trainer_guard_manifest.json; nothing to compare (it holds checkpoint-2, checkpoint-4: "
+                               f"pass one of those)\n")

@@ -374,3 +374,90 @@ def test_diff_compares_every_adapter_sub_directory(tmp_path, capsys):
     (other / MANIFEST_FILE).write_text('{"format": "other"}')  # a stray file where no weights are: not a part
     for extra in ([], ["--source", "files"]):
         assert main(["diff", str(ckpt), str(other), *extra]) == 1, capsys.readouterr().err
+
+_DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON nested deeper than Python's parser goes
+
+
+@pytest.mark.parametrize("name, says", [
+    ("config.json", "[input] config.json: unreadable (JSON nested too deeply)"),
+    ("trainer_state.json", "[manifest] trainer_state.json: unreadable (JSON nested too deeply)"),
+    ("trainer_guard_ties.json", "[ties] trainer_guard_ties.json: unreadable (JSON nested too deeply)"),
+    ("model.safetensors.index.json", "[files] model.safetensors.index.json: unreadable (JSON nested too deeply)"),
+    (MANIFEST_FILE, f"[manifest] {MANIFEST_FILE}: malformed manifest (JSON nested too deeply); delete it or re-save "
+                    f"the checkpoint"),
+])
+def test_json_nested_too_deeply_is_named_not_a_recursion_error(ckpt, capsys, name, says):
+    (ckpt / name).write_text(_DEEP)
+    assert main(["doctor", str(ckpt)]) == 2
+    out = capsys.readouterr().out
+    assert f"!! {says}" in out and "head check could not run" not in out
+
+
+def test_safetensors_header_nested_too_deeply(tmp_path, capsys):
+    import struct
+
+    header = _DEEP.encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    code, rep = _doctor(tmp_path, "--no-manifest-ok", capsys=capsys)
+    assert code == 2 and _messages(rep, "unusable") == [
+        "model.safetensors: header is not valid JSON (nested too deeply); not a safetensors file, or corrupted"]
+
+
+@pytest.mark.parametrize("checksum, shape, says", [
+    ("1" * 40, None, "must be an unsigned 64-bit int"),  # a checksum no 64-bit algorithm wrote
+    ("-1", None, "must be an unsigned 64-bit int"),
+    (None, "[1e400]", "a number out of range"),  # json reads 1e400 as inf
+])
+def test_manifest_numbers_out_of_range_are_a_report_not_an_exception(ckpt, capsys, checksum, shape, says):
+    text = (ckpt / MANIFEST_FILE).read_text()
+    m = json.loads(text)
+    entry = m["tensors"]["model.norm.weight"]
+    if checksum is not None:
+        entry["checksum"] = checksum
+        text = json.dumps(m)
+    else:
+        entry["shape"] = "SHAPE"
+        text = json.dumps(m).replace('"SHAPE"', shape)
+    (ckpt / MANIFEST_FILE).write_text(text)
+    rep = diagnose(ckpt)  # documented never to raise for bad input
+    assert rep.exit_code == 2
+    (msg,) = [f.message for f in rep.unusable]
+    assert msg.startswith(f"{MANIFEST_FILE}: malformed manifest (") and says in msg
+    code, out = _doctor(ckpt, capsys=capsys)  # --json: the full report, not the bare error object
+    assert code == 2 and out["path"] == str(ckpt) and out["unusable"][0]["message"] == msg
+
+
+def test_index_with_a_null_weight_map_is_named(tmp_path, capsys):
+    tiny_model("llama-untied").save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": null}')
+    code, rep = _doctor(tmp_path, "--no-manifest-ok", capsys=capsys)
+    assert code == 2 and _messages(rep, "unusable") == [
+        "model.safetensors.index.json: 'weight_map' is not a mapping of tensor names to files"]
+
+
+def test_unreadable_config_is_named_once(tmp_path, capsys):
+    tiny_model("llama-untied").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("not json")
+    code, rep = _doctor(tmp_path, "--no-manifest-ok", capsys=capsys)
+    assert code == 2 and _messages(rep, "unusable") == [
+        "config.json: unreadable (Expecting value: line 1 column 1 (char 0))"]  # not again, unnamed, by the head check
+
+
+@pytest.mark.parametrize("value", ['"embed_tokens"', "[1]", "[null]", "5"])
+def test_malformed_modules_to_save_is_named(runs, tmp_path, capsys, value):
+    ck = shutil.copytree(runs / "lora" / "checkpoint-2", tmp_path / "c")
+    cfg = json.loads((ck / "adapter_config.json").read_text())
+    cfg["modules_to_save"] = json.loads(value)
+    (ck / "adapter_config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    code, rep = _doctor(ck, capsys=capsys)
+    assert code == 2 and rep["problems"] == []  # not one "problem" per character of a string
+    assert _messages(rep, "unusable") == [f"adapter_config.json: 'modules_to_save' is {json.loads(value)!r}, expected "
+                                          f"a list of module names (or null); fix or re-save the adapter"]
+
+
+def test_a_trainer_output_dir_names_its_checkpoints(runs, capsys):
+    code, rep = _doctor(runs / "llama", capsys=capsys)
+    assert code == 2 and _messages(rep, "unusable")[0] == (
+        f"{runs / 'llama'}: no *.safetensors weights in this directory (it holds checkpoint-2, checkpoint-4: pass one "
+        f"of those)")

@@ -1,6 +1,8 @@
 """The ``trainer-guard`` command: ``demo``, ``doctor``, ``diff``.
 
-A user error (bad path, foreign file, invalid config) prints one message and exits non-zero, never a traceback.
+A user error (bad path, foreign file, invalid config, bad option) prints one message and exits non-zero, never a
+traceback; with ``--json`` (doctor, diff) stdout gets one JSON object then too. Ctrl-C exits 130; a reader that
+goes away (``| head``) ends the output quietly, the exit code stays the verdict.
 
 Example:
     $ trainer-guard demo
@@ -15,9 +17,9 @@ import json
 import os
 import sys
 
-from .errors import TrainerGuardError
+from .errors import TrainerGuardError, UsageError
 
-__all__ = ["main"]
+__all__ = ["main", "emit"]
 
 # Subcommand -> module; each module defines ``configure(parser)`` and ``run(args) -> int``. A fixed table:
 # nothing a user types is imported.
@@ -26,6 +28,20 @@ COMMANDS = {
     "doctor": ("trainer_guard.doctor", "check a checkpoint or model directory on CPU"),
     "diff": ("trainer_guard.diff", "compare two checkpoint or model directories tensor by tensor"),
 }
+JSON_COMMANDS = ("doctor", "diff")  # the subcommands with --json
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+
+class _ArgumentError(Exception):
+    """A command line argparse rejected (its usage line is already on stderr)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting on a bad command line, so ``--json`` callers still get JSON."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.print_usage(sys.stderr)
+        raise _ArgumentError(f"{self.prog}: error: {message}")
 
 
 def _available() -> dict[str, object]:
@@ -39,30 +55,88 @@ def _available() -> dict[str, object]:
     return mods
 
 
-def main(argv: list[str] | None = None) -> int:
-    mods = _available()
-    parser = argparse.ArgumentParser(prog="trainer-guard", description="Guards for Hugging Face Trainer runs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, mod in mods.items():
-        p = sub.add_parser(name, help=COMMANDS[name][1], description=COMMANDS[name][1])
-        mod.configure(p)
-    args = parser.parse_args(argv)
+def _drop_stdout() -> None:
+    """Send whatever is still to be written to stdout (now or at exit) to /dev/null: its reader is gone."""
     try:
-        return int(mods[args.command].run(args) or 0)
-    except (TrainerGuardError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            PermissionError) as e:
-        print(f"trainer-guard {args.command}: error: {e}", file=sys.stderr)
-        if getattr(args, "json", False):  # --json callers parse stdout: they get an object there too
-            print(json.dumps({"status": "unusable", "exit_code": 2, "error": str(e)}, indent=2))
-        return 2
-    except BrokenPipeError:  # output piped into `head` and the reader left: not an error of ours
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (AttributeError, OSError, ValueError):  # not a real file (captured, replaced): swap the object
         try:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
-        return 0
+
+
+def emit(text: str) -> None:
+    """Print ``text`` and a newline to stdout, flushed.
+
+    A reader that went away (``trainer-guard doctor X | head -1``) is not an error: the rest of the output is
+    dropped and the caller's exit code stands. Any other failure to write (a full disk) raises
+    :class:`~trainer_guard.errors.UsageError` naming it.
+    """
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _drop_stdout()
+    except OSError as e:
+        _drop_stdout()
+        raise UsageError(f"cannot write the report to standard output: {e.strerror or e}") from None
+
+
+def _tolerant_output() -> None:
+    """Paths with characters the terminal's encoding lacks (non-UTF-8 file names, ``PYTHONIOENCODING=ascii``)
+    print escaped instead of raising ``UnicodeEncodeError`` halfway through a report."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # pragma: no cover - a stream that cannot be reconfigured
+                pass
+
+
+def _wants_json(argv: list[str]) -> bool:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    return command in JSON_COMMANDS and any(a == "--json" or (len(a) > 3 and "--json".startswith(a)) for a in argv)
+
+
+def _error_json(message: str) -> None:
+    try:
+        emit(json.dumps({"status": "unusable", "exit_code": 2, "error": message}, indent=2))
+    except UsageError:  # stdout itself is what failed: the message is on stderr
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _tolerant_output()
+    command, args = "trainer-guard", None
+    try:
+        mods = _available()
+        parser = _Parser(prog="trainer-guard", description="Guards for Hugging Face Trainer runs.")
+        sub = parser.add_subparsers(dest="command", required=True)
+        for name, mod in mods.items():
+            p = sub.add_parser(name, help=COMMANDS[name][1], description=COMMANDS[name][1])
+            mod.configure(p)
+        try:
+            args = parser.parse_args(argv)
+        except _ArgumentError as e:
+            print(e, file=sys.stderr)
+            if _wants_json(argv):
+                _error_json(str(e))
+            return 2
+        command = f"trainer-guard {args.command}"
+        return int(mods[args.command].run(args) or 0)
+    except BrokenPipeError:  # output piped into `head` and the reader left before the command could say more
+        _drop_stdout()
+        return SIGPIPE_EXIT
+    except (TrainerGuardError, OSError) as e:
+        print(f"{command}: error: {e}", file=sys.stderr)
+        if getattr(args, "json", False):  # --json callers parse stdout: they get an object there too
+            _error_json(str(e))
+        return 2
     except KeyboardInterrupt:
-        print(f"trainer-guard {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
 
 

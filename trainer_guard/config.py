@@ -13,13 +13,14 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import yaml
 
-from .callbacks.base import coerce_options
+from .callbacks.base import coerce_options, option_schema
 from .errors import ConfigError
 
 __all__ = ["callbacks_from_yaml", "callbacks_from_dict", "validate_config", "load_config", "default_config_path"]
@@ -31,8 +32,14 @@ def _guards() -> dict[str, type]:
     return GUARDS
 
 
+def _did_you_mean(name: Any, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a mistyped ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6) if isinstance(name, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def validate_config(cfg: Any) -> list[str]:
-    """Every problem in config mapping ``cfg`` (empty list when valid)."""
+    """Every problem in config mapping ``cfg`` (empty list when valid); a mistyped name gets a suggestion."""
     from .callbacks.base import option_problems
 
     guards = _guards()
@@ -44,7 +51,7 @@ def validate_config(cfg: Any) -> list[str]:
     problems = []
     for name, opts in cfg.items():
         if name not in guards:
-            problems.append(f"unknown guard {name!r}; valid guards: {valid}")
+            problems.append(f"unknown guard {name!r}{_did_you_mean(name, list(guards))}; valid guards: {valid}")
             continue
         if isinstance(opts, bool) or opts is None:
             continue
@@ -55,22 +62,67 @@ def validate_config(cfg: Any) -> list[str]:
         enabled = opts.pop("enabled", True)
         if not isinstance(enabled, bool):
             problems.append(f"{name}.enabled: got {enabled!r} ({type(enabled).__name__}); expected true or false")
+        schema = sorted(option_schema(guards[name]))
+        for key in [k for k in opts if k not in schema]:  # reported here, with a suggestion for a typo
+            del opts[key]
+            problems.append(f"{name}: unknown option {key!r}{_did_you_mean(key, schema + ['enabled'])}; valid "
+                            f"options: {', '.join(schema) or '(none)'}")
         problems.extend(option_problems(guards[name], opts, name))
     return problems
 
 
 def load_config(path: str | os.PathLike) -> dict:
-    """Read a YAML config with ``yaml.safe_load`` (no validation)."""
+    """Read a YAML config with ``yaml.safe_load`` (no validation of the guards and options).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, not YAML, or gives one key twice in a mapping (YAML would
+            silently keep the last one: a guard configured twice, an option that does not apply).
+    """
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f) or {}
+            cfg = yaml.safe_load(f)
+            f.seek(0)
+            duplicate = _duplicate_key(yaml.compose(f, Loader=yaml.SafeLoader))
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a YAML file such as "
                           f"configs/default.yaml") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(path)!r} is not a usable config: its YAML is nested too deeply") from None
     except IsADirectoryError:
         raise ConfigError(f"config path {str(path)!r} is a directory; pass the path of a YAML file") from None
+    except OSError as e:  # permissions, a symlink loop, a path through a file
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    if duplicate:
+        raise ConfigError(f"config file {str(path)!r}: {duplicate}")
+    return cfg or {}
+
+
+def _duplicate_key(root: yaml.Node | None) -> str | None:
+    """The first key given twice in one mapping of a composed YAML document, described with its lines, or None.
+
+    Works on the node graph ``yaml.compose`` builds (nothing is constructed); ``<<`` merge keys, which may be
+    overridden on purpose, are not counted.
+    """
+    todo, seen_nodes = [root] if root is not None else [], set()
+    while todo:
+        node = todo.pop()
+        if id(node) in seen_nodes:  # an alias: the same node again
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    where = first.setdefault((key.tag, key.value), key.start_mark.line + 1)
+                    if where != key.start_mark.line + 1:
+                        return (f"key {key.value!r} is given twice (lines {where} and {key.start_mark.line + 1}); "
+                                f"YAML would keep only the last one: merge them into one entry")
+            todo += [n for pair in reversed(node.value) for n in reversed(pair)]  # document order, outer first
+        elif isinstance(node, yaml.SequenceNode):
+            todo += reversed(node.value)
+    return None
 
 
 def _merge(cfg: dict, overrides: Mapping[str, Any]) -> dict:

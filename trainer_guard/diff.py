@@ -42,24 +42,56 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensors", action="store_true", help="also list every tensor that differs")
 
 
+def _why(e: BaseException) -> str:
+    """What a ``RecursionError`` / ``OverflowError`` from reading a JSON file means, in words."""
+    return "JSON nested too deeply" if isinstance(e, RecursionError) else f"a number out of range: {e}"
+
+
 def _manifest(path: str) -> dict | None:
     if not os.path.isdir(path):
         return None
     try:
-        from .core.manifest import read_manifest
+        from .core.manifest import MANIFEST_FILE, read_manifest
     except ImportError:  # pragma: no cover - manifests come with trainer_guard.core.manifest
         return None
-    return read_manifest(path)
+    try:
+        return read_manifest(path)
+    except (RecursionError, OverflowError) as e:  # JSON nested absurdly deep, a shape of 1e400
+        raise UsageError(f"{os.path.join(path, MANIFEST_FILE)}: malformed manifest ({_why(e)}); "
+                         f"delete it or re-save the checkpoint") from None
+
+
+def _state_file(path: str) -> str | None:
+    """The ``trainer_state.json`` that says which step ``path`` holds: its own, or for a named PEFT adapter saved in
+    ``checkpoint-N/<name>/``, the checkpoint's."""
+    if not os.path.isdir(path):
+        return None
+    state = os.path.join(path, "trainer_state.json")
+    parent = os.path.dirname(os.path.abspath(path))
+    if (not os.path.isfile(state) and os.path.isfile(os.path.join(path, "adapter_config.json"))
+            and re.fullmatch(r"checkpoint-\d+", os.path.basename(parent))):
+        state = os.path.join(parent, "trainer_state.json")
+    return state if os.path.isfile(state) else None
+
+
+def _state_step(path: str) -> int | None:
+    """``global_step`` of the directory's ``trainer_state.json`` (see :func:`_state_file`), ``None`` when it has
+    no readable one."""
+    state = _state_file(path)
+    if state is None:
+        return None
+    try:
+        with open(state, encoding="utf-8") as f:
+            step = json.load(f)["global_step"]
+    except (ValueError, KeyError, TypeError, OSError, RecursionError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _step_of(path: str) -> int | None:
-    state = os.path.join(path, "trainer_state.json") if os.path.isdir(path) else ""
-    if state and os.path.isfile(state):
-        try:
-            with open(state, encoding="utf-8") as f:
-                return int(json.load(f)["global_step"])
-        except (ValueError, KeyError, TypeError, OSError):
-            pass
+    step = _state_step(path)
+    if step is not None:
+        return step
     m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
     return int(m.group(1)) if m else None
 
@@ -115,12 +147,25 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
         raise UsageError(f"{path}: no *.safetensors file, and its trainer_guard_manifest.json cannot stand for the "
                          f"files ({stale}); nothing to compare")
     if not files:
-        raise UsageError(f"{path}: no *.safetensors file and no trainer_guard_manifest.json; nothing to compare "
-                         f"(a checkpoint saved with save_safetensors=False holds only .bin files)")
-    sums = file_checksums(path, progress=progress)
+        from .doctor import checkpoints_in
+
+        hint = (f"(it holds {', '.join(checkpoints_in(path))}: pass one of those)" if checkpoints_in(path) else
+                "(a checkpoint saved with save_safetensors=False holds only .bin files)")
+        raise UsageError(f"{path}: no *.safetensors file and no trainer_guard_manifest.json; nothing to compare {hint}")
     meta = {}
-    for f in files:
-        meta.update(safetensors_entries(f)[1])
+    for f in files:  # headers first: a foreign file is named before any data is read
+        try:
+            meta.update(safetensors_entries(f)[1])
+        except RecursionError:  # JSON nested too deep for the parser
+            raise UsageError(f"{f}: header is not valid JSON (nested too deeply); not a safetensors file, or "
+                             f"corrupted; re-save or re-download it") from None
+    try:
+        sums = file_checksums(path, progress=progress)
+    except RecursionError:  # the headers parsed above: it is the shard index
+        idx = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json")) \
+            if os.path.isdir(path) else []
+        raise UsageError(f"{os.path.join(path, idx[0]) if idx else path}: unreadable index (JSON nested too deeply); "
+                         f"fix or delete it") from None
     tensors = {n: {"checksum": s, "dtype": _ST_TO_TORCH.get(meta[n]["dtype"], meta[n]["dtype"]),
                    "shape": list(meta[n]["shape"])} for n, s in sums.items()}
     return {"path": path, "source": "files", "global_step": step, "algo": CHECKSUM_ALGO, "tensors": tensors}
@@ -145,6 +190,21 @@ def _stale(path: str, manifest: dict[str, Any]) -> str | None:
             return f"{fname} is {os.path.getsize(fp):,} bytes, the manifest recorded {info['size']:,}"
         if written is not None and os.path.getmtime(fp) > written:
             return f"{fname} was written after the manifest"
+    step, state_step = manifest.get("global_step"), _state_step(path)
+    if step is not None and state_step is not None and step != state_step:
+        return f"it is for step {step} but trainer_state.json says step {state_step}: copied from another checkpoint"
+    if manifest.get("algo") == CHECKSUM_ALGO:  # the checks doctor makes: an edited manifest never answers for files
+        from .core.checksum import fingerprint
+        from .core.manifest import entries
+        from .errors import ChecksumError
+
+        try:
+            intact = int(manifest.get("fingerprint", "0"), 16) == fingerprint(
+                {k: e["checksum"] for k, e in entries(manifest).items()})
+        except (ChecksumError, ValueError, TypeError):
+            intact = False
+        if not intact:
+            return "its fingerprint does not match its own tensor entries: it was edited or corrupted"
     return None
 
 
@@ -262,9 +322,7 @@ def format_text(report: Mapping[str, Any], list_tensors: bool = False) -> str:
 
 def run(args: argparse.Namespace) -> int:
     report = diff(args.a, args.b, source=args.source, progress=sys.stderr.isatty())
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_text(report, list_tensors=args.tensors))
+    from .cli import emit
+
+    emit(json.dumps(report, indent=2) if args.json else format_text(report, list_tensors=args.tensors))
     return 0 if report["identical"] else 1

@@ -103,11 +103,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the doctor on ``args.path``; print the report; return the exit code."""
+    from .cli import emit
+
     report = diagnose(args.path, progress=not args.no_progress and not args.json, no_manifest_ok=args.no_manifest_ok)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        print(format_text(report))
+    emit(json.dumps(report.to_json(), indent=2) if args.json else format_text(report))
     return report.exit_code
 
 
@@ -124,6 +123,14 @@ def _read_json(path: str, report: Report, what: str) -> dict | None:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         report.unusable.append(Finding(what, f"{os.path.basename(path)}: unreadable ({e})"))
         return None
+    except RecursionError:
+        report.unusable.append(Finding(what, f"{os.path.basename(path)}: unreadable (JSON nested too deeply)"))
+        return None
+
+
+def _why(e: BaseException) -> str:
+    """What a ``RecursionError`` / ``OverflowError`` from reading a JSON file means, in words."""
+    return "JSON nested too deeply" if isinstance(e, RecursionError) else f"a number out of range: {e}"
 
 
 def diagnose(path: str | os.PathLike, *, progress: bool = False, no_manifest_ok: bool = False) -> Report:
@@ -157,7 +164,10 @@ def _diagnose_dir(path: str, report: Report, progress: bool, no_manifest_ok: boo
     config = _read_json(os.path.join(path, "config.json"), report, "input")
     manifest = _check_manifest(path, index, report, progress, no_manifest_ok)
     _check_ties(path, index, config, manifest, report)
-    _check_head(path, report)
+    if config is None and os.path.isfile(os.path.join(path, "config.json")):
+        report.summary["head_check"] = "skipped (config.json unreadable)"  # already named as unusable input
+    else:
+        _check_head(path, report)
     _check_adapter(path, index, report)
     _check_dtypes(index, report)
     report.summary.update({"files": sizes, "tensors": len(index)})
@@ -177,6 +187,8 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
     if not files:
         other = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")) and "model" in f]
         hint = f" (found {', '.join(sorted(other))}: the doctor reads safetensors only)" if other else ""
+        if not hint and checkpoints_in(path):
+            hint = f" (it holds {', '.join(checkpoints_in(path))}: pass one of those)"
         report.unusable.append(Finding("files", f"{path}: no *.safetensors weights in this directory{hint}"))
     index: dict[str, TensorInfo] = {}
     for f in files:
@@ -184,6 +196,8 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
             problem = file_problem(os.path.join(path, f))
         except OSError as e:  # permissions, a vanished file, an I/O error
             problem = f"{f}: unreadable ({e.strerror or e})"
+        except RecursionError:  # a header of JSON nested deeper than the parser goes
+            problem = f"{f}: header is not valid JSON (nested too deeply); not a safetensors file, or corrupted"
         if problem is None:
             try:
                 for k, info in read_index(os.path.join(path, f)).items():
@@ -198,8 +212,8 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
         data = _read_json(os.path.join(path, idx), report, "files") or {}
         by_file: dict[str, list[str]] = {}
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if weight_map is not None and (not isinstance(weight_map, dict)
-                                       or not all(isinstance(v, str) for v in weight_map.values())):
+        if "weight_map" in data and (not isinstance(weight_map, dict)
+                                     or not all(isinstance(v, str) for v in weight_map.values())):
             report.unusable.append(Finding("files", f"{idx}: 'weight_map' is not a mapping of tensor names to files"))
             continue
         for name, shard in (weight_map or {}).items():
@@ -214,6 +228,14 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
     return index, sizes
 
 
+def checkpoints_in(path: str) -> list[str]:
+    """The ``checkpoint-N`` sub-directories of a Trainer's ``output_dir``, by step (what a user meant to pass)."""
+    if not os.path.isdir(path):
+        return []
+    return sorted((d for d in os.listdir(path) if re.fullmatch(r"checkpoint-\d+", d)
+                   and os.path.isdir(os.path.join(path, d))), key=lambda d: int(d.split("-")[1]))
+
+
 def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, progress: bool,
                     no_manifest_ok: bool) -> dict | None:
     from .core.checksum import CHECKSUM_ALGO, file_checksums, fingerprint
@@ -222,6 +244,10 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, pro
         manifest = read_manifest(path)
     except UsageError as e:
         report.unusable.append(Finding("manifest", f"foreign manifest: {e}"))
+        return None
+    except (RecursionError, OverflowError) as e:  # JSON nested absurdly deep, a shape of 1e400
+        report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: malformed manifest ({_why(e)}); "
+                                                   f"delete it or re-save the checkpoint"))
         return None
     if manifest is None:
         msg = f"{MANIFEST_FILE}: missing, so the tensors could not be verified (save with IntegrityGuard to get one)"
@@ -234,7 +260,14 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, pro
         report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: checksum {manifest.get('algo')!r} is not this "
                                                    f"version's {CHECKSUM_ALGO!r}; upgrade trainer_guard to verify it"))
         return manifest
-    if int(manifest.get("fingerprint", "0"), 16) != fingerprint({k: e["checksum"] for k, e in recorded.items()}):
+    try:
+        intact = int(manifest.get("fingerprint", "0"), 16) == fingerprint(
+            {k: e["checksum"] for k, e in recorded.items()})
+    except ChecksumError as e:  # a checksum outside 0..2**64-1: not one this library wrote
+        report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: malformed manifest ({e}); delete it or "
+                                                   f"re-save the checkpoint"))
+        return None
+    if not intact:
         report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: its fingerprint does not match its own tensor "
                                                    f"entries: the manifest was edited or corrupted"))
         return manifest
@@ -399,7 +432,12 @@ def _check_adapter(path: str, index: dict[str, TensorInfo], report: Report) -> N
                                                   f"its {_human(total)} (R4); train LoRA on q,k,v,o,gate,up,down and "
                                                   f"add embeddings only if new tokens need them, at ~1/10 the LR"))
     cfg = _read_json(os.path.join(path, "adapter_config.json"), report, "adapter") or {}
-    for module in cfg.get("modules_to_save") or []:
+    to_save = cfg.get("modules_to_save") or []
+    if not isinstance(to_save, list) or not all(isinstance(m, str) for m in to_save):
+        report.unusable.append(Finding("adapter", f"adapter_config.json: 'modules_to_save' is {to_save!r}, expected a "
+                                                  f"list of module names (or null); fix or re-save the adapter"))
+        return
+    for module in to_save:
         if not any(r["module"] == module.rsplit(".", 1)[-1] and r["kind"] == "full copy" for r in rows):
             report.problems.append(Finding("adapter", f"{module}: adapter_config.json lists it in modules_to_save but "
                                                       f"{ADAPTER_FILE} stores no copy of it: it will load untrained"))

@@ -394,3 +394,12 @@ def test_run_stopped_mid_step_resumes_on_the_same_trainer(tmp_path):
     t.train(resume_from_checkpoint=True)
     assert [r["step"] for r in probe.steps] == [3, 4]
     check_ratios(probe, model, {"embeddings": 0.1, "lm_head": 0.1}, base_wd=(0.0, 0.0))
+
+
+def test_reused_checkpoint_dir_drops_an_earlier_runs_record(tmp_path):
+    """A run with no split saving into the checkpoint dir of an earlier split run must not leave that run's
+    record there (a resume would warn that the LR ratio changed)."""
+    make_trainer(tiny_model("llama-untied"), tmp_path, [EmbeddingLRGuard(embed_ratio=0.1)], max_steps=2).train()
+    assert os.path.isfile(tmp_path / "checkpoint-2" / SPLIT_FILE)
+    make_trainer(tiny_lora(tiny_model("llama-untied")), tmp_path, [EmbeddingLRGuard()], max_steps=2).train()
+    assert not os.path.exists(tmp_path / "checkpoint-2" / SPLIT_FILE)

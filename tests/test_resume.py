@@ -108,6 +108,16 @@ def test_record_written_at_every_save(tmp_path):
     assert "lm_head.modules_to_save.default.weight" in rec["optimizer"][0]["params"]
 
 
+
+def test_run_without_records_drops_an_earlier_runs_record(tmp_path):
+    """write_record=False saving into a checkpoint dir an earlier run left: its record (a different trainable set)
+    is removed, not left to fail this run's resume."""
+    ckpt = first_run(tmp_path, "llama-untied")
+    assert (ckpt / TRAINABLE_FILE).is_file()
+    Trainer(model=tiny_lora(tiny_model("llama-untied")), args=make_args(tmp_path / "out", max_steps=2),
+            train_dataset=ds(), callbacks=[ResumeGuard(write_record=False)]).train()
+    assert not (ckpt / TRAINABLE_FILE).exists()
+
 # -- case 1: resume_from_checkpoint with a changed trainable set --------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_case1_resume_with_default_lora(tmp_path, kind):

@@ -293,3 +293,21 @@ def test_model_init_resume_of_a_plain_tied_module(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert find_tied_groups(resumed.model) == TIED["plain-gpt"]
     _assert_same(_snapshot(full.model), _snapshot(resumed.model))
+
+
+def test_reused_output_dir_drops_a_stale_tie_record(tmp_path):
+    """A later untied run saving into checkpoint dirs an earlier tied run left must not inherit its tie record
+    (resume would report 'tie groups split' / re-tie an untied head)."""
+    _train("llama-tied", tmp_path, max_steps=2)
+    assert (tmp_path / "checkpoint-2" / TIES_FILE).exists()
+    guard = TiedWeightsGuard()
+    untied = Trainer(model=tiny_model("llama-untied"), args=make_args(tmp_path, max_steps=2),
+                     train_dataset=tiny_dataset(8), callbacks=[guard])
+    untied.train()
+    assert not (tmp_path / "checkpoint-2" / TIES_FILE).exists(), "stale tie record left in the checkpoint"
+    resumed_guard = TiedWeightsGuard()
+    model = tiny_model("llama-untied", seed=3)
+    Trainer(model=model, args=make_args(tmp_path, max_steps=3), train_dataset=tiny_dataset(8),
+            callbacks=[resumed_guard]).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert not any("split" in line or "re-tied" in line for line in resumed_guard.report()), resumed_guard.report()

@@ -198,10 +198,14 @@ class EmbeddingLRGuard(Guard):
                           f"{g['factor']:g} x", "warning")
 
     def on_save(self, args, state, control, **kwargs: Any):
-        if self._plan is None or not args.should_save:  # the Trainer's own writer(s) of this checkpoint
+        if not args.should_save:  # the Trainer's own writer(s) of this checkpoint
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(ckpt):
+            return
+        if self._plan is None:  # no split this run: a record here is an earlier run's in a reused checkpoint dir
+            if os.path.isfile(os.path.join(ckpt, SPLIT_FILE)):
+                os.remove(os.path.join(ckpt, SPLIT_FILE))
             return
         if self.split is not None:  # saved while split (should_save set after on_step_end): rewrite the files
             opt_path, sched_path = os.path.join(ckpt, "optimizer.pt"), os.path.join(ckpt, "scheduler.pt")

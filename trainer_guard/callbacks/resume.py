@@ -211,9 +211,11 @@ class ResumeGuard(Guard):
         self.checked, self._warned = None, set()
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
-        if not (self.options["write_record"] and model is not None and args.should_save):  # the Trainer's writer(s)
+        if not (model is not None and args.should_save):  # the Trainer's writer(s)
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(ckpt):
-            record = trainable_record(model, optimizer, state.global_step)
-            atomic_write_json(os.path.join(ckpt, TRAINABLE_FILE), record)
+        path = os.path.join(ckpt, TRAINABLE_FILE)
+        if os.path.isdir(ckpt) and self.options["write_record"]:
+            atomic_write_json(path, trainable_record(model, optimizer, state.global_step))
+        elif os.path.isfile(path):  # an earlier run's record in a reused checkpoint dir: not true of this one
+            os.remove(path)

@@ -200,14 +200,18 @@ class TiedWeightsGuard(Guard):
             self.note(f"tied groups: {groups}")
 
     def on_save(self, args, state, control, model=None, **kwargs: Any):
-        if not (self.options["write_record"] and self.groups and args.should_save):
-            return
-        if _is_peft(model):  # an adapter checkpoint holds no base-model tensors: the record would name absent keys
+        if not args.should_save:
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(ckpt):
-            record = ties_record(self.groups, stored_groups(model, self.groups))
-            atomic_write_json(os.path.join(ckpt, TIES_FILE), record)
+        if not os.path.isdir(ckpt):
+            return
+        path = os.path.join(ckpt, TIES_FILE)
+        # An adapter checkpoint holds no base-model tensors: a record would name absent keys.
+        if self.options["write_record"] and self.groups and not _is_peft(model):
+            atomic_write_json(path, ties_record(self.groups, stored_groups(model, self.groups)))
+        elif os.path.isfile(path):  # left by an earlier run that saved into this same checkpoint dir
+            os.remove(path)
+            self.note(f"removed {path}: an earlier run's tie record, not true of this model's checkpoint", "warning")
 
 
 def _drop_aliases(groups: list[list[str]]):

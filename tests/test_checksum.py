@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -391,3 +392,60 @@ def test_kernel_compiles_for_h100_with_vector_loads():
     ptx = k.asm["ptx"]
     assert "ld.global.v2.b64" in ptx  # full chunks: 16-byte loads
     assert "atom.global.gpu.acq_rel.add.u64" in ptx  # one exact 64-bit integer atomic per chunk
+
+
+# ------------------------------------------------------------------------------ malformed JSON on disk
+_DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON nested deeper than Python's parser goes
+
+
+def _raw_safetensors(path, header: bytes, data: bytes = b"") -> None:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+def test_header_nested_too_deeply_or_with_a_huge_int_is_a_checksum_error(tmp_path):
+    path = tmp_path / "m.safetensors"
+    _raw_safetensors(path, _DEEP.encode())
+    with pytest.raises(ChecksumError, match=r"m.safetensors: header is not valid JSON \(nested too deeply\); not a "
+                                            r"safetensors file, or corrupted; re-save or re-download it$"):
+        ck.safetensors_entries(path)
+    _raw_safetensors(path, b'{"w": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}')
+    with pytest.raises(ChecksumError, match=r"m.safetensors: header is not valid JSON \(Exceeds the limit"):
+        ck.safetensors_entries(path)
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [1], "data_offsets": [False, 4]},  # bool is an int in Python
+    {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]},
+    {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]},
+    {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]},
+])
+def test_header_offsets_and_shapes_must_be_non_negative_ints(tmp_path, entry):
+    path = tmp_path / "m.safetensors"
+    _raw_safetensors(path, json.dumps({"w": entry}).encode(), b"\0" * 4)
+    with pytest.raises(ChecksumError, match=r"m.safetensors: tensor 'w': malformed shape .* or data_offsets .* "
+                                            r"\(non-negative integers, begin <= end expected\): corrupted header"):
+        ck.safetensors_entries(path)
+
+
+def test_header_dtype_that_is_not_a_string_is_named(tmp_path):
+    path = tmp_path / "m.safetensors"
+    _raw_safetensors(path, b'{"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4)
+    with pytest.raises(ChecksumError, match=r"tensor 'w': dtype \['F32'\] is not supported"):
+        ck.safetensors_entries(path)
+
+
+@pytest.mark.parametrize("text, says", [
+    (_DEEP, r"unreadable index \(JSON nested too deeply\); fix or delete it$"),
+    ('{"weight_map": null}', r"malformed index \('weight_map' must map tensor names to shard file names\); fix or "
+                             r"delete it$"),
+    ("[1]", r"malformed index \('weight_map' must map"),
+    ("not json", r"unreadable index \(Expecting value"),
+])
+def test_unreadable_or_malformed_shard_index_is_named(tmp_path, text, says):
+    save_file({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(ChecksumError, match=rf"^{re.escape(str(tmp_path / 'model.safetensors.index.json'))}: {says}"):
+        file_checksums(tmp_path)

@@ -55,7 +55,7 @@ def test_demo_output_dir_that_is_a_file(tmp_path, capsys):
     f.write_text("x")
     assert main(["demo", "--output-dir", str(f), "--steps", "2"]) == 2
     assert capsys.readouterr().err == f"trainer-guard demo: error: --output-dir {f}: is a file; pass a directory " \
-                                      f"(new or existing)\n"
+                                      f"(new or empty)\n"
     assert main(["demo", "--steps", "1"]) == 2
     assert "--steps 1: the demo needs at least 2 steps" in capsys.readouterr().err
 
@@ -130,3 +130,64 @@ def test_ctrl_c_before_the_command_runs(monkeypatch, capsys):
         pytest.fail("KeyboardInterrupt escaped main(): the user sees a traceback")
     assert code == 130
     assert capsys.readouterr().err == "trainer-guard: interrupted\n"
+
+
+def _python(code, *args):
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_loads_neither_torch_nor_transformers():
+    """`trainer-guard --help` answers at once; Ctrl-C during a 6 s import printed a traceback."""
+    heavy = "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    r = _python(f"import sys, trainer_guard.cli; {heavy}")
+    assert (r.returncode, r.stdout) == (0, "[]\n"), r.stderr
+    r = _python(f"import sys\nfrom trainer_guard.cli import main\ntry:\n    main(['--help'])\n"
+                f"except SystemExit as e:\n    assert e.code == 0\n{heavy}")
+    assert r.returncode == 0 and r.stdout.endswith("[]\n"), r.stderr
+    assert all(name in r.stdout for name in ("demo", "doctor", "diff"))
+
+
+def test_ctrl_c_while_torch_loads_is_a_message():
+    """The interrupt lands in `import torch`: inside main(), so exit 130 and one line, no traceback."""
+    code = """import sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+from trainer_guard.cli import main
+sys.exit(main(["doctor", "--help"]))
+"""
+    r = _python(code)
+    assert (r.returncode, r.stderr) == (130, "trainer-guard: interrupted\n"), r.stderr
+
+
+def test_demo_refuses_an_output_dir_with_an_earlier_run(tmp_path, capsys):
+    """Checkpoints left by an earlier run would mix with this one's; nothing is deleted without --overwrite."""
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "final").mkdir()
+    assert main(["demo", "--output-dir", str(tmp_path), "--steps", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"trainer-guard demo: error: --output-dir {tmp_path}: not empty (checkpoint-4, "
+                                 f"final); pass an empty or new directory, or add --overwrite to remove them first\n")
+    (tmp_path / "notes.txt").write_text("mine")  # not the demo's: --overwrite refuses too and deletes nothing
+    assert main(["demo", "--output-dir", str(tmp_path), "--steps", "2", "--overwrite"]) == 2
+    assert "not empty (notes.txt); pass an empty or new directory\n" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "final", "notes.txt"]
+
+
+def test_demo_overwrite_replaces_an_earlier_run(tmp_path, capsys):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "stale.bin").write_text("x")
+    (tmp_path / "final").mkdir()
+    assert main(["demo", "--output-dir", str(tmp_path), "--steps", "2", "--overwrite"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("demo: OK")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2", "final"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null")
+def test_demo_output_dir_that_cannot_be_created(capsys):
+    assert main(["demo", "--output-dir", "/dev/null/x", "--steps", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("trainer-guard demo: error: --output-dir /dev/null/x: cannot create or read it "
+                                 "(Not a directory)\n")

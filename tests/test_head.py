@@ -134,3 +134,33 @@ def test_wired_final_save_model_is_checked(tmp_path):
                             args=make_args(tmp_path / "ok", max_steps=1, save_strategy="no"), callbacks=[ok]))
     healthy.save_model(tmp_path / "ok" / "final")
     assert ok.checked == [str(tmp_path / "ok" / "final")] and ok.report() == []
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"metadata": {}, "weight_map": null}', r"malformed index \('weight_map' must map tensor names to shard file "
+                                             r"names\); fix or delete it"),
+    ('{"weight_map": ["lm_head.weight"]}', r"malformed index"),
+    ("[" * 100_000 + "]" * 100_000, r"unreadable index \(JSON nested too deeply\); fix or delete it"),
+    ("{", r"unreadable index \(Expecting property name"),
+])
+def test_malformed_shard_index_is_a_usage_error_naming_it(tmp_path, text, says):
+    """A bad index is named with the fix, as file_checksums names it, not a TypeError or RecursionError."""
+    from trainer_guard import UsageError
+    from trainer_guard.core.head import stored_tensor_names
+
+    tiny_model("llama-untied").save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(UsageError, match=r"model.safetensors.index.json: " + says):
+        stored_tensor_names(tmp_path)
+    with pytest.raises(UsageError, match=r"model.safetensors.index.json: " + says):
+        missing_head_problems(tmp_path)
+
+
+@pytest.mark.parametrize("text, says", [("[" * 100_000, r"JSON nested too deeply"), ("{", r"Expecting property")])
+def test_unreadable_config_is_a_usage_error_naming_it(tmp_path, text, says):
+    from trainer_guard import UsageError
+
+    tiny_model("llama-untied").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(UsageError, match=r"config.json: unreadable config \(" + says):
+        missing_head_problems(tmp_path)

@@ -4,8 +4,10 @@ Regression tests for field report R1 ("verify the saved model's integrity after 
 that reloads at random) and R2 (a dtype that changes on the way back in).
 """
 
+import json
 import logging
 import os
+import re
 import shutil
 
 import pytest
@@ -551,3 +553,55 @@ def test_best_model_moe_experts_are_repaired_by_default(tmp_path):
     reference = MixtralForCausalLM.from_pretrained(tmp_path / "checkpoint-2")
     for (name, p), q in zip(trainer.model.named_parameters(), reference.parameters()):
         assert torch.equal(p, q), name
+
+
+# ------------------------------------------------------------------------------ malformed JSON on disk
+def _saved_manifest(tmp_path):
+    from trainer_guard.core.manifest import build_manifest
+
+    return build_manifest({"w": torch.ones(2, 3)}, global_step=2, tie_groups=[], directory=tmp_path)
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m.update(version=True), r"version is True, expected an integer"),  # True == 1 in Python
+    (lambda m: m.update(version=1.0), r"version is 1.0, expected an integer"),
+    (lambda m: m["tensors"]["w"].update(shape=[-2, 3]), r"tensor 'w': shape \[-2, 3\] is not a list of sizes"),
+    (lambda m: m["tensors"]["w"].update(shape=[True, 3]), r"tensor 'w': shape \[True, 3\] is not a list of sizes"),
+    (lambda m: m["tensors"]["w"].update(shape="23"), r"tensor 'w': shape '23' is not a list of sizes"),
+    (lambda m: m["tensors"]["w"].update(dtype=None), r"tensor 'w': dtype None is not a dtype name"),
+    (lambda m: m["files"]["model.safetensors"].update(size=-5), r"files entry 'model.safetensors' is"),
+])
+def test_read_manifest_names_malformed_values(tmp_path, edit, says):
+    m = _saved_manifest(tmp_path)
+    edit(m)
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(m))
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(tmp_path / MANIFEST_FILE))}: malformed manifest \({says}"
+                                         rf".*\); delete it or re-save the checkpoint$"):
+        read_manifest(tmp_path)
+
+
+def test_read_manifest_names_an_int_too_long_for_python(tmp_path):
+    text = json.dumps(_saved_manifest(tmp_path)).replace('"global_step": 2', '"global_step": ' + "9" * 5000)
+    (tmp_path / MANIFEST_FILE).write_text(text)
+    with pytest.raises(UsageError, match=r"trainer_guard_manifest.json: not valid JSON \(Exceeds the limit .*\); "
+                                         r"delete it or re-save the checkpoint$"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("header, says", [
+    (b"[" * 100_000 + b"]" * 100_000, "header is not valid JSON (nested too deeply); not a safetensors file"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 1e400]}}', "tensor 'w' has no valid data_offsets"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [false, 4]}}', "tensor 'w' has no valid data_offsets"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]}}', "tensor 'w' has no valid data_offsets"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}', "tensor 'w' has no valid data_offsets"),
+])
+def test_file_problem_names_a_malformed_header(tmp_path, header, says):
+    import struct
+
+    from trainer_guard.core.manifest import file_problem
+
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    assert says in file_problem(path)
+    with pytest.raises(IntegrityError, match=re.escape(says)):
+        read_index(path)

@@ -173,6 +173,17 @@ def test_bad_paths(tmp_path):
         load_weights_inplace(tiny_model("llama-untied"), tmp_path / "bad.safetensors")
 
 
+
+@pytest.mark.parametrize("index", ['{"weight_map": null}', '[' * 100000, '{"weight_map": {"a": 1}}'])
+def test_malformed_shard_index_is_a_load_error_naming_it(tmp_path, index):
+    model = tiny_model("llama-untied")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(LoadError, match="model.safetensors.index.json: (malformed|unreadable) index"):
+        load_weights_inplace(model, tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def _status(field):
     with open("/proc/self/status") as f:
         for line in f:

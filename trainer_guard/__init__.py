@@ -1,5 +1,9 @@
 """trainer_guard: callbacks that keep Hugging Face ``Trainer`` fine-tuning runs from failing silently.
 
+The public names load on first use (PEP 562): ``import trainer_guard`` (and ``trainer-guard --help``) does not import
+torch or transformers; ``trainer_guard.TiedWeightsGuard`` or ``from trainer_guard import TiedWeightsGuard`` does.
+The error classes are light and load eagerly.
+
 Example:
     >>> import trainer_guard
     >>> from trainer_guard import TiedWeightsGuard, callbacks_from_yaml, find_tied_groups
@@ -7,52 +11,74 @@ Example:
 
 from __future__ import annotations
 
-from .callbacks import GUARDS, Guard, TiedWeightsGuard
-from .callbacks.divergence import ReplicaDivergenceGuard
-from .callbacks.dtype import DtypeGuard
-from .callbacks.head import HeadGuard
-from .callbacks.untrained_tokens import UntrainedTokensGuard
-from .callbacks.embedding_lr import EmbeddingLRGuard
-from .callbacks.preflight import AdapterSizeGuard
-from .callbacks.integrity import IntegrityGuard
-from .callbacks.resume import ResumeGuard
-from .callbacks.update_audit import UpdateAuditGuard
-from .config import callbacks_from_dict, callbacks_from_yaml, default_config_path
-from .core.checksum import checksums, file_checksums
-from .core.head import missing_head_problems
-from .core.loading import LoadResult, load_weights_inplace
-from .core.preflight import adapter_preflight
-from .core.ties import find_tied_groups, restore_ties
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
-from .wiring import guard
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these on first use
+    from .callbacks import GUARDS, Guard, TiedWeightsGuard
+    from .callbacks.divergence import ReplicaDivergenceGuard
+    from .callbacks.dtype import DtypeGuard
+    from .callbacks.embedding_lr import EmbeddingLRGuard
+    from .callbacks.head import HeadGuard
+    from .callbacks.integrity import IntegrityGuard
+    from .callbacks.preflight import AdapterSizeGuard
+    from .callbacks.resume import ResumeGuard
+    from .callbacks.untrained_tokens import UntrainedTokensGuard
+    from .callbacks.update_audit import UpdateAuditGuard
+    from .config import callbacks_from_dict, callbacks_from_yaml, default_config_path
+    from .core.checksum import checksums, file_checksums
+    from .core.head import missing_head_problems
+    from .core.loading import LoadResult, load_weights_inplace
+    from .core.preflight import adapter_preflight
+    from .core.ties import find_tied_groups, restore_ties
+    from .wiring import guard
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GUARDS",
-    "Guard",
-    "TiedWeightsGuard",
-    "ReplicaDivergenceGuard",
-    "DtypeGuard",
-    "HeadGuard",
-    "UntrainedTokensGuard",
-    "missing_head_problems",
-    "IntegrityGuard",
-    "load_weights_inplace",
-    "LoadResult",
-    "ResumeGuard",
-    "UpdateAuditGuard",
-    "EmbeddingLRGuard",
-    "AdapterSizeGuard",
-    "adapter_preflight",
-    "guard",
-    "callbacks_from_dict",
-    "callbacks_from_yaml",
-    "default_config_path",
-    "find_tied_groups",
-    "restore_ties",
-    "checksums",
-    "file_checksums",
-    *_errors_all,
-]
+# Public name -> the submodule (relative to this package) that defines it.
+_LAZY: dict[str, str] = {
+    "GUARDS": ".callbacks",
+    "Guard": ".callbacks",
+    "TiedWeightsGuard": ".callbacks",
+    "ReplicaDivergenceGuard": ".callbacks.divergence",
+    "DtypeGuard": ".callbacks.dtype",
+    "HeadGuard": ".callbacks.head",
+    "UntrainedTokensGuard": ".callbacks.untrained_tokens",
+    "missing_head_problems": ".core.head",
+    "IntegrityGuard": ".callbacks.integrity",
+    "load_weights_inplace": ".core.loading",
+    "LoadResult": ".core.loading",
+    "ResumeGuard": ".callbacks.resume",
+    "UpdateAuditGuard": ".callbacks.update_audit",
+    "EmbeddingLRGuard": ".callbacks.embedding_lr",
+    "AdapterSizeGuard": ".callbacks.preflight",
+    "adapter_preflight": ".core.preflight",
+    "guard": ".wiring",
+    "callbacks_from_dict": ".config",
+    "callbacks_from_yaml": ".config",
+    "default_config_path": ".config",
+    "find_tied_groups": ".core.ties",
+    "restore_ties": ".core.ties",
+    "checksums": ".core.checksum",
+    "file_checksums": ".core.checksum",
+}
+
+__all__ = [*_LAZY, *_errors_all]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines public ``name`` on first access and cache the value (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's attributes plus the public names not loaded yet."""
+    return sorted({*globals(), *__all__})

@@ -1,8 +1,9 @@
 """The ``trainer-guard`` command: ``demo``, ``doctor``, ``diff``.
 
 A user error (bad path, foreign file, invalid config, bad option) prints one message and exits non-zero, never a
-traceback; with ``--json`` (doctor, diff) stdout gets one JSON object then too. Ctrl-C exits 130; a reader that
-goes away (``| head``) ends the output quietly, the exit code stays the verdict.
+traceback; with ``--json`` (doctor, diff) stdout gets one JSON object then too. Ctrl-C exits 130 (also while the
+heavy libraries load); a reader that goes away (``| head``) ends the output quietly, the exit code stays the verdict.
+Only the chosen subcommand's module is imported, so ``trainer-guard --help`` loads neither torch nor transformers.
 
 Example:
     $ trainer-guard demo
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -44,15 +46,15 @@ class _Parser(argparse.ArgumentParser):
         raise _ArgumentError(f"{self.prog}: error: {message}")
 
 
-def _available() -> dict[str, object]:
-    mods = {}
-    for name, (modname, _) in COMMANDS.items():
-        try:
-            mods[name] = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name != modname:
-                raise
-    return mods
+def _available() -> dict[str, str]:
+    """The subcommands whose module is installed, name -> module name; none of them is imported (they load torch)."""
+    return {name: modname for name, (modname, _) in COMMANDS.items() if importlib.util.find_spec(modname) is not None}
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line: its first argument that is not an option (the top level has none
+    but ``--help``)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _drop_stdout() -> None:
@@ -96,8 +98,8 @@ def _tolerant_output() -> None:
 
 
 def _wants_json(argv: list[str]) -> bool:
-    command = next((a for a in argv if not a.startswith("-")), None)
-    return command in JSON_COMMANDS and any(a == "--json" or (len(a) > 3 and "--json".startswith(a)) for a in argv)
+    wants = any(a == "--json" or (len(a) > 3 and "--json".startswith(a)) for a in argv)
+    return wants and _command(argv) in JSON_COMMANDS
 
 
 def _error_json(message: str) -> None:
@@ -108,16 +110,19 @@ def _error_json(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``trainer-guard`` with ``argv`` (default: ``sys.argv[1:]``) and return its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     _tolerant_output()
     command, args = "trainer-guard", None
     try:
-        mods = _available()
+        available, chosen, mod = _available(), _command(argv), None
         parser = _Parser(prog="trainer-guard", description="Guards for Hugging Face Trainer runs.")
         sub = parser.add_subparsers(dest="command", required=True)
-        for name, mod in mods.items():
+        for name, modname in available.items():
             p = sub.add_parser(name, help=COMMANDS[name][1], description=COMMANDS[name][1])
-            mod.configure(p)
+            if name == chosen:  # only the command that runs (or shows its --help) is imported and configured
+                mod = importlib.import_module(modname)
+                mod.configure(p)
         try:
             args = parser.parse_args(argv)
         except _ArgumentError as e:
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 _error_json(str(e))
             return 2
         command = f"trainer-guard {args.command}"
-        return int(mods[args.command].run(args) or 0)
+        return int(mod.run(args) or 0)
     except BrokenPipeError:  # output piped into `head` and the reader left before the command could say more
         _drop_stdout()
         return SIGPIPE_EXIT

@@ -3,9 +3,14 @@
 Offline and quick (well under a minute on 2 cores): the model is built from a config, the data is synthetic.
 Prints what each guard did and whether the reloaded weights match the trained ones bit for bit.
 
+``--output-dir`` must be new or empty: checkpoints of an earlier run would mix with this one's (the resume step
+reads ``checkpoint-N``). ``--overwrite`` first removes what an earlier demo wrote there (``checkpoint-N/`` and
+``final/``); a directory holding anything else is refused either way, and nothing is deleted then.
+
 Example:
     $ trainer-guard demo
     $ trainer-guard demo --model plain-gpt --config configs/default.yaml --output-dir out/demo
+    $ trainer-guard demo --output-dir out/demo --overwrite
 """
 
 from __future__ import annotations
@@ -13,12 +18,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import shutil
 import tempfile
+from typing import Any
 
-from .config import default_config_path
 from .errors import UsageError
 
 __all__ = ["configure", "run", "default_config_path"]
+
+_DEMO_OUTPUT = re.compile(r"checkpoint-\d+|final")  # the directories a demo run writes into --output-dir
+
+
+def __getattr__(name: str) -> Any:
+    """``default_config_path`` is re-exported lazily: ``trainer_guard.config`` imports transformers."""
+    if name == "default_config_path":
+        from .config import default_config_path
+
+        return default_config_path
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +45,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=KINDS, default="llama-manual-tie",
                         help="tiny model kind (default: a Llama tied by hand, field report R1b)")
     parser.add_argument("--config", default=None, help="YAML config (default: the packaged default.yaml)")
-    parser.add_argument("--output-dir", default=None, help="where checkpoints go (default: a temporary dir)")
+    parser.add_argument("--output-dir", default=None,
+                        help="where checkpoints go: a new or empty directory (default: a temporary one)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="first remove an earlier demo's checkpoint-N/ and final/ from --output-dir "
+                             "(anything else there still refuses the run)")
     parser.add_argument("--steps", type=int, default=6, help="training steps (checkpoint every half)")
 
 
@@ -57,6 +79,36 @@ def _reload(kind: str, path: str):
     return type(tiny_model(kind)).from_pretrained(path)  # the class it was saved from (LLaVA is no causal-LM auto class)
 
 
+def _prepare_output_dir(path: str, overwrite: bool) -> None:
+    """Make ``path`` an empty directory for this run, or raise :class:`UsageError` saying why it cannot be one.
+
+    With ``overwrite`` an earlier demo's ``checkpoint-N/`` and ``final/`` are removed, but only when nothing else is
+    there: a refused run deletes nothing.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--output-dir {path}: is a file; pass a directory (new or empty)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        entries = sorted(os.listdir(path))
+    except OSError as e:
+        raise UsageError(f"--output-dir {path}: cannot create or read it ({e.strerror or e})") from None
+    earlier = [e for e in entries if _DEMO_OUTPUT.fullmatch(e) and os.path.isdir(os.path.join(path, e))
+               and not os.path.islink(os.path.join(path, e))]
+    refused = [e for e in entries if e not in earlier] if overwrite else entries
+    if refused:
+        shown = ", ".join(refused[:5]) + (", ..." if len(refused) > 5 else "")
+        hint = ", or add --overwrite to remove them first" if refused == earlier else ""  # all from an earlier demo
+        raise UsageError(f"--output-dir {path}: not empty ({shown}); pass an empty or new directory{hint}")
+    for name in earlier:  # only with overwrite: else they were refused above
+        try:
+            shutil.rmtree(os.path.join(path, name))
+        except OSError as e:
+            raise UsageError(f"--output-dir {path}: cannot remove {name} of an earlier run ({e.strerror or e})") \
+                from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {path}: not writable; pass a directory you can write to")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo; transformers' verbosity/progress bars and trainer_guard's log level are restored after."""
     from transformers.utils import logging as hf_logging
@@ -76,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from .config import callbacks_from_yaml
+    from .config import callbacks_from_yaml, default_config_path
     from .core.ties import find_tied_groups
     from .tiny import tiny_dataset, tiny_model
 
@@ -87,8 +139,8 @@ def _run(args: argparse.Namespace) -> int:
     callbacks = callbacks_from_yaml(cfg)
     if args.steps < 2:
         raise UsageError(f"--steps {args.steps}: the demo needs at least 2 steps (it resumes from the middle one)")
-    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise UsageError(f"--output-dir {args.output_dir}: is a file; pass a directory (new or existing)")
+    if args.output_dir:
+        _prepare_output_dir(args.output_dir, overwrite=getattr(args, "overwrite", False))
     out = args.output_dir or tempfile.mkdtemp(prefix="trainer-guard-demo-")
     steps = args.steps
     half = max(1, steps // 2)

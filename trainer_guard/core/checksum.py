@@ -72,6 +72,7 @@ import json
 import logging
 import math
 import os
+import reprlib
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -91,6 +92,7 @@ __all__ = [
     "tensor_checksum",
     "file_checksums",
     "safetensors_entries",
+    "index_weight_map",
     "fingerprint",
     "dtype_name",
     "finalize",
@@ -387,8 +389,9 @@ def safetensors_entries(path: str | os.PathLike) -> tuple[int, dict[str, dict[st
         raise ChecksumError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ChecksumError(f"{path}: header is not valid JSON ({e}); not a safetensors file, or corrupted; "
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an int of > 4300 digits, nested too deep
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise ChecksumError(f"{path}: header is not valid JSON ({why}); not a safetensors file, or corrupted; "
                             f"re-save or re-download it") from None
     if not isinstance(header, dict):
         raise ChecksumError(f"{path}: header is not a JSON object; not a safetensors file")
@@ -401,15 +404,17 @@ def safetensors_entries(path: str | os.PathLike) -> tuple[int, dict[str, dict[st
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
             raise ChecksumError(f"{path}: tensor {name!r}: header entry lacks dtype/shape/data_offsets")
         dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if dt not in DTYPE_SIZES:
-            raise ChecksumError(f"{path}: tensor {name!r}: dtype {dt!r} is not supported; supported are "
+        if not isinstance(dt, str) or dt not in DTYPE_SIZES:
+            raise ChecksumError(f"{path}: tensor {name!r}: dtype {reprlib.repr(dt)} is not supported; supported are "
                                 f"{', '.join(DTYPE_SIZES)}")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-                or not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)):
-            raise ChecksumError(f"{path}: tensor {name!r}: malformed shape {shape!r} or data_offsets {offs!r}")
+        if (not isinstance(shape, list) or not all(map(_uint, shape)) or not isinstance(offs, list)
+                or len(offs) != 2 or not all(map(_uint, offs)) or offs[0] > offs[1]):
+            raise ChecksumError(f"{path}: tensor {name!r}: malformed shape {reprlib.repr(shape)} or data_offsets "
+                                f"{reprlib.repr(offs)} (non-negative integers, begin <= end expected): corrupted "
+                                f"header; re-save or re-download it")
         b, end = offs
         want = math.prod(shape) * DTYPE_SIZES[dt]
-        if b < 0 or end - b != want:
+        if end - b != want:
             raise ChecksumError(f"{path}: tensor {name!r}: data_offsets {offs} hold {end - b} bytes but {dt} "
                                 f"{shape} needs {want}: corrupted header")
         if end > data_size:
@@ -430,6 +435,11 @@ def safetensors_entries(path: str | os.PathLike) -> tuple[int, dict[str, dict[st
     return start, entries, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
+def _uint(v: Any) -> bool:
+    """``v`` is a non-negative ``int`` and not a ``bool`` (JSON ``true`` parses as one)."""
+    return type(v) is int and v >= 0  # noqa: E721
+
+
 def _file_sums(path: str, progress: Callable[[int], Any] | None) -> dict[str, int]:
     start, entries, _ = safetensors_entries(path)
     if progress is not None:
@@ -448,18 +458,31 @@ def _file_sums(path: str, progress: Callable[[int], Any] | None) -> dict[str, in
     return out
 
 
+def index_weight_map(idx: str, error: type[Exception] = ChecksumError) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of a shard index file, ``{}`` when it has none; ``error``
+    naming the file when it is unreadable, not JSON (nested too deeply, ...) or its ``weight_map`` is malformed."""
+    try:
+        with open(idx, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, an int of > 4300 digits
+        why = "JSON nested too deeply" if isinstance(e, RecursionError) else getattr(e, "strerror", None) or e
+        raise error(f"{idx}: unreadable index ({why}); fix or delete it") from None
+    weight_map = data.get("weight_map", {}) if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise error(f"{idx}: malformed index ('weight_map' must map tensor names to shard file names); fix or "
+                    f"delete it")
+    return weight_map
+
+
 def _index_problems(directory: str, files: dict[str, dict[str, int]]) -> list[str]:
+    """What the ``*.safetensors.index.json`` files of ``directory`` list that ``files`` (name -> its tensors) lack.
+
+    Raises:
+        ChecksumError: an index is unreadable or malformed (names it).
+    """
     problems = []
     for idx in sorted(glob.glob(os.path.join(directory, "*.safetensors.index.json"))):
-        try:
-            with open(idx, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map", {})
-        except (OSError, ValueError, AttributeError) as e:
-            problems.append(f"{idx}: unreadable index ({e})")
-            continue
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            problems.append(f"{idx}: malformed index ('weight_map' must map tensor names to shard file names)")
-            continue
+        weight_map = index_weight_map(idx)
         for name, fname in weight_map.items():
             if fname not in files:
                 problems.append(f"{idx}: tensor {name!r} is in shard {fname!r}, which is missing")
@@ -502,7 +525,7 @@ def file_checksums(path: str | os.PathLike, *, progress: bool = False) -> dict[s
 
     Raises:
         ChecksumError: naming the file/tensor: missing path, directory with no safetensors files, truncated,
-            padded or foreign file, bad header, duplicate names, missing shard.
+            padded or foreign file, bad header, duplicate names, missing shard, unreadable or malformed index.
 
     Example:
         >>> import tempfile, os, torch

@@ -28,6 +28,7 @@ import os
 from typing import Any
 
 from ..errors import UsageError
+from .checksum import index_weight_map
 
 __all__ = ["missing_head_problems", "stored_tensor_names", "head_tensor_names"]
 
@@ -37,14 +38,17 @@ _COMMON_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
 
 def stored_tensor_names(directory: str | os.PathLike) -> set[str] | None:
     """Names of the tensors a model directory stores (headers and index files only), or ``None`` if it has no
-    weight files."""
+    weight files.
+
+    Raises:
+        UsageError: a weight file or shard index is unreadable or malformed (names it).
+    """
     directory = os.fspath(directory)
     files = os.listdir(directory)
     names: set[str] = set()
     found = False
     for idx in (f for f in files if f.endswith(".index.json")):
-        with open(os.path.join(directory, idx), encoding="utf-8") as f:
-            names.update(json.load(f).get("weight_map", {}))
+        names.update(index_weight_map(os.path.join(directory, idx), UsageError))
         found = True
     for fname in (f for f in files if f.endswith(".safetensors")):
         from safetensors import safe_open
@@ -128,13 +132,20 @@ def missing_head_problems(directory: str | os.PathLike) -> list[str]:
 
     Returns:
         One message per problem, each naming the class to load/save with.
+
+    Raises:
+        UsageError: ``config.json``, a weight file or a shard index is unreadable or malformed (names it).
     """
     directory = os.fspath(directory)
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.isfile(cfg_path):
         return []
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, an int of > 4300 digits
+        why = "JSON nested too deeply" if isinstance(e, RecursionError) else e
+        raise UsageError(f"{cfg_path}: unreadable config ({why}); fix it or re-save the model") from None
     if not isinstance(cfg, dict):
         return []
     names = stored_tensor_names(directory)

@@ -91,8 +91,9 @@ def safetensors_files_of(path: str | os.PathLike) -> list[str]:
         raise LoadError(f"{path}: no such file or directory; pass a .safetensors file or a directory of them")
     indexes = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
     if indexes:
-        with open(os.path.join(path, indexes[0]), encoding="utf-8") as f:
-            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        from .checksum import index_weight_map
+
+        shards = sorted(set(index_weight_map(os.path.join(path, indexes[0]), LoadError).values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
             raise LoadError(f"{path}: {indexes[0]} lists shard(s) that are missing: {', '.join(missing)}; "

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import reprlib
 import struct
 import time
 from collections.abc import Mapping, Sequence
@@ -133,18 +135,19 @@ def file_problem(path: str | os.PathLike) -> str | None:
             return (f"{name}: not a safetensors file or truncated (header length {n} bytes, file {size} bytes)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return f"{name}: header is not valid JSON; not a safetensors file, or corrupted"
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an int of > 4300 digits, nested too deep
+            deep = " (nested too deeply)" if isinstance(e, RecursionError) else ""
+            return f"{name}: header is not valid JSON{deep}; not a safetensors file, or corrupted"
     if not isinstance(header, dict):
         return f"{name}: header is not a JSON object; not a safetensors file"
     end = 0
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError):
+        offs = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_uint(o) for o in offs) and offs[0] <= offs[1]):
             return f"{name}: tensor {key!r} has no valid data_offsets; corrupted header"
+        end = max(end, offs[1])
     expected = 8 + n + end
     if size < expected:
         return f"{name}: truncated: {size} bytes on disk, the header needs {expected} (last {expected - size} missing)"
@@ -303,13 +306,16 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         m = read_json(path)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # bad UTF-8 or JSON, an int of > 4300 digits
         raise UsageError(f"{path}: not valid JSON ({e}); delete it or re-save the checkpoint") from None
     except OSError as e:
         raise UsageError(f"{path}: unreadable ({e.strerror or e}); check its permissions") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         got = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise UsageError(f"{path}: not a trainer_guard manifest (format {got!r}, expected {MANIFEST_FORMAT!r})")
+    if type(m.get("version")) is not int:  # noqa: E721  (True == 1 and 1.0 == 1: not a version number)
+        raise UsageError(f"{path}: malformed manifest (version is {reprlib.repr(m.get('version'))}, expected an integer); "
+                         f"delete it or re-save the checkpoint")
     if m.get("version") != MANIFEST_VERSION:
         raise UsageError(f"{path}: manifest version {m.get('version')!r} is not supported (this trainer_guard reads "
                          f"version {MANIFEST_VERSION}); upgrade trainer_guard")
@@ -319,38 +325,45 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     if bad or "tensors" not in m:
         raise UsageError(f"{path}: malformed manifest ({'; '.join(bad) or 'no tensors entry'}); delete it or "
                          f"re-save the checkpoint")
+    bad = _malformed_values(m)
+    if bad:
+        raise UsageError(f"{path}: malformed manifest ({bad}); delete it or re-save the checkpoint")
     try:
         entries(m)
         int(m.get("fingerprint", "0"), 16)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{path}: malformed manifest entry ({e!r}); delete it or re-save the checkpoint") from None
-    bad = _malformed_values(m)
-    if bad:
-        raise UsageError(f"{path}: malformed manifest ({bad}); delete it or re-save the checkpoint")
     return m
+
+
+def _uint(v: Any) -> bool:
+    """``v`` is an ``int`` (not a ``bool``: JSON ``true`` parses as one) in ``[0, 2**63)``."""
+    return type(v) is int and 0 <= v < 1 << 63  # noqa: E721
 
 
 def _malformed_values(m: Mapping[str, Any]) -> str | None:
     """What is wrong inside a manifest whose top-level keys have the right types (hand edits), or ``None``."""
-
-    def count(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
     step = m.get("global_step")
-    if step is not None and not count(step):
-        return f"global_step is {step!r}, expected a step number or null"
+    if step is not None and not _uint(step):
+        return f"global_step is {reprlib.repr(step)}, expected a step number or null"
     for name, e in m["tensors"].items():
         if not isinstance(e, dict) or not isinstance(e.get("file", ""), str) or not isinstance(
                 e.get("source", "model"), str):
             return f"tensor entry {name!r} needs a 'file' and a 'source' that are strings"
+        if not isinstance(e.get("dtype"), str):
+            return f"tensor {name!r}: dtype {reprlib.repr(e.get('dtype'))} is not a dtype name"
+        shape = e.get("shape")
+        # +-inf (1e400) is left to entries(), whose OverflowError doctor and diff report themselves
+        if not isinstance(shape, list) or not all(_uint(s) or isinstance(s, float) and math.isinf(s) for s in shape):
+            return f"tensor {name!r}: shape {reprlib.repr(shape)} is not a list of sizes (integers 0 to 2**63-1)"
     for fname, info in m.get("files", {}).items():
-        if not isinstance(info, dict) or not all(count(info[k]) for k in ("size", "tensors") if k in info):
-            return f"files entry {fname!r} is {info!r}, expected {{'size': bytes, 'tensors': count}}"
+        if not isinstance(info, dict) or not all(_uint(info[k]) for k in ("size", "tensors") if k in info):
+            return f"files entry {fname!r} is {reprlib.repr(info)}, expected {{'size': bytes, 'tensors': count}}"
         if os.path.basename(fname) != fname:
             return f"files entry {fname!r} is not a file name in the checkpoint directory"
     for alias, kept in m.get("aliases", {}).items():
         if not isinstance(kept, str):
-            return f"alias {alias!r} maps to {kept!r}, expected a tensor name"
+            return f"alias {alias!r} maps to {reprlib.repr(kept)}, expected a tensor name"
     return None
 
 

@@ -23,7 +23,7 @@ from .manifest import (
     saved_layout,
 )
 
-__all__ = ["Planned", "Verified", "plan_manifests", "verify_against", "conversion_hint"]
+__all__ = ["Planned", "Verified", "plan_manifests", "verify_against", "conversion_hint", "rewritten_since"]
 
 
 class Planned(NamedTuple):
@@ -102,8 +102,44 @@ def verify_against(model: torch.nn.Module, directory: str | os.PathLike, *, back
         found, said = model_problems(live, manifest, backend=backend)
         warnings += said
         problems += [f"{sub}/{p}" if sub else p for p in found]
+        rewritten = rewritten_since(where, manifest) if found else []
+        if rewritten:
+            problems.append(f"{', '.join(rewritten)} in {where} changed after its {MANIFEST_FILE} was written: if a "
+                            f"later run (without IntegrityGuard) saved into this same checkpoint directory, the "
+                            f"manifest is that earlier save's; delete it and resume again. Otherwise the files were "
+                            f"modified after the save: check them with `trainer-guard doctor {where}`")
         checked.append(os.path.join(where, MANIFEST_FILE))
     return Verified(problems, warnings, checked)
+
+
+def rewritten_since(directory: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
+    """The files ``manifest`` lists that are missing, of another size, or newer than the manifest file in
+    ``directory``: signs that they were written again after the save the manifest describes.
+
+    Example:
+        >>> import tempfile
+        >>> from trainer_guard.tiny import tiny_model
+        >>> model, d = tiny_model("llama-tied"), tempfile.mkdtemp()
+        >>> model.save_pretrained(d)
+        >>> plan = plan_manifests(model, d, global_step=None)
+        >>> rewritten_since(d, plan.writes[0][1])  # no manifest file written yet: only sizes are compared
+        []
+    """
+    directory = os.fspath(directory)
+    mpath = os.path.join(directory, MANIFEST_FILE)
+    written = os.path.getmtime(mpath) if os.path.isfile(mpath) else None
+    out = []
+    for fname, info in (manifest.get("files") or {}).items():
+        fp = os.path.join(directory, fname)
+        try:
+            st = os.stat(fp)
+        except OSError:
+            out.append(fname)
+            continue
+        if (isinstance(info, dict) and info.get("size") not in (None, st.st_size)) or (
+                written is not None and st.st_mtime > written):
+            out.append(fname)
+    return sorted(out)
 
 
 def conversion_hint(model: torch.nn.Module, problems: list[str], fix: str) -> str | None:

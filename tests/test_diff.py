@@ -184,11 +184,24 @@ def test_an_edited_manifest_never_answers_for_the_files(run_dir, tmp_path, capsy
     (b / "trainer_guard_manifest.json").write_text(json.dumps(m))
     report = diff(a, b)
     assert report["identical"] and (report["a"]["source"], report["b"]["source"]) == ("files", "files")
+    assert (report["a"]["notes"], report["b"]["notes"]) == ([], [
+        f"{b / 'trainer_guard_manifest.json'} does not describe the files here (its fingerprint does not match its "
+        f"own tensor entries: it was edited or corrupted): compared the files instead"])
     rc, _, err = cli(capsys, a, b, "--source", "manifest")
     assert rc == 2 and "its fingerprint does not match its own tensor entries: it was edited or corrupted" in err
-    m["tensors"]["model.norm.weight"]["checksum"] = "1" * 40  # not even a 64-bit number
-    (b / "trainer_guard_manifest.json").write_text(json.dumps(m))
-    assert diff(a, b)["identical"]
+    for checksum in ("1" * 40, "-1"):  # not even a 64-bit number: malformed, the files answer, and the note says why
+        m["tensors"]["model.norm.weight"]["checksum"] = checksum
+        (b / "trainer_guard_manifest.json").write_text(json.dumps(m))
+        report = diff(a, b)
+        assert report["identical"] and report["b"]["source"] == "files"
+        (note,) = report["b"]["notes"]
+        assert note.startswith(f"{b / 'trainer_guard_manifest.json'}: malformed manifest (tensor 'model.norm.weight': "
+                               f"checksum '{checksum[:3]}") and "is not 1 to 16 hex digits" in note
+        rc, out, _ = cli(capsys, a, b)
+        assert rc == 0 and f"\nnote: {note}\n" in out
+        rc, _, err = cli(capsys, a, b, "--source", "manifest")
+        assert rc == 2 and err.startswith(f"trainer-guard diff: error: {b / 'trainer_guard_manifest.json'}: "
+                                          f"malformed manifest (tensor 'model.norm.weight': checksum ")
 
 
 def test_pathological_json_is_a_message_not_a_traceback(run_dir, tmp_path, capsys):
@@ -203,9 +216,13 @@ def test_pathological_json_is_a_message_not_a_traceback(run_dir, tmp_path, capsy
     assert rc == 2 and err == (f"trainer-guard diff: error: {a / 'model.safetensors.index.json'}: unreadable index "
                                f"(JSON nested too deeply); fix or delete it\n")
     (a / "model.safetensors.index.json").unlink()
-    (a / "trainer_guard_manifest.json").write_text(deep)
-    rc, _, err = cli(capsys, a, run_dir / "checkpoint-4")
-    assert rc == 2 and "trainer_guard_manifest.json: malformed manifest (JSON nested too deeply)" in err
+    (a / "trainer_guard_manifest.json").write_text(deep)  # malformed: the files answer, and a note says why
+    rc, out, _ = cli(capsys, a, run_dir / "checkpoint-4", "--json")
+    assert rc == 0 and json.loads(out)["a"]["notes"] == [
+        f"{a / 'trainer_guard_manifest.json'}: malformed manifest (JSON nested too deeply): compared the files instead"]
+    rc, _, err = cli(capsys, a, run_dir / "checkpoint-4", "--source", "manifest")
+    assert rc == 2 and err == (f"trainer-guard diff: error: {a / 'trainer_guard_manifest.json'}: malformed manifest "
+                               f"(JSON nested too deeply); delete it or re-save the checkpoint\n")
     (a / "trainer_guard_manifest.json").unlink()
     header = deep.encode()
     (a / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)

@@ -160,8 +160,12 @@ def test_hand_edited_manifest_values_are_unusable_input_not_tracebacks(ckpt, cap
     (ckpt / MANIFEST_FILE).write_text(json.dumps(m))
     code, rep = _doctor(ckpt, capsys=capsys)
     assert code == 2 and "malformed manifest" in _messages(rep, "unusable")[0] and says in _messages(rep, "unusable")[0]
-    assert main(["diff", str(ckpt), str(ckpt)]) == 2  # diff reads the same manifest: a message, exit 2
-    assert "Traceback" not in capsys.readouterr().err
+    assert main(["diff", str(ckpt), str(ckpt)]) == 0  # diff compares the files instead, and says why
+    out, err = capsys.readouterr()
+    assert f"note: {ckpt / MANIFEST_FILE}: malformed manifest (" in out and says in out and "from files" in out
+    assert main(["diff", str(ckpt), str(ckpt), "--source", "manifest"]) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt / MANIFEST_FILE}: malformed manifest (" in err and says in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("name, text, says", [
@@ -310,9 +314,11 @@ def test_malformed_sidecars_are_unusable_input_not_tracebacks(what, runs, tmp_pa
     code = main(["doctor", str(ck)])
     out, err = capsys.readouterr()
     assert code == 2 and "Traceback" not in out + err
-    if what in ("tensors_list", "files_list"):
-        assert main(["diff", str(runs / "manual" / "checkpoint-2"), str(ck)]) == 2
-        assert "malformed manifest" in capsys.readouterr().err
+    if what in ("tensors_list", "files_list", "fingerprint_null"):  # diff compares the files instead, says why
+        assert main(["diff", str(runs / "manual" / "checkpoint-2"), str(ck)]) == 0
+        assert f"note: {mpath}: malformed manifest (" in capsys.readouterr().out
+        assert main(["diff", str(runs / "manual" / "checkpoint-2"), str(ck), "--source", "manifest"]) == 2
+        assert f"{mpath}: malformed manifest (" in capsys.readouterr().err
 
 
 def _named_adapters_run(out):
@@ -370,7 +376,15 @@ def test_diff_compares_every_adapter_sub_directory(tmp_path, capsys):
     assert all(report["tensors"][n] == "only_a" for n in report["tensors"] if n.startswith("second/"))
     # mine/ was re-written after its manifest: both sides of it come from the files; second/ from its manifest
     assert report["a"]["source"] == "manifest and files" and report["b"]["source"] == "files"
+    (note,) = report["b"]["notes"]  # and says why
+    assert report["a"]["notes"] == [] and note.endswith(": compared the files instead")
+    assert note.startswith(f"{other / 'mine' / MANIFEST_FILE} does not describe the files here (")
     assert main(["diff", str(ckpt), str(other)]) == 1 and "Traceback" not in capsys.readouterr().err
+    (ckpt / "second" / MANIFEST_FILE).write_text("{")  # the adapter only A has: its files answer, a note says why
+    report = diff(ckpt, other)
+    assert report["counts"]["only_a"] == 4 and report["a"]["source"] == "files" and report["a"]["notes"] == [
+        f"{ckpt / 'second' / MANIFEST_FILE}: malformed manifest (not valid JSON: Expecting property name enclosed in "
+        f"double quotes: line 1 column 2 (char 1)): compared the files instead"]
     (other / MANIFEST_FILE).write_text('{"format": "other"}')  # a stray file where no weights are: not a part
     for extra in ([], ["--source", "files"]):
         assert main(["diff", str(ckpt), str(other), *extra]) == 1, capsys.readouterr().err
@@ -404,9 +418,10 @@ def test_safetensors_header_nested_too_deeply(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("checksum, shape, says", [
-    ("1" * 40, None, "must be an unsigned 64-bit int"),  # a checksum no 64-bit algorithm wrote
-    ("-1", None, "must be an unsigned 64-bit int"),
-    (None, "[1e400]", "a number out of range"),  # json reads 1e400 as inf
+    ("1" * 40, None, "tensor 'model.norm.weight': checksum '1111"),  # a checksum no 64-bit algorithm wrote
+    ("-1", None, "tensor 'model.norm.weight': checksum '-1' is not 1 to 16 hex digits (0 to 2**64-1)"),
+    (None, "[1e400]", "tensor 'model.norm.weight': shape [inf] is not a list of sizes"),  # json reads 1e400 as inf
+    (None, "[2.5]", "tensor 'model.norm.weight': shape [2.5] is not a list of sizes"),
 ])
 def test_manifest_numbers_out_of_range_are_a_report_not_an_exception(ckpt, capsys, checksum, shape, says):
     text = (ckpt / MANIFEST_FILE).read_text()
@@ -421,8 +436,10 @@ def test_manifest_numbers_out_of_range_are_a_report_not_an_exception(ckpt, capsy
     (ckpt / MANIFEST_FILE).write_text(text)
     rep = diagnose(ckpt)  # documented never to raise for bad input
     assert rep.exit_code == 2
-    (msg,) = [f.message for f in rep.unusable]
-    assert msg.startswith(f"{MANIFEST_FILE}: malformed manifest (") and says in msg
+    (msg,) = [f.message for f in rep.unusable]  # malformed, not "foreign manifest: <full path>: ..."
+    assert msg.startswith(f"{MANIFEST_FILE}: malformed manifest ({says}") and msg.endswith(
+        "); delete it or re-save the checkpoint")
+    assert rep.summary["head_check"] == "ran" and rep.summary["dtypes"]  # the checks that need no manifest ran
     code, out = _doctor(ckpt, capsys=capsys)  # --json: the full report, not the bare error object
     assert code == 2 and out["path"] == str(ckpt) and out["unusable"][0]["message"] == msg
 

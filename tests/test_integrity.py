@@ -7,6 +7,7 @@ that reloads at random) and R2 (a dtype that changes on the way back in).
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 
@@ -20,6 +21,7 @@ from trainer_guard import IntegrityGuard, TiedWeightsGuard, callbacks_from_yaml
 from trainer_guard.core.checksum import CHECKSUM_ALGO, file_checksums
 from trainer_guard.core.manifest import (
     MANIFEST_FILE,
+    MalformedManifestError,
     compare,
     entries,
     foreign_reason,
@@ -266,7 +268,10 @@ def test_tensor_the_load_skipped_is_named(tmp_path):
         _train(tiny_model("llama-untied", seed=1), tmp_path, [IntegrityGuard()],
                resume=str(tmp_path / "checkpoint-2"), max_steps=3)
     lines = str(e.value).split("\n  - ")[1:]
-    assert len(lines) == 1 and lines[0].startswith(f"{name}: checksum ")
+    assert len(lines) == 2 and lines[0].startswith(f"{name}: checksum ")
+    # DropTensor rewrote model.safetensors after the manifest: the resume check says so too (core.checkpoint)
+    assert lines[1].startswith(f"model.safetensors in {tmp_path / 'checkpoint-2'} changed after its {MANIFEST_FILE} "
+                               f"was written")
     assert lines[0].endswith("in the checkpoint manifest (not restored from the checkpoint: the load skipped it, or "
                              "it was re-initialised or changed after the load)")
 
@@ -366,6 +371,7 @@ def test_read_manifest_rejects_foreign_json(tmp_path):
         read_manifest(tmp_path)
     assert str(e.value) == (f"{tmp_path / MANIFEST_FILE}: not a trainer_guard manifest (format 'something-else', "
                             f"expected 'trainer_guard.manifest')")
+    assert not isinstance(e.value, MalformedManifestError)  # foreign, not malformed: doctor labels them apart
 
 
 def test_background_write_into_a_deleted_checkpoint_is_not_an_error(tmp_path):
@@ -575,16 +581,17 @@ def test_read_manifest_names_malformed_values(tmp_path, edit, says):
     m = _saved_manifest(tmp_path)
     edit(m)
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(m))
-    with pytest.raises(UsageError, match=rf"^{re.escape(str(tmp_path / MANIFEST_FILE))}: malformed manifest \({says}"
-                                         rf".*\); delete it or re-save the checkpoint$"):
+    with pytest.raises(MalformedManifestError, match=rf"^{re.escape(str(tmp_path / MANIFEST_FILE))}: malformed "
+                                                     rf"manifest \({says}.*\); delete it or re-save the checkpoint$"):
         read_manifest(tmp_path)
 
 
 def test_read_manifest_names_an_int_too_long_for_python(tmp_path):
     text = json.dumps(_saved_manifest(tmp_path)).replace('"global_step": 2', '"global_step": ' + "9" * 5000)
     (tmp_path / MANIFEST_FILE).write_text(text)
-    with pytest.raises(UsageError, match=r"trainer_guard_manifest.json: not valid JSON \(Exceeds the limit .*\); "
-                                         r"delete it or re-save the checkpoint$"):
+    with pytest.raises(MalformedManifestError, match=r"trainer_guard_manifest.json: malformed manifest \(not "
+                                                     r"valid JSON: Exceeds the limit .*\); delete it or re-save the "
+                                                     r"checkpoint$"):
         read_manifest(tmp_path)
 
 
@@ -605,3 +612,26 @@ def test_file_problem_names_a_malformed_header(tmp_path, header, says):
     assert says in file_problem(path)
     with pytest.raises(IntegrityError, match=re.escape(says)):
         read_index(path)
+
+
+@pytest.mark.parametrize("pattern, text, says", [
+    (r"^.*$", "[" * 100_000 + "]" * 100_000, r"JSON nested too deeply"),
+    (r'"shape": \[2, 3\]', '"shape": [1e400, 3]', r"tensor 'w': shape \[inf, 3\] is not a list of sizes"),  # inf
+    (r'"shape": \[2, 3\]', '"shape": [2.5, 3]', r"tensor 'w': shape \[2.5, 3\] is not a list of sizes"),
+    (r'"checksum": "\w+"', '"checksum": "-1"', r"tensor 'w': checksum '-1' is not 1 to 16 hex digits \(0 to 2\*\*64"),
+    (r'"checksum": "\w+"', '"checksum": "1' + "0" * 16 + '"', r"tensor 'w': checksum '10+' is not 1 to 16 hex digits"),
+    (r'"checksum": "\w+"', '"checksum": "0x1f"', r"tensor 'w': checksum '0x1f' is not 1 to 16 hex digits"),
+    (r'"fingerprint": "\w+"', '"fingerprint": "' + "f" * 40 + '"', r"fingerprint is 'f[f.]+', expected 1 to 16 hex"),
+    (r'"fingerprint": "\w+"', '"fingerprint": ""', r"fingerprint is '', expected 1 to 16 hex digits"),
+])
+def test_read_manifest_names_json_too_deep_and_numbers_out_of_range(tmp_path, pattern, text, says):
+    """Not a RecursionError / OverflowError, and not a checksum no 64-bit algorithm wrote."""
+    raw = re.sub(pattern, lambda _: text, json.dumps(_saved_manifest(tmp_path)), count=1, flags=re.S)
+    assert raw != json.dumps(_saved_manifest(tmp_path))
+    (tmp_path / MANIFEST_FILE).write_text(raw)
+    with pytest.raises(MalformedManifestError, match=rf"^{re.escape(str(tmp_path / MANIFEST_FILE))}: malformed "
+                                                     rf"manifest \({says}.*\); delete it or re-save the "
+                                                     rf"checkpoint$") as e:
+        read_manifest(tmp_path)
+    again = pickle.loads(pickle.dumps(e.value))  # survives a process boundary (multiprocessing, distributed)
+    assert (str(again), again.path, again.what) == (str(e.value), str(tmp_path / MANIFEST_FILE), e.value.what)

@@ -4,8 +4,9 @@ Per tensor: same / changed / only in A / only in B (a dtype or shape change coun
 summarised by module with layer indices folded: ``model.embed_tokens: unchanged over 1000 steps`` is the line that
 shows a module that silently never trained. Checksums come from each directory's ``trainer_guard_manifest.json``
 when both have one with the same checksum algorithm (instant), else from the ``*.safetensors`` files
-(:func:`~trainer_guard.core.checksum.file_checksums`, sharded models included). Exit code 0: identical, 1:
-different, 2: unusable input (missing path, no safetensors, corrupted file, foreign manifest).
+(:func:`~trainer_guard.core.checksum.file_checksums`, sharded models included); a malformed or stale manifest is
+passed over for the files, with a note saying why. Exit code 0: identical, 1: different, 2: unusable input
+(missing path, no safetensors, corrupted file, foreign manifest; with ``--source manifest``, a malformed or stale one).
 
 Example:
     $ trainer-guard diff out/checkpoint-1000 out/checkpoint-2000
@@ -24,7 +25,7 @@ from typing import Any
 
 from .core.audit import CHANGED, ONLY_A, ONLY_B, SAME, classify, module_summary
 from .core.checksum import CHECKSUM_ALGO, DTYPE_NAMES, file_checksums, safetensors_entries, safetensors_files
-from .core.manifest import adapter_subdirs
+from .core.manifest import MANIFEST_FILE, MalformedManifestError, adapter_subdirs, read_manifest
 from .errors import UsageError
 
 __all__ = ["configure", "run", "load_side", "diff", "format_text"]
@@ -42,23 +43,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensors", action="store_true", help="also list every tensor that differs")
 
 
-def _why(e: BaseException) -> str:
-    """What a ``RecursionError`` / ``OverflowError`` from reading a JSON file means, in words."""
-    return "JSON nested too deeply" if isinstance(e, RecursionError) else f"a number out of range: {e}"
-
-
 def _manifest(path: str) -> dict | None:
-    if not os.path.isdir(path):
-        return None
-    try:
-        from .core.manifest import MANIFEST_FILE, read_manifest
-    except ImportError:  # pragma: no cover - manifests come with trainer_guard.core.manifest
-        return None
-    try:
-        return read_manifest(path)
-    except (RecursionError, OverflowError) as e:  # JSON nested absurdly deep, a shape of 1e400
-        raise UsageError(f"{os.path.join(path, MANIFEST_FILE)}: malformed manifest ({_why(e)}); "
-                         f"delete it or re-save the checkpoint") from None
+    return read_manifest(path) if os.path.isdir(path) else None
+
+
+def _usable(path: str, manifest: dict | None = None) -> tuple[dict | None, str | None]:
+    """For ``--source auto``: ``(manifest, None)`` when ``path``'s manifest (or the one given) can stand for its files,
+    else ``(None, why not)``; ``(None, None)`` when it has none. Malformed and stale manifests are passed over."""
+    if manifest is None:
+        try:
+            manifest = _manifest(path)
+        except MalformedManifestError as e:
+            return None, f"{e.path}: malformed manifest ({e.what})"
+        if manifest is None:
+            return None, None
+    stale = _stale(path, manifest)
+    return (None, f"{os.path.join(path, MANIFEST_FILE)} does not describe the files here ({stale})") if stale \
+        else (manifest, None)
+
+
+def _note(why: str) -> str:
+    return f"{why}: compared the files instead"
 
 
 def _state_file(path: str) -> str | None:
@@ -104,32 +109,36 @@ def _files(path: str) -> list[str]:
 
 def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping | None = None,
               progress: bool = False) -> dict[str, Any]:
-    """Describe one side: ``{"path", "source", "global_step", "algo", "tensors": {name: {checksum, dtype, shape}}}``.
+    """Describe one side: ``{"path", "source", "global_step", "algo", "tensors": {name: {checksum, dtype, shape}},
+    "notes"}``.
 
     ``source="manifest"`` reads ``manifest`` (or the directory's manifest), ``"files"`` checksums the safetensors
-    files, ``"auto"`` uses the manifest when its algorithm is this version's, else the files. ``progress`` shows a
-    progress bar over the bytes read.
+    files, ``"auto"`` uses the manifest when its algorithm is this version's, else the files; a malformed or stale
+    manifest is passed over for the files, and ``notes`` says why. ``progress`` shows a progress bar over the bytes
+    read.
 
     Raises:
-        UsageError: missing path, no manifest where one is required, nothing to compare (no safetensors file).
+        UsageError: missing path, no manifest where one is required (or a malformed or stale one), nothing to
+            compare (no safetensors file), a foreign manifest.
         ChecksumError: a corrupted or foreign safetensors file (named).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file or directory; pass a checkpoint or model directory")
+    passed_over = None
     if source == "files":
         manifest = None
+    elif source == "auto":  # never call two directories identical from a manifest whose files changed
+        manifest, passed_over = _usable(path, manifest)
     elif manifest is None:
-        manifest = _manifest(path)
+        manifest = _manifest(path)  # a malformed one raises: it names the file and what is wrong
     if source == "manifest" and manifest is None:
         raise UsageError(f"{path}: no trainer_guard_manifest.json; drop --source manifest to compare the files")
     step = _step_of(path)
-    stale = _stale(path, manifest) if manifest is not None else None
-    if stale and source == "manifest":
+    stale = _stale(path, manifest) if source == "manifest" else None
+    if stale:
         raise UsageError(f"{path}: the manifest does not describe the files here ({stale}); run `trainer-guard "
                          f"doctor {path}`, or drop --source manifest to compare the files")
-    if stale:
-        manifest = None  # never call two directories identical from a manifest whose files changed
     if manifest is not None and (source == "manifest" or manifest.get("algo") == CHECKSUM_ALGO):
         from .core.manifest import entries
 
@@ -137,15 +146,14 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
         return {"path": path, "source": "manifest", "global_step": ms if isinstance(ms, int) else step,
                 "algo": manifest.get("algo"),
                 "tensors": {n: {"checksum": e["checksum"], "dtype": e["dtype"], "shape": list(e["shape"])}
-                            for n, e in entries(manifest).items()}}
+                            for n, e in entries(manifest).items()}, "notes": []}
     files = _files(path)
     subdirs = adapter_subdirs(path)
     if not files and subdirs:
         raise UsageError(f"{path}: holds PEFT adapters in sub-directories ({', '.join(d + '/' for d in subdirs)}), "
                          f"nothing at the top level; diff() compares those, load_side() one directory")
-    if not files and stale:
-        raise UsageError(f"{path}: no *.safetensors file, and its trainer_guard_manifest.json cannot stand for the "
-                         f"files ({stale}); nothing to compare")
+    if not files and passed_over:
+        raise UsageError(f"{path}: no *.safetensors file, and {passed_over}; nothing to compare")
     if not files:
         from .doctor import checkpoints_in
 
@@ -168,7 +176,8 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
                          f"fix or delete it") from None
     tensors = {n: {"checksum": s, "dtype": _ST_TO_TORCH.get(meta[n]["dtype"], meta[n]["dtype"]),
                    "shape": list(meta[n]["shape"])} for n, s in sums.items()}
-    return {"path": path, "source": "files", "global_step": step, "algo": CHECKSUM_ALGO, "tensors": tensors}
+    return {"path": path, "source": "files", "global_step": step, "algo": CHECKSUM_ALGO, "tensors": tensors,
+            "notes": [_note(passed_over)] if passed_over else []}
 
 
 def _stale(path: str, manifest: dict[str, Any]) -> str | None:
@@ -176,8 +185,6 @@ def _stale(path: str, manifest: dict[str, Any]) -> str | None:
     files = manifest.get("files") or {}
     if not files:
         return "it lists no files"
-    from .core.manifest import MANIFEST_FILE
-
     written = os.path.getmtime(os.path.join(path, MANIFEST_FILE)) if os.path.isdir(path) else None
     unlisted = sorted(set(safetensors_files(path) if os.path.isdir(path) else []) - set(files))
     if unlisted:
@@ -212,13 +219,18 @@ def _pair(a: str, b: str, source: str, progress: bool) -> tuple[dict[str, Any], 
     """Both sides of one directory level: from the manifests when both have one (same algorithm, not stale) or
     ``source`` says so, else from the files."""
     ma = mb = None
-    if source == "auto":  # manifests only when both sides have one with the same algorithm
-        ma, mb = _manifest(a), _manifest(b)
-        if not (ma and mb and ma.get("algo") == mb.get("algo")) or _stale(a, ma) or _stale(b, mb):
+    why: tuple[str | None, str | None] = (None, None)
+    if source == "auto":  # manifests only when both sides have one with the same algorithm (malformed, stale: none)
+        (ma, wa), (mb, wb) = _usable(a), _usable(b)
+        why = (wa, wb)
+        if not (ma and mb and ma.get("algo") == mb.get("algo")):
             source, ma, mb = "files", None, None  # a manifest whose files changed never answers for them
         else:
             source = "manifest"
     sa, sb = load_side(a, source, ma, progress), load_side(b, source, mb, progress)
+    for side, w in zip((sa, sb), why):
+        if w:
+            side["notes"].insert(0, _note(w))
     if source == "manifest" and sa["algo"] != sb["algo"]:
         raise UsageError(f"the manifests use different checksum algorithms ({sa['algo']} in A, {sb['algo']} in B); "
                          f"compare the files with --source files")
@@ -240,7 +252,7 @@ def _sides(a: str, b: str, source: str, progress: bool) -> tuple[dict[str, Any],
         return _pair(a, b, source, progress)
     out: list[dict[str, Any]] = [{"path": a, "global_step": _step_of(a)}, {"path": b, "global_step": _step_of(b)}]
     for side in out:
-        side.update({"tensors": {}, "sources": set(), "algo": None})
+        side.update({"tensors": {}, "sources": set(), "algo": None, "notes": []})
     for part in sorted(set(parts_a) | set(parts_b), key=lambda p: (p != "", p)):
         pa, pb = (os.path.join(a, part) if part else a), (os.path.join(b, part) if part else b)
         if part in parts_a and part in parts_b:
@@ -252,6 +264,7 @@ def _sides(a: str, b: str, source: str, progress: bool) -> tuple[dict[str, Any],
             if got is not None:
                 side["tensors"].update({(f"{part}/{n}" if part else n): e for n, e in got["tensors"].items()})
                 side["sources"].add(got["source"])
+                side["notes"].extend(got["notes"])
                 side["algo"] = side["algo"] or got["algo"]
                 if side["global_step"] is None:
                     side["global_step"] = got["global_step"]
@@ -264,11 +277,11 @@ def _sides(a: str, b: str, source: str, progress: bool) -> tuple[dict[str, Any],
 def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto", progress: bool = False) -> dict[str, Any]:
     """Compare two checkpoint/model directories; return the JSON-able report ``trainer-guard diff --json`` prints.
 
-    Keys: ``a``/``b`` (path, source, global_step, tensor count), ``steps`` (B's step minus A's, or None),
-    ``identical``, ``counts`` (same/changed/only_a/only_b), ``modules`` (see
-    :func:`trainer_guard.core.audit.module_summary`), ``tensors`` (name -> status), ``retyped`` (name -> what
-    changed in dtype/shape). PEFT adapters saved in per-name sub-directories are compared too, their tensors named
-    ``<adapter>/<tensor>``.
+    Keys: ``a``/``b`` (path, source, global_step, tensor count, ``notes``: why a manifest was passed over for the
+    files), ``steps`` (B's step minus A's, or None), ``identical``, ``counts`` (same/changed/only_a/only_b),
+    ``modules`` (see :func:`trainer_guard.core.audit.module_summary`), ``tensors`` (name -> status), ``retyped``
+    (name -> what changed in dtype/shape). PEFT adapters saved in per-name sub-directories are compared too, their
+    tensors named ``<adapter>/<tensor>``.
 
     Example:
         >>> report = diff("out/checkpoint-2", "out/checkpoint-4")  # doctest: +SKIP
@@ -303,6 +316,7 @@ def format_text(report: Mapping[str, Any], list_tensors: bool = False) -> str:
     lines = [f"A: {side(a)}", f"B: {side(b)}",
              f"{sum(c.values())} tensors: {c[SAME]} same, {c[CHANGED]} changed, {c[ONLY_A]} only in A, "
              f"{c[ONLY_B]} only in B"]
+    lines[2:2] = [f"note: {n}" for n in (*a.get("notes", ()), *b.get("notes", ()))]
     if not c[SAME] and not c[CHANGED] and (c[ONLY_A] or c[ONLY_B]):
         lines.append("no tensor name in common: an adapter against a full model, or two different models?")
     for m in report["modules"]:

@@ -13,9 +13,9 @@ Checks (field reports R1-R5):
 PEFT adapters not named ``"default"`` live in ``PATH/<name>/`` (``PeftModel.save_pretrained``'s layout): each such
 sub-directory is checked the same way, its findings prefixed ``<name>/:``.
 
-Exit code: 0 healthy, 1 problems found, 2 unusable input (missing directory, truncated or foreign file, foreign or
-missing manifest; the checks that need none still run). ``--json`` prints one JSON object; progress bars go to
-stderr for files over 256 MB. User errors never print a traceback.
+Exit code: 0 healthy, 1 problems found, 2 unusable input (missing directory, truncated or foreign file, foreign,
+malformed or missing manifest; the checks that need none still run). ``--json`` prints one JSON object; progress
+bars go to stderr for files over 256 MB. User errors never print a traceback.
 
 Example:
     $ trainer-guard doctor out/checkpoint-500
@@ -34,6 +34,7 @@ from typing import Any
 
 from .core.manifest import (
     MANIFEST_FILE,
+    MalformedManifestError,
     TensorInfo,
     adapter_subdirs,
     compare,
@@ -126,11 +127,6 @@ def _read_json(path: str, report: Report, what: str) -> dict | None:
     except RecursionError:
         report.unusable.append(Finding(what, f"{os.path.basename(path)}: unreadable (JSON nested too deeply)"))
         return None
-
-
-def _why(e: BaseException) -> str:
-    """What a ``RecursionError`` / ``OverflowError`` from reading a JSON file means, in words."""
-    return "JSON nested too deeply" if isinstance(e, RecursionError) else f"a number out of range: {e}"
 
 
 def diagnose(path: str | os.PathLike, *, progress: bool = False, no_manifest_ok: bool = False) -> Report:
@@ -242,12 +238,11 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, pro
 
     try:
         manifest = read_manifest(path)
-    except UsageError as e:
-        report.unusable.append(Finding("manifest", f"foreign manifest: {e}"))
+    except MalformedManifestError as e:  # corrupted or hand-edited: no tensor can be checked against it
+        report.unusable.append(Finding("manifest", e.named(MANIFEST_FILE, e.what)))
         return None
-    except (RecursionError, OverflowError) as e:  # JSON nested absurdly deep, a shape of 1e400
-        report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: malformed manifest ({_why(e)}); "
-                                                   f"delete it or re-save the checkpoint"))
+    except UsageError as e:  # another format, a newer version, unreadable
+        report.unusable.append(Finding("manifest", f"foreign manifest: {e}"))
         return None
     if manifest is None:
         msg = f"{MANIFEST_FILE}: missing, so the tensors could not be verified (save with IntegrityGuard to get one)"
@@ -260,13 +255,8 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, pro
         report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: checksum {manifest.get('algo')!r} is not this "
                                                    f"version's {CHECKSUM_ALGO!r}; upgrade trainer_guard to verify it"))
         return manifest
-    try:
-        intact = int(manifest.get("fingerprint", "0"), 16) == fingerprint(
-            {k: e["checksum"] for k, e in recorded.items()})
-    except ChecksumError as e:  # a checksum outside 0..2**64-1: not one this library wrote
-        report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: malformed manifest ({e}); delete it or "
-                                                   f"re-save the checkpoint"))
-        return None
+    intact = int(manifest.get("fingerprint", "0"), 16) == fingerprint(  # read_manifest checked both are 64-bit
+        {k: e["checksum"] for k, e in recorded.items()})
     if not intact:
         report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: its fingerprint does not match its own tensor "
                                                    f"entries: the manifest was edited or corrupted"))

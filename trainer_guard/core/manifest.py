@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
+import re
 import reprlib
 import struct
 import time
@@ -60,6 +60,7 @@ __all__ = [
     "build_manifest",
     "write_manifest",
     "read_manifest",
+    "MalformedManifestError",
     "entries",
     "index_entries",
     "tensor_entries",
@@ -294,12 +295,33 @@ def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) ->
     return path
 
 
+class MalformedManifestError(UsageError):
+    """A manifest file that is unreadable as one (corrupted, hand-edited, not JSON): ``path``, and ``what`` is wrong.
+
+    Not raised for a manifest of another format or a newer version (plain :class:`UsageError`): those are foreign.
+    """
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(self.named(path, what))
+        self.path, self.what = path, what
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable with its two arguments
+        return type(self), (self.path, self.what)
+
+    @staticmethod
+    def named(name: str, what: str) -> str:
+        """The message, naming the manifest as ``name`` (a full path, or just the file name in a report)."""
+        return f"{name}: malformed manifest ({what}); delete it or re-save the checkpoint"
+
+
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The manifest in ``directory``, or ``None`` when it has none.
 
     Raises:
-        UsageError: the file exists but is not a trainer_guard manifest (not JSON, another format, a newer
-            version, malformed entries); the message names the file and what is wrong.
+        MalformedManifestError: the file is not valid JSON (nested too deeply included) or holds malformed entries
+            (a shape of 1e400 or 2.5, a checksum or fingerprint that is not 1 to 16 hex digits, ...).
+        UsageError: the file is unreadable, of another format or of a newer version. Each message names the file
+            and what is wrong.
     """
     path = os.path.join(os.fspath(directory), MANIFEST_FILE)
     if not os.path.isfile(path):
@@ -307,15 +329,16 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     try:
         m = read_json(path)
     except ValueError as e:  # bad UTF-8 or JSON, an int of > 4300 digits
-        raise UsageError(f"{path}: not valid JSON ({e}); delete it or re-save the checkpoint") from None
+        raise MalformedManifestError(path, f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise MalformedManifestError(path, "JSON nested too deeply") from None
     except OSError as e:
         raise UsageError(f"{path}: unreadable ({e.strerror or e}); check its permissions") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         got = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise UsageError(f"{path}: not a trainer_guard manifest (format {got!r}, expected {MANIFEST_FORMAT!r})")
     if type(m.get("version")) is not int:  # noqa: E721  (True == 1 and 1.0 == 1: not a version number)
-        raise UsageError(f"{path}: malformed manifest (version is {reprlib.repr(m.get('version'))}, expected an integer); "
-                         f"delete it or re-save the checkpoint")
+        raise MalformedManifestError(path, f"version is {reprlib.repr(m.get('version'))}, expected an integer")
     if m.get("version") != MANIFEST_VERSION:
         raise UsageError(f"{path}: manifest version {m.get('version')!r} is not supported (this trainer_guard reads "
                          f"version {MANIFEST_VERSION}); upgrade trainer_guard")
@@ -323,16 +346,14 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     bad = [f"{k!r} is a {type(m[k]).__name__}, expected a {t.__name__}" for k, t in shapes.items()
            if k in m and not isinstance(m[k], t)]
     if bad or "tensors" not in m:
-        raise UsageError(f"{path}: malformed manifest ({'; '.join(bad) or 'no tensors entry'}); delete it or "
-                         f"re-save the checkpoint")
+        raise MalformedManifestError(path, "; ".join(bad) or "no tensors entry")
     bad = _malformed_values(m)
     if bad:
-        raise UsageError(f"{path}: malformed manifest ({bad}); delete it or re-save the checkpoint")
-    try:
+        raise MalformedManifestError(path, bad)
+    try:  # _malformed_values checked what these read; kept as a net for anything it missed
         entries(m)
-        int(m.get("fingerprint", "0"), 16)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{path}: malformed manifest entry ({e!r}); delete it or re-save the checkpoint") from None
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
+        raise MalformedManifestError(path, f"entry {e!r}") from None
     return m
 
 
@@ -341,20 +362,29 @@ def _uint(v: Any) -> bool:
     return type(v) is int and 0 <= v < 1 << 63  # noqa: E721
 
 
+def _hex64(v: Any) -> bool:
+    """``v`` is a checksum as manifests store it: 1 to 16 hex digits (an unsigned 64-bit int)."""
+    return isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{1,16}", v) is not None
+
+
 def _malformed_values(m: Mapping[str, Any]) -> str | None:
     """What is wrong inside a manifest whose top-level keys have the right types (hand edits), or ``None``."""
     step = m.get("global_step")
     if step is not None and not _uint(step):
         return f"global_step is {reprlib.repr(step)}, expected a step number or null"
+    if "fingerprint" in m and not _hex64(m["fingerprint"]):
+        return f"fingerprint is {reprlib.repr(m['fingerprint'])}, expected 1 to 16 hex digits"
     for name, e in m["tensors"].items():
         if not isinstance(e, dict) or not isinstance(e.get("file", ""), str) or not isinstance(
                 e.get("source", "model"), str):
             return f"tensor entry {name!r} needs a 'file' and a 'source' that are strings"
+        if not _hex64(e.get("checksum")):
+            return (f"tensor {name!r}: checksum {reprlib.repr(e.get('checksum'))} is not 1 to 16 hex digits "
+                    f"(0 to 2**64-1)")
         if not isinstance(e.get("dtype"), str):
             return f"tensor {name!r}: dtype {reprlib.repr(e.get('dtype'))} is not a dtype name"
         shape = e.get("shape")
-        # +-inf (1e400) is left to entries(), whose OverflowError doctor and diff report themselves
-        if not isinstance(shape, list) or not all(_uint(s) or isinstance(s, float) and math.isinf(s) for s in shape):
+        if not isinstance(shape, list) or not all(_uint(s) for s in shape):
             return f"tensor {name!r}: shape {reprlib.repr(shape)} is not a list of sizes (integers 0 to 2**63-1)"
     for fname, info in m.get("files", {}).items():
         if not isinstance(info, dict) or not all(_uint(info[k]) for k in ("size", "tensors") if k in info):

@@ -179,6 +179,23 @@ def test_hand_edited_sidecars_are_unusable_input_not_tracebacks(ckpt, capsys, na
     assert code == 2 and says in " ".join(_messages(rep, "unusable"))
 
 
+def test_newer_or_unreadable_manifest_is_named_not_called_foreign(ckpt, capsys, monkeypatch):
+    m = json.loads((ckpt / MANIFEST_FILE).read_text())
+    (ckpt / MANIFEST_FILE).write_text(json.dumps({**m, "version": 99}))
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2 and _messages(rep, "unusable") == [
+        f"{ckpt / MANIFEST_FILE}: manifest version 99 is not supported (this trainer_guard reads version 1); "
+        f"upgrade trainer_guard"]
+    import trainer_guard.core.manifest as manifest
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(manifest, "read_json", denied)
+    code, rep = _doctor(ckpt, capsys=capsys)
+    assert code == 2 and _messages(rep, "unusable") == [
+        f"{ckpt / MANIFEST_FILE}: unreadable (Permission denied); check its permissions"]
+
 def test_unreadable_weights_file_is_a_finding(ckpt, capsys, monkeypatch):
     import trainer_guard.doctor as doctor
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from .core.manifest import (
     MANIFEST_FILE,
+    ForeignManifestError,
     MalformedManifestError,
     TensorInfo,
     adapter_subdirs,
@@ -241,8 +242,11 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, pro
     except MalformedManifestError as e:  # corrupted or hand-edited: no tensor can be checked against it
         report.unusable.append(Finding("manifest", e.named(MANIFEST_FILE, e.what)))
         return None
-    except UsageError as e:  # another format, a newer version, unreadable
+    except ForeignManifestError as e:  # another tool's file under our name
         report.unusable.append(Finding("manifest", f"foreign manifest: {e}"))
+        return None
+    except UsageError as e:  # a newer version, unreadable: the message names the file and the fix
+        report.unusable.append(Finding("manifest", str(e)))
         return None
     if manifest is None:
         msg = f"{MANIFEST_FILE}: missing, so the tensors could not be verified (save with IntegrityGuard to get one)"

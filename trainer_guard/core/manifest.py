@@ -48,6 +48,7 @@ from .checksum import safetensors_files, safetensors_paths  # noqa: F401  (safet
 from .io import atomic_write_json, read_json
 
 __all__ = [
+    "ForeignManifestError",
     "MANIFEST_FILE",
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
@@ -298,7 +299,7 @@ def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) ->
 class MalformedManifestError(UsageError):
     """A manifest file that is unreadable as one (corrupted, hand-edited, not JSON): ``path``, and ``what`` is wrong.
 
-    Not raised for a manifest of another format or a newer version (plain :class:`UsageError`): those are foreign.
+    Not raised for a manifest of another format (:class:`ForeignManifestError`) or a newer version.
     """
 
     def __init__(self, path: str, what: str) -> None:
@@ -314,13 +315,18 @@ class MalformedManifestError(UsageError):
         return f"{name}: malformed manifest ({what}); delete it or re-save the checkpoint"
 
 
+class ForeignManifestError(UsageError):
+    """A ``trainer_guard_manifest.json`` that is JSON but not a trainer_guard manifest (another tool's file)."""
+
+
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The manifest in ``directory``, or ``None`` when it has none.
 
     Raises:
         MalformedManifestError: the file is not valid JSON (nested too deeply included) or holds malformed entries
             (a shape of 1e400 or 2.5, a checksum or fingerprint that is not 1 to 16 hex digits, ...).
-        UsageError: the file is unreadable, of another format or of a newer version. Each message names the file
+        ForeignManifestError: the file is another tool's (another ``format``).
+        UsageError: the file is unreadable or of a newer version. Each message names the file
             and what is wrong.
     """
     path = os.path.join(os.fspath(directory), MANIFEST_FILE)
@@ -336,7 +342,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
         raise UsageError(f"{path}: unreadable ({e.strerror or e}); check its permissions") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         got = m.get("format") if isinstance(m, dict) else type(m).__name__
-        raise UsageError(f"{path}: not a trainer_guard manifest (format {got!r}, expected {MANIFEST_FORMAT!r})")
+        raise ForeignManifestError(f"{path}: not a trainer_guard manifest (format {got!r}, expected "
+                                   f"{MANIFEST_FORMAT!r})")
     if type(m.get("version")) is not int:  # noqa: E721  (True == 1 and 1.0 == 1: not a version number)
         raise MalformedManifestError(path, f"version is {reprlib.repr(m.get('version'))}, expected an integer")
     if m.get("version") != MANIFEST_VERSION:

@@ -113,6 +113,25 @@ class EmbeddingLRGuard(Guard):
                 factors[role], how[role] = 0.1, "the default ratio 0.1"
         return factors, how
 
+    # -- wiring -----------------------------------------------------------------------------------------------
+    def wire(self, trainer: Any) -> None:
+        """Merge the groups back before each ``trainer.train()`` (see :func:`trainer_guard.guard`); idempotent.
+
+        A run stopped inside the optimizer step (an exception or Ctrl-C between ``on_pre_optimizer_step`` and
+        ``on_step_end``: in ``optimizer.step()``, the scheduler step or an ``on_optimizer_step`` callback) leaves the
+        Trainer's optimizer split, and the next ``train()`` on the same Trainer reuses it: its optimizer load (resume)
+        fails with "loaded state dict has a different number of parameter groups" and a new scheduler would be built
+        over the split groups. No event fires before either, so the merge happens here."""
+        if getattr(trainer, "_trainer_guard_embedding_lr", None) is self:
+            return
+        train = trainer.train
+
+        def _train(*a: Any, **kw: Any):
+            self._merge()
+            return train(*a, **kw)
+
+        trainer.train, trainer._trainer_guard_embedding_lr = _train, self
+
     # -- events -----------------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs: Any):
         if model is not None:

@@ -136,6 +136,15 @@ class IntegrityGuard(Guard):
     def on_step_end(self, args, state, control, **kwargs: Any):
         self._join_writer()
 
+    def on_log(self, args, state, control, **kwargs: Any):
+        # The Trainer's last log (train metrics) comes after the loop and before its train-end cleanup: the best
+        # model load and, with save_total_limit=1, the rmtree of every checkpoint but the best one. A manifest
+        # still being written into such a checkpoint then lands in a directory the rmtree is emptying, which it
+        # cannot remove any more: a checkpoint-N holding only trainer_guard_manifest.json, which
+        # train(resume_from_checkpoint=True) picks and fails on. Mid-run logs precede that step's save (the
+        # previous save's write was joined at on_step_end), so this waits only at the end; every rank logs here.
+        self._join_writer()
+
     def on_train_end(self, args, state, control, model=None, **kwargs: Any):
         self._join_writer()
         best = state.best_model_checkpoint if args.load_best_model_at_end else None

@@ -5,22 +5,13 @@ import os
 import time
 
 import pytest
-from conftest import make_args
-from transformers import Trainer
+from test_integrity import _train
 
 from trainer_guard import IntegrityGuard
 from trainer_guard.core.checkpoint import rewritten_since
 from trainer_guard.core.manifest import MANIFEST_FILE, read_manifest
 from trainer_guard.errors import IntegrityError
-from trainer_guard.tiny import tiny_dataset, tiny_model
-
-
-def _train(model, out, callbacks=(), resume=None, **kw):
-    kw.setdefault("max_steps", 2)
-    trainer = Trainer(model=model, args=make_args(out, **kw), train_dataset=tiny_dataset(16, 16, 128),
-                      callbacks=list(callbacks))
-    trainer.train(resume_from_checkpoint=resume)
-    return trainer
+from trainer_guard.tiny import tiny_model
 
 
 def test_stale_manifest_in_a_reused_checkpoint_dir_is_explained(tmp_path):

@@ -237,6 +237,12 @@ def _pair(a: str, b: str, source: str, progress: bool) -> tuple[dict[str, Any], 
     return sa, sb
 
 
+def _is_adapter(path: str) -> bool:
+    """Whether ``path`` holds a PEFT adapter (``adapter_config.json``, or only per-adapter sub-directories)."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "adapter_config.json"))
+                                    or (bool(adapter_subdirs(path)) and not _files(path)))
+
+
 def _parts(path: str) -> list[str]:
     """The weight directories of ``path``: ``""`` (itself, when it holds weights) and PEFT's per-adapter
     sub-directories (those with ``adapter_model.safetensors``: the only format compared)."""
@@ -298,6 +304,13 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto", progr
             if what:
                 retyped[n] = "; ".join(what)
     counts = {k: sum(1 for s in status.values() if s == k) for k in (SAME, CHANGED, ONLY_A, ONLY_B)}
+    adapters = [p for p in (sa["path"], sb["path"]) if _is_adapter(p)]
+    if ta and tb and not counts[SAME] and not counts[CHANGED] and len(adapters) == 1:
+        full = sb["path"] if adapters[0] == sa["path"] else sa["path"]
+        raise UsageError(f"{adapters[0]} is a PEFT adapter and {full} a full model: their "
+                         f"tensors cannot be compared (no name in common). Compare two adapters, or merge this one "
+                         f"into its base model (PeftModel.from_pretrained(base, adapter).merge_and_unload()"
+                         f".save_pretrained(dir)) and compare that directory with {full}")
     sa["tensors"], sb["tensors"] = len(ta), len(tb)
     steps = (sb["global_step"] - sa["global_step"]) if None not in (sa["global_step"], sb["global_step"]) else None
     return {"a": sa, "b": sb, "steps": steps, "identical": counts[SAME] == len(status), "counts": counts,

@@ -56,6 +56,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 PROGRESS_BYTES = 256 * 1024 * 1024
 _FLOAT = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu",
           "float8_e4m3fnuz", "float8_e5m2fnuz")
+_TOKENS = re.compile(r"\.token_adapter\.trainable_tokens_delta$")  # PEFT trainable_token_indices: rows, not a copy
 _LORA = re.compile(r"\.(lora_[A-Za-z_]+|hada_w\d_[ab]|lokr_w\d.*|ia3_l|oft_r)(\.[^.]+)?\.weight$|\.lora_magnitude_vector")
 
 
@@ -188,6 +189,7 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
             hint = f" (it holds {', '.join(checkpoints_in(path))}: pass one of those)"
         report.unusable.append(Finding("files", f"{path}: no *.safetensors weights in this directory{hint}"))
     index: dict[str, TensorInfo] = {}
+    twice: dict[tuple[str, str], list[str]] = {}  # (earlier file, later file) -> the tensors both hold
     for f in files:
         try:
             problem = file_problem(os.path.join(path, f))
@@ -199,12 +201,13 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
             try:
                 for k, info in read_index(os.path.join(path, f)).items():
                     if k in index:
-                        report.problems.append(Finding("files", f"{k}: stored twice, in {index[k].file} and {f}"))
+                        twice.setdefault((index[k].file, f), []).append(k)
                     index[k] = info
                 continue
             except IntegrityError as e:
                 problem = str(e)
         report.unusable.append(Finding("files", problem))
+    _report_twice(path, twice, sizes, report)
     for idx in sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json")):
         data = _read_json(os.path.join(path, idx), report, "files") or {}
         by_file: dict[str, list[str]] = {}
@@ -212,6 +215,15 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
         if "weight_map" in data and (not isinstance(weight_map, dict)
                                      or not all(isinstance(v, str) for v in weight_map.values())):
             report.unusable.append(Finding("files", f"{idx}: 'weight_map' is not a mapping of tensor names to files"))
+            continue
+        single = idx.removesuffix(".index.json")
+        if single in sizes:  # from_pretrained loads model.safetensors and never reads its index
+            listed = sorted(set((weight_map or {}).values()))
+            if listed and not any(s in sizes for s in listed):  # with its shards present, _report_twice named them
+                report.warnings.append(Finding("files", (
+                    f"{idx}: left over from an earlier sharded save (its {len(listed)} shard(s) are gone; "
+                    f"save_pretrained removes old shards but not their index): from_pretrained loads {single} and "
+                    f"ignores it, but other loaders may read the index first; delete it")))
             continue
         for name, shard in (weight_map or {}).items():
             by_file.setdefault(shard, []).append(name)
@@ -223,6 +235,39 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
                 for name in sorted(n for n in names if n not in index):
                     report.problems.append(Finding("files", f"{name}: {idx} puts it in {shard}, which lacks it"))
     return index, sizes
+
+
+def _report_twice(path: str, twice: dict[tuple[str, str], list[str]], sizes: dict[str, int],
+                  report: Report) -> None:
+    """One finding per stale copy: tensors stored in two files (an earlier save's file left next to a newer one)."""
+    from .core.checksum import duplicate_hint
+
+    grouped: dict[tuple[str, str | None], list[tuple[str, list[str]]]] = {}
+    for (a, b), names in twice.items():
+        hint = duplicate_hint(path, a, b)
+        if hint is None:
+            report.problems.extend(Finding("files", f"{k}: stored twice, in {a} and {b}") for k in names)
+            continue
+        kept, idx, _ = hint
+        other = b if kept == a else a
+        grouped.setdefault((kept, idx or other), []).append((other, names))
+    for (kept, key), parts in sorted(grouped.items()):
+        names = sorted(n for _, ns in parts for n in ns)
+        others = sorted(o for o, _ in parts)
+        if key in others:  # a file no index lists
+            report.problems.append(Finding("files", (
+                f"{key}: holds {len(names)} tensor(s) that {kept} holds too (e.g. {names[0]}), and no shard index "
+                f"lists it: from_pretrained loads {kept} only and ignores it. Left over from an earlier save? "
+                f"Delete it")))
+            continue
+        mtime = os.path.getmtime
+        newer = ", which were written after it" if max(mtime(os.path.join(path, o)) for o in others) > mtime(
+            os.path.join(path, kept)) else ""
+        report.problems.append(Finding("files", (
+            f"{kept} and the shard(s) of {key} ({', '.join(others)}) both hold {len(names)} tensors (e.g. "
+            f"{names[0]}): from_pretrained loads {kept} and ignores the shards{newer}. save_pretrained with "
+            f"max_shard_size leaves an earlier {kept} in place: if the shards are the latest save, delete {kept}; "
+            f"otherwise delete {key} and its shards")))
 
 
 def checkpoints_in(path: str) -> list[str]:
@@ -388,8 +433,8 @@ def adapter_breakdown(index: dict[str, TensorInfo], nbytes: dict[str, int]) -> l
     """
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for name in index:
-        m = _LORA.search(name)
-        kind = "lora" if m else "full copy"
+        m = _LORA.search(name) or _TOKENS.search(name)
+        kind = ("trainable tokens" if m.re is _TOKENS else "lora") if m else "full copy"
         module = (name[: m.start()] if m else name.rsplit(".", 1)[0]).rsplit(".", 1)[-1]
         g = groups.setdefault((module, kind), {"module": module, "kind": kind, "tensors": 0, "bytes": 0})
         g["tensors"] += 1

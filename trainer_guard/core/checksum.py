@@ -93,6 +93,7 @@ __all__ = [
     "file_checksums",
     "safetensors_entries",
     "index_weight_map",
+    "duplicate_hint",
     "fingerprint",
     "dtype_name",
     "finalize",
@@ -474,8 +475,38 @@ def index_weight_map(idx: str, error: type[Exception] = ChecksumError) -> dict[s
     return weight_map
 
 
+#: The single weight files ``from_pretrained`` reads in preference to any shard index (transformers, PEFT).
+SINGLE_FILES = ("model.safetensors", "adapter_model.safetensors")
+
+
+def duplicate_hint(directory: str | os.PathLike, a: str, b: str) -> tuple[str, str | None, str] | None:
+    """For tensors stored in both files ``a`` and ``b`` (names in ``directory``): ``(kept, index, why)`` when
+    ``from_pretrained`` reads only one of them (``kept``, e.g. ``model.safetensors``; ``index`` the shard index that
+    lists the other, or ``None``), else ``None``.
+
+    ``save_pretrained`` removes an earlier save's shards but not an earlier ``model.safetensors``, which
+    ``from_pretrained`` then loads instead of the new shards.
+    """
+    directory = os.fspath(directory)
+    for kept, other in ((a, b), (b, a)):
+        if kept not in SINGLE_FILES:
+            continue
+        idx = kept + ".index.json"
+        try:
+            listed = os.path.isfile(os.path.join(directory, idx)) and other in index_weight_map(
+                os.path.join(directory, idx)).values()
+        except ChecksumError:
+            listed = False
+        if listed:
+            return kept, idx, f"from_pretrained loads {kept} and ignores {idx} and its shards"
+        return kept, None, f"from_pretrained loads {kept} only and ignores {other}, which no shard index lists"
+    return None
+
+
 def _index_problems(directory: str, files: dict[str, dict[str, int]]) -> list[str]:
     """What the ``*.safetensors.index.json`` files of ``directory`` list that ``files`` (name -> its tensors) lack.
+    An index next to its single file (``model.safetensors.index.json`` beside ``model.safetensors``: left by an
+    earlier sharded save) is not read: ``from_pretrained`` loads the single file.
 
     Raises:
         ChecksumError: an index is unreadable or malformed (names it).
@@ -483,6 +514,8 @@ def _index_problems(directory: str, files: dict[str, dict[str, int]]) -> list[st
     problems = []
     for idx in sorted(glob.glob(os.path.join(directory, "*.safetensors.index.json"))):
         weight_map = index_weight_map(idx)
+        if os.path.basename(idx).removesuffix(".index.json") in files:
+            continue
         for name, fname in weight_map.items():
             if fname not in files:
                 problems.append(f"{idx}: tensor {name!r} is in shard {fname!r}, which is missing")
@@ -554,8 +587,9 @@ def file_checksums(path: str | os.PathLike, *, progress: bool = False) -> dict[s
             per_file[os.path.basename(f)] = sums
             for name, v in sums.items():
                 if name in owner:
-                    raise ChecksumError(f"tensor {name!r} is stored twice: in {owner[name]} and in {f}; remove the "
-                                        f"stale file")
+                    hint = duplicate_hint(path, os.path.basename(owner[name]), os.path.basename(f))
+                    raise ChecksumError(f"tensor {name!r} is stored twice: in {owner[name]} and in {f}; "
+                                        + (f"{hint[2]}: remove the stale one" if hint else "remove the stale file"))
                 owner[name] = f
                 out[name] = v
     finally:

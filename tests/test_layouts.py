@@ -91,3 +91,23 @@ def test_adapter_against_a_full_model_is_a_clear_usage_error(tmp_path, capsys):
     rc = main(["diff", str(tmp_path / "full"), str(tmp_path / "adapter"), "--json"])
     out = capsys.readouterr().out
     assert rc == 2 and "merge_and_unload" in json.loads(out)["error"]
+
+
+def test_manifest_and_inplace_load_name_the_file_that_loads_for_an_old_single_file(tmp_path):
+    """The same layout as above, met by IntegrityGuard's save check and by load_weights_inplace: the error says which
+    file from_pretrained loads, not only 'stored twice'."""
+    from trainer_guard import load_weights_inplace
+    from trainer_guard.core.checkpoint import plan_manifests
+    from trainer_guard.errors import LoadError
+
+    old, new = tiny_model("llama-untied", seed=0), tiny_model("llama-untied", seed=1)
+    old.save_pretrained(tmp_path / "d")
+    new.save_pretrained(tmp_path / "d", max_shard_size="50KB")
+    (problem,) = plan_manifests(new, tmp_path / "d", global_step=None).problems
+    assert "is stored twice" in problem and "from_pretrained loads model.safetensors" in problem, problem
+    os.remove(tmp_path / "d" / "model.safetensors.index.json")  # no index: every file is read
+    target = tiny_model("llama-untied", seed=2)
+    before = {n: p.detach().clone() for n, p in target.named_parameters()}
+    with pytest.raises(LoadError, match="from_pretrained loads model.safetensors only and ignores model-0000"):
+        load_weights_inplace(target, tmp_path / "d")
+    assert all(torch.equal(p, before[n]) for n, p in target.named_parameters())

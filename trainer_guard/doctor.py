@@ -293,6 +293,8 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, pro
     except UsageError as e:  # a newer version, unreadable: the message names the file and the fix
         report.unusable.append(Finding("manifest", str(e)))
         return None
+    if manifest is None and not index:  # no weights read: that finding is already there, and says what to pass
+        return None
     if manifest is None:
         msg = f"{MANIFEST_FILE}: missing, so the tensors could not be verified (save with IntegrityGuard to get one)"
         (report.warnings if no_manifest_ok else report.unusable).append(Finding("manifest", msg))

@@ -94,6 +94,7 @@ __all__ = [
     "safetensors_entries",
     "index_weight_map",
     "duplicate_hint",
+    "stored_twice",
     "fingerprint",
     "dtype_name",
     "finalize",
@@ -503,6 +504,14 @@ def duplicate_hint(directory: str | os.PathLike, a: str, b: str) -> tuple[str, s
     return None
 
 
+def stored_twice(name: str, first: str, second: str) -> str:
+    """The message for tensor ``name`` found in both files ``first`` and ``second`` (paths in one directory), naming
+    the file ``from_pretrained`` loads when it reads only one of them (:func:`duplicate_hint`)."""
+    hint = duplicate_hint(os.path.dirname(first) or ".", os.path.basename(first), os.path.basename(second))
+    return (f"tensor {name!r} is stored twice: in {first} and in {second}; "
+            + (f"{hint[2]}: remove the stale one" if hint else "remove the stale file"))
+
+
 def _index_problems(directory: str, files: dict[str, dict[str, int]]) -> list[str]:
     """What the ``*.safetensors.index.json`` files of ``directory`` list that ``files`` (name -> its tensors) lack.
     An index next to its single file (``model.safetensors.index.json`` beside ``model.safetensors``: left by an
@@ -587,9 +596,7 @@ def file_checksums(path: str | os.PathLike, *, progress: bool = False) -> dict[s
             per_file[os.path.basename(f)] = sums
             for name, v in sums.items():
                 if name in owner:
-                    hint = duplicate_hint(path, os.path.basename(owner[name]), os.path.basename(f))
-                    raise ChecksumError(f"tensor {name!r} is stored twice: in {owner[name]} and in {f}; "
-                                        + (f"{hint[2]}: remove the stale one" if hint else "remove the stale file"))
+                    raise ChecksumError(stored_twice(name, owner[name], f))
                 owner[name] = f
                 out[name] = v
     finally:

@@ -127,8 +127,9 @@ def _headers(files: list[str]) -> dict[str, tuple[str, torch.dtype | str, tuple[
                 for key in f.keys():
                     sl = f.get_slice(key)
                     if key in out:
-                        raise LoadError(f"tensor {key!r} is stored twice: in {out[key][0]} and {fp}; remove the "
-                                        f"stale file")
+                        from .checksum import stored_twice
+
+                        raise LoadError(stored_twice(key, out[key][0], fp))
                     code = sl.get_dtype()
                     out[key] = (fp, _ST_DTYPES.get(code, code), tuple(int(s) for s in sl.get_shape()))
         except LoadError:

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import IntegrityError, UsageError
-from .checksum import safetensors_files, safetensors_paths  # noqa: F401  (safetensors_files re-exported)
+from .checksum import safetensors_files, safetensors_paths, stored_twice  # noqa: F401  (safetensors_files re-exported)
 from .io import atomic_write_json, read_json
 
 __all__ = [
@@ -180,7 +180,8 @@ def read_index(path: str | os.PathLike) -> dict[str, TensorInfo]:
                 for key in f.keys():
                     sl = f.get_slice(key)
                     if key in out:
-                        raise IntegrityError(f"tensor {key!r} is stored twice: in {out[key].file} and {fname}")
+                        raise IntegrityError(stored_twice(key, os.path.join(os.path.dirname(fp), out[key].file),
+                                                          fp))
                     out[key] = TensorInfo(fname, dtype_name(sl.get_dtype()), tuple(int(s) for s in sl.get_shape()))
         except IntegrityError:
             raise

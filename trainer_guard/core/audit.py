@@ -46,6 +46,7 @@ __all__ = [
     "module_summary",
     "GroupInfo",
     "group_index",
+    "group_lr",
     "grad_state",
     "auditable",
     "UpdateAudit",
@@ -55,7 +56,7 @@ SAME, CHANGED, ONLY_A, ONLY_B = "same", "changed", "only_a", "only_b"
 
 GradState = Literal["none", "zero", "nonzero", "unknown"]
 
-# cause code -> explanation (``{group}``, ``{lr}``, ``{wd}``, ``{dtype}`` are filled in per finding).
+# cause code -> explanation (``{group}``, ``{lr}``, ``{wd}``, ``{dtype}``, ``{advice}`` are filled in per finding).
 CAUSES: dict[str, str] = {
     "not_in_optimizer": "not in any optimizer group; build the optimizer after setting requires_grad, add the "
                         "tensors to a param group, or freeze them (requires_grad=False)",
@@ -65,8 +66,8 @@ CAUSES: dict[str, str] = {
                  "by the loss; check forward hooks and .detach() calls, or freeze it",
     "grad_zero": "no gradient reached it (.grad is all zero): its output is multiplied by zero or masked out of "
                  "the loss; check the forward pass, or freeze it",
-    "stalled": "it had a non-zero gradient and LR {lr:g}, yet no value changed: updates too small for {dtype}, or "
-               "the optimizer skips it; raise the LR or keep these weights in float32",
+    "stalled": "it had a non-zero gradient and {lr}, yet no value changed: updates too small for {dtype}, or the "
+               "optimizer skips it; {advice}",
     "unfrozen": "frozen at the baseline but requires_grad=True now: something un-froze it (a wrapper, a later "
                 "requires_grad_ call); freeze it again after wrapping",
     "frozen_in_optimizer": "frozen, yet in optimizer group {group} (weight_decay {wd:g}) which updated it; build the "
@@ -86,7 +87,7 @@ class ParamFacts:
         trainable: ``requires_grad`` at the baseline.
         trainable_now: ``requires_grad`` now (``None``: same as ``trainable``).
         group: index of its optimizer param group, ``None`` when in no group.
-        lr: the group's LR at the last step of the window.
+        lr: the group's LR at the last step of the window (``None``: the optimizer sets its own step size).
         initial_lr: the group's scheduled base LR (``initial_lr``); 0 means the group never trains.
         weight_decay: the group's weight decay.
         effective_steps: optimizer steps in the window that were not skipped and ran with the group's LR > 0.
@@ -141,7 +142,14 @@ def classify(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, str]:
 
 
 def _finding(name: str, kind: str, cause: str, f: ParamFacts) -> Finding:
-    detail = CAUSES[cause].format(group=f.group, lr=f.lr or 0.0, wd=f.weight_decay, dtype=f.dtype or "its dtype")
+    lr = f"LR {f.lr:g}" if f.lr is not None else "a step size the optimizer sets itself (relative_step)"
+    raise_lr = "raise the LR" if f.lr is not None else "use a fixed LR (relative_step=False)"
+    if f.dtype in ("float32", "float64"):  # already full precision: a tiny step (LR, or clipping) is the cause
+        advice = f"{raise_lr}, or max_grad_norm if gradients are clipped to a tiny norm"
+    else:
+        advice = f"{raise_lr} or keep these weights in float32"
+    detail = CAUSES[cause].format(group=f.group, lr=lr, wd=f.weight_decay, dtype=f.dtype or "its dtype",
+                                  advice=advice)
     return Finding(name, kind, cause, detail, f.numel)
 
 
@@ -294,12 +302,30 @@ def module_summary(status: Mapping[str, str]) -> list[dict]:
 
 @dataclass(frozen=True)
 class GroupInfo:
-    """One optimizer param group as the audit sees it: index, current LR, scheduled base LR, weight decay."""
+    """One optimizer param group as the audit sees it: index, current LR, scheduled base LR, weight decay.
+
+    ``lr``/``initial_lr`` are ``None`` when the optimizer sets its own step size and ignores ``group["lr"]``.
+    """
 
     index: int
-    lr: float
-    initial_lr: float
+    lr: float | None
+    initial_lr: float | None
     weight_decay: float
+
+
+def group_lr(group: Mapping[str, Any]) -> float | None:
+    """The LR a param group steps with, or ``None`` when the optimizer computes its own step size and ignores
+    ``group["lr"]``: Hugging Face ``Adafactor(relative_step=True, lr=None)``, whose ``AdafactorSchedule`` sets the
+    group's LR to 0 for logging only. ``None`` counts as a non-zero LR.
+
+    Example:
+        >>> group_lr({"lr": 1e-3}), group_lr({"lr": 0.0, "relative_step": True}), group_lr({"lr": None})
+        (0.001, None, None)
+    """
+    lr = group.get("lr", 0.0)
+    if group.get("relative_step") or lr is None:
+        return None
+    return float(lr)
 
 
 def group_index(optimizer: Any) -> dict[int, GroupInfo]:
@@ -316,8 +342,9 @@ def group_index(optimizer: Any) -> dict[int, GroupInfo]:
     """
     out = {}
     for i, group in enumerate(getattr(optimizer, "param_groups", None) or []):
-        lr = float(group.get("lr", 0.0))
-        info = GroupInfo(i, lr, float(group.get("initial_lr", lr)), float(group.get("weight_decay", 0.0) or 0.0))
+        lr = group_lr(group)
+        initial = lr if lr is None or "initial_lr" not in group else float(group["initial_lr"])
+        info = GroupInfo(i, lr, initial, float(group.get("weight_decay", 0.0) or 0.0))
         for p in group["params"]:
             out.setdefault(id(p), info)
     return out
@@ -419,7 +446,8 @@ class UpdateAudit:
             skipped = bool(getattr(optimizer, "step_was_skipped", False))
         if not skipped:
             for i, g in enumerate(groups):
-                self._effective[i] += float(g.get("lr", 0.0)) > 0
+                lr = group_lr(g)
+                self._effective[i] += lr is None or lr > 0
         self.steps += 1
         if self.steps == 1 or self.steps % self.every == 0:
             names = list(self.params)

@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -85,11 +87,13 @@ class TokenScan:
     no_ids: int = 0
 
 
-def _examples(dataset: Any, column: str) -> Iterable[Any]:
-    """Iterate ``dataset``'s ``column`` without touching other columns where the library allows it."""
+def _examples(dataset: Any, column: str, mask_column: str | None = None) -> Iterable[Any]:
+    """Iterate ``dataset``'s ``column`` (and ``mask_column``) without touching other columns where the library
+    allows it."""
     names = getattr(dataset, "column_names", None)
     if hasattr(dataset, "select_columns") and isinstance(names, list) and column in names:
-        dataset = dataset.select_columns([column])  # datasets: no copy, skips decoding the other columns
+        keep = [column] + ([mask_column] if mask_column and mask_column in names and mask_column != column else [])
+        dataset = dataset.select_columns(keep)  # datasets: no copy, skips decoding the other columns
     if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and not hasattr(dataset, "__iter__"):
         return (dataset[i] for i in range(len(dataset)))
     return iter(dataset)
@@ -112,11 +116,51 @@ def _ids_of(example: Any, column: str) -> torch.Tensor | None:
     return t.reshape(-1).long()
 
 
+def _attended(example: Any, mask_column: str | None, n: int) -> torch.Tensor | None:
+    """Boolean mask of the positions the model attends to (``mask_column`` != 0), when the example has one of
+    ``n`` values; ``None`` otherwise (every position counts)."""
+    if not mask_column or not (isinstance(example, dict) or hasattr(example, "keys")) or not hasattr(example, "get"):
+        return None
+    m = _ids_of(example, mask_column)
+    if m is None:
+        try:
+            m = torch.as_tensor(example.get(mask_column)).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+    return m.ne(0) if m.numel() == n else None
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """Leave the global RNGs (Python, NumPy, torch CPU and initialised CUDA devices) as they were: a dataset that
+    draws from them while it is iterated (random crops, masking, a shuffle) must not see different numbers in
+    training because it was scanned first."""
+    py = random.getstate()
+    try:
+        import numpy as np
+
+        npstate = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        np, npstate = None, None
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        if np is not None:
+            np.random.set_state(npstate)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def count_token_ids(
     dataset: Any,
     ids: Sequence[int],
     *,
     column: str = "input_ids",
+    mask_column: str | None = "attention_mask",
     vocab_size: int | None = None,
     max_tokens: int | None = 2_000_000,
     max_examples: int | None = None,
@@ -129,13 +173,23 @@ def count_token_ids(
             iterable of examples (dicts with ``column``, or id sequences/tensors).
         ids: token ids to count.
         column: the field holding token ids.
+        mask_column: the field holding the attention mask: ids at positions where it is 0 (padding) are not
+            counted (``None``: count every position).
         vocab_size: also count ids outside ``[0, vocab_size)`` (``out_of_range``).
         max_tokens / max_examples / max_seconds: stop after this many tokens / examples / seconds
             (``None`` = no limit); the result says whether the scan was complete.
 
     Returns:
         A :class:`TokenScan`.
+
+    The global random number generators are restored afterwards, so the scan does not change what a dataset
+    that draws random numbers while iterated yields in training.
     """
+    with _rng_kept():
+        return _count_token_ids(dataset, ids, column, mask_column, vocab_size, max_tokens, max_examples, max_seconds)
+
+
+def _count_token_ids(dataset, ids, column, mask_column, vocab_size, max_tokens, max_examples, max_seconds):
     ids = sorted({int(i) for i in ids})
     bound = max([*ids, (vocab_size or 0) - 1, -1]) + 1
     mask = torch.zeros(bound, dtype=torch.bool)
@@ -144,7 +198,7 @@ def count_token_ids(
     scan = TokenScan()
     counts = torch.zeros(bound, dtype=torch.long)
     start = time.monotonic()
-    for example in _examples(dataset, column):
+    for example in _examples(dataset, column, mask_column):
         if max_examples is not None and scan.examples >= max_examples:
             scan.complete, scan.stopped = False, f"max_examples={max_examples}"
             break
@@ -163,7 +217,11 @@ def count_token_ids(
         inside = (t >= 0) & (t < (vocab_size if vocab_size else bound))
         if vocab_size:
             scan.out_of_range += int((~inside).sum())
-        t = t[inside & (t < bound)]
+        keep = inside & (t < bound)
+        attended = _attended(example, mask_column, t.numel())
+        if attended is not None:  # padding (attention_mask 0) never reaches the loss
+            keep &= attended
+        t = t[keep]
         hit = t[mask[t]]
         if hit.numel():
             counts += torch.bincount(hit, minlength=bound)

@@ -110,7 +110,8 @@ def test_scanning_a_random_dataset_does_not_change_training(tmp_path):
 
 
 # -- DtypeGuard: report R2 on a classification model ----------------------------------------------------------
-def test_bf16_classifier_with_fp32_score_head_trains_in_fix_mode(tmp_path):
+def _r2_classifier():
+    """Report R2: a bf16 model whose new classification head was created in float32; and its data."""
     import transformers as tf
     from datasets import Dataset
 
@@ -123,6 +124,26 @@ def test_bf16_classifier_with_fp32_score_head_trains_in_fix_mode(tmp_path):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 128, (16, 8), generator=g).tolist()
     ds = Dataset.from_dict({"input_ids": ids, "labels": [i % 3 for i in range(16)], "attention_mask": [[1] * 8] * 16})
+    return model, ds
+
+
+def test_fp32_head_under_bf16_autocast_is_left_alone_in_fix_mode(tmp_path):
+    """With bf16=True the R2 model trains unguarded (autocast): fix mode must not change that run, only say so."""
+    model, ds = _r2_classifier()
+    ref = losses(train(model, tmp_path / "a", ds=ds, bf16=True))
+    model, ds = _r2_classifier()
+    guard = DtypeGuard()
+    got = losses(train(model, tmp_path / "b", [guard], ds=ds, bf16=True))
+    assert model.score.weight.dtype == torch.float32 and got == ref
+    assert any("left 1 parameter(s) wider than the model's torch.bfloat16" in line and "bf16=True" in line
+               for line in guard.report()), guard.report()
+    model, ds = _r2_classifier()
+    train(model, tmp_path / "c", [DtypeGuard(cast_under_autocast=True)], ds=ds, bf16=True)
+    assert model.score.weight.dtype == torch.bfloat16
+
+
+def test_bf16_classifier_with_fp32_score_head_trains_in_fix_mode(tmp_path):
+    model, ds = _r2_classifier()
     guards = [DtypeGuard(), UpdateAuditGuard(every=1), HeadGuard()]
     trainer = train(model, tmp_path, guards, ds=ds, save_strategy="steps", save_steps=2)
     assert trainer.state.global_step == 4 and model.score.weight.dtype == torch.bfloat16

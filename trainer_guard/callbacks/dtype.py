@@ -12,7 +12,7 @@ from typing import Any, Literal
 from torch import nn
 
 from .._dist import agree, world_size
-from ..core.dtype import cast_mismatches, find_dtype_mismatches
+from ..core.dtype import autocast_safe, cast_mismatches, find_dtype_mismatches
 from ..errors import DtypeMismatchError
 from .base import Guard
 
@@ -33,6 +33,10 @@ class DtypeGuard(Guard):
             name segment), e.g. ``["*norm*", "score"]``.
         respect_model_fp32: keep the modules the model's class keeps in fp32 (``_keep_in_fp32_modules``).
         allow_peft_adapters: keep PEFT adapter weights (LoRA A/B), which PEFT stores in fp32 on purpose.
+        cast_under_autocast: in ``"fix"`` mode, also cast parameters wider than the model's dtype (a float32 head
+            on a bf16 model) when the Trainer runs under mixed-precision autocast (``bf16=True`` / ``fp16=True``).
+            Default ``False``: autocast already runs them without the R2 error, so they are left in their higher
+            precision and only reported (casting would change a run that works).
 
     Raises:
         DtypeMismatchError: in ``"raise"`` mode; or in ``"fix"`` mode when a mismatch appears only at train begin
@@ -52,21 +56,35 @@ class DtypeGuard(Guard):
         keep_fp32: Sequence[str] = (),
         respect_model_fp32: bool = True,
         allow_peft_adapters: bool = True,
+        cast_under_autocast: bool = False,
     ) -> None:
         super().__init__(mode=mode, keep_fp32=list(keep_fp32), respect_model_fp32=respect_model_fp32,
-                         allow_peft_adapters=allow_peft_adapters)
+                         allow_peft_adapters=allow_peft_adapters, cast_under_autocast=cast_under_autocast)
 
     @classmethod
     def _check_options(cls, options: dict[str, Any]) -> list[str]:
         bad = [p for p in options.get("keep_fp32", ()) if not p.strip()]
         return [f"keep_fp32: empty pattern in {list(options['keep_fp32'])!r}; remove it"] if bad else []
 
-    def check(self, model: nn.Module, optimizer: Any = None, when: str = "train begin") -> list[str]:
-        """Check ``model`` and act per ``mode``; return what was done (one line per cast or finding)."""
+    def check(self, model: nn.Module, optimizer: Any = None, when: str = "train begin",
+              autocast: str | None = None) -> list[str]:
+        """Check ``model`` and act per ``mode``; return what was done (one line per cast or finding).
+
+        ``autocast``: the mixed-precision setting the Trainer runs under (``"bf16=True"``), ``None`` for none.
+        """
         o = self.options
         report = find_dtype_mismatches(model, o["keep_fp32"], o["respect_model_fp32"], o["allow_peft_adapters"])
         for issue in report.kept:
             self.note(f"kept {issue} ({issue.reason})", "debug")
+        if autocast and o["mode"] == "fix" and not o["cast_under_autocast"]:
+            safe = autocast_safe(report)
+            if safe:
+                report.mismatched = [i for i in report.mismatched if i not in safe]
+                report.kept += safe
+                self.note(f"left {len(safe)} parameter(s) wider than the model's {report.dominant} as they are: "
+                          f"{', '.join(str(i) for i in safe[:4])}{', ...' if len(safe) > 4 else ''}. The Trainer runs "
+                          f"under autocast ({autocast}), which trains them without the dtype error, in their higher "
+                          f"precision; cast_under_autocast=True casts them (found at {when})", "warning")
         problems = [str(i) for i in report.mismatched]
         header = (f"{type(model).__name__}: the model's dominant dtype is {report.dominant} but "
                   f"{len(problems)} parameter(s) differ (found at {when})")
@@ -92,8 +110,13 @@ class DtypeGuard(Guard):
 
     def on_init_end(self, args, state, control, model=None, **kwargs: Any):
         if model is not None:
-            self.check(model, when="init")
+            self.check(model, when="init", autocast=_autocast(args))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
         if model is not None:
-            self.check(model, optimizer, when="train begin")
+            self.check(model, optimizer, when="train begin", autocast=_autocast(args))
+
+
+def _autocast(args: Any) -> str | None:
+    """The Trainer's mixed-precision autocast setting (``"bf16=True"``/``"fp16=True"``), or ``None``."""
+    return next((f"{k}=True" for k in ("bf16", "fp16") if getattr(args, k, False) is True), None)

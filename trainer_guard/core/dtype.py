@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DtypeIssue", "DtypeReport", "is_quantized", "find_dtype_mismatches", "cast_mismatches"]
+__all__ = ["DtypeIssue", "DtypeReport", "is_quantized", "find_dtype_mismatches", "cast_mismatches", "autocast_safe"]
 
 # Top-level packages whose modules hold quantised weights (matched on the module's *type*, not its name).
 _QUANT_PACKAGES = frozenset({
@@ -198,3 +198,21 @@ def cast_mismatches(model: nn.Module, report: DtypeReport, optimizer: Any = None
                     state[k] = v.to(report.dominant)
             out.append(f"cast {issue} to {report.dominant}")
     return out
+
+
+def autocast_safe(report: DtypeReport) -> list[DtypeIssue]:
+    """The mismatches a mixed-precision autocast (the Trainer's ``bf16=True`` / ``fp16=True``) already handles:
+    floating parameters *wider* than the dominant dtype, e.g. a float32 head on a bfloat16 model (R2). Under
+    autocast the matmul runs in the low dtype on both operands, so they train as they are and keep their precision.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).to(torch.bfloat16)
+        >>> model[1] = nn.Linear(8, 2)
+        >>> [i.name for i in autocast_safe(find_dtype_mismatches(model))]
+        ['1.weight', '1.bias']
+    """
+    if report.dominant is None or not report.dominant.is_floating_point:
+        return []
+    width = torch.finfo(report.dominant).bits
+    return [i for i in report.mismatched if i.dtype.is_floating_point and torch.finfo(i.dtype).bits > width]
+

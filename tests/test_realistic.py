@@ -135,11 +135,25 @@ def test_fp32_head_under_bf16_autocast_is_left_alone_in_fix_mode(tmp_path):
     guard = DtypeGuard()
     got = losses(train(model, tmp_path / "b", [guard], ds=ds, bf16=True))
     assert model.score.weight.dtype == torch.float32 and got == ref
-    assert any("left 1 parameter(s) wider than the model's torch.bfloat16" in line and "bf16=True" in line
-               for line in guard.report()), guard.report()
+    left = [line for line in guard.report() if "left 1 parameter(s) wider than the model's torch.bfloat16" in line]
+    assert len(left) == 1 and "bf16=True" in left[0], guard.report()  # said once (checked at init and train begin)
     model, ds = _r2_classifier()
     train(model, tmp_path / "c", [DtypeGuard(cast_under_autocast=True)], ds=ds, bf16=True)
     assert model.score.weight.dtype == torch.bfloat16
+
+
+def test_kept_fp32_linear_without_autocast_is_warned_once(tmp_path):
+    """keep_fp32=['score'] with no autocast: the run is about to fail with R2's error; the guard says why, once."""
+    model, ds = _r2_classifier()
+    guard = DtypeGuard(keep_fp32=["score"])
+    with pytest.raises(RuntimeError, match="dtype"):
+        train(model, tmp_path, [guard], ds=ds)
+    said = [line for line in guard.report() if "keep_fp32 keeps score.weight" in line]
+    assert len(said) == 1 and "Train with bf16=True/fp16=True (autocast)" in said[0], guard.report()
+    model, ds = _r2_classifier()
+    guard = DtypeGuard(keep_fp32=["score"])
+    train(model, tmp_path, [guard], ds=ds, bf16=True)  # autocast: fine, nothing to say
+    assert not any("keep_fp32 keeps" in line for line in guard.report())
 
 
 def test_bf16_classifier_with_fp32_score_head_trains_in_fix_mode(tmp_path):

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from torch import nn
 
 from .._dist import agree, world_size
-from ..core.dtype import autocast_safe, cast_mismatches, find_dtype_mismatches
+from ..core.dtype import DtypeReport, autocast_safe, cast_mismatches, find_dtype_mismatches
 from ..errors import DtypeMismatchError
 from .base import Guard
 
@@ -76,11 +76,20 @@ class DtypeGuard(Guard):
         report = find_dtype_mismatches(model, o["keep_fp32"], o["respect_model_fp32"], o["allow_peft_adapters"])
         for issue in report.kept:
             self.note(f"kept {issue} ({issue.reason})", "debug")
+        if not autocast:  # a kept float32 nn.Linear in a bf16 model meets bf16 inputs: R2's error at step 1
+            doomed = [i for i in autocast_safe(DtypeReport(report.dominant, report.kept))
+                      if i.module_type == "Linear" and i.reason.startswith("keep_fp32")]
+            if doomed and self._once(("doomed", tuple(i.name for i in doomed))):
+                self.note(f"keep_fp32 keeps {', '.join(str(i) for i in doomed)} in a {report.dominant} model, and "
+                          f"the Trainer runs without autocast: an nn.Linear in float32 fed {report.dominant} "
+                          f"activations fails at the first step with 'mat1 and mat2 must have the same dtype'. Train "
+                          f"with bf16=True/fp16=True (autocast), or remove the pattern from keep_fp32", "warning")
         if autocast and o["mode"] == "fix" and not o["cast_under_autocast"]:
             safe = autocast_safe(report)
             if safe:
                 report.mismatched = [i for i in report.mismatched if i not in safe]
                 report.kept += safe
+            if safe and self._once(("autocast", tuple(i.name for i in safe))):
                 self.note(f"left {len(safe)} parameter(s) wider than the model's {report.dominant} as they are: "
                           f"{', '.join(str(i) for i in safe[:4])}{', ...' if len(safe) > 4 else ''}. The Trainer runs "
                           f"under autocast ({autocast}), which trains them without the dtype error, in their higher "
@@ -107,6 +116,14 @@ class DtypeGuard(Guard):
         for msg in done:
             self.note(f"{msg} (found at {when})", "warning")
         return done
+
+    def _once(self, key: tuple) -> bool:
+        """True the first time ``key`` is seen (the check runs at init and again at train begin)."""
+        said = self.__dict__.setdefault("_said", set())
+        if key in said:
+            return False
+        said.add(key)
+        return True
 
     def on_init_end(self, args, state, control, model=None, **kwargs: Any):
         if model is not None:

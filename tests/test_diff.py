@@ -85,6 +85,17 @@ def test_only_in_a_or_b_and_dtype_change(tmp_path, capsys):
     ]
 
 
+def test_a_whole_model_cast_is_one_line(run_dir, tmp_path, capsys):
+    sd = load_file(run_dir / "single" / "model.safetensors")
+    (tmp_path / "bf16").mkdir()
+    save_file({k: v.bfloat16() for k, v in sd.items()}, tmp_path / "bf16" / "model.safetensors")
+    rc, out, _ = cli(capsys, run_dir / "single", tmp_path / "bf16")
+    flagged = [line for line in out.splitlines() if line.startswith("  ! ")]
+    assert rc == 1 and flagged == ["  ! 21 tensors: dtype float32 -> bfloat16 (lm_head.weight, ...; --tensors lists "
+                                   "them)"], flagged
+    rc, out, _ = cli(capsys, run_dir / "single", tmp_path / "bf16", "--tensors")
+    assert len([line for line in out.splitlines() if line.startswith("  ! ")]) == 21
+
 def test_unusable_input_exits_2(run_dir, tmp_path, capsys):
     rc, _, err = cli(capsys, tmp_path / "missing", run_dir / "single")
     assert rc == 2 and err == (f"trainer-guard diff: error: {tmp_path / 'missing'}: no such file or directory; pass "

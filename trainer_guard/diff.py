@@ -339,8 +339,14 @@ def format_text(report: Mapping[str, Any], list_tensors: bool = False) -> str:
             detail = " (" + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()) + ")"
         timed = over if m["status"] in ("unchanged", "changed", "partly changed") else ""
         lines.append(f"  {m['module']}: {m['status']}{timed}{detail}")
+    by_change: dict[str, list[str]] = {}
     for name, what in report["retyped"].items():
-        lines.append(f"  ! {name}: {what}")
+        by_change.setdefault(what, []).append(name)
+    for what, names in by_change.items():  # a whole-model cast is one line, not one per tensor
+        if len(names) == 1 or list_tensors:
+            lines += [f"  ! {name}: {what}" for name in names]
+        else:
+            lines.append(f"  ! {len(names)} tensors: {what} ({names[0]}, ...; --tensors lists them)")
     if list_tensors:
         lines += [f"  {st:8s} {name}" for name, st in report["tensors"].items() if st != SAME]
     lines.append("identical" if report["identical"] else "different")

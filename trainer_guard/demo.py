@@ -1,7 +1,9 @@
-"""``trainer-guard demo``: fine-tune a tiny tied model on CPU with the default config, checkpoint, resume, reload.
+"""``trainer-guard demo``: fine-tune a tiny model on CPU with the default config, checkpoint, resume, reload.
 
-Offline and quick (well under a minute on 2 cores): the model is built from a config, the data is synthetic.
-Prints what each guard did and whether the reloaded weights match the trained ones bit for bit.
+Offline and quick (about 10 s on 2 cores): the model is built from a config (``--model``, default a Llama tied by
+hand, field report R1b; see :mod:`trainer_guard.tiny` for the kinds), the data is random token ids. ``--config``
+replaces the packaged default config. Prints what each guard did in the first run and in the resumed one, and
+whether the resumed and reloaded weights match the trained ones bit for bit; exit code 0 when they all do.
 
 ``--output-dir`` must be new or empty: checkpoints of an earlier run would mix with this one's (the resume step
 reads ``checkpoint-N``). ``--overwrite`` first removes what an earlier demo wrote there (``checkpoint-N/`` and
@@ -28,6 +30,7 @@ from .errors import UsageError
 __all__ = ["configure", "run", "default_config_path"]
 
 _DEMO_OUTPUT = re.compile(r"checkpoint-\d+|final")  # the directories a demo run writes into --output-dir
+_SAVE_EVENT = re.compile(r"(checkpoint-\d+|final): ")  # a guard's report line about one save
 
 
 def __getattr__(name: str) -> Any:
@@ -42,15 +45,19 @@ def __getattr__(name: str) -> Any:
 def configure(parser: argparse.ArgumentParser) -> None:
     from .tiny import KINDS
 
-    parser.add_argument("--model", choices=KINDS, default="llama-manual-tie",
-                        help="tiny model kind (default: a Llama tied by hand, field report R1b)")
-    parser.add_argument("--config", default=None, help="YAML config (default: the packaged default.yaml)")
-    parser.add_argument("--output-dir", default=None,
+    parser.add_argument("--model", choices=KINDS, default="llama-manual-tie", metavar="KIND",
+                        help=f"tiny model kind: {', '.join(KINDS)} (default: llama-manual-tie, a Llama tied by "
+                             "hand, field report R1b)")
+    parser.add_argument("--config", default=None, metavar="PATH",
+                        help="YAML config (default: the packaged default.yaml)")
+    parser.add_argument("--output-dir", default=None, metavar="DIR",
                         help="where checkpoints go: a new or empty directory (default: a temporary one)")
     parser.add_argument("--overwrite", action="store_true",
                         help="first remove an earlier demo's checkpoint-N/ and final/ from --output-dir "
                              "(anything else there still refuses the run)")
-    parser.add_argument("--steps", type=int, default=6, help="training steps (checkpoint every half)")
+    parser.add_argument("--steps", type=int, default=6, metavar="N",
+                        help="training steps, at least 2 (default 6; a checkpoint every N//2 steps, the resume "
+                             "starts from the first)")
 
 
 def _trainer(model, out, steps, callbacks, ds):
@@ -128,6 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from .callbacks import GUARDS
     from .config import callbacks_from_yaml, default_config_path
     from .core.ties import find_tied_groups
     from .tiny import tiny_dataset, tiny_model
@@ -148,20 +156,25 @@ def _run(args: argparse.Namespace) -> int:
     print(f"trainer-guard demo: model={args.model} config={cfg} output={out}")
 
     print(f"guards: {', '.join(type(c).__name__ for c in callbacks) or '(none enabled)'}")
+    off = [cls.__name__ for cls in GUARDS.values() if not any(type(c) is cls for c in callbacks)]
+    if off:
+        print(f"off in this config: {', '.join(off)}")
     model = tiny_model(args.model)
-    print(f"tie groups found by identity: {find_tied_groups(model) or 'none'}")
+    groups = find_tied_groups(model)
+    print(f"tie groups found by identity: {groups or 'none'}")
     first = _trainer(model, out, steps, callbacks, ds)
     first.train()
     trained = {n: p.detach().clone() for n, p in first.model.named_parameters(remove_duplicate=False)}
     losses = [round(h["loss"], 3) for h in first.state.log_history if "loss" in h]
-    print(f"1. trained {steps} steps (losses {losses}), checkpoints: {sorted(d for d in os.listdir(out) if d.startswith('checkpoint-'))}")
+    print(f"1. trained {steps} steps on random tokens (losses {losses}), "
+          f"checkpoints: {sorted(d for d in os.listdir(out) if d.startswith('checkpoint-'))}")
 
     resumed_cbs = callbacks_from_yaml(cfg)
     second = _trainer(tiny_model(args.model, seed=99), out, steps, resumed_cbs, ds)
     second.train(resume_from_checkpoint=os.path.join(out, f"checkpoint-{half}"))
     same_resume = all(torch.equal(p, trained[n]) for n, p in second.model.named_parameters(remove_duplicate=False))
-    print(f"2. resumed from checkpoint-{half} on a fresh model: final weights identical to the first run: "
-          f"{'yes' if same_resume else 'NO'}")
+    print(f"2. resumed from checkpoint-{half} on a fresh model (other random init): final weights identical to the "
+          f"first run: {'yes' if same_resume else 'NO'}")
 
     final = os.path.join(out, "final")
     second.save_model(final)
@@ -169,19 +182,31 @@ def _run(args: argparse.Namespace) -> int:
     got = dict(reloaded.named_parameters(remove_duplicate=False))
     same_reload = got.keys() == trained.keys() and all(torch.equal(got[n], trained[n]) for n in trained)
     tied_ok = find_tied_groups(reloaded) == find_tied_groups(second.model)
-    print(f"3. saved with save_model() and reloaded: bit-identical: {'yes' if same_reload else 'NO'}, "
-          f"ties restored: {'yes' if tied_ok else 'NO'}")
+    ties = ("yes" if tied_ok else "NO") if groups else ("none to restore" if tied_ok else "NO (reloaded model is tied)")
+    print(f"3. saved with save_model() to final/ and reloaded: bit-identical: {'yes' if same_reload else 'NO'}, "
+          f"ties restored: {ties}")
 
-    print("what the guards did:")
-    seen = set()
-    for cb in [*callbacks, *resumed_cbs]:
-        for line in cb.report() if hasattr(cb, "report") else []:
-            if (type(cb), line) not in seen:
-                seen.add((type(cb), line))
-                print(f"  [{type(cb).__name__}] {line}")
-    quiet = [type(cb).__name__ for cb in callbacks if not any(t is type(cb) for t, _ in seen)]
+    reported = set()
+    for title, cbs in (("run 1 (train, checkpoints)", callbacks),
+                       (f"run 2 (resume from checkpoint-{half}, train, save_model; other lines as in run 1 not repeated)",
+                        resumed_cbs)):
+        print(f"what the guards did in {title}:")
+        said = False
+        for cb in cbs:
+            for line in cb.report() if hasattr(cb, "report") else []:
+                if (type(cb), line) in reported and not _SAVE_EVENT.match(line):  # a save is news in each run
+                    continue
+                reported.add((type(cb), line))
+                said = True
+                head, *rest = line.splitlines() or [""]
+                print(f"  [{type(cb).__name__}] {head}")
+                for more in rest:
+                    print(f"      {more}")
+        if not said:
+            print("  (nothing new)")
+    quiet = [type(cb).__name__ for cb in callbacks if not any(t is type(cb) for t, _ in reported)]
     if quiet:
-        print(f"  nothing to report from: {', '.join(quiet)}")
+        print(f"silent (checked and found nothing, or nothing to do in this run): {', '.join(quiet)}")
     ok = same_resume and same_reload and tied_ok
     print("demo: OK" if ok else "demo: FAILED")
     return 0 if ok else 1

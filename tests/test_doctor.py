@@ -95,6 +95,7 @@ def test_truncated_file_is_unusable_and_named(ckpt, capsys):
     assert _messages(rep, "unusable") == [
         f"model.safetensors: truncated: {size - 100} bytes on disk, the header needs {size} (last 100 missing)"]
     assert _messages(rep, "problems") == [f"model.safetensors: {size - 100} bytes, the manifest recorded {size}"]
+    assert not any(f["check"] == "tensors" for f in rep["passed"]), rep["passed"]  # nothing was compared: no pass
 
 
 def test_swapped_tensors_are_named_as_a_swap(ckpt, capsys):

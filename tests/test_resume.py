@@ -324,7 +324,8 @@ def test_case1_fix_frozen_adapter_keeps_lr_groups(tmp_path, kind):
     saved = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
     i = len(saved["param_groups"][0]["params"]) + [k for k, p in enumerate(group[0]["params"]) if p is head][0]
     assert torch.equal(trainer.optimizer.state[head]["exp_avg"], saved["state"][i]["exp_avg"])
-    assert any("fixed: " in ev and "frozen" in ev for ev in g.report())
+    assert any(ev.startswith("fixed, trainable set restored to the checkpoint's (before the fix: ") and "frozen now"
+               in ev for ev in g.report()), g.report()
 
 
 # -- case 2: fresh run continuing from a saved adapter directory ------------------------------------------------

@@ -26,7 +26,7 @@ __all__ = ["main", "emit"]
 # Subcommand -> module; each module defines ``configure(parser)`` and ``run(args) -> int``. A fixed table:
 # nothing a user types is imported.
 COMMANDS = {
-    "demo": ("trainer_guard.demo", "fine-tune a tiny tied model on CPU with the default config and report"),
+    "demo": ("trainer_guard.demo", "fine-tune a tiny model on CPU with every default guard, resume it, and report what each guard did"),
     "doctor": ("trainer_guard.doctor", "check a checkpoint or model directory on CPU"),
     "diff": ("trainer_guard.diff", "compare two checkpoint or model directories tensor by tensor"),
 }

@@ -185,7 +185,7 @@ class ResumeGuard(Guard):
         if want and hasattr(model, "active_adapter"):
             model.peft_config[model.active_adapter].inference_mode = False  # it trains now; saved configs say so
         for msg in problems:
-            self.note(f"fixed: {msg}", "warning")
+            self.note(f"fixed, trainable set restored to the checkpoint's (before the fix: {msg})", "warning")
         return []
 
     # -- events ---------------------------------------------------------------------------------------------

@@ -76,8 +76,13 @@ def load_config(path: str | os.PathLike) -> dict:
 
     Raises:
         ConfigError: the file is missing or unreadable, not YAML, or gives one key twice in a mapping (YAML would
-            silently keep the last one: a guard configured twice, an option that does not apply).
+            silently keep the last one: a guard configured twice, an option that does not apply), or ``path`` is
+            not a path (an int would be read as an open file descriptor, and closed).
     """
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise ConfigError(f"config path must be the path of a YAML file (str or os.PathLike), got "
+                          f"{type(path).__name__}; to pass the guards' options as a mapping, use "
+                          f"callbacks_from_dict(...)")
     try:
         with open(path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f)

@@ -269,6 +269,9 @@ def _cpu_bytes(name: str, t: torch.Tensor) -> np.ndarray:
 def _check_tensor(name: str, t: Any) -> None:
     if not isinstance(t, torch.Tensor):
         raise ChecksumError(f"cannot checksum {name!r}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise ChecksumError(f"cannot checksum {name!r}: it is a nested tensor, which has no single row-major layout; "
+                            f"checksum its components instead (dict(enumerate(t.unbind())))")
     if t.layout != torch.strided:
         raise ChecksumError(f"cannot checksum {name!r}: layout {t.layout} is not supported; pass a dense tensor "
                             f"(e.g. .to_dense())")
@@ -307,8 +310,8 @@ def checksums(
             cpu, with a warning, if the kernel fails to compile or launch).
 
     Raises:
-        ChecksumError: an unknown backend, a non-tensor value, a meta/sparse tensor, a dtype with no safetensors
-            name, or triton asked for but unusable.
+        ChecksumError: an unknown backend, a non-tensor value, a meta/sparse/nested tensor, a dtype with no
+            safetensors name, or triton asked for but unusable.
 
     Example:
         >>> import torch
@@ -539,10 +542,18 @@ def safetensors_files(directory: str | os.PathLike) -> list[str]:
                   and os.path.isfile(os.path.join(directory, f)))
 
 
+def as_path(path: Any, error: type[Exception] = ChecksumError) -> str:
+    """``path`` (``str``, ``bytes`` or ``os.PathLike``) as a ``str``; ``error`` naming the type for anything else."""
+    try:
+        return os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise error(f"expected a file or directory path (str or os.PathLike), got {type(path).__name__}") from None
+
+
 def safetensors_paths(path: str | os.PathLike, error: type[Exception] = ChecksumError) -> list[str]:
     """``[path]`` for a file, the paths of the ``*.safetensors`` files directly in a directory; ``error`` (with the
     path in the message) when the path does not exist or the directory holds none."""
-    path = os.fspath(path)
+    path = as_path(path, error)
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
@@ -577,7 +588,7 @@ def file_checksums(path: str | os.PathLike, *, progress: bool = False) -> dict[s
         >>> file_checksums(d) == checksums(t, backend="cpu")
         True
     """
-    path = os.fspath(path)
+    path = as_path(path)
     files = safetensors_paths(path)
     bar = None
     cb = None

@@ -134,9 +134,15 @@ def missing_head_problems(directory: str | os.PathLike) -> list[str]:
         One message per problem, each naming the class to load/save with.
 
     Raises:
-        UsageError: ``config.json``, a weight file or a shard index is unreadable or malformed (names it).
+        UsageError: ``directory`` is not a directory (a file, a missing path), or ``config.json``, a weight file or
+            a shard index is unreadable or malformed (names it).
     """
-    directory = os.fspath(directory)
+    from .checksum import as_path
+
+    directory = as_path(directory, UsageError)
+    if not os.path.isdir(directory):
+        why = "is a file; pass the directory that holds it" if os.path.isfile(directory) else "no such directory"
+        raise UsageError(f"{directory}: {why} (missing_head_problems checks a checkpoint or model directory)")
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.isfile(cfg_path):
         return []

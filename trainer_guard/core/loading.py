@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import LoadError
+from .checksum import DTYPE_NAMES as _DTYPE_NAMES
 from .ties import find_tied_groups
 
 __all__ = ["LoadResult", "load_weights_inplace", "safetensors_files_of", "REOPEN_BYTES", "CHUNK_BYTES"]
@@ -41,15 +42,8 @@ REOPEN_BYTES = 64 * 1024 * 1024
 CHUNK_BYTES = 32 * 1024 * 1024
 """Tensors larger than this are copied in row blocks of at most this size (embeddings, output heads)."""
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _name):
-        _ST_DTYPES[_code] = getattr(torch, _name)
+#: safetensors dtype name -> torch dtype: every dtype the checksum (and the manifest) names, so the two agree.
+_ST_DTYPES = {code: dtype for dtype, code in _DTYPE_NAMES.items()}
 _MAX_LISTED = 20
 
 
@@ -84,7 +78,9 @@ def safetensors_files_of(path: str | os.PathLike) -> list[str]:
     Raises:
         LoadError: the path does not exist, holds no safetensors file, or its index names a missing shard.
     """
-    path = os.fspath(path)
+    from .checksum import as_path
+
+    path = as_path(path, LoadError)
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
@@ -220,6 +216,11 @@ def _plan(model: nn.Module, headers: dict, strict: bool, cast: bool, path: str, 
             if headers[other][1:] != headers[key][1:]:
                 problems.append(f"{other}: stored separately from {key} but they are tied in the model and their "
                                 f"dtype/shape differ")
+            elif _stored_sum(headers, other) != _stored_sum(headers, key):
+                problems.append(f"{other}: stored separately from {key} with different values, but they are tied in "
+                                f"the model, so one of them would be lost (saved from an untied model?); load into "
+                                f"a model built untied (config.tie_word_embeddings=False), or remove one of them "
+                                f"from the file")
         plan.append((key, group))
     extra = sorted(set(headers) - used)
     if strict:
@@ -234,6 +235,27 @@ def _plan(model: nn.Module, headers: dict, strict: bool, cast: bool, path: str, 
                         + "\nLoad into the model class/config the weights were saved from (strict=False skips "
                           "missing and unexpected names, never shape mismatches).")
     return tensors, plan
+
+
+def _stored_sum(headers: dict, key: str) -> int:
+    """Word sum (:func:`~trainer_guard.core.checksum.word_sum`) of tensor ``key``'s bytes in its file, through mmap."""
+    import numpy as np
+
+    from .checksum import ChecksumError, safetensors_entries, word_sum
+
+    fp = headers[key][0]
+    try:
+        _, entries, _ = safetensors_entries(fp)
+    except ChecksumError as e:
+        raise LoadError(f"{e}") from None
+    e = entries[key]
+    if e["end"] == e["begin"]:
+        return 0
+    mm = np.memmap(fp, dtype=np.uint8, mode="r")
+    try:
+        return word_sum(np.asarray(mm[e["begin"] : e["end"]]))
+    finally:
+        del mm
 
 
 class _Reader:
@@ -349,14 +371,23 @@ def load_weights_inplace(
 
     Raises:
         LoadError: naming every tensor with a missing/unexpected name, a shape or dtype mismatch, a manifest
-            mismatch, or an unreadable file. All headers are checked first; on such an error the model is
+            mismatch, a tie the file stores twice with different values (under any ``strict``), or an unreadable
+            file; also a ``model`` that is not an ``nn.Module`` and a ``device`` that is not usable here (``meta``,
+            a typo, CUDA without CUDA). All headers are checked first; on such an error the model is
             unchanged. (An I/O error in the middle of copying can still leave it partly loaded.)
 
     Example:
         >>> model = AutoModelForCausalLM.from_config(config)  # doctest: +SKIP
         >>> load_weights_inplace(model.cuda(), "out/checkpoint-1000")  # doctest: +SKIP
     """
-    path = os.fspath(path)
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"load_weights_inplace() needs the model to fill, a torch nn.Module, got "
+                        f"{type(model).__name__}; build the model first (e.g. from_config), then load into it")
+    if device is not None:
+        device = _usable_device(device)
+    from .checksum import as_path
+
+    path = as_path(path, LoadError)
     files = safetensors_files_of(path)
     headers = _headers(files)
     result = LoadResult()
@@ -419,6 +450,25 @@ def load_weights_inplace(
             bar.close()
     result.still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     return result
+
+
+def _usable_device(device) -> torch.device:
+    """``device`` as a ``torch.device``; :class:`LoadError` naming it when it is not one, is ``meta`` (which holds no
+    data: every weight would be replaced by an empty tensor) or cannot hold tensors in this process."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise LoadError(f"device={device!r} is not a usable device ({e}); pass e.g. 'cpu', 'cuda', 'cuda:0', or "
+                        f"None to keep each tensor where it is; nothing was changed") from None
+    if dev.type == "meta":
+        raise LoadError(f"device={device!r}: the meta device holds no data, so every loaded weight would be thrown "
+                        f"away; pass a real device ('cpu', 'cuda:0') or None; nothing was changed")
+    try:
+        torch.empty(1, device=dev)
+    except Exception as e:  # noqa: BLE001 - torch raises AssertionError, RuntimeError, ... by backend
+        raise LoadError(f"device={device!r} cannot be used in this process ({type(e).__name__}: {e}); pass a device "
+                        f"that exists here, e.g. 'cpu', or None; nothing was changed") from None
+    return dev
 
 
 def _nbytes(header: tuple) -> int:

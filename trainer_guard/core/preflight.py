@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..errors import UsageError
 from .lr_groups import embedding_modules
 
 __all__ = ["EmbeddingCost", "PreflightReport", "adapter_preflight", "optimizer_state_bytes", "human_bytes"]
@@ -124,6 +125,9 @@ def adapter_preflight(model: nn.Module, optim: str = "adamw_torch") -> Preflight
         Adapter bytes follow PEFT's ``get_peft_model_state_dict`` (with ``save_embedding_layers`` resolved as
         ``"auto"`` does, without asking the Hub): LoRA on an embedding also saves that base embedding.
     """
+    if not isinstance(optim, str):
+        raise UsageError(f"adapter_preflight(): `optim` must be the Trainer's args.optim string (e.g. 'adamw_torch'), "
+                         f"got {optim!r}")
     if not hasattr(model, "peft_config") or not hasattr(model, "get_base_model"):
         return None
     modules = embedding_modules(model)

@@ -59,6 +59,7 @@ def find_tied_groups(model: nn.Module, include_buffers: bool = False) -> list[li
     Returns:
         One list per group of two or more names, in registration order; groups ordered by their first name.
     """
+    _check_model(model, "find_tied_groups")
     seen: dict[tuple, list[str]] = {}
     named: Iterable = model.named_parameters(remove_duplicate=False)
     if include_buffers:
@@ -127,9 +128,23 @@ def declare_embedding_tie(model: nn.Module) -> list[str]:
     return changed
 
 
+def _check_model(model: Any, caller: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TiedWeightsError(f"{caller}() needs a torch nn.Module (the model itself, not its state_dict), got "
+                               f"{type(model).__name__}")
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by name, aliases included (the names tie groups use)."""
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return out
+
+
 def broken_ties(model: nn.Module, groups: list[list[str]]) -> list[list[str]]:
-    """The recorded ``groups`` whose members no longer share one storage in ``model``."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    """The recorded ``groups`` (parameters, or buffers: ``find_tied_groups(include_buffers=True)``) whose members no
+    longer share one storage in ``model``."""
+    params = _state_tensors(model)
     out = []
     for group in groups:
         present = [n for n in group if n in params]
@@ -140,9 +155,17 @@ def broken_ties(model: nn.Module, groups: list[list[str]]) -> list[list[str]]:
     return out
 
 
-def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+def _set_param(model: nn.Module, name: str, param: torch.Tensor) -> None:
+    """Make ``name`` (a parameter or a buffer) the tensor ``param``, keeping its kind (a buffer stays a buffer)."""
     mod_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(mod_name) if mod_name else model, attr, param)
+    module = model.get_submodule(mod_name) if mod_name else model
+    if attr in module._buffers:
+        module._buffers[attr] = param.detach() if isinstance(param, nn.Parameter) else param
+    elif isinstance(param, nn.Parameter):
+        setattr(module, attr, param)
+    else:  # a parameter tied to a buffer: a Parameter over the same storage
+        old = module._parameters[attr]
+        setattr(module, attr, nn.Parameter(param, requires_grad=bool(old is not None and old.requires_grad)))
 
 
 def restore_ties(model: nn.Module, groups: list[list[str]], stored: Collection[str] | None = None) -> list[str]:
@@ -156,7 +179,8 @@ def restore_ties(model: nn.Module, groups: list[list[str]], stored: Collection[s
 
     Args:
         model: the model to repair.
-        groups: tie groups recorded when they were tied (first name kept).
+        groups: tie groups recorded when they were tied (first name kept); parameters, or buffers too
+            (``find_tied_groups(model, include_buffers=True)``).
         stored: names stored in the checkpoint that was loaded, when known.
 
     Returns:
@@ -165,7 +189,16 @@ def restore_ties(model: nn.Module, groups: list[list[str]], stored: Collection[s
     Raises:
         TiedWeightsError: a split group's copies differ and the checkpoint does not say which is right.
     """
-    params = dict(model.named_parameters(remove_duplicate=False))
+    _check_model(model, "restore_ties")
+    groups = list(groups) if isinstance(groups, Iterable) and not isinstance(groups, (str, bytes)) else groups
+    if not isinstance(groups, list) or not all(
+            isinstance(g, (list, tuple)) and all(isinstance(n, str) for n in g) for g in groups):
+        raise TiedWeightsError(f"restore_ties(): `groups` must be a list of tie groups, each a list of names (as "
+                               f"find_tied_groups returns), got {groups!r:.200}")
+    if isinstance(stored, (str, bytes)):
+        raise TiedWeightsError(f"restore_ties(): `stored` must be a collection of tensor names, got the string "
+                               f"{stored!r:.200}; wrap it in a list")
+    params = _state_tensors(model)
     stored = set(stored) if stored is not None else None
     todo, problems = [], []
     for group in broken_ties(model, groups):

@@ -135,7 +135,8 @@ def test_real_guards_bad_values_all_reported_at_once(tmp_path):
         "  - dtype.mode: got 'explode'; expected one of 'fix', 'raise', 'warn'\n"
         "  - update_audit.ignore: got 'norm' (str); expected a list of strings\n"
         "  - update_audit.every: must be >= 1, got 0; pass a positive number of optimizer steps\n"
-        "  - embedding_lr.ratio: got -1; must be > 0 (ratios are fractions of the Trainer's LR, e.g. 0.1)\n"
+        "  - embedding_lr.ratio: got -1; must be a finite number > 0 (ratios are fractions of the Trainer's LR, e.g. "
+        "0.1)\n"
         "  - embedding_lr.ratio/lr: both given (-1, 0.1); give one of them\n"
         "  - integrity.verify: got True; expected one of 'off', 'manifest', 'readback'"
     )

@@ -200,17 +200,24 @@ def test_option_errors_list_every_problem():
     assert str(e.value) == (
         "Invalid trainer_guard config:\n"
         "  - embedding_lr.when_absent: got 'stop'; expected one of 'warn', 'ignore', 'raise'\n"
-        "  - embedding_lr.head_ratio: got 0; must be > 0 (ratios are fractions of the Trainer's LR, e.g. 0.1)\n"
+        "  - embedding_lr.head_ratio: got 0; must be a finite number > 0 (ratios are fractions of the Trainer's LR, e.g. "
+        "0.1)\n"
         "  - embedding_lr.ratio/lr: both given (0.1, 0.0001); give one of them")
     with pytest.raises(ConfigError) as e:
         EmbeddingLRGuard(ratio=0.1, lr=1e-4, head_ratio=0)
     assert str(e.value) == (
         "Invalid options:\n"
-        "  - EmbeddingLRGuard.head_ratio: got 0; must be > 0 (ratios are fractions of the Trainer's LR, e.g. 0.1)\n"
+        "  - EmbeddingLRGuard.head_ratio: got 0; must be a finite number > 0 (ratios are fractions of the Trainer's LR, e.g. "
+        "0.1)\n"
         "  - EmbeddingLRGuard.ratio/lr: both given (0.1, 0.0001); give one of them")
     assert [type(c).__name__ for c in callbacks_from_dict({"embedding_lr": {"ratio": 0.1}, "adapter_size": True})] \
         == ["AdapterSizeGuard", "EmbeddingLRGuard"]
 
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -0.1])
+def test_infinite_or_nan_ratio_is_refused(value):
+    with pytest.raises(ConfigError, match="embedding_lr.ratio: got .*; must be a finite number > 0"):
+        callbacks_from_dict({"embedding_lr": {"ratio": value}})
 
 def test_nothing_trainable_warns_or_raises(tmp_path):
     """R3: after a reload the embeddings silently stopped training; when_absent='raise' stops the run."""

@@ -4,7 +4,7 @@
   ``torch.save`` or trainer_guard's atomic writes (not safetensors' own writer), so the test can assert which
   rank wrote what.
 - :func:`dump` writes this rank's result JSON into the results directory (outside the training output).
-- :func:`finish` ends a script whose runs were stopped inside a DDP step on purpose, without interpreter teardown.
+- :func:`finish` ends every script without interpreter teardown (gloo threads left to it sometimes abort the process).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from _common import dump
+from _common import dump, finish
 
 from conftest import make_args  # noqa: E402
 from transformers import Trainer  # noqa: E402
@@ -39,6 +39,7 @@ def main(out: str, results: str) -> None:
     except Exception as e:  # reported to the test, which shows it
         result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     dump(results, result)
+    finish()  # no interpreter teardown (see _common.finish)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import sys
 import traceback
 
-from _common import RANK, dump, record_writes
+from _common import dump, finish, record_writes
 
 from conftest import make_args  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
@@ -73,6 +73,7 @@ def main(out: str, results: str, config: str, kind: str = "llama-tied") -> None:
     except Exception as e:  # reported to the test, which shows it
         result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     dump(results, result)
+    finish()  # no interpreter teardown: gloo threads left to it sometimes abort the process after the results
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ is simply made again."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Literal, Optional
 
@@ -89,8 +90,8 @@ class EmbeddingLRGuard(Guard):
 
     @classmethod
     def _check_options(cls, o: dict[str, Any]) -> list[str]:
-        probs = [f"{k}: got {o[k]!r}; must be > 0 (ratios are fractions of the Trainer's LR, e.g. 0.1)"
-                 for k in _RATE_OPTIONS if o.get(k) is not None and not o[k] > 0]
+        probs = [f"{k}: got {o[k]!r}; must be a finite number > 0 (ratios are fractions of the Trainer's LR, e.g. "
+                 f"0.1)" for k in _RATE_OPTIONS if o.get(k) is not None and not 0 < o[k] < math.inf]
         for a, b in (("ratio", "lr"), ("embed_ratio", "embed_lr"), ("head_ratio", "head_lr")):
             if o.get(a) is not None and o.get(b) is not None:
                 probs.append(f"{a}/{b}: both given ({o[a]!r}, {o[b]!r}); give one of them")

@@ -33,3 +33,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def triton_interpreter_result(child: str):
+    """Run the Python source ``child`` (argv[1]: this tests/ directory) in a fresh process under
+    ``TRITON_INTERPRET=1`` (it must be set before triton is imported) and return the JSON it prints after
+    ``RESULT``."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", child, os.path.dirname(os.path.abspath(__file__))], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])

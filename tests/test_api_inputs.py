@@ -7,13 +7,11 @@ subprocess, as in ``test_checksum.py`` (the variable must be set before triton i
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import triton_interpreter_result
 from safetensors.torch import save_file
 from torch import nn
 
@@ -72,12 +70,8 @@ print("RESULT" + json.dumps({k: str(v) for k, v in triton_checksums(_odd_layouts
 
 
 def test_triton_interpreter_matches_cpu_on_non_contiguous_tensors():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _TRITON_CHILD, os.path.dirname(__file__)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    assert json.loads(line[len("RESULT"):]) == {k: str(v) for k, v in checksums(_odd_layouts(), backend="cpu").items()}
+    got = triton_interpreter_result(_TRITON_CHILD)
+    assert got == {k: str(v) for k, v in checksums(_odd_layouts(), backend="cpu").items()}
 
 
 def test_checksums_refuses_a_nested_tensor_with_a_checksum_error():

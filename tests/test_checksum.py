@@ -12,13 +12,12 @@ import json
 import os
 import re
 import struct
-import subprocess
-import sys
 import tracemalloc
 
 import numpy as np
 import pytest
 import torch
+from conftest import triton_interpreter_result
 from safetensors.torch import save_file
 
 from trainer_guard import checksums, file_checksums
@@ -128,12 +127,7 @@ print("RESULT" + json.dumps({k: {n: str(v) for n, v in d.items()} for k, d in ou
 
 
 def test_triton_kernel_matches_cpu_path_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _TRITON_CHILD, os.path.dirname(__file__)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    got = json.loads(line[len("RESULT"):])
+    got = triton_interpreter_result(_TRITON_CHILD)
     want = {n: str(v) for n, v in checksums(zoo(), backend="cpu").items()}
     assert len(got["chunked"]) == len(want) and len(got["defaults"]) == 3
     for run, sums in got.items():

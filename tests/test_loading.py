@@ -122,6 +122,19 @@ def test_missing_and_unexpected_names(tmp_path):
     assert torch.equal(dst.lm_head.weight, before["lm_head.weight"])
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_file_with_no_name_in_common_is_refused_and_an_adapter_is_named(tmp_path, strict):
+    """strict=False used to 'load' 0 tensors and return quietly; an adapter directory gets the PEFT way to load it."""
+    from trainer_guard.tiny import tiny_lora
+
+    tiny_lora(tiny_model("llama-untied")).save_pretrained(tmp_path / "adapter")
+    dst = tiny_model("llama-untied", seed=2)
+    before = snapshot(dst)
+    with pytest.raises(LoadError, match=r"none of its \d+ tensor names .* is in the model; nothing was changed\. It "
+                                        r"is a PEFT adapter: load it with PeftModel\.from_pretrained"):
+        load_weights_inplace(dst, tmp_path / "adapter", strict=strict)
+    assert_same(dst, before)
+
 def test_verify_manifest_catches_a_modified_file_before_copying(tmp_path):
     manifest = pytest.importorskip("trainer_guard.core.manifest")
     src = tiny_model("llama-untied", seed=1)

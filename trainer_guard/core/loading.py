@@ -223,6 +223,14 @@ def _plan(model: nn.Module, headers: dict, strict: bool, cast: bool, path: str, 
                                 f"from the file")
         plan.append((key, group))
     extra = sorted(set(headers) - used)
+    if headers and not used and not skip:  # not one name in common: the wrong file, not a partial load
+        adapter = os.path.isfile(os.path.join(path if os.path.isdir(path) else os.path.dirname(path),
+                                              "adapter_config.json"))
+        raise LoadError(f"Cannot load {path} into {type(model).__name__}: none of its {len(headers)} tensor names "
+                        f"(e.g. {sorted(headers)[0]}) is in the model; nothing was changed. "
+                        + ("It is a PEFT adapter: load it with PeftModel.from_pretrained(base_model, path) or "
+                           "peft.set_peft_model_state_dict(model, safetensors.torch.load_file(file))" if adapter else
+                           "Load into the model class/config the weights were saved from"))
     if strict:
         problems.extend(f"{k}: in the file(s) but not in the model" for k in extra)
     else:

@@ -25,7 +25,7 @@ from typing import Any
 
 from .core.audit import CHANGED, ONLY_A, ONLY_B, SAME, classify, module_summary
 from .core.checksum import CHECKSUM_ALGO, DTYPE_NAMES, file_checksums, safetensors_entries, safetensors_files
-from .core.manifest import MANIFEST_FILE, MalformedManifestError, adapter_subdirs, read_manifest
+from .core.manifest import MANIFEST_FILE, MalformedManifestError, adapter_subdirs, files_changed, read_manifest
 from .errors import UsageError
 
 __all__ = ["configure", "run", "load_side", "diff", "format_text"]
@@ -185,18 +185,12 @@ def _stale(path: str, manifest: dict[str, Any]) -> str | None:
     files = manifest.get("files") or {}
     if not files:
         return "it lists no files"
-    written = os.path.getmtime(os.path.join(path, MANIFEST_FILE)) if os.path.isdir(path) else None
     unlisted = sorted(set(safetensors_files(path) if os.path.isdir(path) else []) - set(files))
     if unlisted:
         return f"{unlisted[0]} is not in the manifest"
-    for fname, info in files.items():
-        fp = os.path.join(path, fname)
-        if not os.path.isfile(fp):
-            return f"{fname} is missing"
-        if isinstance(info, dict) and "size" in info and os.path.getsize(fp) != info["size"]:
-            return f"{fname} is {os.path.getsize(fp):,} bytes, the manifest recorded {info['size']:,}"
-        if written is not None and os.path.getmtime(fp) > written:
-            return f"{fname} was written after the manifest"
+    changed = files_changed(path, manifest)
+    if changed:
+        return next(iter(changed.values()))
     step, state_step = manifest.get("global_step"), _state_step(path)
     if step is not None and state_step is not None and step != state_step:
         return f"it is for step {step} but trainer_state.json says step {state_step}: copied from another checkpoint"

@@ -18,6 +18,7 @@ from .manifest import (
     MANIFEST_FILE,
     checkpoint_manifest,
     converted_names,
+    files_changed,
     model_problems,
     read_manifest,
     saved_layout,
@@ -118,28 +119,10 @@ def rewritten_since(directory: str | os.PathLike, manifest: dict[str, Any]) -> l
 
     Example:
         >>> import tempfile
-        >>> from trainer_guard.tiny import tiny_model
-        >>> model, d = tiny_model("llama-tied"), tempfile.mkdtemp()
-        >>> model.save_pretrained(d)
-        >>> plan = plan_manifests(model, d, global_step=None)
-        >>> rewritten_since(d, plan.writes[0][1])  # no manifest file written yet: only sizes are compared
-        []
+        >>> rewritten_since(tempfile.mkdtemp(), {"files": {"model.safetensors": {"size": 8}}})  # gone since
+        ['model.safetensors']
     """
-    directory = os.fspath(directory)
-    mpath = os.path.join(directory, MANIFEST_FILE)
-    written = os.path.getmtime(mpath) if os.path.isfile(mpath) else None
-    out = []
-    for fname, info in (manifest.get("files") or {}).items():
-        fp = os.path.join(directory, fname)
-        try:
-            st = os.stat(fp)
-        except OSError:
-            out.append(fname)
-            continue
-        if (isinstance(info, dict) and info.get("size") not in (None, st.st_size)) or (
-                written is not None and st.st_mtime > written):
-            out.append(fname)
-    return sorted(out)
+    return sorted(files_changed(directory, manifest))
 
 
 def conversion_hint(model: torch.nn.Module, problems: list[str], fix: str) -> str | None:

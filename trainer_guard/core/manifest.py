@@ -61,6 +61,7 @@ __all__ = [
     "build_manifest",
     "write_manifest",
     "read_manifest",
+    "files_changed",
     "MalformedManifestError",
     "entries",
     "index_entries",
@@ -318,6 +319,32 @@ class MalformedManifestError(UsageError):
 
 class ForeignManifestError(UsageError):
     """A ``trainer_guard_manifest.json`` that is JSON but not a trainer_guard manifest (another tool's file)."""
+
+
+def files_changed(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> dict[str, str]:
+    """File name -> why, for each file ``manifest`` lists that is no longer what it described: missing, of another
+    size, or written after the manifest file in ``directory`` (in the manifest's order; empty when none).
+
+    Example:
+        >>> import tempfile
+        >>> files_changed(tempfile.mkdtemp(), {"files": {"model.safetensors": {"size": 8}}})
+        {'model.safetensors': 'model.safetensors is missing'}
+    """
+    directory = os.fspath(directory)
+    mpath = os.path.join(directory, MANIFEST_FILE)
+    written = os.path.getmtime(mpath) if os.path.isfile(mpath) else None
+    out = {}
+    for fname, info in (manifest.get("files") or {}).items():
+        try:
+            st = os.stat(os.path.join(directory, fname))
+        except OSError:
+            out[fname] = f"{fname} is missing"
+            continue
+        if isinstance(info, dict) and info.get("size") not in (None, st.st_size):
+            out[fname] = f"{fname} is {st.st_size:,} bytes, the manifest recorded {info['size']:,}"
+        elif written is not None and st.st_mtime > written:
+            out[fname] = f"{fname} was written after the manifest"
+    return out
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:

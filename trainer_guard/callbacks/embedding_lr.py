@@ -17,7 +17,7 @@ import os
 from typing import Any, Literal, Optional
 
 from .._dist import agree
-from ..core.io import atomic_write_json, read_json
+from ..core.io import atomic_write_json, read_json, replace_json
 from ..core.lr_groups import (
     SPLIT_FILE,
     Split,
@@ -224,8 +224,7 @@ class EmbeddingLRGuard(Guard):
         if not os.path.isdir(ckpt):
             return
         if self._plan is None:  # no split this run: a record here is an earlier run's in a reused checkpoint dir
-            if os.path.isfile(os.path.join(ckpt, SPLIT_FILE)):
-                os.remove(os.path.join(ckpt, SPLIT_FILE))
+            replace_json(os.path.join(ckpt, SPLIT_FILE), None)
             return
         if self.split is not None:  # saved while split (should_save set after on_step_end): rewrite the files
             opt_path, sched_path = os.path.join(ckpt, "optimizer.pt"), os.path.join(ckpt, "scheduler.pt")

@@ -11,7 +11,7 @@ import os
 from typing import Any, Literal, Optional
 
 from .._dist import agree
-from ..core.io import atomic_write_json
+from ..core.io import replace_json
 from ..core.trainable import (TRAINABLE_FILE, adapter_dir, adapter_load_gaps, add_modules_to_save,
                               add_to_trainer_groups, adapter_source, canonical_name, continuation_problems, count_table,
                               frozen_adapter_params, hyperparameter_changes, missing_copies, optimizer_layout,
@@ -214,8 +214,6 @@ class ResumeGuard(Guard):
         if not (model is not None and args.should_save):  # the Trainer's writer(s)
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        path = os.path.join(ckpt, TRAINABLE_FILE)
-        if os.path.isdir(ckpt) and self.options["write_record"]:
-            atomic_write_json(path, trainable_record(model, optimizer, state.global_step))
-        elif os.path.isfile(path):  # an earlier run's record in a reused checkpoint dir: not true of this one
-            os.remove(path)
+        if os.path.isdir(ckpt):  # no record: remove an earlier run's, left in a reused checkpoint dir
+            record = trainable_record(model, optimizer, state.global_step) if self.options["write_record"] else None
+            replace_json(os.path.join(ckpt, TRAINABLE_FILE), record)

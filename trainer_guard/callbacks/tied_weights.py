@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.io import atomic_write_json, read_json
+from ..core.io import read_json, replace_json
 from ..core.manifest import stored_groups
 from ..core.ties import (
     TIES_FILE,
@@ -207,10 +207,9 @@ class TiedWeightsGuard(Guard):
             return
         path = os.path.join(ckpt, TIES_FILE)
         # An adapter checkpoint holds no base-model tensors: a record would name absent keys.
-        if self.options["write_record"] and self.groups and not _is_peft(model):
-            atomic_write_json(path, ties_record(self.groups, stored_groups(model, self.groups)))
-        elif os.path.isfile(path):  # left by an earlier run that saved into this same checkpoint dir
-            os.remove(path)
+        record = (ties_record(self.groups, stored_groups(model, self.groups))
+                  if self.options["write_record"] and self.groups and not _is_peft(model) else None)
+        if replace_json(path, record):
             self.note(f"removed {path}: an earlier run's tie record, not true of this model's checkpoint", "warning")
 
 

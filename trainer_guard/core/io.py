@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "read_json"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "replace_json", "read_json"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
@@ -63,6 +63,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as indented, key-sorted JSON."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def replace_json(path: str | os.PathLike, obj: Any) -> bool:
+    """Make ``path`` hold ``obj`` (atomically, as :func:`atomic_write_json`), or, with ``obj=None``, nothing: a file
+    left there (an earlier run's record in a checkpoint directory saved into again) is removed.
+
+    Returns:
+        Whether an earlier file was removed.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "record.json")
+        >>> replace_json(p, {"a": 1}), replace_json(p, None), os.path.exists(p)
+        (False, True, False)
+    """
+    if obj is not None:
+        atomic_write_json(path, obj)
+        return False
+    if not os.path.isfile(path):
+        return False
+    os.remove(path)
+    return True
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -60,6 +60,7 @@ class DtypeGuard(Guard):
     ) -> None:
         super().__init__(mode=mode, keep_fp32=list(keep_fp32), respect_model_fp32=respect_model_fp32,
                          allow_peft_adapters=allow_peft_adapters, cast_under_autocast=cast_under_autocast)
+        self._said: set[tuple] = set()  # notes already given (the check runs at init and again at train begin)
 
     @classmethod
     def _check_options(cls, options: dict[str, Any]) -> list[str]:
@@ -118,11 +119,10 @@ class DtypeGuard(Guard):
         return done
 
     def _once(self, key: tuple) -> bool:
-        """True the first time ``key`` is seen (the check runs at init and again at train begin)."""
-        said = self.__dict__.setdefault("_said", set())
-        if key in said:
+        """True the first time ``key`` is seen."""
+        if key in self._said:
             return False
-        said.add(key)
+        self._said.add(key)
         return True
 
     def on_init_end(self, args, state, control, model=None, **kwargs: Any):

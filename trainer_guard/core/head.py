@@ -28,7 +28,7 @@ import os
 from typing import Any
 
 from ..errors import UsageError
-from .checksum import index_weight_map
+from .checksum import as_path, index_weight_map
 
 __all__ = ["missing_head_problems", "stored_tensor_names", "head_tensor_names"]
 
@@ -137,8 +137,6 @@ def missing_head_problems(directory: str | os.PathLike) -> list[str]:
         UsageError: ``directory`` is not a directory (a file, a missing path), or ``config.json``, a weight file or
             a shard index is unreadable or malformed (names it).
     """
-    from .checksum import as_path
-
     directory = as_path(directory, UsageError)
     if not os.path.isdir(directory):
         why = "is a file; pass the directory that holds it" if os.path.isfile(directory) else "no such directory"

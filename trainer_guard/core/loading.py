@@ -33,6 +33,15 @@ from torch import nn
 
 from ..errors import LoadError
 from .checksum import DTYPE_NAMES as _DTYPE_NAMES
+from .checksum import (
+    ChecksumError,
+    as_path,
+    file_checksums,
+    index_weight_map,
+    safetensors_entries,
+    stored_twice,
+    word_sum,
+)
 from .ties import find_tied_groups
 
 __all__ = ["LoadResult", "load_weights_inplace", "safetensors_files_of", "REOPEN_BYTES", "CHUNK_BYTES"]
@@ -78,8 +87,6 @@ def safetensors_files_of(path: str | os.PathLike) -> list[str]:
     Raises:
         LoadError: the path does not exist, holds no safetensors file, or its index names a missing shard.
     """
-    from .checksum import as_path
-
     path = as_path(path, LoadError)
     if os.path.isfile(path):
         return [path]
@@ -87,8 +94,6 @@ def safetensors_files_of(path: str | os.PathLike) -> list[str]:
         raise LoadError(f"{path}: no such file or directory; pass a .safetensors file or a directory of them")
     indexes = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
     if indexes:
-        from .checksum import index_weight_map
-
         shards = sorted(set(index_weight_map(os.path.join(path, indexes[0]), LoadError).values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
@@ -123,8 +128,6 @@ def _headers(files: list[str]) -> dict[str, tuple[str, torch.dtype | str, tuple[
                 for key in f.keys():
                     sl = f.get_slice(key)
                     if key in out:
-                        from .checksum import stored_twice
-
                         raise LoadError(stored_twice(key, out[key][0], fp))
                     code = sl.get_dtype()
                     out[key] = (fp, _ST_DTYPES.get(code, code), tuple(int(s) for s in sl.get_shape()))
@@ -140,7 +143,6 @@ def _fmt(dtype: torch.dtype | str) -> str:
 
 
 def _verify_manifest(path: str, files: list[str], headers: dict) -> int:
-    from .checksum import file_checksums
     from .manifest import compare, dtype_name, entries, read_manifest
 
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -248,8 +250,6 @@ def _plan(model: nn.Module, headers: dict, strict: bool, cast: bool, path: str, 
 def _stored_sum(headers: dict, key: str) -> int:
     """Word sum (:func:`~trainer_guard.core.checksum.word_sum`) of tensor ``key``'s bytes in its file, through mmap."""
     import numpy as np
-
-    from .checksum import ChecksumError, safetensors_entries, word_sum
 
     fp = headers[key][0]
     try:
@@ -393,8 +393,6 @@ def load_weights_inplace(
                         f"{type(model).__name__}; build the model first (e.g. from_config), then load into it")
     if device is not None:
         device = _usable_device(device)
-    from .checksum import as_path
-
     path = as_path(path, LoadError)
     files = safetensors_files_of(path)
     headers = _headers(files)

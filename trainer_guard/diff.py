@@ -161,19 +161,9 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
                 "(a checkpoint saved with save_safetensors=False holds only .bin files)")
         raise UsageError(f"{path}: no *.safetensors file and no trainer_guard_manifest.json; nothing to compare {hint}")
     meta = {}
-    for f in files:  # headers first: a foreign file is named before any data is read
-        try:
-            meta.update(safetensors_entries(f)[1])
-        except RecursionError:  # JSON nested too deep for the parser
-            raise UsageError(f"{f}: header is not valid JSON (nested too deeply); not a safetensors file, or "
-                             f"corrupted; re-save or re-download it") from None
-    try:
-        sums = file_checksums(path, progress=progress)
-    except RecursionError:  # the headers parsed above: it is the shard index
-        idx = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json")) \
-            if os.path.isdir(path) else []
-        raise UsageError(f"{os.path.join(path, idx[0]) if idx else path}: unreadable index (JSON nested too deeply); "
-                         f"fix or delete it") from None
+    for f in files:  # headers first: a foreign file is named before any data is read (ChecksumError naming it)
+        meta.update(safetensors_entries(f)[1])
+    sums = file_checksums(path, progress=progress)
     tensors = {n: {"checksum": s, "dtype": _ST_TO_TORCH.get(meta[n]["dtype"], meta[n]["dtype"]),
                    "shape": list(meta[n]["shape"])} for n, s in sums.items()}
     return {"path": path, "source": "files", "global_step": step, "algo": CHECKSUM_ALGO, "tensors": tensors,

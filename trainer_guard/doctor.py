@@ -195,8 +195,6 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
             problem = file_problem(os.path.join(path, f))
         except OSError as e:  # permissions, a vanished file, an I/O error
             problem = f"{f}: unreadable ({e.strerror or e})"
-        except RecursionError:  # a header of JSON nested deeper than the parser goes
-            problem = f"{f}: header is not valid JSON (nested too deeply); not a safetensors file, or corrupted"
         if problem is None:
             try:
                 for k, info in read_index(os.path.join(path, f)).items():

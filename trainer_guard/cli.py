@@ -109,6 +109,14 @@ def _error_json(message: str) -> None:
         pass
 
 
+def _os_message(e: OSError) -> str:
+    """``PATH: Permission denied`` for an ``OSError`` no check expected, not ``[Errno 13] ...: 'PATH'``."""
+    if e.filename is None or not e.strerror:
+        return str(e)
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+    return f"{where}: {e.strerror}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``trainer-guard`` with ``argv`` (default: ``sys.argv[1:]``) and return its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -136,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         _drop_stdout()
         return SIGPIPE_EXIT
     except (TrainerGuardError, OSError) as e:
-        print(f"{command}: error: {e}", file=sys.stderr)
+        message = _os_message(e) if isinstance(e, OSError) else str(e)
+        print(f"{command}: error: {message}", file=sys.stderr)
         if getattr(args, "json", False):  # --json callers parse stdout: they get an object there too
-            _error_json(str(e))
+            _error_json(message)
         return 2
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)

@@ -6,7 +6,8 @@ shows a module that silently never trained. Checksums come from each directory's
 when both have one with the same checksum algorithm (instant), else from the ``*.safetensors`` files
 (:func:`~trainer_guard.core.checksum.file_checksums`, sharded models included); a malformed or stale manifest is
 passed over for the files, with a note saying why. Exit code 0: identical, 1: different, 2: unusable input
-(missing path, no safetensors, corrupted file, foreign manifest; with ``--source manifest``, a malformed or stale one).
+(missing path, no safetensors, a file without tensors, a symbolic link that cannot be followed, corrupted file, foreign
+manifest; with ``--source manifest``, a malformed or stale one).
 
 Example:
     $ trainer-guard diff out/checkpoint-1000 out/checkpoint-2000
@@ -26,7 +27,7 @@ from typing import Any
 from .core.audit import CHANGED, ONLY_A, ONLY_B, SAME, classify, module_summary
 from .core.checksum import CHECKSUM_ALGO, DTYPE_NAMES, file_checksums, safetensors_entries, safetensors_files
 from .core.manifest import MANIFEST_FILE, MalformedManifestError, adapter_subdirs, files_changed, read_manifest
-from .errors import UsageError
+from .errors import ChecksumError, UsageError
 
 __all__ = ["configure", "run", "load_side", "diff", "format_text"]
 
@@ -124,7 +125,8 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise UsageError(f"{path}: no such file or directory; pass a checkpoint or model directory")
+        raise UsageError(_missing(path))
+    _check_links(path)
     passed_over = None
     if source == "files":
         manifest = None
@@ -155,19 +157,47 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
     if not files and passed_over:
         raise UsageError(f"{path}: no *.safetensors file, and {passed_over}; nothing to compare")
     if not files:
-        from .doctor import checkpoints_in
+        from .doctor import checkpoints_in, snapshots_in
 
         hint = (f"(it holds {', '.join(checkpoints_in(path))}: pass one of those)" if checkpoints_in(path) else
-                "(a checkpoint saved with save_safetensors=False holds only .bin files)")
-        raise UsageError(f"{path}: no *.safetensors file and no trainer_guard_manifest.json; nothing to compare {hint}")
+                f"(a Hugging Face cache entry: pass one of its snapshots, {', '.join(snapshots_in(path))})"
+                if snapshots_in(path) else "(a checkpoint saved with save_safetensors=False holds only .bin files)")
+        manifest_too = "" if os.path.isfile(os.path.join(path, MANIFEST_FILE)) else f" and no {MANIFEST_FILE}"
+        raise UsageError(f"{path}: no *.safetensors file{manifest_too}; nothing to compare {hint}")
     meta = {}
     for f in files:  # headers first: a foreign file is named before any data is read (ChecksumError naming it)
-        meta.update(safetensors_entries(f)[1])
+        try:
+            meta.update(safetensors_entries(f)[1])
+        except ChecksumError:
+            if f != path or f.endswith(".safetensors"):
+                raise
+            raise UsageError(f"{path}: not a safetensors file; diff compares checkpoint or model directories, or "
+                             f".safetensors files: pass the directory that holds it "
+                             f"({os.path.dirname(path) or '.'})") from None
     sums = file_checksums(path, progress=progress)
     tensors = {n: {"checksum": s, "dtype": _ST_TO_TORCH.get(meta[n]["dtype"], meta[n]["dtype"]),
                    "shape": list(meta[n]["shape"])} for n, s in sums.items()}
     return {"path": path, "source": "files", "global_step": step, "algo": CHECKSUM_ALGO, "tensors": tensors,
             "notes": [_note(passed_over)] if passed_over else []}
+
+
+def _missing(path: str) -> str:
+    from .doctor import missing_why
+
+    return f"{path}: {missing_why(path)}; pass a checkpoint or model directory" if path else missing_why(path)
+
+
+def _check_links(path: str) -> None:
+    """A weight file, shard index or manifest of directory ``path`` that is a symbolic link which cannot be followed
+    (a Hugging Face cache snapshot copied without its blobs) is named, instead of being taken for absent."""
+    if not os.path.isdir(path):
+        return
+    from .doctor import broken_links
+
+    broken = [m for name, m in broken_links(path).items()
+              if name.endswith((".safetensors", ".safetensors.index.json")) or name == MANIFEST_FILE]
+    if broken:
+        raise UsageError(f"{path}: " + "; ".join(broken))
 
 
 def _stale(path: str, manifest: dict[str, Any]) -> str | None:
@@ -278,8 +308,19 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto", progr
         >>> [m["module"] for m in report["modules"] if m["status"] == "unchanged"]  # doctest: +SKIP
         ['model.embed_tokens']
     """
-    sa, sb = _sides(os.fspath(a), os.fspath(b), source, progress)
+    a, b = os.fspath(a), os.fspath(b)
+    missing = [p for p in (a, b) if not os.path.exists(p)]
+    if len(missing) == 2:  # name both: fixing A alone would only lead to the same error for B
+        from .doctor import missing_why
+
+        raise UsageError("; ".join(dict.fromkeys(f"{p}: {missing_why(p)}" if p else missing_why(p) for p in missing))
+                         + "; pass two checkpoint or model directories")
+    sa, sb = _sides(a, b, source, progress)
     ta, tb = sa.pop("tensors"), sb.pop("tensors")
+    empty = [s["path"] for s, t in ((sa, ta), (sb, tb)) if not t]
+    if empty:  # two empty files are not "identical" checkpoints
+        raise UsageError(f"{' and '.join(empty)}: no tensors stored (a safetensors header only, or a manifest that "
+                         f"lists none): nothing to compare; save the model again")
     status = classify({n: e["checksum"] for n, e in ta.items()}, {n: e["checksum"] for n, e in tb.items()})
     retyped = {}
     for n, st in status.items():

@@ -13,9 +13,10 @@ Checks (field reports R1-R5):
 PEFT adapters not named ``"default"`` live in ``PATH/<name>/`` (``PeftModel.save_pretrained``'s layout): each such
 sub-directory is checked the same way, its findings prefixed ``<name>/:``.
 
-Exit code: 0 healthy, 1 problems found, 2 unusable input (missing directory, truncated or foreign file, foreign,
-malformed or missing manifest; the checks that need none still run). ``--json`` prints one JSON object; progress
-bars go to stderr for files over 256 MB. User errors never print a traceback.
+Exit code: 0 healthy, 1 problems found (shards without their index included), 2 unusable input (missing directory,
+truncated or foreign file, a file without tensors, a symbolic link that cannot be followed, e.g. in a copied Hugging
+Face cache snapshot; foreign, malformed or missing manifest; the checks that need none still run). ``--json`` prints
+one JSON object; progress bars go to stderr for files over 256 MB. User errors never print a traceback.
 
 Example:
     $ trainer-guard doctor out/checkpoint-500
@@ -124,7 +125,8 @@ def _read_json(path: str, report: Report, what: str) -> dict | None:
             raise ValueError("not a JSON object")
         return data
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        report.unusable.append(Finding(what, f"{os.path.basename(path)}: unreadable ({e})"))
+        why = (e.strerror or e) if isinstance(e, OSError) else e
+        report.unusable.append(Finding(what, f"{os.path.basename(path)}: unreadable ({why})"))
         return None
     except RecursionError:
         report.unusable.append(Finding(what, f"{os.path.basename(path)}: unreadable (JSON nested too deeply)"))
@@ -142,8 +144,8 @@ def diagnose(path: str | os.PathLike, *, progress: bool = False, no_manifest_ok:
     path = os.fspath(path)
     report = Report(path)
     if not os.path.isdir(path):
-        why = "is a file; pass the directory that holds it" if os.path.isfile(path) else "no such directory"
-        report.unusable.append(Finding("input", f"{path}: {why}"))
+        why = "is a file; pass the directory that holds it" if os.path.isfile(path) else missing_why(path, "directory")
+        report.unusable.append(Finding("input", f"{path}: {why}" if path else why))
         return report
     try:
         subdirs = adapter_subdirs(path)
@@ -179,15 +181,63 @@ def _merge(report: Report, sub: Report, name: str) -> None:
     report.summary.setdefault("adapters", {})[name] = sub.summary
 
 
+def missing_why(path: str, what: str = "file or directory") -> str:
+    """Why ``path`` (which does not exist) was not found: ``no such <what>``, with a hint for an empty path and for a
+    ``~`` the shell did not expand (a quoted ``"~/ckpt"``, a path from a config file)."""
+    if not path:
+        return "the path is empty; pass a checkpoint or model directory"
+    expanded = os.path.expanduser(path)
+    if path.startswith("~") and expanded != path and os.path.exists(expanded):
+        return f"no such {what} ('~' is not expanded here: did you mean {expanded}?)"
+    return f"no such {what}"
+
+
+_LINK_SUFFIXES = (".safetensors", ".json")  # the files doctor and diff read
+
+
+def broken_links(path: str) -> dict[str, str]:
+    """Name -> message for each symbolic link among the weight and JSON files of directory ``path`` that cannot be
+    followed: a Hugging Face cache snapshot (``snapshots/<sha>/`` links into ``../../blobs/``) copied without its
+    blobs, a blob removed from the cache, a link loop."""
+    out = {}
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return out
+    for name in names:
+        fp = os.path.join(path, name)
+        if not name.endswith(_LINK_SUFFIXES) or not os.path.islink(fp):
+            continue
+        try:
+            os.stat(fp)
+        except OSError as e:
+            try:
+                target = os.readlink(fp)
+            except OSError:  # pragma: no cover - removed meanwhile
+                target = "?"
+            out[name] = (f"{name}: a symbolic link to {target} that cannot be followed ({e.strerror or e}): a copy of "
+                         f"a Hugging Face cache snapshot without the blobs its links point to (copy with `cp -rL`), "
+                         f"or an interrupted download; copy or download it again")
+    return out
+
+
+_SHARD = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.safetensors")
+
+
 def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict[str, int]]:
     files = safetensors_files(path)
     sizes = {f: os.path.getsize(os.path.join(path, f)) for f in files}
-    if not files:
+    broken = broken_links(path)
+    report.unusable.extend(Finding("files", msg) for msg in broken.values())
+    if not files and not any(b.endswith(".safetensors") for b in broken):  # else the link is the finding
         other = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")) and "model" in f]
         hint = f" (found {', '.join(sorted(other))}: the doctor reads safetensors only)" if other else ""
         if not hint and checkpoints_in(path):
             hint = f" (it holds {', '.join(checkpoints_in(path))}: pass one of those)"
+        elif not hint and snapshots_in(path):
+            hint = (f" (a Hugging Face cache entry: pass one of its snapshots, {', '.join(snapshots_in(path))})")
         report.unusable.append(Finding("files", f"{path}: no *.safetensors weights in this directory{hint}"))
+    unusable_before = len(report.unusable)
     index: dict[str, TensorInfo] = {}
     twice: dict[tuple[str, str], list[str]] = {}  # (earlier file, later file) -> the tensors both hold
     for f in files:
@@ -205,7 +255,12 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
             except IntegrityError as e:
                 problem = str(e)
         report.unusable.append(Finding("files", problem))
+    if files and not index and len(report.unusable) == unusable_before:  # every file read, none holds a tensor
+        report.unusable.append(Finding("files", (
+            f"{', '.join(files)}: no tensors stored (a safetensors header only): there are no weights to check or "
+            f"load; save the model again")))
     _report_twice(path, twice, sizes, report)
+    _report_unindexed_shards(path, sizes, report)
     for idx in sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json")):
         data = _read_json(os.path.join(path, idx), report, "files") or {}
         by_file: dict[str, list[str]] = {}
@@ -226,6 +281,8 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
         for name, shard in (weight_map or {}).items():
             by_file.setdefault(shard, []).append(name)
         for shard, names in sorted(by_file.items()):
+            if shard in broken:  # named as a link that cannot be followed
+                continue
             if shard not in sizes:
                 report.problems.append(Finding("files", f"{shard}: listed in {idx} ({len(names)} tensors, e.g. "
                                                         f"{sorted(names)[0]}) but missing"))
@@ -233,6 +290,26 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
                 for name in sorted(n for n in names if n not in index):
                     report.problems.append(Finding("files", f"{name}: {idx} puts it in {shard}, which lacks it"))
     return index, sizes
+
+
+def _report_unindexed_shards(path: str, sizes: dict[str, int], report: Report) -> None:
+    """Shards of a sharded save (``model-00001-of-00003.safetensors``) with neither their index nor the single file:
+    ``from_pretrained`` and the Trainer's resume look for ``model.safetensors`` or ``model.safetensors.index.json``
+    and find no weights at all."""
+    groups: dict[str, list[str]] = {}
+    for f in sizes:
+        m = _SHARD.fullmatch(f)
+        if m:
+            groups.setdefault(m.group(1), []).append(f)
+    for prefix, shards in sorted(groups.items()):
+        idx, single = f"{prefix}.safetensors.index.json", f"{prefix}.safetensors"
+        if os.path.lexists(os.path.join(path, idx)) or single in sizes:
+            continue
+        total = int(_SHARD.fullmatch(shards[0]).group(3))
+        report.problems.append(Finding("files", (
+            f"{idx}: missing, but {len(shards)} shard(s) of {total} are here ({', '.join(sorted(shards)[:3])}"
+            f"{', ...' if len(shards) > 3 else ''}): from_pretrained and a resume find no weights without it; copy "
+            f"the index from where the shards came from, or save the model again")))
 
 
 def _report_twice(path: str, twice: dict[tuple[str, str], list[str]], sizes: dict[str, int],
@@ -274,6 +351,14 @@ def checkpoints_in(path: str) -> list[str]:
         return []
     return sorted((d for d in os.listdir(path) if re.fullmatch(r"checkpoint-\d+", d)
                    and os.path.isdir(os.path.join(path, d))), key=lambda d: int(d.split("-")[1]))
+
+
+def snapshots_in(path: str) -> list[str]:
+    """``snapshots/<revision>`` of a Hugging Face cache entry (``models--org--name/``): what holds its files."""
+    snaps = os.path.join(path, "snapshots")
+    if not os.path.isdir(snaps) or not os.path.isdir(os.path.join(path, "blobs")):
+        return []
+    return sorted(os.path.join("snapshots", d) for d in os.listdir(snaps) if os.path.isdir(os.path.join(snaps, d)))
 
 
 def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, progress: bool,
@@ -393,10 +478,10 @@ def _check_ties(path: str, index: dict[str, TensorInfo], config: dict | None, ma
                                                    f"tie_word_embeddings=false: from_pretrained will initialise it at "
                                                    f"random (R1b). Set tie_word_embeddings: true in config.json, or "
                                                    f"save with TiedWeightsGuard"))
-        elif config is None:
+        elif config is None and not os.path.lexists(os.path.join(path, "config.json")):  # unreadable: named already
             report.warnings.append(Finding("ties", f"{alias}: stored once as {kept}; load with strict=False and re-tie "
                                                    f"(TiedWeightsGuard does both)"))
-    if aliases and not bad:
+    if aliases and not bad and (config is not None or not os.path.lexists(os.path.join(path, "config.json"))):
         report.passed.append(Finding("ties", f"{len(aliases)} tie alias(es) stored once and restorable: "
                                              + ", ".join(f"{a} -> {k}" for a, k in sorted(aliases.items()))))
 

@@ -204,8 +204,7 @@ try:  # numba: the loop compiles to ~10 GB/s per core (see benchmarks/README.md)
     _G, _C1, _C2 = np.uint64(GAMMA), np.uint64(C1), np.uint64(C2)
     _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
-    @njit(nogil=True, cache=True, fastmath=False)
-    def _numba_word_sum(words, pos0):  # pragma: no cover - compiled
+    def _word_sum_loop(words, pos0):  # pragma: no cover - compiled
         s = np.uint64(0)
         p = np.uint64(pos0)
         for i in range(words.size):
@@ -214,6 +213,11 @@ try:  # numba: the loop compiles to ~10 GB/s per core (see benchmarks/README.md)
             z = (z ^ (z >> _S27)) * _C2
             s += z ^ (z >> _S31)
         return s
+
+    try:  # compiled once, then loaded from numba's on-disk cache
+        _numba_word_sum = njit(nogil=True, cache=True, fastmath=False)(_word_sum_loop)
+    except RuntimeError:  # no writable cache dir (read-only install, unwritable HOME): compile in each process
+        _numba_word_sum = njit(nogil=True, cache=False, fastmath=False)(_word_sum_loop)
 
     def _loop_word_sum(words: np.ndarray, pos0: int) -> int:
         return int(_numba_word_sum(words, np.int64(pos0)))

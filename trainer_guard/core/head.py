@@ -28,7 +28,7 @@ import os
 from typing import Any
 
 from ..errors import UsageError
-from .checksum import as_path, index_weight_map
+from .checksum import as_path, index_weight_map, safetensors_files
 
 __all__ = ["missing_head_problems", "stored_tensor_names", "head_tensor_names"]
 
@@ -50,7 +50,7 @@ def stored_tensor_names(directory: str | os.PathLike) -> set[str] | None:
     for idx in (f for f in files if f.endswith(".index.json")):
         names.update(index_weight_map(os.path.join(directory, idx), UsageError))
         found = True
-    for fname in (f for f in files if f.endswith(".safetensors")):
+    for fname in safetensors_files(directory):  # files only: a folder named old.safetensors is not a weight file
         from safetensors import safe_open
 
         try:

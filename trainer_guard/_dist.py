@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from accelerate import PartialState
@@ -18,7 +19,7 @@ from accelerate.utils import gather_object
 
 from .errors import TrainerGuardError
 
-__all__ = ["state", "is_main_process", "world_size", "rank", "gather", "agree", "barrier"]
+__all__ = ["state", "is_main_process", "world_size", "rank", "gather", "agree", "agreed_call", "barrier"]
 
 
 def state() -> PartialState:
@@ -74,3 +75,26 @@ def agree(problems: list[str], error: type[TrainerGuardError] = TrainerGuardErro
         body.append(p + suffix)
     msg = (header + "\n  - " if header else "") + ("\n  - ".join(body) if header else "\n".join(body))
     raise error(msg)
+
+
+def agreed_call(run: bool, fn: Callable[[], Any], error: type[TrainerGuardError] = TrainerGuardError,
+                header: str = "") -> Any:
+    """Call ``fn()`` where ``run`` is true (e.g. ``args.should_save``: the ranks that write), then :func:`agree` on
+    the outcome: an exception there (a full disk, an unreadable file) becomes the same ``error`` on every rank,
+    naming the rank, instead of one rank raising while the others wait in the next collective.
+
+    Every rank must call this at the same point, whatever its ``run``. Returns ``fn()``'s result (``None`` where
+    ``run`` is false).
+
+    Example:
+        >>> agreed_call(True, lambda: 42)
+        42
+    """
+    result, problems = None, []
+    if run:
+        try:
+            result = fn()
+        except Exception as e:  # reported by every rank below; the original stays the __context__ on this rank
+            problems = [f"{type(e).__name__}: {e}"]
+    agree(problems, error, header)
+    return result

@@ -15,7 +15,7 @@ from torch import nn
 
 from .._dist import gather, rank, world_size
 from ..core.divergence import divergence_message, is_sharded, model_checksums, model_fingerprint
-from ..errors import ChecksumError, ReplicaDivergenceError, TrainerGuardError
+from ..errors import ChecksumError, ReplicaDivergenceError
 from .base import Guard
 
 __all__ = ["ReplicaDivergenceGuard"]
@@ -30,7 +30,8 @@ class ReplicaDivergenceGuard(Guard):
     Args:
         every: check after every ``every``-th optimizer step (``on_step_end``, before that step's save);
             ``0`` turns step checks off.
-        at_train_end: also check once when training ends (before the user saves the final model).
+        at_train_end: also check once when training ends (before the user saves the final model; after the
+            best model is loaded with ``load_best_model_at_end``, even when the last step was just checked).
         include_buffers: also compare buffers (running statistics, rotary caches).
         max_tensors: how many differing tensor names to list per diverged rank.
         backend: checksum backend passed to :func:`trainer_guard.core.checksum.checksums`.
@@ -38,7 +39,8 @@ class ReplicaDivergenceGuard(Guard):
 
     Raises:
         ReplicaDivergenceError: on every rank, naming the diverged ranks and their first differing tensors.
-        ChecksumError: on every rank, when any rank could not checksum its model (the rank and reason named).
+        ChecksumError: on every rank, when any rank could not checksum its model (the rank and reason named), or
+            when some ranks hold sharded parameters and others do not.
 
     Example:
         >>> from trainer_guard import ReplicaDivergenceGuard
@@ -80,22 +82,33 @@ class ReplicaDivergenceGuard(Guard):
         Returns:
             The agreed fingerprint, or ``None`` when there is nothing to compare (one process, sharded model).
         """
-        if world_size() == 1 or is_sharded(model):
-            if not self._skip_noted:
-                why = "a single process" if world_size() == 1 else "sharded parameters (FSDP/ZeRO-3)"
-                self.note(f"replica check skipped: {why}, no replicas to compare")
-                self._skip_noted = True
+        if world_size() == 1:
+            self._skip("a single process")
             return None
+        # Whether this rank's model is sharded is local knowledge: it travels in the one gather below, so every
+        # rank decides to skip (or to gather the per-tensor checksums) from the same values and none is left waiting.
         sums, fp, err = None, None, ""
-        try:
-            sums = model_checksums(model, self.options["include_buffers"], self.options["backend"])
-            fp = model_fingerprint(sums)
-        except (TrainerGuardError, RuntimeError, TypeError) as e:
-            err = f"rank {rank()}: {type(e).__name__}: {e}"
+        if is_sharded(model):
+            err = None  # (None, None): this rank holds shards, nothing to compare
+        else:
+            try:
+                sums = model_checksums(model, self.options["include_buffers"], self.options["backend"])
+                fp = model_fingerprint(sums)
+            except Exception as e:  # any failure on one rank is agreed on below: no rank hangs in the gather
+                err = f"rank {rank()}: {type(e).__name__}: {e}"
         results = gather((fp, err))
+        sharded = [r for r, (f, e) in enumerate(results) if f is None and e is None]
+        if len(sharded) == len(results):
+            self._skip("sharded parameters (FSDP/ZeRO-3)")
+            return None
         self.checks += 1
         self._last_step = step
         errors = [e for _, e in results if e]
+        if sharded:
+            plain = [r for r in range(len(results)) if r not in sharded]
+            errors.append(f"rank {', '.join(map(str, sharded))}: hold{'s' if len(sharded) == 1 else ''} sharded "
+                          f"parameters (FSDP/ZeRO-3), rank {', '.join(map(str, plain))} "
+                          f"do{'es' if len(plain) == 1 else ''} not: the ranks did not wrap the model alike")
         if errors:
             at = f" at step {step}" if step is not None else ""
             raise ChecksumError(f"Replica divergence check could not run{at} (every rank stops here, none is left "
@@ -112,6 +125,11 @@ class ReplicaDivergenceGuard(Guard):
             return None
         self.events.append(msg)
         raise ReplicaDivergenceError(msg)
+
+    def _skip(self, why: str) -> None:
+        if not self._skip_noted:
+            self.note(f"replica check skipped: {why}, no replicas to compare")
+            self._skip_noted = True
 
     def on_train_begin(self, args, state, control, **kwargs: Any):
         self._last_step = None
@@ -140,5 +158,9 @@ class ReplicaDivergenceGuard(Guard):
             self._run(args, model, state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs: Any):
-        if model is not None and self.options["at_train_end"] and self._last_step != state.global_step:
+        # With load_best_model_at_end every rank has just loaded the best checkpoint (after the last step's check):
+        # that model is compared too. Decided from the arguments, the same on every rank (best_model_checkpoint is
+        # set from a local os.path.exists).
+        if model is not None and self.options["at_train_end"] and (
+                self._last_step != state.global_step or args.load_best_model_at_end):
             self._run(args, model, state.global_step)

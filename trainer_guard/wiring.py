@@ -40,10 +40,12 @@ def guard(trainer: T) -> T:
     if handler is None:
         raise UsageError(f"guard() expects a transformers Trainer (with a callback_handler), got "
                          f"{type(trainer).__name__}; build the Trainer with the guard callbacks, then pass it")
-    wired: set[int] = trainer.__dict__.setdefault(_WIRED_ATTR, set())
+    # the wired callbacks themselves, not their id()s: a callback removed from the Trainer and freed leaves its id
+    # to the next object, e.g. the replacement guard added with add_callback, which would then not be wired
+    wired: list = trainer.__dict__.setdefault(_WIRED_ATTR, [])
     for cb in list(handler.callbacks):
         wire = getattr(cb, "wire", None)
-        if callable(wire) and id(cb) not in wired:
+        if callable(wire) and not any(w is cb for w in wired):
             wire(trainer)
-            wired.add(id(cb))
+            wired.append(cb)
     return trainer

@@ -163,6 +163,13 @@ class Guard(TrainerCallback):
         self.events.append(message)
         getattr(logger, level)(f"[{type(self).__name__}] {message}")
 
+    def is_callback_of(self, trainer: Any) -> bool:
+        """Whether this guard is (still) one of ``trainer``'s callbacks. What :func:`trainer_guard.guard` wired into
+        the Trainer (``train``, ``save_model``, the checkpoint loads) does nothing for a guard that
+        ``trainer.remove_callback()``/``pop_callback()`` took out since."""
+        handler = getattr(trainer, "callback_handler", None)
+        return handler is None or any(cb is self for cb in handler.callbacks)
+
     def report(self) -> list[str]:
         """What this guard did so far, one line per action, oldest first."""
         return list(self.events)

@@ -238,7 +238,8 @@ class EmbeddingLRGuard(Guard):
 
     def on_train_end(self, args, state, control, **kwargs: Any):
         self._merge()
-        self._plan = None
+        # the run is over: keep no reference to its optimizer (parameters and their moments) or scheduler
+        self._plan, self._optimizer, self._scheduler = None, None, None
 
     def on_optimizer_step(self, args, state, control, **kwargs: Any):
         if self.split is not None:  # before the scheduler steps: the LRs this step used, as the Trainer logs

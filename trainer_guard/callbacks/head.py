@@ -72,7 +72,8 @@ class HeadGuard(Guard):
 
         def save_model(output_dir=None, _internal_call=False):
             out = save(output_dir, _internal_call)
-            if not _internal_call:  # checkpoints: on_save checks them, after the whole checkpoint is written
+            # checkpoints (_internal_call): on_save checks them, after the whole checkpoint is written
+            if not _internal_call and self.is_callback_of(trainer):
                 self.check(os.fspath(output_dir or trainer.args.output_dir), collective=False)
             return out
 

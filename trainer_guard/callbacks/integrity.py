@@ -249,7 +249,8 @@ class IntegrityGuard(Guard):
 
         def _load_from_checkpoint(resume_from_checkpoint, *a, **kw):
             out = load(resume_from_checkpoint, *a, **kw)
-            if self._after_load() and not self._sharded(trainer.model, trainer.args):
+            if (self.is_callback_of(trainer) and self._after_load()
+                    and not self._sharded(trainer.model, trainer.args)):
                 self.verify_resume(trainer.model, os.fspath(resume_from_checkpoint))
                 self._verified = True
             return out
@@ -261,8 +262,8 @@ class IntegrityGuard(Guard):
             d = os.fspath(output_dir or trainer.args.output_dir)
             # a final save gets a manifest too; on the main process only and with no collective: scripts often
             # call save_model from the main process alone, and a rank waiting for the others would hang
-            if not _internal_call and is_main_process() and os.path.isdir(d) and not self._sharded(
-                    trainer.model, trainer.args):
+            if (not _internal_call and self.is_callback_of(trainer) and is_main_process() and os.path.isdir(d)
+                    and not self._sharded(trainer.model, trainer.args)):
                 problems = self.write_checkpoint_manifest(trainer.model, d, trainer.state.global_step)
                 if problems:
                     raise IntegrityError(f"{d} does not hold what the model holds; no manifest was written. "

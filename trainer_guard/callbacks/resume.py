@@ -8,6 +8,7 @@ Trainer's optimizer load with a ValueError naming neither modules nor counts.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Literal, Optional
 
 from .._dist import agree
@@ -54,13 +55,13 @@ class ResumeGuard(Guard):
         super().__init__(mode=mode, adapter_dir=adapter_dir, write_record=write_record)
         self.checked: Optional[str] = None  # what was verified in the current train() call
         self._warned: set[str] = set()
-        self._wired: set[int] = set()
+        self._wired: weakref.WeakSet = weakref.WeakSet()  # not id()s: a freed Trainer's id is reused
         self.fixed: dict = {}
 
     # -- wiring: run before the Trainer builds / loads the optimizer ----------------------------------------
     def wire(self, trainer: Any) -> None:
         """Make the checks run before the Trainer's optimizer is created and loaded (idempotent)."""
-        if id(trainer) in self._wired:
+        if trainer in self._wired:
             return
         train, load_ckpt = trainer.train, trainer._load_from_checkpoint
         create, load_opt = trainer.create_optimizer, trainer._load_optimizer_and_scheduler
@@ -70,23 +71,24 @@ class ResumeGuard(Guard):
             return train(*a, **kw)
 
         def _load_from_checkpoint(resume_from_checkpoint, *a, **kw):
-            self.verify(trainer.model, resume_from_checkpoint)
+            if self.is_callback_of(trainer):
+                self.verify(trainer.model, resume_from_checkpoint)
             return load_ckpt(resume_from_checkpoint, *a, **kw)
 
         def _create_optimizer(*a, **kw):
-            if self.checked is None and trainer.optimizer is None:
+            if self.checked is None and trainer.optimizer is None and self.is_callback_of(trainer):
                 self.verify(trainer.model, None)
             return create(*a, **kw)
 
         def _load_optimizer_and_scheduler(checkpoint, *a, **kw):
-            if checkpoint is not None:
+            if checkpoint is not None and self.is_callback_of(trainer):
                 self.verify(trainer.model, checkpoint, optimizer=trainer.optimizer)
             return load_opt(checkpoint, *a, **kw)
 
         trainer.train, trainer._load_from_checkpoint = _train, _load_from_checkpoint
         trainer.create_optimizer = _create_optimizer
         trainer._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
-        self._wired.add(id(trainer))
+        self._wired.add(trainer)
 
     # -- the check ------------------------------------------------------------------------------------------
     def _source(self, model: Any) -> Optional[str]:

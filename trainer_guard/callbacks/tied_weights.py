@@ -8,6 +8,7 @@ save with safetensors' "Some tensors share memory"; (b) a Hugging Face model tie
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 from torch import nn
@@ -88,14 +89,20 @@ class TiedWeightsGuard(Guard):
 
     def __init__(self, fix_config: bool = True, restore: bool = True, write_record: bool = True) -> None:
         super().__init__(fix_config=fix_config, restore=restore, write_record=write_record)
-        self.groups: list[list[str]] = []
-        self._hooked: set[int] = set()
-        self._wired: set[int] = set()
+        self.groups: list[list[str]] = []  # of the model attached last
+        # per model, the groups found when it was attached: a guard given to two Trainers must not re-tie one
+        # model to the other's groups (weak keys: a finished run's model is not kept alive)
+        self._groups_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # weak sets, not id()s: the id of a freed model or Trainer is reused by the next one (a guard shared by a
+        # sweep's runs would skip hooking the new model, and the R1a save crash would be back)
+        self._hooked: weakref.WeakSet = weakref.WeakSet()
+        self._wired: weakref.WeakSet = weakref.WeakSet()
 
     # -- wiring ---------------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> list[list[str]]:
         """Find the tie groups of ``model`` and make its saves safe (idempotent). Returns the groups."""
         self.groups = find_tied_groups(model)
+        self._groups_of[model] = self.groups
         if not self.groups:
             return self.groups
         if self.options["fix_config"]:
@@ -107,12 +114,12 @@ class TiedWeightsGuard(Guard):
                 self.note("embeddings are tied by identity but config.tie_word_embeddings=False: checkpoints will "
                           "reload a random head; pass fix_config=True", "warning")
         for module in _plain_modules(model):
-            if id(module) in self._hooked:
+            if module in self._hooked:
                 continue
             groups = find_tied_groups(module)
             module.register_state_dict_post_hook(_drop_aliases(groups))
             module.register_load_state_dict_pre_hook(_fill_aliases(groups))
-            self._hooked.add(id(module))
+            self._hooked.add(module)
             self.note(f"{type(module).__name__}: state_dict lists each tied storage once "
                       f"({', '.join(a + ' -> ' + g[0] for g in groups for a in g[1:])})")
         return self.groups
@@ -122,12 +129,12 @@ class TiedWeightsGuard(Guard):
         :func:`trainer_guard.guard`): a split head is one more parameter, so the Trainer's optimizer load would
         fail before ``on_train_begin`` with "a parameter group that doesn't match the size of optimizer's group".
         Only groups the checkpoint stores once (kept name present, aliases absent) are re-tied here."""
-        if id(trainer) in self._wired:
+        if trainer in self._wired:
             return
         train, load = trainer.train, trainer._load_from_checkpoint
 
         def _train(resume_from_checkpoint: Any = None, *a: Any, **kw: Any):
-            ckpt = resume_from_checkpoint
+            ckpt = resume_from_checkpoint if self.is_callback_of(trainer) else None
             if ckpt is True:
                 from transformers.trainer_utils import get_last_checkpoint
 
@@ -140,14 +147,14 @@ class TiedWeightsGuard(Guard):
             # Trainer(model_init=...) builds a new model inside train(), after _train above ran: give that model
             # the alias-filling load hook (a checkpoint stores each tie once) and its re-tie before it is loaded.
             # (A model passed in is FSDP's / SageMaker's wrapped one: left as it was.)
-            if model is None and trainer.model is not None:
+            if model is None and trainer.model is not None and self.is_callback_of(trainer):
                 self.attach(trainer.model)
                 if os.path.isdir(os.fspath(resume_from_checkpoint)):
                     self._retie_before_load(trainer.model, os.fspath(resume_from_checkpoint))
             return load(resume_from_checkpoint, model, *a, **kw)
 
         trainer.train, trainer._load_from_checkpoint = _train, _load_from_checkpoint
-        self._wired.add(id(trainer))
+        self._wired.add(trainer)
 
     def _retie_before_load(self, model: nn.Module, ckpt: str) -> None:
         if _is_peft(model) or not os.path.isfile(os.path.join(ckpt, TIES_FILE)):
@@ -168,7 +175,7 @@ class TiedWeightsGuard(Guard):
     def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
         if model is None:
             return
-        recorded, stored = list(self.groups), None
+        recorded, stored = list(self._groups_of.get(model, ())), None
         if state.global_step > 0:
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isfile(os.path.join(ckpt, TIES_FILE)):

@@ -110,6 +110,11 @@ class UpdateAuditGuard(Guard):
 
     def on_train_end(self, args, state, control, **kwargs: Any):
         self._flush(state.global_step)  # multi-process: findings of re-checks after the last verdict step
+        # Let go of the model: a guard kept for its findings (or reused by the next Trainer) must not keep the
+        # finished run's weights in memory after `del trainer, model`. The audit keeps its counts and checksums.
+        self._model = None
+        if self.audit is not None:
+            self.audit.params = {}
 
     def _flush(self, step: int) -> None:
         lines, self._queued = self._queued, []

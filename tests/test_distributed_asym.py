@@ -200,17 +200,8 @@ def test_divergence_sharded_on_one_rank_only_does_not_hang(asym_run):
     assert "rank 1: holds sharded parameters (FSDP/ZeRO-3), rank 0 does not" in rec["message"]
 
 
-# -- guards outside this helper's files: one rank fails alone inside a guard, or alone skips its collective ----------
+# -- one rank fails alone inside a guard, or alone skips its collective ----------------------------------------------
 @pytest.mark.distributed
-@pytest.mark.xfail(strict=True, reason="TiedWeightsGuard.on_save / ResumeGuard.on_save write on rank 0 without an "
-                   "agreement: ENOSPC there raises a bare OSError on rank 0 while rank 1 waits in the next guard's "
-                   "gather (IntegrityGuard.on_save); IntegrityGuard.on_save lets an exception of "
-                   "write_checkpoint_manifest (an EIO reading back the files) and HeadGuard.check one of "
-                   "missing_head_problems (an unreadable config.json) escape on rank 0 before agree(); ResumeGuard."
-                   "verify calls agree() only when it found problems, so a rank that found none never joins (the "
-                   "ranks then pair different gathers and raise different errors); UntrainedTokensGuard.check returns "
-                   "before its gather when this rank found no untrained rows, leaving the other rank in the gather "
-                   "and this one in DDP's forward")
 def test_one_rank_failing_inside_a_guard_stops_every_rank_alike(tmp_path):
     names = ["ties_write", "trainable_write", "manifest_eio", "head_unreadable", "resume_rank1_frozen",
              "untrained_rank1_only"]

@@ -51,10 +51,18 @@ class HeadGuard(Guard):
         ``collective``: every rank calls it and raises the same error (checkpoints); ``False``: the main process
         checks and raises alone, no rank waits for another (``trainer.save_model``, often called on one process).
         """
-        problems = missing_head_problems(directory) if is_main_process() and os.path.isdir(directory) else []
+        problems: list[str] = []
+        failed: list[str] = []
+        if is_main_process() and os.path.isdir(directory):
+            try:
+                problems = missing_head_problems(directory)
+            except Exception as e:  # an unreadable config.json or weight file: named, on every rank (collective)
+                if not collective:
+                    raise
+                failed = [f"the head check of {os.fspath(directory)} could not run: {e}"]
         self.checked.append(os.fspath(directory))
-        if self.options["mode"] == "raise" and collective:
-            agree(problems, HeadMissingError)
+        if collective:  # every rank, in every mode: a failed check stops them all alike, none is left waiting
+            agree(failed + (problems if self.options["mode"] == "raise" else []), HeadMissingError)
         elif self.options["mode"] == "raise" and problems:
             raise HeadMissingError("\n".join(problems))
         for p in problems:

@@ -115,7 +115,10 @@ class IntegrityGuard(Guard):
         if model is None or self._sharded(model, args):
             return
         if args.should_save and os.path.isdir(ckpt):  # the Trainer's own writer(s): rank 0, or each node's first
-            problems = self.write_checkpoint_manifest(model, ckpt, state.global_step, background=True)
+            try:
+                problems = self.write_checkpoint_manifest(model, ckpt, state.global_step, background=True)
+            except Exception as e:  # an EIO reading the files back, a full disk: agreed below, no rank left waiting
+                problems = [f"{type(e).__name__}: {e}"]
         agree(problems, IntegrityError,
               header=f"{ckpt} does not hold what the model holds; no manifest was written. Check the disk and the "
                      f"save path, then save again. Problems:")

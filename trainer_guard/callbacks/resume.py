@@ -11,7 +11,7 @@ import os
 import weakref
 from typing import Any, Literal, Optional
 
-from .._dist import agree
+from .._dist import agree, agreed_call
 from ..core.io import replace_json
 from ..core.trainable import (TRAINABLE_FILE, adapter_dir, adapter_load_gaps, add_modules_to_save,
                               add_to_trainer_groups, adapter_source, canonical_name, continuation_problems, count_table,
@@ -111,7 +111,7 @@ class ResumeGuard(Guard):
             problems = problems + ["mode='fix' needs trainer = trainer_guard.guard(trainer) before train(), so the "
                                    "set is restored before the optimizer is built and loaded"]
         self.checked = key
-        if not problems:
+        if not problems and self.options["mode"] == "warn":
             return
         saved = f"{os.path.basename(os.path.normpath(source))} ({source})" if source else "the active adapter's config"
         name = getattr(model, "active_adapter", "default")
@@ -127,7 +127,7 @@ class ResumeGuard(Guard):
                 if p not in self._warned:  # the same line is not repeated at the optimizer load
                     self.note(p, "warning")
                     self._warned.add(p)
-        else:
+        else:  # on every rank, with or without problems: another rank's may be the ones to stop for
             agree(problems, ResumeMismatchError, header)
 
     def _note_hyperparameters(self, model: Any, source: Optional[str], recorded: dict, optimizer: Any) -> None:
@@ -213,9 +213,16 @@ class ResumeGuard(Guard):
         self.checked, self._warned = None, set()
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
-        if not (model is not None and args.should_save):  # the Trainer's writer(s)
+        if model is None:
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(ckpt):  # no record: remove an earlier run's, left in a reused checkpoint dir
+        path = os.path.join(ckpt, TRAINABLE_FILE)
+
+        def write() -> None:  # no record: remove an earlier run's, left in a reused checkpoint dir
             record = trainable_record(model, optimizer, state.global_step) if self.options["write_record"] else None
-            replace_json(os.path.join(ckpt, TRAINABLE_FILE), record)
+            replace_json(path, record)
+
+        # the Trainer's writer(s) write; every rank takes part in the verdict, so a full disk stops all alike
+        agreed_call(args.should_save and os.path.isdir(ckpt), write, ResumeMismatchError,
+                    f"{path} could not be written; free disk space or fix the output_dir, then resume from the "
+                    f"previous checkpoint:")

@@ -25,7 +25,7 @@ from ..core.ties import (
     ties_record,
 )
 from .base import Guard
-from .._dist import agree, world_size
+from .._dist import agree, agreed_call, world_size
 from ..core.head import stored_tensor_names
 from ..errors import TiedWeightsError, TrainerGuardError
 
@@ -185,9 +185,9 @@ class TiedWeightsGuard(Guard):
                     stored = stored_tensor_names(ckpt)
                 except (OSError, TrainerGuardError):
                     stored = None
+        problem, msgs = None, []
         if recorded and broken_ties(model, recorded):
             if self.options["restore"]:
-                problem, msgs = None, []
                 if world_size() > 1:  # the model is wrapped by now: a swapped Parameter would leave DDP's buckets
                     problem = (f"tie groups {broken_ties(model, recorded)} were split by a load and the model is "
                                f"already wrapped for {world_size()} processes; wire the Trainer with "
@@ -197,26 +197,31 @@ class TiedWeightsGuard(Guard):
                         msgs = restore_ties(model, recorded, stored)
                     except TiedWeightsError as e:
                         problem = str(e)
-                agree([problem] if problem else [], TiedWeightsError)  # every rank raises, none hangs
-                for msg in msgs:
-                    self.note(msg, "warning")
             else:
                 self.note(f"tie groups split since they were recorded: {broken_ties(model, recorded)}", "warning")
+        if self.options["restore"]:  # on every rank, split or not (the record and the split are local): none hangs
+            agree([problem] if problem else [], TiedWeightsError)
+        for msg in msgs:
+            self.note(msg, "warning")
         groups = self.attach(model)
         if groups:
             self.note(f"tied groups: {groups}")
 
     def on_save(self, args, state, control, model=None, **kwargs: Any):
-        if not args.should_save:
-            return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if not os.path.isdir(ckpt):
-            return
         path = os.path.join(ckpt, TIES_FILE)
-        # An adapter checkpoint holds no base-model tensors: a record would name absent keys.
-        record = (ties_record(self.groups, stored_groups(model, self.groups))
-                  if self.options["write_record"] and self.groups and not _is_peft(model) else None)
-        if replace_json(path, record):
+
+        def write() -> bool:
+            # An adapter checkpoint holds no base-model tensors: a record would name absent keys.
+            record = (ties_record(self.groups, stored_groups(model, self.groups))
+                      if self.options["write_record"] and self.groups and not _is_peft(model) else None)
+            return replace_json(path, record)
+
+        # only the Trainer's writer(s) write; every rank takes part in the verdict (a full disk on rank 0 stops
+        # every rank with the same error instead of leaving the others in the next collective)
+        if agreed_call(args.should_save and os.path.isdir(ckpt), write, TiedWeightsError,
+                       f"{path} could not be written; free disk space or fix the output_dir, then resume from the "
+                       f"previous checkpoint:"):
             self.note(f"removed {path}: an earlier run's tie record, not true of this model's checkpoint", "warning")
 
 

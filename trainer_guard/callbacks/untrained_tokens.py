@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .._dist import agree, gather
+from .._dist import agree, gather, world_size
 from ..core.tokens import count_token_ids, set_rows_to_trained_mean, template_token_ids, untrained_rows
 from ..errors import UntrainedTokensError
 from .base import Guard
@@ -135,6 +135,10 @@ class UntrainedTokensGuard(Guard):
         ids = sorted({i for r in rows.values() for i in r})
         self.found = {"untrained": rows, "data": {}, "template": {}}
         if not ids:
+            if world_size() > 1:  # another rank may have found rows: take part in its gather and verdict below
+                gather([])
+                if o["mode"] == "raise":
+                    agree([], UntrainedTokensError)
             return []
         lines = [f"{label}: {len(r)} row(s) look never trained (~0): ids {_short(r)}" for label, r in rows.items()
                  if r]

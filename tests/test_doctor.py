@@ -496,3 +496,20 @@ def test_a_trainer_output_dir_names_its_checkpoints(runs, capsys):
     assert code == 2 and _messages(rep, "unusable") == [  # one finding: not also "manifest missing"
         f"{runs / 'llama'}: no *.safetensors weights in this directory (it holds checkpoint-2, checkpoint-4: pass one "
         f"of those)"]
+
+
+def test_missing_manifest_says_how_to_get_one_for_a_checkpoint_and_for_a_final_save(ckpt, tmp_path, capsys):
+    """A checkpoint gets its manifest from IntegrityGuard's on_save; a trainer.save_model() output fires no event,
+    so only a wired Trainer writes one there: the advice differs, and --no-manifest-ok is offered."""
+    os.remove(ckpt / MANIFEST_FILE)
+    code, rep = _doctor(ckpt, capsys=capsys)
+    (msg,) = _messages(rep, "unusable")
+    assert code == 2 and "train with IntegrityGuard" in msg and "--no-manifest-ok" in msg, msg
+    final = tmp_path / "final"
+    tiny_model("llama-untied").save_pretrained(final)
+    code, rep = _doctor(final, capsys=capsys)
+    (msg,) = _messages(rep, "unusable")
+    assert code == 2 and "trainer = trainer_guard.guard(trainer)" in msg and "save_model()" in msg, msg
+    code, rep = _doctor(final, "--no-manifest-ok", capsys=capsys)
+    (msg,) = _messages(rep, "warnings")
+    assert code == 0 and "could not be verified" in msg and "--no-manifest-ok" not in msg, msg

@@ -379,7 +379,13 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, pro
     if manifest is None and not index:  # no weights read: that finding is already there, and says what to pass
         return None
     if manifest is None:
-        msg = f"{MANIFEST_FILE}: missing, so the tensors could not be verified (save with IntegrityGuard to get one)"
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):  # a Trainer checkpoint: on_save writes one
+            how = "train with IntegrityGuard in the Trainer's callbacks to get one"
+        else:  # a final trainer.save_model()/save_pretrained output: no callback event fires for it
+            how = ("for a trainer.save_model() output, wire the Trainer with trainer = trainer_guard.guard(trainer) "
+                   "next to IntegrityGuard to get one")
+        rest = "" if no_manifest_ok else "; --no-manifest-ok checks the rest of a directory saved without it"
+        msg = f"{MANIFEST_FILE}: missing, so the tensors could not be verified ({how}{rest})"
         (report.warnings if no_manifest_ok else report.unusable).append(Finding("manifest", msg))
         return None
     recorded = entries(manifest)

@@ -5,6 +5,7 @@
   rank wrote what.
 - :func:`dump` writes this rank's result JSON into the results directory (outside the training output).
 - :func:`finish` ends every script without interpreter teardown (gloo threads left to it sometimes abort the process).
+- :func:`stop_at` is a callback that stops training after a given step, like a preempted job.
 """
 
 from __future__ import annotations
@@ -88,3 +89,15 @@ def finish() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def stop_at(step: int):
+    """A ``TrainerCallback`` that stops training after ``step`` (after its checkpoint), like a preempted job."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
+
+    return StopAt()

@@ -25,7 +25,7 @@ import os
 import sys
 
 from _asym import Runner
-from _common import RANK, record_writes
+from _common import RANK, record_writes, stop_at
 
 from conftest import make_args  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
@@ -35,15 +35,6 @@ import trainer_guard.core.io as tio  # noqa: E402
 from trainer_guard.tiny import tiny_dataset, tiny_model  # noqa: E402
 
 CONFIG = trainer_guard.default_config_path()
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at:
-            control.should_training_stop = True
 
 
 def build(out: str, seed: int = 0, wire: bool = True, extra=(), **overrides) -> Trainer:
@@ -116,7 +107,7 @@ def head_unreadable(out: str) -> dict:
 
 
 def resume_rank1_frozen(out: str) -> dict:
-    build(out, extra=[StopAt(2)]).train()
+    build(out, extra=[stop_at(2)]).train()
     t = build(out, seed=1)
     if RANK == 1:
         t.model.model.embed_tokens.weight.requires_grad_(False)  # tied: the head freezes with it

@@ -17,25 +17,14 @@ import os
 import sys
 import traceback
 
-from _common import dump, finish, record_writes
+from _common import dump, finish, record_writes, stop_at
 
 from conftest import make_args  # noqa: E402
-from transformers import Trainer, TrainerCallback  # noqa: E402
+from transformers import Trainer  # noqa: E402
 
 import trainer_guard  # noqa: E402
 from trainer_guard.core.divergence import model_checksums, model_fingerprint  # noqa: E402
 from trainer_guard.tiny import tiny_dataset, tiny_model  # noqa: E402
-
-
-class StopAt(TrainerCallback):
-    """Stop training after step ``at`` (after its checkpoint), like a preempted job."""
-
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at:
-            control.should_training_stop = True
 
 
 def build(out: str, config: str, seed: int, extra: list | None = None, kind: str = "llama-tied") -> Trainer:
@@ -53,7 +42,7 @@ def main(out: str, results: str, config: str, kind: str = "llama-tied") -> None:
     record_writes(out)
     result: dict = {"error": None}
     try:
-        t1 = build(out, config, seed=0, extra=[StopAt(2)], kind=kind)
+        t1 = build(out, config, seed=0, extra=[stop_at(2)], kind=kind)
         result["world_size_seen"] = t1.args.world_size
         result["distributed_type"] = str(t1.accelerator.distributed_type)
         t1.train()

@@ -117,8 +117,10 @@ class ResumeGuard(Guard):
         name = getattr(model, "active_adapter", "default")
         named = f"adapter_name={name!r}, " if isinstance(name, str) and name != "default" else ""
         where = adapter_dir(model, source) or "adapter_dir"
+        cfg = model.peft_config.get(name) if isinstance(name, str) and hasattr(model, "peft_config") else None
+        cfg_name = type(cfg).__name__ if cfg is not None else "LoraConfig"  # IA3Config, AdaLoraConfig, ...
         redo = (f"load the adapter as saved (PeftModel.from_pretrained(base, {where!r}, {named}is_trainable=True), "
-                f"or the saved LoraConfig with its modules_to_save)"
+                f"or the saved {cfg_name} with its modules_to_save)"
                 if hasattr(model, "peft_config") else "set requires_grad as in the saved run")
         header = (f"ResumeGuard: the trainable set differs from {saved}; no training step ran. To continue as saved, "
                   f"{redo}, or pass ResumeGuard(mode='fix'); mode='warn' goes on")

@@ -161,16 +161,52 @@ def tied_rate_problems(roles: Mapping[str, list[tuple[str, nn.Parameter]]], fact
                        how: Mapping[str, str] | None = None) -> list[str]:
     """Messages for tied parameters asked to train at two different rates (empty when consistent)."""
     tied = [name for _, (role, name) in role_of_parameters(roles).items() if role == "tied"]
+    views = _shared_storage(roles)
     fe, fh = factors.get("embeddings"), factors.get("lm_head")
-    if not tied or fe is None or fh is None or math.isclose(fe, fh, rel_tol=1e-9):
+    if not (tied or views) or fe is None or fh is None or math.isclose(fe, fh, rel_tol=1e-9):
         return []
     how = how or {}
+    asked = (f"the embeddings were asked for {how.get('embeddings', f'ratio {fe:g}')} and the lm_head for "
+             f"{how.get('lm_head', f'ratio {fh:g}')}; give both the same value (or use `ratio=`/`lr=` alone)")
     return [
         f"{name} is one tied parameter (input embedding and output head share it), so it can have only one "
-        f"learning rate, but the embeddings were asked for {how.get('embeddings', f'ratio {fe:g}')} and the "
-        f"lm_head for {how.get('lm_head', f'ratio {fh:g}')}; give both the same value (or use `ratio=`/`lr=` alone)"
+        f"learning rate, but {asked}"
         for name in tied
+    ] + [
+        f"{emb} and {head} are views of one tensor (PEFT's ensure_weight_tying ties the output head's adapter to "
+        f"the input embedding's), so each step would update the same values at two learning rates, but {asked}"
+        for emb, head in views
     ]
+
+
+def _shared_storage(roles: Mapping[str, list[tuple[str, nn.Parameter]]]) -> list[tuple[str, str]]:
+    """``(embedding name, head name)`` of distinct parameters that view the same memory (a transposed tie).
+
+    Views of disjoint parts of one buffer (a flat parameter) do not count: their element ranges must overlap."""
+    def key(p: nn.Parameter) -> tuple[str, int] | None:
+        try:
+            ptr = p.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # meta / sharded tensors: no storage to compare
+            return None
+        return (str(p.device), ptr) if ptr and p.numel() else None
+
+    def extent(p: nn.Parameter) -> tuple[int, int]:
+        start = p.storage_offset()
+        return start, start + sum((n - 1) * st for n, st in zip(p.shape, p.stride())) + 1
+
+    emb: dict[tuple[str, int], list[tuple[str, nn.Parameter]]] = {}
+    for n, p in roles.get("embeddings", []):
+        k = key(p)
+        if k is not None:
+            emb.setdefault(k, []).append((n, p))
+    out = []
+    for hn, hp in roles.get("lm_head", []):
+        k = key(hp)
+        for en, ep in emb.get(k, []) if k is not None else []:
+            (a0, a1), (b0, b1) = extent(ep), extent(hp)
+            if ep is not hp and ep.dtype == hp.dtype and a0 < b1 and b0 < a1:
+                out.append((en, hn))
+    return out
 
 
 @dataclass

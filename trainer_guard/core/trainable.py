@@ -495,6 +495,48 @@ def _matches(module: str, targets: Any) -> bool:
     return any(module == t or module.endswith("." + t) for t in (targets or ()))
 
 
+def _prefixes(name: str) -> list[str]:
+    """Every module path that contains parameter ``name``: ``a.b.c`` -> ``["a", "a.b"]``."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _method_name(saved: Mapping[str, Any]) -> str:
+    """``"LoRA"``, ``"IA3"``, ``"LOHA"``... from a saved adapter config's ``peft_type``."""
+    kind = str(saved.get("peft_type") or "LORA")
+    return "LoRA" if kind == "LORA" else kind
+
+
+def _target_matcher(saved: Mapping[str, Any]):
+    """``module -> bool``: whether a saved adapter config targets ``module`` (canonical path).
+
+    PEFT's own matching (``check_target_module_exists``) honours ``layers_to_transform``/``layers_pattern`` and
+    ``exclude_modules`` as well as ``target_modules``; a plain name/regex match is the fallback."""
+    targets = saved.get("target_modules")
+    if isinstance(targets, (list, tuple, set, frozenset)):
+        targets = sorted(targets)
+    try:
+        from types import SimpleNamespace
+
+        from peft.tuners.tuners_utils import check_target_module_exists
+    except ImportError:  # pragma: no cover
+        return lambda m: _matches(m, targets)
+    cfg = SimpleNamespace(target_modules=targets, target_parameters=saved.get("target_parameters"),
+                          exclude_modules=saved.get("exclude_modules"), modules_to_save=None,
+                          layers_to_transform=saved.get("layers_to_transform"),
+                          layers_pattern=saved.get("layers_pattern"))
+
+    def targeted(module: str) -> bool:
+        if targets == "all-linear":  # saved configs hold the expanded list; a hand-written one may not
+            return _matches(module, targets)
+        try:
+            return bool(check_target_module_exists(cfg, module))
+        except Exception:  # another PEFT version's matcher: the plain match
+            return _matches(module, targets)
+
+    return targeted
+
+
 def adapter_config_problems(saved: Mapping[str, Any], model: nn.Module, where: str) -> list[str]:
     """What a saved ``adapter_config.json`` says trained that does not train in ``model`` now, with counts.
 
@@ -518,13 +560,18 @@ def adapter_config_problems(saved: Mapping[str, Any], model: nn.Module, where: s
     tokens = saved_fields.get("trainable_token_indices")
     if tokens and "trainable_tokens" not in now["by_kind"]:
         problems.append(f"trainable_token_indices {tokens!r} in {where}, no trainable token rows now")
-    lora_now = {m for m, kinds in now["by_module"].items() if any(k.startswith("lora") for k in kinds)}
     targets = saved_fields.get("target_modules")
     if targets:
-        missing = sorted({m for m in frozen_sizes if _matches(m, targets) and m not in lora_now
+        # a target trains now when any trainable parameter sits inside it: LoRA A/B, and the other PEFT methods'
+        # own names (IA3 ia3_l, LoHa hada_*, LoKr lokr_*, ...)
+        inside = {m for n in now["params"] for m in _prefixes(n)}
+        targeted = _target_matcher(saved)
+        missing = sorted({m for m in frozen_sizes if targeted(m) and m not in inside
                           and not _matches(m, mts)} - set(frozen))
         if missing:
-            problems.append(f"{_compress(missing)}: LoRA targets in {where} ({targets!r}), no trainable LoRA now")
+            method = _method_name(saved)
+            problems.append(f"{_compress(missing)}: {method} targets in {where} ({targets!r}), no trainable {method} "
+                            f"now")
     live = (now.get("peft") or {})
     for adapter, fields in live.items():
         for key in ("r", "lora_alpha"):
@@ -581,6 +628,29 @@ def _compress_ints(idx: list[int]) -> str:
     return ",".join(runs)
 
 
+def _adalora_resume_problems(model: nn.Module, source: str | os.PathLike | None, where: str) -> list[str]:
+    """A Trainer checkpoint of an AdaLoRA adapter whose ranks its budget already pruned cannot be resumed.
+
+    PEFT saves such an adapter cut to its ``rank_pattern``, while the resumed run builds ``init_r`` ranks (the
+    Trainer's load fails with "size mismatch") or, loaded with ``from_pretrained``, has other shapes than the
+    checkpoint's ``optimizer.pt``; AdaLoRA's rank allocator then fails on its masks, and its importance scores are
+    not in the checkpoint either."""
+    if not source or not os.path.isfile(os.path.join(os.fspath(source), "trainer_state.json")):
+        return []  # an adapter directory a new run continues from: nothing is resumed
+    saved = read_adapter_config(adapter_dir(model, source)) or {}
+    if saved.get("peft_type") != "ADALORA" or not saved.get("rank_pattern"):
+        return []
+    pruned, directory = saved["rank_pattern"], os.fspath(adapter_dir(model, source))
+    kept = sum(sum(bool(x) for x in v) for v in pruned.values())
+    return [f"{where} holds an AdaLoRA adapter whose ranks its budget already pruned (rank_pattern in "
+            f"adapter_config.json: {kept} of {sum(len(v) for v in pruned.values())} ranks kept in {len(pruned)} "
+            f"modules); resume_from_checkpoint cannot continue it: the Trainer loads it into the init_r ranks "
+            f"(\"size mismatch\"), and neither the optimizer state nor AdaLoRA's rank allocator fit the pruned "
+            f"shapes. Resume from a checkpoint saved before the budget pruned ranks (no rank_pattern in its "
+            f"adapter_config.json), or continue from its weights in a new run: PeftModel.from_pretrained(base, "
+            f"{directory!r}, is_trainable=True) without resume_from_checkpoint"]
+
+
 def continuation_problems(model: nn.Module, source: str | os.PathLike | None,
                           optimizer: Any = None) -> tuple[list[str], dict[str, Any]]:
     """``(problems, record)``: how ``model`` (and ``optimizer``, once built) differs from what it continues from.
@@ -595,7 +665,7 @@ def continuation_problems(model: nn.Module, source: str | os.PathLike | None,
     where = os.path.basename(os.path.normpath(source)) if source else ""
     record_file = os.path.join(source, TRAINABLE_FILE) if source else ""
     recorded = read_json(record_file) if record_file and os.path.isfile(record_file) else None
-    problems = describe_frozen_adapter(frozen_adapter_params(model))
+    problems = describe_frozen_adapter(frozen_adapter_params(model)) + _adalora_resume_problems(model, source, where)
     if recorded is not None:
         problems += describe_changes(compare_records(recorded, trainable_record(model)), where)
         if optimizer is not None and recorded.get("optimizer") is not None:

@@ -154,8 +154,6 @@ def test_adalora_resume_after_pruning_is_refused_clearly(tmp_path):
         _train(_adalora(), tmp_path, resume=ckpt, callbacks=[_AdaLoraAllocate()], max_steps=8)
 
 
-@pytest.mark.xfail(strict=True, reason="UpdateAuditGuard reports AdaLoRA's pruned lora_E as 'stalled' (updates too "
-                                       "small for float32); fix in core/audit.py or callbacks/update_audit.py")
 def test_adalora_pruned_ranks_are_not_stalled_updates(tmp_path):
     """AdaLoRA's update_and_allocate zeroes pruned entries of lora_E after each step. When it runs before the audit
     (a callback listed first, or a Trainer subclass), a fully pruned lora_E stays 0 and the audit warns "updates

@@ -354,7 +354,7 @@ def test_ddp_fault_on_one_rank_raises_the_same_error_on_every_rank(tmp_path):
     assert d0["error"] == d1["error"] == "UpdateAuditError" and d0["message"] == d1["message"]
     assert d0["step"] == d1["step"] == 0  # stopped inside optimizer step 1, on both ranks
     assert d0["message"].startswith("UpdateAuditGuard at optimizer step 1: ")
-    assert d0["message"].endswith(CAUSES["modified_in_place"] + " (rank 1)")
+    assert d0["message"].endswith(CAUSES["modified_in_place"].format(where="in no optimizer group") + " (rank 1)")
 
 
 def test_stalled_bf16_updates_warn_but_do_not_stop_raise_mode(tmp_path):

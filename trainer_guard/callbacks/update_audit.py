@@ -20,7 +20,7 @@ from .base import Guard
 __all__ = ["UpdateAuditGuard"]
 
 
-WARN_ONLY_CAUSES = frozenset({"stalled"})
+WARN_ONLY_CAUSES = frozenset({"stalled", "unrouted"})
 
 
 class UpdateAuditGuard(Guard):
@@ -38,6 +38,14 @@ class UpdateAuditGuard(Guard):
     gradient-based causes only after ``min_grad_steps`` of them (a LoRA A matrix has a zero gradient on its first
     step); until then it keeps its baseline and is re-checked alone once it has had them. Each tensor and cause is
     reported once. Sharded (FSDP/ZeRO-3) and meta parameters are skipped, with a warning.
+
+    Training dynamics that are not faults: a mixture-of-experts expert (``experts.3``, ``experts.expert_3``) with
+    no gradient while another expert of its layer trained got no token from the router; it is judged only after
+    ``every`` effective steps and then warns (a dead expert), naming ``ignore=["*.experts.*"]``. A
+    ``requires_grad`` changed by a schedule after the first step (gradual (un)freezing) starts a new window for
+    that tensor: it is judged as what it is now, so an un-frozen tensor the optimizer does not hold (the Trainer
+    builds its optimizer from the tensors trainable at the start) is reported at that step. Every group at LR 0
+    (``TrainingArguments.learning_rate=0``) is one finding that names that setting.
 
     Args:
         mode: ``"raise"`` an :class:`~trainer_guard.errors.UpdateAuditError` (same on every rank) or ``"warn"``.

@@ -43,6 +43,7 @@ __all__ = [
     "audit",
     "summarize",
     "module_of",
+    "expert_of",
     "module_summary",
     "GroupInfo",
     "group_index",
@@ -62,18 +63,29 @@ CAUSES: dict[str, str] = {
                         "tensors to a param group, or freeze them (requires_grad=False)",
     "lr_zero": "its optimizer group {group} has LR 0 (initial_lr 0); give the group a non-zero learning rate or "
                "freeze these tensors",
+    "lr_zero_all": "every optimizer group has LR 0 (initial_lr 0), so nothing can train: set "
+                   "TrainingArguments.learning_rate (or the LR of the optimizer you pass the Trainer) to a non-zero "
+                   "value; if this run is not meant to train, switch UpdateAuditGuard off",
     "grad_none": "no gradient reached it (.grad is None): its output is detached, computed under no_grad or unused "
-                 "by the loss; check forward hooks and .detach() calls, or freeze it",
+                 "by the loss; check forward hooks and .detach() calls, or freeze it; a module only some batches "
+                 "use (a task head, a conditional branch): raise min_grad_steps or leave it out with "
+                 "UpdateAuditGuard(ignore=[...])",
     "grad_zero": "no gradient reached it (.grad is all zero): its output is multiplied by zero or masked out of "
                  "the loss; check the forward pass, or freeze it",
+    "unrouted": "a mixture-of-experts expert that no token was routed to in {steps} optimizer steps (no gradient) "
+                "while other experts of its layer trained: a dead expert if it lasts; balance the router (e.g. "
+                "output_router_logits=True with router_aux_loss_coef > 0), or stop auditing experts with "
+                "UpdateAuditGuard(ignore=['*.experts.*'])",
     "stalled": "it had a non-zero gradient and {lr}, yet no value changed: updates too small for {dtype}, or the "
                "optimizer skips it; {advice}",
     "unfrozen": "frozen at the baseline but requires_grad=True now: something un-froze it (a wrapper, a later "
                 "requires_grad_ call); freeze it again after wrapping",
     "frozen_in_optimizer": "frozen, yet in optimizer group {group} (weight_decay {wd:g}) which updated it; build the "
                            "optimizer from trainable parameters only",
-    "modified_in_place": "frozen and in no optimizer group: modified outside the optimizer (an in-place op in "
-                         "forward, a hook or a callback); use out-of-place ops or clone the weight first",
+    "modified_in_place": "frozen and {where}: modified outside the optimizer (an in-place op in "
+                         "forward, a hook or a callback); use out-of-place ops or clone the weight first; a copy "
+                         "a callback updates on purpose (an EMA of the weights kept in the model): leave it out with "
+                         "UpdateAuditGuard(ignore=[...])",
 }
 
 _KIND_TEXT = {"unchanged": "trainable but unchanged", "changed": "frozen but changed"}
@@ -94,6 +106,8 @@ class ParamFacts:
         grad: ``.grad`` at the last step: ``"none"``, ``"zero"`` (all zero), ``"nonzero"``, or ``"unknown"``.
         dtype: the tensor's dtype, for messages.
         numel: number of values, for messages.
+        expert: a numbered expert of a mixture-of-experts layer (see :func:`expert_of`) while another expert of the
+            same layer trained: no gradient means the router sent it no token, not a wiring bug.
     """
 
     trainable: bool
@@ -106,6 +120,7 @@ class ParamFacts:
     grad: GradState = "unknown"
     dtype: str = ""
     numel: int = 0
+    expert: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,21 +164,45 @@ def _finding(name: str, kind: str, cause: str, f: ParamFacts) -> Finding:
     else:
         advice = f"{raise_lr} or keep these weights in float32"
     detail = CAUSES[cause].format(group=f.group, lr=lr, wd=f.weight_decay, dtype=f.dtype or "its dtype",
-                                  advice=advice)
+                                  advice=advice, steps=f.effective_steps,
+                                  where="in no optimizer group" if f.group is None else
+                                  f"without gradient or weight decay in optimizer group {f.group}")
     return Finding(name, kind, cause, detail, f.numel)
 
 
+def expert_of(name: str) -> str | None:
+    """The expert container of a per-expert tensor name (a numbered entry of an ``experts`` module: Switch /
+    NLLB-MoE ``experts.expert_3``, remote-code Mixtral/DeepSeek ``experts.3``), else ``None``. Fused expert tensors
+    (transformers 5's ``experts.gate_up_proj``) hold every expert in one tensor and are not per-expert.
+
+    Example:
+        >>> expert_of("model.layers.0.mlp.experts.3.w1.weight"), expert_of("model.layers.0.mlp.experts.down_proj")
+        ('model.layers.0.mlp.experts', None)
+    """
+    m = _EXPERT.match(name)
+    return m.group(1) if m else None
+
+
+_EXPERT = re.compile(r"^(.*\bexperts)\.(?:expert_)?\d+\.")
+
+
 def audit(
-    status: Mapping[str, str], facts: Mapping[str, ParamFacts], min_grad_steps: int = 2
+    status: Mapping[str, str], facts: Mapping[str, ParamFacts], min_grad_steps: int = 2, *,
+    min_expert_steps: int | None = None, all_lr_zero: bool = False,
 ) -> tuple[list[Finding], list[str]]:
     """Judge each tensor of ``status`` (from :func:`classify`, baseline -> now) with its ``facts``.
 
-    - Frozen (at the baseline) and changed: a finding, cause ``unfrozen`` / ``frozen_in_optimizer`` /
-      ``modified_in_place``.
+    - Frozen (at the baseline) and changed: a finding, cause ``unfrozen`` / ``frozen_in_optimizer`` (in a group,
+      and it had a ``.grad`` or the group decays weights) / ``modified_in_place`` (in no group, or in one that had
+      nothing to step it with: torch optimizers skip a tensor whose ``.grad`` is None).
     - Trainable and unchanged: ``not_in_optimizer`` and ``lr_zero`` (``initial_lr`` 0) at once; otherwise only
       once its group ran at least one effective step (LR warmup from 0 and skipped inf/nan steps do not count),
       and the gradient-based causes (``grad_none``, ``grad_zero``, ``stalled``) only after ``min_grad_steps``
       effective steps, since e.g. a LoRA A matrix has a zero gradient on its first step (B starts at zero).
+      ``all_lr_zero`` (every optimizer group has LR 0) turns ``lr_zero`` into ``lr_zero_all``.
+    - A MoE expert without gradient while a sibling trained (``facts.expert``): ``unrouted``, only after
+      ``min_expert_steps`` effective steps (default ``min_grad_steps``): the router may simply not have picked it.
+    - Trainable at the baseline but frozen now (``trainable_now`` False): frozen on purpose mid-run, not judged.
 
     Returns:
         ``(findings, pending)``: findings sorted by name, and the names that cannot be judged yet (keep their
@@ -178,18 +217,23 @@ def audit(
             if st == CHANGED:
                 if f.trainable_now:
                     cause = "unfrozen"
-                elif f.group is not None:
-                    cause = "frozen_in_optimizer"
+                elif f.group is not None and (f.grad != "none" or f.weight_decay):
+                    cause = "frozen_in_optimizer"  # stepped with a (zero) gradient, or decayed without one
                 else:
                     cause = "modified_in_place"
                 findings.append(_finding(name, "changed", cause, f))
             continue
-        if st == CHANGED:
+        if st == CHANGED or f.trainable_now is False:
             continue
         if f.group is None:
             findings.append(_finding(name, "unchanged", "not_in_optimizer", f))
         elif f.initial_lr is not None and f.initial_lr == 0 and not f.effective_steps:
-            findings.append(_finding(name, "unchanged", "lr_zero", f))
+            findings.append(_finding(name, "unchanged", "lr_zero_all" if all_lr_zero else "lr_zero", f))
+        elif f.expert and f.grad in ("none", "zero", "unknown"):
+            if f.effective_steps < max(min_grad_steps, min_expert_steps or 0):
+                pending.append(name)
+            else:
+                findings.append(_finding(name, "unchanged", "unrouted", f))
         elif f.effective_steps < 1 or (f.effective_steps < min_grad_steps and f.grad in ("none", "zero", "unknown")):
             pending.append(name)
         else:
@@ -227,7 +271,7 @@ def _fold(modules: Iterable[str]) -> list[str]:
 
 
 def summarize(findings: Iterable[Finding], max_modules: int = 8) -> list[str]:
-    """One line per (kind, cause): ``"<kind>: <n> tensors (<values>) in <modules> - <detail>"``.
+    """One line per (kind, cause, detail): ``"<kind>: <n> tensors (<values>) in <modules> - <detail>"``.
 
     Modules that differ only by layer index fold into one entry (``model.layers.* x32``).
 
@@ -237,11 +281,11 @@ def summarize(findings: Iterable[Finding], max_modules: int = 8) -> list[str]:
         >>> summarize(f)
         ['trainable but unchanged: 4 tensors (32 values) in model.layers.*.mlp.up_proj x3, lm_head - no gradient']
     """
-    groups: dict[tuple[str, str], list[Finding]] = {}
-    for f in findings:
-        groups.setdefault((f.kind, f.cause), []).append(f)
+    groups: dict[tuple[str, str, str], list[Finding]] = {}
+    for f in findings:  # by detail too: tensors of two groups must not be told one group's number or LR
+        groups.setdefault((f.kind, f.cause, f.detail), []).append(f)
     lines = []
-    for (kind, _), fs in groups.items():
+    for (kind, _, _), fs in groups.items():
         mods = _fold(module_of(f.name) for f in fs)
         shown = ", ".join(mods[:max_modules]) + (f", ... ({len(mods) - max_modules} more)" if len(mods) > max_modules
                                                   else "")
@@ -375,7 +419,12 @@ class UpdateAudit:
     Keeps per tensor its baseline checksum and ``requires_grad``, per optimizer group a count of *effective* steps
     (not skipped, LR > 0). :meth:`step` checks every tensor on the first step and every ``every`` steps, and in
     between only tensors left undecided whose group has since run the effective steps they need; judged tensors get
-    a new baseline. Each (tensor, cause) is returned once.
+    a new baseline. Each (tensor, cause) is returned once. A tensor whose ``requires_grad`` flips after training
+    ran with the old setting (gradual unfreezing or freezing by a schedule) starts a new window from the step that
+    showed the flip, judged as what it is now (an un-frozen tensor the optimizer does not hold is reported at the
+    next step); a flip before the first optimizer step is part of the setup and judged against the baseline. A MoE
+    expert without gradient while another expert of its layer trained is judged only after ``every`` effective
+    steps (the router may not have picked it yet).
 
     Args:
         params: name -> parameter (live objects; their values are read at each check).
@@ -405,6 +454,8 @@ class UpdateAudit:
         self._effective: list[int] = []
         self._pending: dict[str, tuple[int | None, int]] = {}  # name -> (group, effective steps needed)
         self._reported: set[tuple[str, str]] = set()
+        self._grad_flag: dict[str, bool] = {}  # requires_grad seen at the last step
+        self._routed: set[str] = set()  # MoE expert containers with an expert seen trained
 
     def checksums(self, names: Iterable[str]) -> dict[str, int]:
         """Checksums of ``names``, one call per device (a model split over GPUs by ``device_map``)."""
@@ -427,7 +478,7 @@ class UpdateAudit:
             self._snaps.append(list(self._effective))
         for n, s in sums.items():
             self._base[n], self._since[n] = s, len(self._snaps) - 1
-            self._trainable[n] = self.params[n].requires_grad
+            self._trainable[n] = self._grad_flag[n] = self.params[n].requires_grad
 
     def _eff(self, name: str, group: int | None) -> int:
         if group is None:
@@ -449,17 +500,36 @@ class UpdateAudit:
                 lr = group_lr(g)
                 self._effective[i] += lr is None or lr > 0
         self.steps += 1
+        if self.steps > 1:
+            self._restart_flipped(optimizer)
         if self.steps == 1 or self.steps % self.every == 0:
             names = list(self.params)
         else:
             names = [n for n, (g, need) in self._pending.items() if self._eff(n, g) >= need]
         return self.check(names, optimizer) if names else []
 
+    def _restart_flipped(self, optimizer: Any) -> None:
+        """Tensors whose ``requires_grad`` changed since the last step (a schedule that un-freezes or freezes them
+        once training ran): a new window from now, judged as what they are now; re-checked after their group's
+        next effective step (at the next step when no group holds them)."""
+        flipped = [n for n, p in self.params.items() if p.requires_grad != self._grad_flag.get(n, p.requires_grad)]
+        if not flipped:
+            return
+        self._rebase(self.checksums(flipped))
+        index = group_index(optimizer)
+        for n in flipped:
+            g = index.get(id(self.params[n]))
+            self._pending[n] = (g.index, 1) if g else (None, 0)
+
     def check(self, names: list[str], optimizer: Any) -> list[Finding]:
         """Compare ``names`` with their baselines now; rebase the judged ones; return new findings."""
         now = self.checksums(names)
         status = classify({n: self._base[n] for n in names}, now)
         index = group_index(optimizer)
+        infos = {g.index: g for g in index.values()}
+        all_lr_zero = bool(infos) and all(g.initial_lr == 0 for g in infos.values())
+        self._routed.update(e for n in names if status[n] == CHANGED and self._trainable[n]
+                            for e in [expert_of(n)] if e)
         facts = {}
         for n in names:
             p, g = self.params[n], index.get(id(self.params[n]))
@@ -468,14 +538,23 @@ class UpdateAudit:
                 trainable=self._trainable[n], trainable_now=p.requires_grad, group=gi, lr=g.lr if g else None,
                 initial_lr=g.initial_lr if g else None, weight_decay=g.weight_decay if g else 0.0,
                 effective_steps=self._eff(n, gi),
-                grad=grad_state(p) if status[n] == SAME and self._trainable[n] else "unknown",
-                dtype=str(p.dtype).removeprefix("torch."), numel=p.numel())
-        found, pending = audit(status, facts, self.min_grad_steps)
+                grad=grad_state(p) if (status[n] == SAME) == self._trainable[n] else "unknown",
+                dtype=str(p.dtype).removeprefix("torch."), numel=p.numel(), expert=expert_of(n) in self._routed)
+        for n in names:  # AdaLoRA's rank allocator zeroes pruned singular values (lora_E) after each step: a fully
+            # pruned lora_E stays all zero by design, not for want of a gradient or LR (still judged when in no group)
+            if (status[n] == SAME and self._trainable[n] and ".lora_E." in f".{n}." and facts[n].group is not None
+                    and not bool(self.params[n].detach().any())):
+                status[n] = "pruned"  # audit() judges only SAME/CHANGED
+        expert_steps = max(self.min_grad_steps, self.every)
+        found, pending = audit(status, facts, self.min_grad_steps, min_expert_steps=expert_steps,
+                               all_lr_zero=all_lr_zero)
         new = [f for f in found if (f.name, f.cause) not in self._reported]
         self._reported.update((f.name, f.cause) for f in new)
         for n in names:
             self._pending.pop(n, None)
-        for n in pending:  # wait for one effective step, or for min_grad_steps of them (gradient verdicts)
-            self._pending[n] = (facts[n].group, 1 if facts[n].effective_steps < 1 else self.min_grad_steps)
+        for n in pending:  # wait for one effective step, or min_grad_steps (gradient verdicts), or every (experts)
+            f = facts[n]
+            self._pending[n] = (f.group, 1 if f.effective_steps < 1 else expert_steps if f.expert
+                                else self.min_grad_steps)
         self._rebase({n: s for n, s in now.items() if n not in self._pending})
         return new

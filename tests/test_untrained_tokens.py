@@ -233,3 +233,48 @@ def test_lora_on_the_embedding_is_not_called_frozen():
     assert not any("cannot train" in line for line in lines)
     frozen = tiny_lora(base_model(), target_modules=["q_proj"])
     assert sum("cannot train" in line for line in UntrainedTokensGuard().check(frozen, chat_dataset(), tokenizer())) == 2
+
+
+# -- tokens added to the tokenizer without resize_token_embeddings ----------------------------------------------
+def _grown_tokenizer():
+    tok = tokenizer()
+    tok.add_tokens(["<tool>", "</tool>", "<think>", "</think>"])  # ids 126-129; the tiny model has 128 rows
+    return tok
+
+
+def _dataset_using(token_id: int, n: int = 8):
+    from datasets import Dataset
+
+    rows = [[1, 2, token_id, 3, 4, 5, 6, 7]] * n
+    return Dataset.from_dict({"input_ids": rows, "labels": rows, "attention_mask": [[1] * 8] * n})
+
+
+def test_tokenizer_larger_than_the_embedding_is_named_before_the_index_error(tmp_path):
+    """Tokens added without model.resize_token_embeddings: the run dies at the first batch holding one with a bare
+    'index out of range' (a device-side assert on CUDA); the guard names the sizes, the new tokens and the fix."""
+    model, tok = tiny_model("llama-untied"), _grown_tokenizer()
+    assert model.get_input_embeddings().weight.shape[0] == 128 and len(tok) == 130
+    from transformers import Trainer
+
+    def trainer(callbacks):
+        return Trainer(model=model, args=make_args(tmp_path, max_steps=1, save_strategy="no"),
+                       train_dataset=_dataset_using(129), processing_class=tok, callbacks=callbacks)
+
+    with pytest.raises(IndexError, match="index out of range"):  # the pitfall, without the guard
+        trainer([]).train()
+    with pytest.raises(UntrainedTokensError, match=r"the tokenizer has 130 tokens but the input embedding has 128 "
+                                                   r"rows: ids 128-129 \('<think>', '</think>'\) index past it"):
+        trainer([UntrainedTokensGuard(mode="raise")]).train()
+    lines = UntrainedTokensGuard().check(model, _dataset_using(129), tok)  # report mode: said, nothing changed
+    assert len(lines) == 1 and "model.resize_token_embeddings(len(tokenizer))" in lines[0], lines
+    model.resize_token_embeddings(len(tok))
+    assert UntrainedTokensGuard(mode="raise").check(model, _dataset_using(129), tok) == []
+
+
+def test_data_ids_past_the_embedding_are_counted_when_the_data_is_scanned():
+    """A dataset tokenized by another model's tokenizer (ids past this embedding) is named in the scan's report."""
+    lines = UntrainedTokensGuard().check(base_model(), _dataset_using(200), tokenizer())
+    assert any(line.startswith("training data holds 8 token id(s) outside the input embedding's 128 rows")
+               for line in lines), lines
+    with pytest.raises(UntrainedTokensError, match="8 token id"):
+        UntrainedTokensGuard(mode="raise").check(base_model(), _dataset_using(200), tokenizer())

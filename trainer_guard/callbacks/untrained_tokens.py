@@ -134,19 +134,25 @@ class UntrainedTokensGuard(Guard):
                 for label, module, w, _, _, used_rows in tables}
         ids = sorted({i for r in rows.values() for i in r})
         self.found = {"untrained": rows, "data": {}, "template": {}}
+        n_rows = next((w.shape[0] for label, _, w, _, _, _ in tables if label == "input embedding"), None)
+        overflow = _tokenizer_overflow(tokenizer, n_rows)
+        if o["mode"] == "raise":  # every rank (the same tokenizer and model): none is left in a gather
+            agree([overflow] if overflow else [], UntrainedTokensError)
+        elif overflow:
+            self.note(overflow, "warning")
         if not ids:
             if world_size() > 1:  # another rank may have found rows: take part in its gather and verdict below
                 gather([])
                 if o["mode"] == "raise":
                     agree([], UntrainedTokensError)
-            return []
+            return [overflow] if overflow else []
         lines = [f"{label}: {len(r)} row(s) look never trained (~0): ids {_short(r)}" for label, r in rows.items()
                  if r]
         data: dict[int, int] = {}
-        unscanned = False
+        unscanned, out_of_range = False, 0
         if dataset is not None:
             scan = count_token_ids(dataset, ids, column=o["column"], max_tokens=o["max_tokens"] or None,
-                                   max_seconds=o["max_seconds"] or None)
+                                   max_seconds=o["max_seconds"] or None, vocab_size=n_rows)
             data = scan.counts
             extent = "all" if scan.complete else f"the first (stopped by {scan.stopped})"
             if scan.examples and scan.no_ids == scan.examples:
@@ -157,6 +163,12 @@ class UntrainedTokensGuard(Guard):
             else:
                 lines.append(f"training data ({extent} {scan.examples} examples, {scan.tokens} tokens) uses: "
                              + (_counts(data, tokenizer) or "none of them"))
+                out_of_range = scan.out_of_range
+                if out_of_range:
+                    lines.append(f"training data holds {scan.out_of_range} token id(s) outside the input embedding's "
+                                 f"{n_rows} rows: the first batch holding one fails with 'index out of range' (on CUDA "
+                                 f"'device-side assert triggered'); tokenize with this model's tokenizer, or call "
+                                 f"model.resize_token_embeddings(len(tokenizer)) before training")
         template = template_token_ids(tokenizer, ids) if (o["check_template"] and tokenizer is not None) else {}
         if template:
             lines.append("the chat template uses: " + _counts(template, tokenizer))
@@ -168,7 +180,7 @@ class UntrainedTokensGuard(Guard):
             msg = ("Training would use never-trained embedding rows (NaN/garbage losses):\n  - " + "\n  - ".join(lines)
                    + "\nUse UntrainedTokensGuard(mode='fix') to set them to the mean of the trained rows, or remove "
                      "those tokens from the data/template.")
-            agree([msg] if used else [], UntrainedTokensError)
+            agree([msg] if used or out_of_range else [], UntrainedTokensError)
         if o["mode"] == "fix":
             for label, module, w, _, _, used_rows in tables:
                 todo = sorted(set(rows[label]) if o["fix_unused"] else set(rows[label]) & set(used))
@@ -177,8 +189,8 @@ class UntrainedTokensGuard(Guard):
                     _sync_trainable_tokens(module, todo)
                     lines.append(f"fixed: {label} rows {_short(todo)} set to the mean of {n} trained rows")
         for line in lines:
-            self.note(line, "warning" if used or unscanned else "info")
-        return lines
+            self.note(line, "warning" if used or unscanned or out_of_range else "info")
+        return ([overflow] if overflow else []) + lines  # (overflow was logged above)
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        **kwargs: Any):
@@ -186,6 +198,28 @@ class UntrainedTokensGuard(Guard):
             return
         dataset = getattr(train_dataloader, "dataset", None) if train_dataloader is not None else None
         self.check(model, dataset, processing_class)
+
+
+def _tokenizer_overflow(tokenizer: Any, n_rows: int | None) -> str | None:
+    """Why a tokenizer with more tokens than the input embedding has rows fails (tokens added without
+    ``resize_token_embeddings``), or ``None``."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+    try:
+        n_tok = len(tok)
+    except TypeError:  # no tokenizer, or one without a length
+        return None
+    if n_rows is None or not isinstance(n_tok, int) or n_tok <= n_rows:
+        return None
+    extra = list(range(n_rows, n_tok))
+    try:
+        names = [str(t) for t in tok.convert_ids_to_tokens(extra[:5])]
+    except Exception:
+        names = []
+    shown = f" ({', '.join(map(repr, names))}{', ...' if len(extra) > 5 else ''})" if names else ""
+    return (f"the tokenizer has {n_tok} tokens but the input embedding has {n_rows} rows: ids {n_rows}-{n_tok - 1}"
+            f"{shown} index past it, and the first batch holding one fails with 'index out of range' (on CUDA "
+            f"'device-side assert triggered'); call model.resize_token_embeddings(len(tokenizer)) before building the "
+            f"Trainer, and let the new rows train (with PEFT: trainable_token_indices or modules_to_save)")
 
 
 def _short(ids: list[int], n: int = 12) -> str:

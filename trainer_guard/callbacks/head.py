@@ -1,4 +1,4 @@
-"""HeadGuard: every checkpoint of a causal LM must be reloadable with its trained output head.
+"""HeadGuard: every checkpoint of a language model must be reloadable with its trained output head.
 
 Answers field reports R5 (a model saved without ``lm_head``: loaded with ``AutoModel``) and R1b (head tied by hand
 while ``tie_word_embeddings=False``: the save silently omits ``lm_head.weight``).
@@ -18,9 +18,9 @@ __all__ = ["HeadGuard"]
 
 
 class HeadGuard(Guard):
-    """Check each checkpoint right after it is written (``on_save``): a config naming a causal LM (or the bare
-    base model of a decoder-only family) with no output-head tensor stored and no tie declared reloads with a
-    random head.
+    """Check each checkpoint right after it is written (``on_save``): a config naming a causal, sequence-to-sequence
+    or masked LM (or the bare base model of a decoder-only or encoder-decoder family) with no output-head tensor
+    stored and no tie declared reloads with a random head.
 
     ``on_save`` fires after the whole checkpoint is written, so the check sees exactly what a later
     ``from_pretrained`` will see. The main process reads the files; every rank raises the same error.

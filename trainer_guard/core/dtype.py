@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,24 @@ def _matches(module_name: str, patterns: Sequence[str]) -> str | None:
     return None
 
 
+# PEFT's wrappers insert these between a module and its parameter (``q.base_layer.weight``)
+_PEFT_SEGMENT = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
+
+
+def _param_matches(param_name: str, patterns: Sequence[str]) -> str | None:
+    """The first pattern that names ``param_name`` or a run of its dotted segments (``*`` globs one segment):
+    ``"sinks"`` names ``model.layers.0.self_attn.sinks``, ``"gate.weight"`` names ``model.layers.0.mlp.gate.weight``
+    (transformers 5 keeps such parameters in float32 when it loads a model in bf16/fp16). Not a substring match:
+    T5's ``"wo"`` does not name a new ``word_head.weight``. PEFT's wrapper segments (``base_layer``) are skipped."""
+    parts = _PEFT_SEGMENT.sub("", param_name).split(".")
+    for pat in patterns:
+        pp = pat.split(".")
+        if any(all(fnmatch.fnmatchcase(parts[i + j], q) for j, q in enumerate(pp))
+               for i in range(len(parts) - len(pp) + 1)):
+            return pat
+    return None
+
+
 def _model_fp32_patterns(model: nn.Module) -> list[str]:
     pats: set[str] = set()
     for m in model.modules():
@@ -166,7 +185,7 @@ def find_dtype_mismatches(
             reason = "PEFT adapter weight"
         elif (pat := _matches(mod_name, fp32_pats)) is not None:
             reason = f"keep_fp32 pattern {pat!r}"
-        elif (pat := _matches(mod_name, model_pats)) is not None:
+        elif (pat := _matches(mod_name, model_pats) or _param_matches(name, model_pats)) is not None:
             reason = f"model keeps {pat!r} in fp32 (_keep_in_fp32_modules)"
         issue = DtypeIssue(name, mod_name, type(module).__name__, p.dtype, p.numel(), reason)
         (report.kept if reason else report.mismatched).append(issue)

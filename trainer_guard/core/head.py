@@ -1,4 +1,4 @@
-"""Causal-LM checkpoints saved without their output head (field reports R5 and R1b).
+"""Language-model checkpoints saved without their output head (field reports R5 and R1b).
 
 Pure functions, no Trainer; reads only ``config.json`` and tensor *names* (safetensors headers, index files).
 
@@ -9,7 +9,10 @@ Two ways a model meant for generation ends up on disk without its trained head:
   ``LlamaForCausalLM`` but ``lm_head.weight`` is not stored.
 
 Either way ``AutoModelForCausalLM.from_pretrained`` initialises the head at random, with only a load-time
-"MISSING" report. A head that is legitimately absent because the config declares the tie is fine.
+"MISSING" report. A head that is legitimately absent because the config declares the tie is fine. The same holds for
+encoder-decoder LMs (``BartForConditionalGeneration``, ``MarianMTModel``; a bare ``MarianModel`` reloads with
+``AutoModelForSeq2SeqLM``), masked LMs (``BertForMaskedLM``'s ``cls.predictions.decoder.weight``) and
+vision-language models (``LlavaForConditionalGeneration``).
 
 Example:
     >>> import tempfile
@@ -103,15 +106,53 @@ def _tie_declared(directory: str, cfg: dict) -> bool:
         return False
 
 
-def _decoder_only(model_type: str) -> tuple[str | None, str | None]:
-    """``(base class, causal-LM class)`` of a decoder-only family (``None``s for encoders and unknown types)."""
+def _generation_class(model_type: str) -> tuple[str | None, str | None, str | None]:
+    """``(base class, class with the head, Auto class)`` of a generative family (one with a causal-LM class) whose
+    bare base model has no output head: decoder-only (``LlamaModel`` -> ``LlamaForCausalLM``,
+    ``AutoModelForCausalLM``) or encoder-decoder (``MarianModel`` -> ``MarianMTModel``, ``AutoModelForSeq2SeqLM``;
+    not ``MarianForCausalLM``, a decoder without the encoder). ``None``s for encoders (their base model is the usual
+    way to use them) and unknown types."""
     from transformers.models.auto import modeling_auto as ma
 
-    causal = ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    base = ma.MODEL_MAPPING_NAMES.get(model_type)
-    if not causal or not base or model_type in ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return None, None
-    return (base if isinstance(base, str) else base[0]), (causal if isinstance(causal, str) else causal[0])
+    def first(names: Any) -> str | None:
+        return names if isinstance(names, str) or not names else names[0]
+
+    base = first(ma.MODEL_MAPPING_NAMES.get(model_type))
+    causal = first(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type))
+    if not base or not causal or model_type in ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return None, None, None
+    seq2seq = first(ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.get(model_type))
+    return (base, seq2seq, "AutoModelForSeq2SeqLM") if seq2seq else (base, causal, "AutoModelForCausalLM")
+
+
+def _lm_kind(arch: str) -> tuple[str | None, tuple[str, ...]]:
+    """What kind of language model class ``arch`` is (``"a causal LM"``, ...) and the names its output head may be
+    stored under; ``(None, ())`` for any other class.
+
+    Causal LMs (``*ForCausalLM`` / ``*LMHeadModel``): :func:`head_tensor_names`. Sequence-to-sequence LMs
+    (``BartForConditionalGeneration``, ``MarianMTModel``), masked LMs (``BertForMaskedLM``) and vision-language
+    models (``LlavaForConditionalGeneration``, stored as ``language_model.lm_head.weight``): only the output head
+    their class ties to the input embedding (``_tied_weights_keys``; a class without one cannot lose its head to a
+    tie), not the encoder/decoder input embeddings some of them (T5) tie as well."""
+    if arch.endswith(_HEAD_SUFFIXES):
+        return "a causal LM", head_tensor_names(arch)
+    from transformers.models.auto import modeling_auto as ma
+
+    for kind, mapping in (("a sequence-to-sequence LM", ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+                          ("a masked LM", ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+                          ("a vision-language model", ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)):
+        if any(arch == v or (not isinstance(v, str) and arch in v) for v in mapping.values()):
+            cls = _class(arch)
+            keys = getattr(cls, "_tied_weights_keys", None) if cls is not None else None
+            heads = tuple(k for k in keys if k.endswith(".weight") and not _is_input_embedding(k)) \
+                if isinstance(keys, dict) else ()
+            return (kind, heads) if heads else (None, ())
+    return None, ()
+
+
+def _is_input_embedding(name: str) -> bool:
+    """``encoder.embed_tokens.weight``, ``bert.embeddings.word_embeddings.weight``, ``shared.weight``: not a head."""
+    return any(seg.startswith("embed") or seg.endswith("embeddings") or seg == "shared" for seg in name.split("."))
 
 
 def missing_head_problems(directory: str | os.PathLike) -> list[str]:
@@ -119,10 +160,12 @@ def missing_head_problems(directory: str | os.PathLike) -> list[str]:
 
     Reported:
 
-    - the config names a causal-LM class (``*ForCausalLM`` / ``*LMHeadModel``), no output-head tensor is stored
-      and the config declares no tie (R1b);
-    - the config names the *bare* base model of a decoder-only family (``LlamaModel``: saved from ``AutoModel``,
-      R5) and declares no tie, so there is no head at all.
+    - the config names a causal-LM class (``*ForCausalLM`` / ``*LMHeadModel``), a sequence-to-sequence LM class
+      (``BartForConditionalGeneration``), a masked-LM class (``BertForMaskedLM``) or a vision-language model
+      (``LlavaForConditionalGeneration``), no output-head tensor is
+      stored and the config declares no tie (R1b);
+    - the config names the *bare* base model of a decoder-only or encoder-decoder family (``LlamaModel``,
+      ``MarianModel``: saved from ``AutoModel``, R5) and declares no tie, so there is no head at all.
 
     A directory without ``config.json`` (a PEFT adapter, a plain ``nn.Module`` checkpoint) or without weight files
     has nothing to check and returns ``[]``.
@@ -160,24 +203,24 @@ def missing_head_problems(directory: str | os.PathLike) -> list[str]:
     for arch in cfg.get("architectures") or []:
         if not isinstance(arch, str):
             continue
-        if arch.endswith(_HEAD_SUFFIXES):
-            heads = head_tensor_names(arch)
+        kind, heads = _lm_kind(arch)
+        if kind is not None:
             if any(n == h or n.endswith("." + h) for n in names for h in heads):
                 continue
             problems.append(
-                f"{directory}: config.json names {arch}, a causal LM, but no output-head tensor ({heads[0]}) is "
+                f"{directory}: config.json names {arch}, {kind}, but no output-head tensor ({heads[0]}) is "
                 f"stored and tie_word_embeddings is false, so {arch}.from_pretrained initialises the head at "
                 f"random. If the head was tied to the input embedding by hand, set config.tie_word_embeddings=True "
                 f"before saving (TiedWeightsGuard does); otherwise save the {arch} that holds the trained head "
                 f"again with save_pretrained."
             )
             continue
-        base, causal = _decoder_only(model_type)
+        base, with_head, auto = _generation_class(model_type)
         if base is not None and arch == base:
             problems.append(
                 f"{directory}: saved from {arch}, the {model_type} model without its output head (loaded with "
-                f"AutoModel?); config.json declares no tie, so {causal}.from_pretrained / "
-                f"AutoModelForCausalLM would initialise the head at random. For generation, load the original "
-                f"checkpoint with AutoModelForCausalLM ({causal}) and save that."
+                f"AutoModel?); config.json declares no tie, so {with_head}.from_pretrained / "
+                f"{auto} would initialise the head at random. For generation, load the original "
+                f"checkpoint with {auto} ({with_head}) and save that."
             )
     return problems

@@ -281,9 +281,7 @@ def test_dtype_guard_model_patterns_are_not_substrings():
     assert [i.name for i in report.kept] == ["encoder.block.0.layer.1.DenseReluDense.wo.weight"]
 
 
-# -- found here, fixed elsewhere ---------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="doctor._check_adapter requires a stored copy of every modules_to_save entry; "
-                                       "PEFT's SEQ_CLS task adds both 'classifier' and 'score', only one exists")
+# -- doctor on these layouts -------------------------------------------------------------------------------------------
 def test_doctor_accepts_a_sequence_classification_adapter(tmp_path):
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -293,11 +291,25 @@ def test_doctor_accepts_a_sequence_classification_adapter(tmp_path):
     assert report.problems == []
 
 
-@pytest.mark.xfail(strict=True, reason="doctor._check_dtypes warns about T5's float32 'wo' matrices in a float16 "
-                                       "checkpoint, which the model class keeps in fp32 (_keep_in_fp32_modules)")
 def test_doctor_accepts_modules_the_model_class_keeps_in_fp32(tmp_path):
     from transformers import T5ForConditionalGeneration
 
     build("t5").save_pretrained(tmp_path / "base")
     T5ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float16).save_pretrained(tmp_path / "h")
     assert [w.message for w in diagnose(tmp_path / "h", no_manifest_ok=True).warnings if w.check == "dtypes"] == []
+
+
+def test_doctor_still_names_an_fp32_matrix_the_model_class_does_not_keep(tmp_path):
+    """The fp32 exemption covers only what _keep_in_fp32_modules names: another fp32 matrix is still a dtype mix."""
+    from safetensors.torch import load_file, save_file
+    from transformers import T5ForConditionalGeneration
+
+    build("t5").save_pretrained(tmp_path / "base")
+    T5ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float16).save_pretrained(tmp_path / "h")
+    f = tmp_path / "h" / "model.safetensors"
+    sd = load_file(f)
+    q = next(k for k in sd if k.endswith("SelfAttention.q.weight"))
+    sd[q] = sd[q].float()
+    save_file(sd, f, metadata={"format": "pt"})
+    (msg,) = [w.message for w in diagnose(tmp_path / "h", no_manifest_ok=True).warnings if w.check == "dtypes"]
+    assert f"{q} (float32)" in msg and ".wo." not in msg, msg

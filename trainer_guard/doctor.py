@@ -169,7 +169,7 @@ def _diagnose_dir(path: str, report: Report, progress: bool, no_manifest_ok: boo
     else:
         _check_head(path, report)
     _check_adapter(path, index, report)
-    _check_dtypes(index, report)
+    _check_dtypes(index, report, config)
     report.summary.update({"files": sizes, "tensors": len(index)})
     return report
 
@@ -567,13 +567,34 @@ def _check_adapter(path: str, index: dict[str, TensorInfo], report: Report) -> N
         report.unusable.append(Finding("adapter", f"adapter_config.json: 'modules_to_save' is {to_save!r}, expected a "
                                                   f"list of module names (or null); fix or re-save the adapter"))
         return
+    def copied(module: str) -> bool:
+        return any(r["module"] == module.rsplit(".", 1)[-1] and r["kind"] == "full copy" for r in rows)
+
+    heads = {"classifier", "score"}  # PEFT's SEQ_CLS/TOKEN_CLS tasks list both; a model has one of them
+    if cfg.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and heads <= set(to_save) and any(map(copied, heads)):
+        to_save = [m for m in to_save if m not in heads]
     for module in to_save:
-        if not any(r["module"] == module.rsplit(".", 1)[-1] and r["kind"] == "full copy" for r in rows):
+        if not copied(module):
             report.problems.append(Finding("adapter", f"{module}: adapter_config.json lists it in modules_to_save but "
                                                       f"{ADAPTER_FILE} stores no copy of it: it will load untrained"))
 
 
-def _check_dtypes(index: dict[str, TensorInfo], report: Report) -> None:
+def _kept_in_fp32(config: dict | None) -> list[str]:
+    """The module/parameter patterns the class named by ``config.json`` keeps in float32 when loaded in bf16/fp16
+    (``_keep_in_fp32_modules(_strict)``: T5's ``wo``, attention sinks); ``[]`` for an unknown class."""
+    from .core.head import _class
+
+    pats: set[str] = set()
+    for arch in (config or {}).get("architectures") or []:
+        cls = _class(arch) if isinstance(arch, str) else None
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            keep = getattr(cls, attr, None)
+            if isinstance(keep, (list, tuple, set)):
+                pats.update(p for p in keep if isinstance(p, str))
+    return sorted(pats)
+
+
+def _check_dtypes(index: dict[str, TensorInfo], report: Report, config: dict | None = None) -> None:
     by_dtype: dict[str, int] = {}
     nbytes = {k: _nbytes(i) for k, i in index.items()}
     for k, i in index.items():
@@ -583,7 +604,11 @@ def _check_dtypes(index: dict[str, TensorInfo], report: Report) -> None:
     if len(floats) < 2:
         return
     main = max(floats, key=floats.get)
-    odd = sorted(k for k, i in index.items() if i.dtype in floats and i.dtype != main and len(i.shape) >= 2)
+    kept = _kept_in_fp32(config) if main in ("bfloat16", "float16") else []
+    from .core.dtype import _param_matches
+
+    odd = sorted(k for k, i in index.items() if i.dtype in floats and i.dtype != main and len(i.shape) >= 2
+                 and not (i.dtype == "float32" and kept and _param_matches(k, kept)))
     if odd:
         shown = ", ".join(f"{k} ({index[k].dtype})" for k in odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5
                                                                           else "")

@@ -279,6 +279,10 @@ def _check_tensor(name: str, t: Any) -> None:
     if t.layout != torch.strided:
         raise ChecksumError(f"cannot checksum {name!r}: layout {t.layout} is not supported; pass a dense tensor "
                             f"(e.g. .to_dense())")
+    if t.is_quantized:
+        raise ChecksumError(f"cannot checksum {name!r}: it is a quantized tensor ({t.dtype}, {t.qscheme()}), whose "
+                            f"bytes do not include its scales; checksum t.int_repr() and its scales (or "
+                            f"t.dequantize()) instead")
     if t.device.type == "meta":
         raise ChecksumError(f"cannot checksum {name!r}: it is on the meta device and holds no data; materialise "
                             f"the weights first")

@@ -114,7 +114,12 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         for b_name, b in module._buffers.items():
             if b is not None and b_name not in module._non_persistent_buffers_set:
                 tensors[f"{mod_name}.{b_name}" if mod_name else b_name] = b
-    groups = {n: g for g in find_tied_groups(model, include_buffers=True) for n in g}
+    groups: dict[str, list[str]] = {}
+    for g in find_tied_groups(model, include_buffers=True):
+        # only names a checkpoint can hold: a non-persistent buffer sharing the storage is filled in place with it
+        state = [n for n in g if n in tensors]
+        for n in state:
+            groups[n] = state
     return tensors, groups
 
 
@@ -361,6 +366,8 @@ def load_weights_inplace(
         model: the model to fill; its parameter and persistent-buffer names must match the file's tensor names.
             Parameters on the ``meta`` device (empty-weight init) are materialised on ``device`` (default CPU);
             a Hugging Face model with meta parameters gets ``model.tie_weights()`` first.
+            A ``torch.compile`` or ``DataParallel``/``DistributedDataParallel`` wrapper (``accelerator.prepare``) is
+            loaded through the module it wraps when the file's names lack the wrapper's prefix.
         path: a ``.safetensors`` file, or a directory (its ``*.safetensors.index.json`` shards, else every
             ``*.safetensors`` in it). A directory that stores some tensors in the layout transformers'
             ``save_pretrained`` writes for the model's class (its weight conversions: Mixtral's per-expert weights,
@@ -396,6 +403,7 @@ def load_weights_inplace(
     path = as_path(path, LoadError)
     files = safetensors_files_of(path)
     headers = _headers(files)
+    model = _unwrapped(model, headers)
     result = LoadResult()
     if callable(getattr(model, "tie_weights", None)) and any(p.device.type == "meta" for p in model.parameters()):
         model.tie_weights()  # accelerate.init_empty_weights() re-registers tied parameters as separate meta tensors
@@ -456,6 +464,22 @@ def load_weights_inplace(
             bar.close()
     result.still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     return result
+
+
+def _unwrapped(model: nn.Module, headers: dict) -> nn.Module:
+    """The module whose names the file uses: ``torch.compile``'s ``OptimizedModule`` and ``DataParallel`` /
+    ``DistributedDataParallel`` (what ``accelerator.prepare`` returns) prefix every name with ``_orig_mod.`` /
+    ``module.``, which files saved from the unwrapped model (``save_pretrained``, ``accelerator.unwrap_model``) lack.
+    The wrapper shares its parameters with the inner module, so loading into the inner one fills the wrapper too."""
+    while True:
+        inner = None
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            inner, prefix = model._orig_mod, "_orig_mod."
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner, prefix = model.module, "module."
+        if inner is None or any(k.startswith(prefix) for k in headers):
+            return model
+        model = inner
 
 
 def _usable_device(device) -> torch.device:

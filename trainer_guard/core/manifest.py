@@ -238,7 +238,8 @@ def build_manifest(
         directory: when given, the size of each file named in ``files`` is recorded (detects truncation early).
 
     Raises:
-        ChecksumError: a tensor cannot be checksummed.
+        ChecksumError: a tensor cannot be checksummed, or is given as a :class:`TensorInfo` with no checksum in
+            ``sums``.
     """
     from .checksum import CHECKSUM_ALGO, checksums, fingerprint
 
@@ -246,7 +247,11 @@ def build_manifest(
     todo = {k: v for k, v in tensors.items() if k not in sums}
     headers_only = sorted(k for k, v in todo.items() if not isinstance(v, torch.Tensor))
     if headers_only:
-        raise ValueError(f"build_manifest: {headers_only[0]} is given by its header only, with no checksum in sums")
+        from ..errors import ChecksumError
+
+        raise ChecksumError(f"build_manifest: {headers_only[0]!r} is given by its header only (a TensorInfo), with no "
+                            f"checksum in `sums`; pass its checksum in `sums` (file_checksums of its file) or the "
+                            f"tensor itself")
     if todo:
         sums.update(checksums(todo, backend=backend))
     files = dict(files or {})

@@ -196,3 +196,15 @@ def test_every_public_error_is_a_trainer_guard_error():
         obj = getattr(trainer_guard, name)
         if isinstance(obj, type) and issubclass(obj, BaseException):
             assert issubclass(obj, TrainerGuardError), name
+
+
+def test_a_file_saved_from_a_wrapper_names_the_prefix_when_loaded_into_the_bare_model(tmp_path):
+    """DDP's state_dict() prefixes every name with 'module.': loading it into the bare model names the cause."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    f = str(tmp_path / "ddp.safetensors")
+    save_file({f"module.{k}": v.clone() for k, v in model.state_dict().items()}, f)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LoadError, match=r"Its names start with 'module\.': it was saved from a torch.compile/DDP "
+                                        r"wrapper; load into that wrapper"):
+        load_weights_inplace(model, f)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

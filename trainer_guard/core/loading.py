@@ -233,10 +233,15 @@ def _plan(model: nn.Module, headers: dict, strict: bool, cast: bool, path: str, 
     if headers and not used and not skip:  # not one name in common: the wrong file, not a partial load
         adapter = os.path.isfile(os.path.join(path if os.path.isdir(path) else os.path.dirname(path),
                                               "adapter_config.json"))
+        wrapped = next((p for p in ("_orig_mod.", "module.") if all(k.startswith(p) for k in headers)
+                        and any(k[len(p):] in tensors for k in headers)), None)
         raise LoadError(f"Cannot load {path} into {type(model).__name__}: none of its {len(headers)} tensor names "
                         f"(e.g. {sorted(headers)[0]}) is in the model; nothing was changed. "
                         + ("It is a PEFT adapter: load it with PeftModel.from_pretrained(base_model, path) or "
                            "peft.set_peft_model_state_dict(model, safetensors.torch.load_file(file))" if adapter else
+                           f"Its names start with {wrapped!r}: it was saved from a torch.compile/DDP wrapper; load "
+                           f"into that wrapper (torch.compile(model) / accelerator.prepare(model)), or save "
+                           f"accelerator.unwrap_model(model) / model._orig_mod instead" if wrapped else
                            "Load into the model class/config the weights were saved from"))
     if strict:
         problems.extend(f"{k}: in the file(s) but not in the model" for k in extra)

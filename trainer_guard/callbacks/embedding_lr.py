@@ -50,7 +50,10 @@ class EmbeddingLRGuard(Guard):
 
     Args:
         ratio: LR of embeddings and head as a fraction of the Trainer's LR (default 0.1 when no rate is given).
-        lr: absolute peak LR of embeddings and head instead (``ratio = lr / args.learning_rate``).
+        lr: absolute peak LR of embeddings and head instead; each added group gets ``lr`` over the peak LR of the
+            group it came from, so this holds also in an optimizer not built from ``args.learning_rate``
+            (``Trainer(optimizers=...)``, a subclass's ``create_optimizer``). Ratios are fractions of that group's
+            LR.
         embed_ratio, embed_lr: the same for the input embeddings only (override ``ratio``/``lr``).
         head_ratio, head_lr: the same for the output head only.
         when_absent: what to do when no embedding/head parameter is trainable: ``"warn"``, ``"ignore"``, or
@@ -85,7 +88,7 @@ class EmbeddingLRGuard(Guard):
         self._optimizer: Any = None
         self._scheduler: Any = None
         self._step_lrs: dict[str, float] = {}
-        self._plan: tuple[dict, dict] | None = None
+        self._plan: tuple[dict, dict, dict] | None = None
         self.record: dict[str, Any] = {}  # the split in force, as written to each checkpoint's sidecar
 
     @classmethod
@@ -113,6 +116,17 @@ class EmbeddingLRGuard(Guard):
             else:
                 factors[role], how[role] = 0.1, "the default ratio 0.1"
         return factors, how
+
+    def targets(self) -> dict[str, float]:
+        """``{role: lr}`` for the roles given an absolute LR (``lr``, ``embed_lr``, ``head_lr``). Each added group
+        gets ``lr`` over the peak LR of the group it came from, so the role trains at that LR also in an optimizer
+        not built from ``args.learning_rate`` (``Trainer(optimizers=...)``, a subclass's ``create_optimizer``)."""
+        o, out = self.options, {}
+        for role, prefix in (("embeddings", "embed"), ("lm_head", "head")):
+            key = next((k for k in (f"{prefix}_lr", f"{prefix}_ratio", "lr", "ratio") if o.get(k) is not None), None)
+            if key is not None and key.endswith("lr"):
+                out[role] = float(o[key])
+        return out
 
     # -- wiring -----------------------------------------------------------------------------------------------
     def wire(self, trainer: Any) -> None:
@@ -172,13 +186,15 @@ class EmbeddingLRGuard(Guard):
             if self.options["when_absent"] == "warn":
                 self.note(msg, "warning")
             return
-        self._check_recorded(args, state, factors)
         self._optimizer, self._scheduler = optimizer, lr_scheduler
-        self._plan = (roles, factors)
+        self._plan = (roles, factors, self.targets())
         self._ensure_split()  # validates the scheduler too; undone at once so train begin sees the usual layout
-        for g in self.split.groups:
-            self.note(f"{g['role']}: {', '.join(g['names'])} at {g['factor']:g} x the Trainer's LR "
-                      f"(from param group {g['source']})")
+        self._check_recorded(args, state, self.split.groups)
+        added = unwrap_optimizer(optimizer).param_groups[self.split.base_groups:]
+        for g, pg in zip(self.split.groups, added):
+            peak = pg.get("initial_lr", pg["lr"])
+            self.note(f"{g['role']}: {', '.join(g['names'])} at {g['factor']:g} x the LR of param group "
+                      f"{g['source']} (peak lr {float(peak):g})")
         self._merge()
 
     def _ensure_split(self) -> None:
@@ -205,14 +221,15 @@ class EmbeddingLRGuard(Guard):
         if control.should_save:
             self._merge()
 
-    def _check_recorded(self, args, state, factors: dict[str, float]) -> None:
+    def _check_recorded(self, args, state, groups: list[dict[str, Any]]) -> None:
         if state.global_step <= 0:
             return
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", SPLIT_FILE)
         if not os.path.isfile(path):
             return
+        planned = {(g["role"], g["source"]): g["factor"] for g in groups}
         for g in read_json(path).get("groups", []):
-            now = factors.get("embeddings" if g["role"] == "tied" else g["role"])
+            now = planned.get((g["role"], g.get("source")))
             if now is not None and abs(now - g["factor"]) > 1e-12 * max(1.0, abs(now)):
                 self.note(f"{g['role']}: resumed run uses {now:g} x the LR, the checkpoint was trained with "
                           f"{g['factor']:g} x", "warning")

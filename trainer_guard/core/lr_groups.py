@@ -242,8 +242,14 @@ def _scheduler_problems(scheduler: Any, n_groups: int) -> list[str]:
     return probs
 
 
+def _peak_lr(group: Mapping[str, Any]) -> float:
+    """A group's peak LR: ``initial_lr`` (set by the scheduler), else its current ``lr``."""
+    lr = group.get("initial_lr", group["lr"])
+    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+
+
 def split_param_groups(optimizer: Any, scheduler: Any, roles: Mapping[str, list[tuple[str, nn.Parameter]]],
-                       factors: Mapping[str, float]) -> Split:
+                       factors: Mapping[str, float], targets: Mapping[str, float] | None = None) -> Split:
     """Move embedding/head parameters into their own param groups at ``factor x`` the source group's LR.
 
     Args:
@@ -252,6 +258,9 @@ def split_param_groups(optimizer: Any, scheduler: Any, roles: Mapping[str, list[
             extended so every new group follows the source group's schedule.
         roles: from :func:`embedding_parameters`.
         factors: ``{"embeddings": f, "lm_head": f, "tied": f}``; a role without a factor is left alone.
+        targets: ``{role: lr}``, absolute peak LRs that replace ``factors`` for those roles: each added group gets
+            ``lr / peak LR of its source group`` (``initial_lr``, else ``lr``), so the role trains at ``lr`` whatever
+            LR the group it came from has (a user-built optimizer, a subclass's own groups).
 
     Returns:
         A :class:`Split`; parameters not in the optimizer are ignored.
@@ -270,9 +279,13 @@ def split_param_groups(optimizer: Any, scheduler: Any, roles: Mapping[str, list[
     if problems:
         raise EmbeddingLRError("Cannot give the embeddings their own learning rate; nothing was changed:\n  - "
                                + "\n  - ".join(problems))
-    fac = dict(factors)
+    fac, tgt = dict(factors), dict(targets or {})
     if "tied" not in fac and "embeddings" in fac:
         fac["tied"] = fac["embeddings"]
+    if "tied" not in tgt and "embeddings" in tgt and "tied" not in factors:
+        tgt["tied"] = tgt["embeddings"]
+    for role, lr in tgt.items():
+        fac.setdefault(role, lr)  # placeholder: the factor is computed per source group below
     split = Split(base_groups=len(opt.param_groups), layout=[list(g["params"]) for g in opt.param_groups])
     plan = []  # (source index, role, positions, params)
     for gi, group in enumerate(opt.param_groups):
@@ -280,14 +293,21 @@ def split_param_groups(optimizer: Any, scheduler: Any, roles: Mapping[str, list[
             if role not in fac:
                 continue
             pos = [i for i, p in enumerate(group["params"]) if by_id.get(id(p), ("",))[0] == role]
-            if pos:
+            if pos and role in tgt and not _peak_lr(group) > 0:
+                problems.append(f"param group {gi} holds {by_id[id(group['params'][pos[0]])][1]} at lr "
+                                f"{_peak_lr(group)!r}; an absolute lr for {role} cannot follow its schedule as a "
+                                f"fraction of it: give that group an lr > 0, or use a ratio")
+            elif pos:
                 plan.append((gi, role, pos, [group["params"][i] for i in pos]))
+    if problems:
+        raise EmbeddingLRError("Cannot give the embeddings their own learning rate; nothing was changed:\n  - "
+                               + "\n  - ".join(problems))
     moved = {id(p) for *_, ps in plan for p in ps}
     for group in opt.param_groups:  # all checks done above: change now
         group["params"] = [p for p in group["params"] if id(p) not in moved]
     for gi, role, pos, params in plan:
         src = opt.param_groups[gi]
-        f = fac[role]
+        f = tgt[role] / _peak_lr(src) if role in tgt else fac[role]
         new = {k: v for k, v in src.items() if k != "params"}
         new.update(params=params, lr=_scale(src["lr"], f), **{ROLE_KEY: role, SOURCE_KEY: gi, POSITIONS_KEY: pos})
         if "initial_lr" in src:

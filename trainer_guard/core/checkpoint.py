@@ -100,6 +100,13 @@ def verify_against(model: torch.nn.Module, directory: str | os.PathLike, *, back
         if manifest is None:
             warnings.append(f"{where} has no {MANIFEST_FILE}; the loaded weights were not verified")
             continue
+        tensors = manifest.get("tensors") or {}
+        if tensors and not any(e.get("source", "model") == "model" for e in tensors.values()):
+            warnings.append(f"{os.path.join(where, MANIFEST_FILE)}: none of its {len(tensors)} tensors is stored under "
+                            f"a name of the model (the save wrote them under other names: a _save override that "
+                            f"saves a submodule, or a save-time weight conversion), so the loaded weights were not "
+                            f"compared, and the Trainer's load may not have restored them either")
+            continue
         found, said = model_problems(live, manifest, backend=backend)
         warnings += said
         problems += [f"{sub}/{p}" if sub else p for p in found]

@@ -49,7 +49,8 @@ class EmbeddingLRGuard(Guard):
     ``learning_rate/lm_head`` or ``learning_rate/tied``.
 
     Args:
-        ratio: LR of embeddings and head as a fraction of the Trainer's LR (default 0.1 when no rate is given).
+        ratio: LR of embeddings and head as a fraction of the LR of the optimizer group they come from (the
+            Trainer's ``learning_rate`` in its own optimizer); default 0.1 for a part given no other rate.
         lr: absolute peak LR of embeddings and head instead; each added group gets ``lr`` over the peak LR of the
             group it came from, so this holds also in an optimizer not built from ``args.learning_rate``
             (``Trainer(optimizers=...)``, a subclass's ``create_optimizer``). Ratios are fractions of that group's
@@ -66,9 +67,10 @@ class EmbeddingLRGuard(Guard):
             to each checkpoint as ``trainer_guard_embedding_lr.json``.
 
     Raises:
-        ConfigError: invalid options (two rates for one part, a rate <= 0).
-        EmbeddingLRError: a tied embedding/head asked for two different rates; DeepSpeed/FSDP; nothing trainable
-            with ``when_absent="raise"``.
+        ConfigError: invalid options (two rates for one part; a rate <= 0, infinite or NaN).
+        EmbeddingLRError: a tied embedding/head asked for two different rates; DeepSpeed/FSDP; an absolute LR
+            while the Trainer's ``learning_rate`` is 0; an Adafactor group with ``relative_step=True`` holding
+            them; nothing trainable with ``when_absent="raise"``.
 
     Example:
         >>> from trainer_guard import EmbeddingLRGuard

@@ -18,9 +18,9 @@ __all__ = ["HeadGuard"]
 
 
 class HeadGuard(Guard):
-    """Check each checkpoint right after it is written (``on_save``): a config naming a causal, sequence-to-sequence
-    or masked LM (or the bare base model of a decoder-only or encoder-decoder family) with no output-head tensor
-    stored and no tie declared reloads with a random head.
+    """Check each checkpoint right after it is written (``on_save``): a config naming a causal, sequence-to-sequence,
+    masked or vision-language LM (or the bare base model of a decoder-only or encoder-decoder family) with no
+    output-head tensor stored and no tie declared reloads with a random head.
 
     ``on_save`` fires after the whole checkpoint is written, so the check sees exactly what a later
     ``from_pretrained`` will see. The main process reads the files; every rank raises the same error.
@@ -32,7 +32,8 @@ class HeadGuard(Guard):
             checkpoint (the checkpoint stays on disk for inspection); ``"warn"`` logs and continues.
 
     Raises:
-        HeadMissingError: in ``"raise"`` mode; the message names the checkpoint, the class and what to do.
+        HeadMissingError: in ``"raise"`` mode; the message names the checkpoint, the class and what to do. In any
+            mode, on every rank, when the check of a checkpoint could not run (an unreadable config or weights file).
 
     Example:
         >>> from trainer_guard import HeadGuard

@@ -49,8 +49,9 @@ class IntegrityGuard(Guard):
             :func:`trainer_guard.core.conversion.load_converted`), and say so. ``False``: only report them.
 
     Raises:
-        IntegrityError: a save wrote something other than the model (no manifest is written then), or a resumed
-            model differs from its checkpoint's manifest.
+        IntegrityError: a save wrote something other than the model (no manifest is written then), the manifest
+            could not be written (raised at the next step or at train end), or a resumed model (or the best model
+            loaded at train end) differs from its checkpoint's manifest.
 
     Example:
         >>> from trainer_guard import IntegrityGuard

@@ -40,10 +40,13 @@ class ResumeGuard(Guard):
         write_record: write ``trainer_guard_trainable.json`` into every checkpoint (main process only).
 
     Raises:
-        ResumeMismatchError: modules whose trainable counts differ, with counts, and what to do.
+        ResumeMismatchError: modules whose trainable counts differ, with counts, and what to do (``"raise"`` and
+            ``"fix"`` modes; in ``"fix"`` mode when the set cannot be restored); on every rank when
+            ``trainer_guard_trainable.json`` could not be written.
 
     Example:
         >>> import trainer_guard
+        >>> from trainer_guard import ResumeGuard
         >>> trainer = trainer_guard.guard(Trainer(model, args, callbacks=[ResumeGuard()]))  # doctest: +SKIP
         >>> trainer.train(resume_from_checkpoint=True)  # doctest: +SKIP
     """

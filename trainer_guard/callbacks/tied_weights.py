@@ -80,6 +80,11 @@ class TiedWeightsGuard(Guard):
         restore: re-tie groups split by a load at train begin (values must be identical).
         write_record: write ``trainer_guard_ties.json`` (the tie groups) into every checkpoint.
 
+    Raises:
+        TiedWeightsError: on every rank, when a split tie's copies differ and the checkpoint cannot settle which
+            is right, when a tie was split after a multi-process wrap (wire the Trainer with
+            :func:`trainer_guard.guard`), or when ``trainer_guard_ties.json`` could not be written.
+
     Example:
         >>> from trainer_guard import TiedWeightsGuard
         >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[TiedWeightsGuard()])  # doctest: +SKIP

@@ -80,6 +80,10 @@ class UntrainedTokensGuard(Guard):
     """At train begin, find never-trained rows (~0) of the input embedding and output head, scan the training
     data (streaming, bounded) and the tokenizer's chat template for their ids, and report which occur, how often.
 
+    Also names a tokenizer with more tokens than the input embedding has rows (tokens added without
+    ``model.resize_token_embeddings(len(tokenizer))``) and, when the data is scanned (only when never-trained rows
+    were found), token ids past the embedding: both fail the first batch holding one with "index out of range".
+
     Args:
         mode: ``"report"`` (default) logs, changes nothing; ``"fix"`` sets the rows used by the data or template
             to the mean of the trained rows (logged); ``"raise"`` raises
@@ -92,7 +96,8 @@ class UntrainedTokensGuard(Guard):
         check_template: also render the tokenizer's chat template (``processing_class``).
 
     Raises:
-        UntrainedTokensError: in ``"raise"`` mode, naming the ids, their counts and what to enable.
+        UntrainedTokensError: in ``"raise"`` mode, naming the ids, their counts and what to enable; also for a
+            tokenizer larger than the embedding, or data ids past it (other modes warn).
 
     Example:
         >>> from trainer_guard import UntrainedTokensGuard

@@ -280,13 +280,14 @@ def _check_files(path: str, report: Report) -> tuple[dict[str, TensorInfo], dict
             continue
         for name, shard in (weight_map or {}).items():
             by_file.setdefault(shard, []).append(name)
+        read_files = {i.file for i in index.values()}  # once, not once per shard (shards x tensors)
         for shard, names in sorted(by_file.items()):
             if shard in broken:  # named as a link that cannot be followed
                 continue
             if shard not in sizes:
                 report.problems.append(Finding("files", f"{shard}: listed in {idx} ({len(names)} tensors, e.g. "
                                                         f"{sorted(names)[0]}) but missing"))
-            elif shard in {i.file for i in index.values()}:
+            elif shard in read_files:
                 for name in sorted(n for n in names if n not in index):
                     report.problems.append(Finding("files", f"{name}: {idx} puts it in {shard}, which lacks it"))
     return index, sizes

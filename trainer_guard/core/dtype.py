@@ -142,6 +142,12 @@ def _peft_adapter_modules(model: nn.Module) -> set[str]:
     return out
 
 
+def _dotted_prefixes(name: str) -> list[str]:
+    """``name`` and every prefix of it that ends before a ``.``: ``"a.b.c"`` -> ``["a", "a.b", "a.b.c"]``. Looking
+    these up in a set tests ``name == a or name.startswith(a + ".")`` for every ``a`` at once."""
+    return [name[:i] for i, c in enumerate(name) if c == "."] + [name]
+
+
 def find_dtype_mismatches(
     model: nn.Module,
     keep_fp32: Sequence[str] = (),
@@ -181,7 +187,7 @@ def find_dtype_mismatches(
         if p.dtype == report.dominant:
             continue
         reason = ""
-        if any(mod_name == a or mod_name.startswith(a + ".") for a in adapters):
+        if adapters and not adapters.isdisjoint(_dotted_prefixes(mod_name)):  # mod_name is, or is inside, one
             reason = "PEFT adapter weight"
         elif (pat := _matches(mod_name, fp32_pats)) is not None:
             reason = f"keep_fp32 pattern {pat!r}"

@@ -36,7 +36,7 @@ _ST_TO_TORCH = {v: str(k).removeprefix("torch.") for k, v in DTYPE_NAMES.items()
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("a", metavar="A", help="checkpoint or model directory (or one .safetensors file)")
-    parser.add_argument("b", metavar="B", help="the directory to compare it with")
+    parser.add_argument("b", metavar="B", help="the directory (or .safetensors file) to compare it with")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--source", choices=("auto", "manifest", "files"), default="auto",
                         help="auto: manifests when both sides have one with the same algorithm, else the files; "

@@ -103,32 +103,34 @@ class EmbeddingLRGuard(Guard):
         return probs
 
     # -- rates ------------------------------------------------------------------------------------------------
+    _ROLES = (("embeddings", "embed"), ("lm_head", "head"))
+
+    def _asked(self, prefix: str) -> str | None:
+        """The option that sets a role's rate (``embed_lr``, ``embed_ratio``, then ``lr``, ``ratio``), or ``None``."""
+        return next((k for k in (f"{prefix}_lr", f"{prefix}_ratio", "lr", "ratio")
+                     if self.options.get(k) is not None), None)
+
     def rates(self, base_lr: float) -> tuple[dict[str, float], dict[str, str]]:
         """``({role: factor}, {role: how it was asked})`` for a Trainer LR of ``base_lr``."""
         o, factors, how = self.options, {}, {}
-        for role, prefix in (("embeddings", "embed"), ("lm_head", "head")):
-            for key in (f"{prefix}_lr", f"{prefix}_ratio", "lr", "ratio"):
-                if o.get(key) is not None and key.endswith("lr") and not base_lr > 0:
-                    raise EmbeddingLRError(f"{key}={o[key]!r} is an absolute LR but the Trainer's learning_rate is "
-                                           f"{base_lr!r}; give a ratio instead, or a learning_rate > 0")
-                if o.get(key) is not None:
-                    factors[role] = o[key] / base_lr if key.endswith("lr") else float(o[key])
-                    how[role] = f"{key}={o[key]!r}"
-                    break
-            else:
+        for role, prefix in self._ROLES:
+            key = self._asked(prefix)
+            if key is None:
                 factors[role], how[role] = 0.1, "the default ratio 0.1"
+                continue
+            if key.endswith("lr") and not base_lr > 0:
+                raise EmbeddingLRError(f"{key}={o[key]!r} is an absolute LR but the Trainer's learning_rate is "
+                                       f"{base_lr!r}; give a ratio instead, or a learning_rate > 0")
+            factors[role] = o[key] / base_lr if key.endswith("lr") else float(o[key])
+            how[role] = f"{key}={o[key]!r}"
         return factors, how
 
     def targets(self) -> dict[str, float]:
         """``{role: lr}`` for the roles given an absolute LR (``lr``, ``embed_lr``, ``head_lr``). Each added group
         gets ``lr`` over the peak LR of the group it came from, so the role trains at that LR also in an optimizer
         not built from ``args.learning_rate`` (``Trainer(optimizers=...)``, a subclass's ``create_optimizer``)."""
-        o, out = self.options, {}
-        for role, prefix in (("embeddings", "embed"), ("lm_head", "head")):
-            key = next((k for k in (f"{prefix}_lr", f"{prefix}_ratio", "lr", "ratio") if o.get(k) is not None), None)
-            if key is not None and key.endswith("lr"):
-                out[role] = float(o[key])
-        return out
+        return {role: float(self.options[key]) for role, prefix in self._ROLES
+                for key in [self._asked(prefix)] if key is not None and key.endswith("lr")}
 
     # -- wiring -----------------------------------------------------------------------------------------------
     def wire(self, trainer: Any) -> None:

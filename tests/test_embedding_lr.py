@@ -410,3 +410,19 @@ def test_reused_checkpoint_dir_drops_an_earlier_runs_record(tmp_path):
     assert os.path.isfile(tmp_path / "checkpoint-2" / SPLIT_FILE)
     make_trainer(tiny_lora(tiny_model("llama-untied")), tmp_path, [EmbeddingLRGuard()], max_steps=2).train()
     assert not os.path.exists(tmp_path / "checkpoint-2" / SPLIT_FILE)
+
+
+def test_a_split_record_that_cannot_be_written_is_a_guard_error_naming_the_file(tmp_path, monkeypatch):
+    """A full disk writing trainer_guard_embedding_lr.json is agreed on (every rank stops alike) and named."""
+    import errno
+
+    import trainer_guard.callbacks.embedding_lr as mod
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+
+    monkeypatch.setattr(mod, "atomic_write_json", full)
+    trainer = make_trainer(tiny_model("llama-untied"), tmp_path, [EmbeddingLRGuard()], max_steps=2, save_steps=2)
+    with pytest.raises(EmbeddingLRError, match=rf"(?s)checkpoint-2 \(optimizer/scheduler state, {SPLIT_FILE}\) could "
+                                               r"not be written; free disk space.*No space left on device"):
+        trainer.train()

@@ -18,9 +18,10 @@ Example:
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from transformers import TrainerCallback
@@ -162,6 +163,18 @@ class Guard(TrainerCallback):
         """Log ``message`` through transformers logging and keep it for :meth:`report`."""
         self.events.append(message)
         getattr(logger, level)(f"[{type(self).__name__}] {message}")
+
+    def write_into_checkpoint(self, args: Any, ckpt: str, write: Callable[[], Any], error: type,
+                              what: str) -> Any:
+        """Run ``write()`` where the Trainer writes checkpoint ``ckpt`` (``args.should_save``, the directory exists),
+        then agree on its outcome on every rank (:func:`trainer_guard._dist.agreed_call`): a full disk on the
+        writer stops every rank with the same ``error`` naming ``what`` (the file), instead of leaving the others
+        waiting in the next collective. Every rank must call it. Returns ``write()``'s result (``None`` elsewhere)."""
+        from .._dist import agreed_call
+
+        return agreed_call(args.should_save and os.path.isdir(ckpt), write, error,
+                           f"{what} could not be written; free disk space or fix the output_dir, then resume from "
+                           f"the previous checkpoint:")
 
     def is_callback_of(self, trainer: Any) -> bool:
         """Whether this guard is (still) one of ``trainer``'s callbacks. What :func:`trainer_guard.guard` wired into

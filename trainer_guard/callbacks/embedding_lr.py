@@ -239,23 +239,26 @@ class EmbeddingLRGuard(Guard):
                           f"{g['factor']:g} x", "warning")
 
     def on_save(self, args, state, control, **kwargs: Any):
-        if not args.should_save:  # the Trainer's own writer(s) of this checkpoint
-            return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if not os.path.isdir(ckpt):
-            return
-        if self._plan is None:  # no split this run: a record here is an earlier run's in a reused checkpoint dir
-            replace_json(os.path.join(ckpt, SPLIT_FILE), None)
-            return
-        if self.split is not None:  # saved while split (should_save set after on_step_end): rewrite the files
-            opt_path, sched_path = os.path.join(ckpt, "optimizer.pt"), os.path.join(ckpt, "scheduler.pt")
-            inner = unwrap_optimizer(self._optimizer)
-            if os.path.isfile(opt_path):
-                atomic_torch_save(base_layout_optimizer_state(inner.state_dict(), inner.param_groups, self.split),
-                                  opt_path)
-            if os.path.isfile(sched_path) and self._scheduler is not None:
-                atomic_torch_save(base_layout_scheduler_state(self._scheduler.state_dict(), self.split), sched_path)
-        atomic_write_json(os.path.join(ckpt, SPLIT_FILE), self.record)
+
+        def write() -> None:
+            if self._plan is None:  # no split this run: a record here is an earlier run's in a reused checkpoint dir
+                replace_json(os.path.join(ckpt, SPLIT_FILE), None)
+                return
+            if self.split is not None:  # saved while split (should_save set after on_step_end): rewrite the files
+                opt_path, sched_path = os.path.join(ckpt, "optimizer.pt"), os.path.join(ckpt, "scheduler.pt")
+                inner = unwrap_optimizer(self._optimizer)
+                if os.path.isfile(opt_path):
+                    atomic_torch_save(base_layout_optimizer_state(inner.state_dict(), inner.param_groups,
+                                                                  self.split), opt_path)
+                if os.path.isfile(sched_path) and self._scheduler is not None:
+                    atomic_torch_save(base_layout_scheduler_state(self._scheduler.state_dict(), self.split),
+                                      sched_path)
+            atomic_write_json(os.path.join(ckpt, SPLIT_FILE), self.record)
+
+        # the Trainer's writer(s) write; every rank agrees on the outcome (a full disk stops all alike)
+        self.write_into_checkpoint(args, ckpt, write, EmbeddingLRError,
+                                   f"{ckpt} (optimizer/scheduler state, {SPLIT_FILE})")
 
     def on_train_end(self, args, state, control, **kwargs: Any):
         self._merge()

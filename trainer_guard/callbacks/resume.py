@@ -11,7 +11,7 @@ import os
 import weakref
 from typing import Any, Literal, Optional
 
-from .._dist import agree, agreed_call
+from .._dist import agree
 from ..core.io import replace_json
 from ..core.trainable import (TRAINABLE_FILE, adapter_dir, adapter_load_gaps, add_modules_to_save,
                               add_to_trainer_groups, adapter_source, canonical_name, continuation_problems, count_table,
@@ -227,7 +227,4 @@ class ResumeGuard(Guard):
             record = trainable_record(model, optimizer, state.global_step) if self.options["write_record"] else None
             replace_json(path, record)
 
-        # the Trainer's writer(s) write; every rank takes part in the verdict, so a full disk stops all alike
-        agreed_call(args.should_save and os.path.isdir(ckpt), write, ResumeMismatchError,
-                    f"{path} could not be written; free disk space or fix the output_dir, then resume from the "
-                    f"previous checkpoint:")
+        self.write_into_checkpoint(args, ckpt, write, ResumeMismatchError, path)

@@ -25,7 +25,7 @@ from ..core.ties import (
     ties_record,
 )
 from .base import Guard
-from .._dist import agree, agreed_call, world_size
+from .._dist import agree, world_size
 from ..core.head import stored_tensor_names
 from ..errors import TiedWeightsError, TrainerGuardError
 
@@ -222,11 +222,7 @@ class TiedWeightsGuard(Guard):
                       if self.options["write_record"] and self.groups and not _is_peft(model) else None)
             return replace_json(path, record)
 
-        # only the Trainer's writer(s) write; every rank takes part in the verdict (a full disk on rank 0 stops
-        # every rank with the same error instead of leaving the others in the next collective)
-        if agreed_call(args.should_save and os.path.isdir(ckpt), write, TiedWeightsError,
-                       f"{path} could not be written; free disk space or fix the output_dir, then resume from the "
-                       f"previous checkpoint:"):
+        if self.write_into_checkpoint(args, ckpt, write, TiedWeightsError, path):
             self.note(f"removed {path}: an earlier run's tie record, not true of this model's checkpoint", "warning")
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from torch import nn
 
+from .dtype import _dotted_prefixes
 from .lr_groups import base_param_groups
 
 __all__ = [
@@ -495,12 +496,6 @@ def _matches(module: str, targets: Any) -> bool:
     return any(module == t or module.endswith("." + t) for t in (targets or ()))
 
 
-def _prefixes(name: str) -> list[str]:
-    """Every module path that contains parameter ``name``: ``a.b.c`` -> ``["a", "a.b"]``."""
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
 def _method_name(saved: Mapping[str, Any]) -> str:
     """``"LoRA"``, ``"IA3"``, ``"LOHA"``... from a saved adapter config's ``peft_type``."""
     kind = str(saved.get("peft_type") or "LORA")
@@ -564,7 +559,7 @@ def adapter_config_problems(saved: Mapping[str, Any], model: nn.Module, where: s
     if targets:
         # a target trains now when any trainable parameter sits inside it: LoRA A/B, and the other PEFT methods'
         # own names (IA3 ia3_l, LoHa hada_*, LoKr lokr_*, ...)
-        inside = {m for n in now["params"] for m in _prefixes(n)}
+        inside = {m for n in now["params"] for m in _dotted_prefixes(n)[:-1]}  # the modules holding each one
         targeted = _target_matcher(saved)
         missing = sorted({m for m in frozen_sizes if targeted(m) and m not in inside
                           and not _matches(m, mts)} - set(frozen))

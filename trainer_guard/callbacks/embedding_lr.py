@@ -27,6 +27,7 @@ from ..core.lr_groups import (
     embedding_parameters,
     group_lrs,
     merge_param_groups,
+    peak_lr,
     split_param_groups,
     tied_rate_problems,
     unwrap_optimizer,
@@ -196,9 +197,8 @@ class EmbeddingLRGuard(Guard):
         self._check_recorded(args, state, self.split.groups)
         added = unwrap_optimizer(optimizer).param_groups[self.split.base_groups:]
         for g, pg in zip(self.split.groups, added):
-            peak = pg.get("initial_lr", pg["lr"])
             self.note(f"{g['role']}: {', '.join(g['names'])} at {g['factor']:g} x the LR of param group "
-                      f"{g['source']} (peak lr {float(peak):g})")
+                      f"{g['source']} (peak lr {peak_lr(pg):g})")
         self._merge()
 
     def _ensure_split(self) -> None:

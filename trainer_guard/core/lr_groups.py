@@ -54,6 +54,7 @@ __all__ = [
     "unwrap_optimizer",
     "role_of_parameters",
     "tied_rate_problems",
+    "peak_lr",
     "split_param_groups",
     "merge_param_groups",
     "base_layout_optimizer_state",
@@ -242,8 +243,13 @@ def _scheduler_problems(scheduler: Any, n_groups: int) -> list[str]:
     return probs
 
 
-def _peak_lr(group: Mapping[str, Any]) -> float:
-    """A group's peak LR: ``initial_lr`` (set by the scheduler), else its current ``lr``."""
+def peak_lr(group: Mapping[str, Any]) -> float:
+    """A group's peak LR: ``initial_lr`` (set by the scheduler), else its current ``lr``.
+
+    Example:
+        >>> peak_lr({"lr": 0.0, "initial_lr": 2e-5}), peak_lr({"lr": 1e-3})
+        (2e-05, 0.001)
+    """
     lr = group.get("initial_lr", group["lr"])
     return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
 
@@ -293,9 +299,9 @@ def split_param_groups(optimizer: Any, scheduler: Any, roles: Mapping[str, list[
             if role not in fac:
                 continue
             pos = [i for i, p in enumerate(group["params"]) if by_id.get(id(p), ("",))[0] == role]
-            if pos and role in tgt and not _peak_lr(group) > 0:
+            if pos and role in tgt and not peak_lr(group) > 0:
                 problems.append(f"param group {gi} holds {by_id[id(group['params'][pos[0]])][1]} at lr "
-                                f"{_peak_lr(group)!r}; an absolute lr for {role} cannot follow its schedule as a "
+                                f"{peak_lr(group)!r}; an absolute lr for {role} cannot follow its schedule as a "
                                 f"fraction of it: give that group an lr > 0, or use a ratio")
             elif pos:
                 plan.append((gi, role, pos, [group["params"][i] for i in pos]))
@@ -307,7 +313,7 @@ def split_param_groups(optimizer: Any, scheduler: Any, roles: Mapping[str, list[
         group["params"] = [p for p in group["params"] if id(p) not in moved]
     for gi, role, pos, params in plan:
         src = opt.param_groups[gi]
-        f = tgt[role] / _peak_lr(src) if role in tgt else fac[role]
+        f = tgt[role] / peak_lr(src) if role in tgt else fac[role]
         new = {k: v for k, v in src.items() if k != "params"}
         new.update(params=params, lr=_scale(src["lr"], f), **{ROLE_KEY: role, SOURCE_KEY: gi, POSITIONS_KEY: pos})
         if "initial_lr" in src:

@@ -89,6 +89,117 @@ def _torch_ops_checksum_sums(tensors: dict[str, torch.Tensor]) -> dict[str, int]
     return out
 
 
+# -------------------------------------------------------------------------- candidate mixes (bench only)
+# Same table and chunking as the product kernel (a ChecksumPlan's), other per-word mix, to learn in the same run
+# whether the product kernel is memory- or instruction-bound: MIX=0 sums the raw words (no mix: the access
+# pattern's own ceiling), MIX=1 is the product's splitmix64 (two 64-bit multiplies), MIX=2 a 3-round Feistel
+# network on the 32-bit halves (one 32x32->64 multiply per round, still a bijection of each word).
+_K1, _K2, _K3 = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
+
+
+try:  # module level: triton resolves @triton.jit callees as globals
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover
+    triton = tl = None
+
+if triton is not None:
+
+    @triton.jit
+    def _f32(a, b, K: tl.constexpr):
+        return b ^ (a * K) ^ tl.umulhi(a, K)
+
+    @triton.jit
+    def _mix(z, MIX: tl.constexpr):
+        if MIX == 0:
+            return z
+        elif MIX == 1:
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+            return z ^ (z >> 31)
+        else:
+            a = (z & 0xFFFFFFFF).to(tl.uint32)
+            b = (z >> 32).to(tl.uint32)
+            b = _f32(a, b, 0x9E3779B1)
+            a = _f32(b, a, 0x85EBCA77)
+            b = _f32(a, b, 0xC2B2AE3D)
+            return (b.to(tl.uint64) << 32) | a.to(tl.uint64)
+
+    @triton.jit
+    def _cand_kernel(base_ptr, table_ptr, out_ptr, n_rows, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+               ALIGNED: tl.constexpr, MIX: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        lo = 0
+        hi = n_rows - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if tl.load(table_ptr + mid) <= pid:
+                lo = mid
+            else:
+                hi = mid - 1
+        k = pid - tl.load(table_ptr + lo)
+        chunk = BLOCK * ITERS
+        off = tl.load(table_ptr + n_rows + lo) + k * chunk
+        if ALIGNED:
+            off = tl.multiple_of(off, 2)
+        nwords = tl.minimum(tl.load(table_ptr + 2 * n_rows + lo) - k * chunk, chunk)
+        pos0 = tl.load(table_ptr + 3 * n_rows + lo) + k * chunk
+        slot = tl.load(table_ptr + 4 * n_rows + lo)
+        idx = tl.arange(0, BLOCK)
+        idx_key = idx.to(tl.uint64) * 0x9E3779B97F4A7C15
+        acc = tl.zeros([BLOCK], dtype=tl.uint64)
+        ptrs = base_ptr + off + idx
+        if nwords == chunk:
+            for s in range(ITERS):
+                w = tl.load(ptrs + s * BLOCK).to(tl.uint64, bitcast=True)
+                key = (pos0 + s * BLOCK).to(tl.uint64, bitcast=True) * 0x9E3779B97F4A7C15 + idx_key
+                acc += _mix(w ^ key, MIX)
+        else:
+            for s in range(ITERS):
+                m = idx + s * BLOCK < nwords
+                w = tl.load(ptrs + s * BLOCK, mask=m, other=0).to(tl.uint64, bitcast=True)
+                key = (pos0 + s * BLOCK).to(tl.uint64, bitcast=True) * 0x9E3779B97F4A7C15 + idx_key
+                acc += tl.where(m, _mix(w ^ key, MIX), 0)
+        total = tl.sum(acc, axis=0)
+        tl.atomic_add(out_ptr + slot, total.to(tl.int64, bitcast=True))
+
+
+
+def _candidate_kernel():
+    return _cand_kernel
+
+
+def _candidate_run(kernel, plan, mix: int) -> torch.Tensor:
+    out = torch.zeros(len(plan.names), dtype=torch.int64, device=plan.device)
+    kernel[(plan.n_chunks,)](plan.base, plan.table, out, plan.n_rows, BLOCK=plan.block, ITERS=plan.iters,
+                             ALIGNED=plan.aligned, MIX=mix, num_warps=plan.num_warps)
+    return out
+
+
+def _torch_ops_feistel_sums(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """MIX=2's word sums in plain per-tensor torch int64 ops (reference for the candidate kernel)."""
+
+    def s64(x: int) -> int:
+        return x - (1 << 64) if x >= 1 << 63 else x
+
+    g, m32 = s64(0x9E3779B97F4A7C15), 0xFFFFFFFF
+
+    def f(a, b, k):
+        t = a * k  # a, k < 2^32: the 64-bit product (wraps like uint64 in int64 bits)
+        return b ^ ((t ^ (t >> 32)) & m32)
+
+    out = {}
+    for name, t in tensors.items():
+        w = t.reshape(-1).view(torch.int64)
+        z = w ^ (torch.arange(w.numel(), device=t.device, dtype=torch.int64) * g)
+        a, b = z & m32, (z >> 32) & m32
+        b = f(a, b, _K1)
+        a = f(b, a, _K2)
+        b = f(a, b, _K3)
+        out[name] = int(((b << 32) | a).sum()) & ((1 << 64) - 1)
+    return out
+
+
 def _wall_bench(fn, warmup=0, rep=0, quantiles=(0.5, 0.2, 0.8)) -> list[float]:
     """Stand-in for do_bench in ``--smoke`` runs (no CUDA events on the CPU): 2 runs, wall clock, ms."""
     times = []
@@ -150,6 +261,23 @@ def gpu_bench(args: argparse.Namespace) -> None:
     runs += [
         ("torch._foreach_norm", lambda: torch._foreach_norm(tl)),
         ("position hash in per-tensor torch ops", lambda: _torch_ops_checksum_sums(tensors)),
+    ]
+    # candidate mixes on the same plan: raw-word sum (access pattern ceiling), splitmix (== product), Feistel32
+    kern = _candidate_kernel()
+    raw = plan.run()
+    same1 = plan.finish(_candidate_run(kern, plan, 1)) == plan.finish(raw)
+    few = {n: tensors[n] for n in list(tensors)[:3] + ["model.norm.weight"]}
+    fplan = ChecksumPlan(few)
+    fref = _torch_ops_feistel_sums(few)
+    fgot = [v & ((1 << 64) - 1) for v in _candidate_run(kern, fplan, 2).tolist()]
+    same2 = fgot == [fref[n] for n in fplan.names]
+    print(f"candidate kernel MIX=1 == product kernel: {same1}; MIX=2 == torch-ops Feistel reference: {same2}\n")
+    runs += [
+        ("candidate MIX=0: same kernel, raw word sum, no mix (access-pattern ceiling)",
+         lambda: _candidate_run(kern, plan, 0)),
+        ("candidate MIX=1: same kernel, splitmix64 (the product's mix)", lambda: _candidate_run(kern, plan, 1)),
+        (f"candidate MIX=2: 3-round Feistel on 32-bit halves{'' if same2 else ' (WRONG RESULT)'}",
+         lambda: _candidate_run(kern, plan, 2)),
     ]
     # tuning sweep (same 512 KiB chunk, other tile shapes): results must be identical, times may not be
     for block, iters, warps in [(2048, 32, 8), (512, 128, 4), (4096, 16, 16), (1024, 32, 4)]:

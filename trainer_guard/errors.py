@@ -82,3 +82,26 @@ class UpdateAuditError(TrainerGuardError):
 
 class ReplicaDivergenceError(TrainerGuardError):
     """Data-parallel replicas hold different weights."""
+
+
+# ------------------------------------------------------------------------------------------ internal errors
+# Not in ``__all__`` (not part of the public API): each is turned into one of the public errors above, by the
+# module that calls the code raising it, before it reaches a user.
+
+
+class SafetensorsFormatError(TrainerGuardError, ValueError):
+    """A ``.safetensors`` file or shard index that is unreadable, truncated, padded or foreign
+    (:mod:`trainer_guard.formats.safetensors`).
+
+    ``str(error)`` names the full ``path`` and the fix; ``brief`` says the same for a report that lists files by
+    name (``trainer-guard doctor``); ``kind`` is a stable word for what is wrong (``"short"``, ``"length"``,
+    ``"json"``, ``"object"``, ``"entry"``, ``"dtype"``, ``"shape"``, ``"offsets"``, ``"size"``, ``"truncated"``,
+    ``"tiling"``, ``"padded"``, ``"unreadable"``, ``"index"``).
+    """
+
+    def __init__(self, path: str, kind: str, message: str, brief: str | None = None) -> None:
+        super().__init__(message)
+        self.path, self.kind, self.brief = path, kind, brief or message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, str]]:  # picklable with its arguments
+        return type(self), (self.path, self.kind, str(self), self.brief)

@@ -26,6 +26,7 @@ import tempfile
 from typing import Any
 
 from .errors import UsageError
+from .files import MODEL_WEIGHTS, checkpoint_dir, checkpoint_name
 
 __all__ = ["configure", "run", "default_config_path"]
 
@@ -81,7 +82,7 @@ def _reload(kind: str, path: str):
 
     if kind == "plain-gpt":
         model = tiny_model(kind, seed=123)
-        model.load_state_dict(st.load_file(os.path.join(path, "model.safetensors")), strict=False)
+        model.load_state_dict(st.load_file(os.path.join(path, MODEL_WEIGHTS)), strict=False)
         return model
     return type(tiny_model(kind)).from_pretrained(path)  # the class it was saved from (LLaVA is no causal-LM auto class)
 
@@ -171,9 +172,9 @@ def _run(args: argparse.Namespace) -> int:
 
     resumed_cbs = callbacks_from_yaml(cfg)
     second = _trainer(tiny_model(args.model, seed=99), out, steps, resumed_cbs, ds)
-    second.train(resume_from_checkpoint=os.path.join(out, f"checkpoint-{half}"))
+    second.train(resume_from_checkpoint=checkpoint_dir(out, half))
     same_resume = all(torch.equal(p, trained[n]) for n, p in second.model.named_parameters(remove_duplicate=False))
-    print(f"2. resumed from checkpoint-{half} on a fresh model (other random init): final weights identical to the "
+    print(f"2. resumed from {checkpoint_name(half)} on a fresh model (other random init): final weights identical to the "
           f"first run: {'yes' if same_resume else 'NO'}")
 
     final = os.path.join(out, "final")
@@ -188,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
 
     reported = set()
     for title, cbs in (("run 1 (train, checkpoints)", callbacks),
-                       (f"run 2 (resume from checkpoint-{half}, train, save_model; other lines as in run 1 not repeated)",
+                       (f"run 2 (resume from {checkpoint_name(half)}, train, save_model; other lines as in run 1 not repeated)",
                         resumed_cbs)):
         print(f"what the guards did in {title}:")
         said = False

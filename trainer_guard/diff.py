@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +27,7 @@ from .core.audit import CHANGED, ONLY_A, ONLY_B, SAME, classify, module_summary
 from .core.checksum import CHECKSUM_ALGO, DTYPE_NAMES, file_checksums, safetensors_entries, safetensors_files
 from .core.manifest import MANIFEST_FILE, MalformedManifestError, adapter_subdirs, files_changed, read_manifest
 from .errors import ChecksumError, UsageError
+from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, checkpoint_step, state_file
 
 __all__ = ["configure", "run", "load_side", "diff", "format_text"]
 
@@ -67,23 +67,10 @@ def _note(why: str) -> str:
     return f"{why}: compared the files instead"
 
 
-def _state_file(path: str) -> str | None:
-    """The ``trainer_state.json`` that says which step ``path`` holds: its own, or for a named PEFT adapter saved in
-    ``checkpoint-N/<name>/``, the checkpoint's."""
-    if not os.path.isdir(path):
-        return None
-    state = os.path.join(path, "trainer_state.json")
-    parent = os.path.dirname(os.path.abspath(path))
-    if (not os.path.isfile(state) and os.path.isfile(os.path.join(path, "adapter_config.json"))
-            and re.fullmatch(r"checkpoint-\d+", os.path.basename(parent))):
-        state = os.path.join(parent, "trainer_state.json")
-    return state if os.path.isfile(state) else None
-
-
 def _state_step(path: str) -> int | None:
-    """``global_step`` of the directory's ``trainer_state.json`` (see :func:`_state_file`), ``None`` when it has
-    no readable one."""
-    state = _state_file(path)
+    """``global_step`` of the directory's ``trainer_state.json`` (see :func:`~trainer_guard.files.state_file`),
+    ``None`` when it has no readable one."""
+    state = state_file(path)
     if state is None:
         return None
     try:
@@ -98,8 +85,7 @@ def _step_of(path: str) -> int | None:
     step = _state_step(path)
     if step is not None:
         return step
-    m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
-    return int(m.group(1)) if m else None
+    return checkpoint_step(path)
 
 
 def _files(path: str) -> list[str]:
@@ -253,14 +239,14 @@ def _pair(a: str, b: str, source: str, progress: bool) -> tuple[dict[str, Any], 
 
 def _is_adapter(path: str) -> bool:
     """Whether ``path`` holds a PEFT adapter (``adapter_config.json``, or only per-adapter sub-directories)."""
-    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "adapter_config.json"))
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
                                     or (bool(adapter_subdirs(path)) and not _files(path)))
 
 
 def _parts(path: str) -> list[str]:
     """The weight directories of ``path``: ``""`` (itself, when it holds weights) and PEFT's per-adapter
     sub-directories (those with ``adapter_model.safetensors``: the only format compared)."""
-    subs = [d for d in adapter_subdirs(path) if os.path.isfile(os.path.join(path, d, "adapter_model.safetensors"))]
+    subs = [d for d in adapter_subdirs(path) if os.path.isfile(os.path.join(path, d, ADAPTER_WEIGHTS))]
     return ([""] if not subs or _files(path) else []) + subs
 
 

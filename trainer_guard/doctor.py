@@ -49,11 +49,11 @@ from .core.manifest import (
     safetensors_files,
 )
 from .errors import ChecksumError, IntegrityError, UsageError
+from .files import ADAPTER_CONFIG, CONFIG, TIES_FILE, TRAINER_STATE, checkpoints_in, state_file
+from .files import ADAPTER_WEIGHTS as ADAPTER_FILE
 
 __all__ = ["configure", "run", "Finding", "Report", "diagnose", "adapter_breakdown", "format_text"]
 
-TIES_FILE = "trainer_guard_ties.json"
-ADAPTER_FILE = "adapter_model.safetensors"
 PROGRESS_BYTES = 256 * 1024 * 1024
 _FLOAT = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu",
           "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -161,10 +161,10 @@ def diagnose(path: str | os.PathLike, *, progress: bool = False, no_manifest_ok:
 
 def _diagnose_dir(path: str, report: Report, progress: bool, no_manifest_ok: bool) -> Report:
     index, sizes = _check_files(path, report)
-    config = _read_json(os.path.join(path, "config.json"), report, "input")
+    config = _read_json(os.path.join(path, CONFIG), report, "input")
     manifest = _check_manifest(path, index, report, progress, no_manifest_ok)
     _check_ties(path, index, config, manifest, report)
-    if config is None and os.path.isfile(os.path.join(path, "config.json")):
+    if config is None and os.path.isfile(os.path.join(path, CONFIG)):
         report.summary["head_check"] = "skipped (config.json unreadable)"  # already named as unusable input
     else:
         _check_head(path, report)
@@ -346,14 +346,6 @@ def _report_twice(path: str, twice: dict[tuple[str, str], list[str]], sizes: dic
             f"otherwise delete {key} and its shards")))
 
 
-def checkpoints_in(path: str) -> list[str]:
-    """The ``checkpoint-N`` sub-directories of a Trainer's ``output_dir``, by step (what a user meant to pass)."""
-    if not os.path.isdir(path):
-        return []
-    return sorted((d for d in os.listdir(path) if re.fullmatch(r"checkpoint-\d+", d)
-                   and os.path.isdir(os.path.join(path, d))), key=lambda d: int(d.split("-")[1]))
-
-
 def snapshots_in(path: str) -> list[str]:
     """``snapshots/<revision>`` of a Hugging Face cache entry (``models--org--name/``): what holds its files."""
     snaps = os.path.join(path, "snapshots")
@@ -380,7 +372,7 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, pro
     if manifest is None and not index:  # no weights read: that finding is already there, and says what to pass
         return None
     if manifest is None:
-        if os.path.isfile(os.path.join(path, "trainer_state.json")):  # a Trainer checkpoint: on_save writes one
+        if os.path.isfile(os.path.join(path, TRAINER_STATE)):  # a Trainer checkpoint: on_save writes one
             how = "train with IntegrityGuard in the Trainer's callbacks to get one"
         else:  # a final trainer.save_model()/save_pretrained output: no callback event fires for it
             how = ("for a trainer.save_model() output, wire the Trainer with trainer = trainer_guard.guard(trainer) "
@@ -402,16 +394,12 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Report, pro
         report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: its fingerprint does not match its own tensor "
                                                    f"entries: the manifest was edited or corrupted"))
         return manifest
-    state_file = os.path.join(path, "trainer_state.json")
-    parent = os.path.dirname(os.path.abspath(path))
-    if (not os.path.isfile(state_file) and os.path.isfile(os.path.join(path, "adapter_config.json"))
-            and re.fullmatch(r"checkpoint-\d+", os.path.basename(parent))):
-        state_file = os.path.join(parent, "trainer_state.json")  # checkpoint-N/<adapter>/: the checkpoint's state
-    state = _read_json(state_file, report, "manifest")
+    state_path = state_file(path)  # its own, or checkpoint-N/<adapter>/'s checkpoint's
+    state = _read_json(state_path, report, "manifest") if state_path else None
     step = manifest.get("global_step")
     if state and step is not None and state.get("global_step") not in (None, step):
         report.unusable.append(Finding("manifest", f"foreign manifest: {MANIFEST_FILE} is for step {step} but "
-                                                   f"{os.path.relpath(state_file, path)} says step "
+                                                   f"{os.path.relpath(state_path, path)} says step "
                                                    f"{state['global_step']}: it was "
                                                    f"copied from another checkpoint"))
         return manifest
@@ -467,7 +455,7 @@ def _check_ties(path: str, index: dict[str, TensorInfo], config: dict | None, ma
         aliases.update(recorded)  # under the names the files use
     if not index:
         return
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):  # ties of the base model: not in an adapter
+    if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):  # ties of the base model: not in an adapter
         aliases = {a: k for a, k in aliases.items() if a in index or k in index}
     cfgs = [c for c in (config, (config or {}).get("text_config")) if isinstance(c, dict)]
     untied = any(c.get("tie_word_embeddings") is False for c in cfgs)
@@ -485,10 +473,10 @@ def _check_ties(path: str, index: dict[str, TensorInfo], config: dict | None, ma
                                                    f"tie_word_embeddings=false: from_pretrained will initialise it at "
                                                    f"random (R1b). Set tie_word_embeddings: true in config.json, or "
                                                    f"save with TiedWeightsGuard"))
-        elif config is None and not os.path.lexists(os.path.join(path, "config.json")):  # unreadable: named already
+        elif config is None and not os.path.lexists(os.path.join(path, CONFIG)):  # unreadable: named already
             report.warnings.append(Finding("ties", f"{alias}: stored once as {kept}; load with strict=False and re-tie "
                                                    f"(TiedWeightsGuard does both)"))
-    if aliases and not bad and (config is not None or not os.path.lexists(os.path.join(path, "config.json"))):
+    if aliases and not bad and (config is not None or not os.path.lexists(os.path.join(path, CONFIG))):
         report.passed.append(Finding("ties", f"{len(aliases)} tie alias(es) stored once and restorable: "
                                              + ", ".join(f"{a} -> {k}" for a, k in sorted(aliases.items()))))
 
@@ -562,7 +550,7 @@ def _check_adapter(path: str, index: dict[str, TensorInfo], report: Report) -> N
         report.warnings.append(Finding("adapter", f"{ADAPTER_FILE}: full copies of {names} are {full_share:.0%} of "
                                                   f"its {_human(total)} (R4); train LoRA on q,k,v,o,gate,up,down and "
                                                   f"add embeddings only if new tokens need them, at ~1/10 the LR"))
-    cfg = _read_json(os.path.join(path, "adapter_config.json"), report, "adapter") or {}
+    cfg = _read_json(os.path.join(path, ADAPTER_CONFIG), report, "adapter") or {}
     to_save = cfg.get("modules_to_save") or []
     if not isinstance(to_save, list) or not all(isinstance(m, str) for m in to_save):
         report.unusable.append(Finding("adapter", f"adapter_config.json: 'modules_to_save' is {to_save!r}, expected a "

@@ -33,6 +33,7 @@ from ..core.lr_groups import (
     unwrap_optimizer,
 )
 from ..errors import EmbeddingLRError
+from ..files import OPTIMIZER, SCHEDULER, checkpoint_dir
 from .base import Guard
 
 __all__ = ["EmbeddingLRGuard"]
@@ -228,7 +229,7 @@ class EmbeddingLRGuard(Guard):
     def _check_recorded(self, args, state, groups: list[dict[str, Any]]) -> None:
         if state.global_step <= 0:
             return
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", SPLIT_FILE)
+        path = os.path.join(checkpoint_dir(args.output_dir, state.global_step), SPLIT_FILE)
         if not os.path.isfile(path):
             return
         planned = {(g["role"], g["source"]): g["factor"] for g in groups}
@@ -239,14 +240,14 @@ class EmbeddingLRGuard(Guard):
                           f"{g['factor']:g} x", "warning")
 
     def on_save(self, args, state, control, **kwargs: Any):
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        ckpt = checkpoint_dir(args.output_dir, state.global_step)
 
         def write() -> None:
             if self._plan is None:  # no split this run: a record here is an earlier run's in a reused checkpoint dir
                 replace_json(os.path.join(ckpt, SPLIT_FILE), None)
                 return
             if self.split is not None:  # saved while split (should_save set after on_step_end): rewrite the files
-                opt_path, sched_path = os.path.join(ckpt, "optimizer.pt"), os.path.join(ckpt, "scheduler.pt")
+                opt_path, sched_path = os.path.join(ckpt, OPTIMIZER), os.path.join(ckpt, SCHEDULER)
                 inner = unwrap_optimizer(self._optimizer)
                 if os.path.isfile(opt_path):
                     atomic_torch_save(base_layout_optimizer_state(inner.state_dict(), inner.param_groups,

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from .._dist import agree, is_main_process
 from ..core.head import missing_head_problems
 from ..errors import HeadMissingError
+from ..files import checkpoint_dir
 from .base import Guard
 
 __all__ = ["HeadGuard"]
@@ -71,7 +72,7 @@ class HeadGuard(Guard):
         return problems
 
     def on_save(self, args, state, control, **kwargs: Any):
-        self.check(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        self.check(checkpoint_dir(args.output_dir, state.global_step))
 
     def wire(self, trainer: Any) -> None:
         """Also check what ``trainer.save_model(dir)`` writes (the final save fires no ``on_save``); idempotent."""

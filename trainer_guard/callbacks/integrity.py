@@ -16,6 +16,7 @@ from ..core.checkpoint import Verified, conversion_hint, plan_manifests, verify_
 from ..core.conversion import load_converted
 from ..core.manifest import MANIFEST_FILE, ManifestWriter, read_manifest
 from ..errors import IntegrityError, TrainerGuardError
+from ..files import checkpoint_dir
 from .base import Guard
 
 __all__ = ["IntegrityGuard"]
@@ -111,7 +112,7 @@ class IntegrityGuard(Guard):
         return True
 
     def on_save(self, args, state, control, model=None, **kwargs: Any):
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        ckpt = checkpoint_dir(args.output_dir, state.global_step)
         problems = []
         if model is None or self._sharded(model, args):
             return
@@ -283,5 +284,5 @@ class IntegrityGuard(Guard):
             return
         if self._sharded(model, args):
             return
-        self.verify_resume(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), state.global_step)
+        self.verify_resume(model, checkpoint_dir(args.output_dir, state.global_step), state.global_step)
 

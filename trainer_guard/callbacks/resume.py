@@ -18,6 +18,7 @@ from ..core.trainable import (TRAINABLE_FILE, adapter_dir, adapter_load_gaps, ad
                               frozen_adapter_params, hyperparameter_changes, missing_copies, optimizer_layout,
                               read_adapter_config, trainable_record)
 from ..errors import ResumeMismatchError
+from ..files import OPTIMIZER, checkpoint_dir
 from .base import Guard
 
 __all__ = ["ResumeGuard"]
@@ -140,7 +141,7 @@ class ResumeGuard(Guard):
         optimizer load restores the checkpoint's values, so the new ones would be silently ignored."""
         if optimizer is None or not source or not recorded.get("optimizer"):
             return
-        if not os.path.isfile(os.path.join(source, "optimizer.pt")):  # nothing restores them: the new values apply
+        if not os.path.isfile(os.path.join(source, OPTIMIZER)):  # nothing restores them: the new values apply
             return
         where = os.path.basename(os.path.normpath(source))
         for line in hyperparameter_changes(recorded["optimizer"], optimizer_layout(optimizer, model), where):
@@ -200,7 +201,7 @@ class ResumeGuard(Guard):
         if model is None:
             return
         if self.checked is None:  # not wired: check now (too late to protect the optimizer load)
-            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}") if state.global_step else None
+            ckpt = checkpoint_dir(args.output_dir, state.global_step) if state.global_step else None
             ckpt = ckpt if ckpt and os.path.isdir(ckpt) else None
             custom = optimizer is not None and len(optimizer.param_groups) != 2
             self.fixed = {}
@@ -220,7 +221,7 @@ class ResumeGuard(Guard):
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
         if model is None:
             return
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        ckpt = checkpoint_dir(args.output_dir, state.global_step)
         path = os.path.join(ckpt, TRAINABLE_FILE)
 
         def write() -> None:  # no record: remove an earlier run's, left in a reused checkpoint dir

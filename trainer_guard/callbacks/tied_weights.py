@@ -28,6 +28,7 @@ from .base import Guard
 from .._dist import agree, world_size
 from ..core.head import stored_tensor_names
 from ..errors import TiedWeightsError, TrainerGuardError
+from ..files import checkpoint_dir
 
 __all__ = ["TiedWeightsGuard"]
 
@@ -182,7 +183,7 @@ class TiedWeightsGuard(Guard):
             return
         recorded, stored = list(self._groups_of.get(model, ())), None
         if state.global_step > 0:
-            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            ckpt = checkpoint_dir(args.output_dir, state.global_step)
             if os.path.isfile(os.path.join(ckpt, TIES_FILE)):
                 recorded = read_json(os.path.join(ckpt, TIES_FILE)).get("groups", recorded)
             if not _is_peft(model):
@@ -213,7 +214,7 @@ class TiedWeightsGuard(Guard):
             self.note(f"tied groups: {groups}")
 
     def on_save(self, args, state, control, model=None, **kwargs: Any):
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        ckpt = checkpoint_dir(args.output_dir, state.global_step)
         path = os.path.join(ckpt, TIES_FILE)
 
         def write() -> bool:

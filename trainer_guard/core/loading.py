@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import LoadError
+from ..files import ADAPTER_CONFIG
 from .checksum import DTYPE_NAMES as _DTYPE_NAMES
 from .checksum import (
     ChecksumError,
@@ -232,7 +233,7 @@ def _plan(model: nn.Module, headers: dict, strict: bool, cast: bool, path: str, 
     extra = sorted(set(headers) - used)
     if headers and not used and not skip:  # not one name in common: the wrong file, not a partial load
         adapter = os.path.isfile(os.path.join(path if os.path.isdir(path) else os.path.dirname(path),
-                                              "adapter_config.json"))
+                                              ADAPTER_CONFIG))
         wrapped = next((p for p in ("_orig_mod.", "module.") if all(k.startswith(p) for k in headers)
                         and any(k[len(p):] in tensors for k in headers)), None)
         raise LoadError(f"Cannot load {path} into {type(model).__name__}: none of its {len(headers)} tensor names "

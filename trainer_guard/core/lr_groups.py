@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import EmbeddingLRError
+from ..files import SPLIT_FILE
 from .io import atomic_write
 
 __all__ = [
@@ -67,7 +68,6 @@ ROLES = ("embeddings", "lm_head", "tied")
 ROLE_KEY = "trainer_guard_role"
 SOURCE_KEY = "trainer_guard_source"  # index of the group an added group was split from
 POSITIONS_KEY = "trainer_guard_positions"  # where its parameters sat in that group
-SPLIT_FILE = "trainer_guard_embedding_lr.json"
 
 # Per-group lists kept by the schedulers we know how to extend; anything else is refused before any change.
 _SCHED_LISTS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs")

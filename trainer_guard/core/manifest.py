@@ -45,6 +45,7 @@ import torch
 
 from ..errors import IntegrityError, UsageError
 from .checksum import safetensors_files, safetensors_paths, stored_twice  # noqa: F401  (safetensors_files re-exported)
+from ..files import ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, MANIFEST_FILE, MODEL_WEIGHTS, TRAINER_STATE
 from .io import atomic_write_json, read_json
 
 __all__ = [
@@ -80,7 +81,6 @@ __all__ = [
     "library_versions",
 ]
 
-MANIFEST_FILE = "trainer_guard_manifest.json"
 MANIFEST_FORMAT = "trainer_guard.manifest"
 MANIFEST_VERSION = 1
 
@@ -260,7 +260,7 @@ def build_manifest(
         t = tensors[name]
         out_tensors[name] = {
             "checksum": _hex(sums[name]), "dtype": dtype_name(t.dtype), "shape": [int(s) for s in t.shape],
-            "file": files.get(name, "model.safetensors"), "source": (sources or {}).get(name, "model"),
+            "file": files.get(name, MODEL_WEIGHTS), "source": (sources or {}).get(name, "model"),
         }
     aliases = {}
     for group in tie_groups:
@@ -556,8 +556,8 @@ def adapter_subdirs(directory: str | os.PathLike) -> list[str]:
     if not os.path.isdir(directory):
         return []
     return sorted(d for d in os.listdir(directory) if any(
-        os.path.isfile(os.path.join(directory, d, f)) for f in ("adapter_model.safetensors", "adapter_model.bin"))
-        and not os.path.isfile(os.path.join(directory, d, "trainer_state.json")))  # a checkpoint-N of a PEFT run
+        os.path.isfile(os.path.join(directory, d, f)) for f in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN))
+        and not os.path.isfile(os.path.join(directory, d, TRAINER_STATE)))  # a checkpoint-N of a PEFT run
 
 
 def _peft_adapter_names(model: Any) -> list[str]:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import TiedWeightsError
+from ..files import TIES_FILE
 
 __all__ = [
     "find_tied_groups",
@@ -31,8 +32,6 @@ __all__ = [
     "broken_ties",
     "TIES_FILE",
 ]
-
-TIES_FILE = "trainer_guard_ties.json"
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

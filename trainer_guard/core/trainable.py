@@ -34,6 +34,8 @@ from typing import Any
 
 from torch import nn
 
+from ..files import ADAPTER_CONFIG as ADAPTER_CONFIG_FILE
+from ..files import TRAINABLE_FILE
 from .dtype import _dotted_prefixes
 from .lr_groups import base_param_groups
 
@@ -67,8 +69,6 @@ __all__ = [
     "continuation_problems",
 ]
 
-TRAINABLE_FILE = "trainer_guard_trainable.json"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 RECORD_FORMAT = "trainer_guard.trainable/1"
 
 _PREFIX = "base_model.model."

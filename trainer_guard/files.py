@@ -1,0 +1,125 @@
+"""The checkpoint's file contract: every file name a ``Trainer`` checkpoint holds that trainer_guard reads or writes,
+how checkpoint directories are named, which ``trainer_state.json`` belongs to a path, where PEFT adapters live.
+
+Every other module takes these names from here (like torchtune's ``training/checkpointing/_utils.py``), so a name
+changes in one place. Pure ``os.path``: no torch, no transformers.
+
+Example:
+    >>> from trainer_guard.files import checkpoint_dir, checkpoint_step, MANIFEST_FILE
+    >>> checkpoint_dir("out", 500), checkpoint_step("out/checkpoint-500"), MANIFEST_FILE
+    ('out/checkpoint-500', 500, 'trainer_guard_manifest.json')
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "TRAINER_STATE",
+    "OPTIMIZER",
+    "SCHEDULER",
+    "CONFIG",
+    "MODEL_WEIGHTS",
+    "ADAPTER_WEIGHTS",
+    "ADAPTER_WEIGHTS_BIN",
+    "ADAPTER_CONFIG",
+    "SINGLE_WEIGHT_FILES",
+    "MANIFEST_FILE",
+    "TIES_FILE",
+    "TRAINABLE_FILE",
+    "SPLIT_FILE",
+    "checkpoint_name",
+    "checkpoint_dir",
+    "checkpoint_step",
+    "is_checkpoint_name",
+    "checkpoints_in",
+    "state_file",
+    "adapter_subdirs",
+]
+
+# --- written by the Trainer (transformers' trainer.py / PEFT) --------------------------------------------------
+CHECKPOINT_PREFIX = "checkpoint"
+"""``Trainer`` saves step ``N`` into ``<output_dir>/checkpoint-N`` (transformers' ``PREFIX_CHECKPOINT_DIR``)."""
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+CONFIG = "config.json"
+MODEL_WEIGHTS = "model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
+ADAPTER_CONFIG = "adapter_config.json"
+SINGLE_WEIGHT_FILES = (MODEL_WEIGHTS, ADAPTER_WEIGHTS)
+"""The single weight files ``from_pretrained`` reads in preference to any shard index (transformers, PEFT)."""
+
+# --- written by trainer_guard's guards into a checkpoint -------------------------------------------------------
+MANIFEST_FILE = "trainer_guard_manifest.json"
+"""IntegrityGuard: per-tensor checksums, dtypes, shapes of what the save wrote (:mod:`trainer_guard.checkpoint`)."""
+TIES_FILE = "trainer_guard_ties.json"
+"""TiedWeightsGuard: the tie groups and the aliases stored once."""
+TRAINABLE_FILE = "trainer_guard_trainable.json"
+"""ResumeGuard: what trained at the save (the trainable set)."""
+SPLIT_FILE = "trainer_guard_embedding_lr.json"
+"""EmbeddingLRGuard: the split of the optimizer's parameter groups."""
+
+_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}-(\d+)")
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name a ``Trainer`` gives the checkpoint of optimizer step ``step``: ``checkpoint-<step>``."""
+    return f"{CHECKPOINT_PREFIX}-{step}"
+
+
+def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> str:
+    """Where a ``Trainer`` with ``output_dir`` saves the checkpoint of step ``step``."""
+    return os.path.join(os.fspath(output_dir), checkpoint_name(step))
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` (a directory's base name) is one a ``Trainer`` gives its checkpoints (``checkpoint-500``)."""
+    return _CHECKPOINT_NAME.fullmatch(name) is not None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step in the name of checkpoint directory ``path`` (``out/checkpoint-500/`` -> 500), else ``None``."""
+    m = _CHECKPOINT_NAME.fullmatch(os.path.basename(os.path.normpath(os.fspath(path))))
+    return int(m.group(1)) if m else None
+
+
+def checkpoints_in(path: str | os.PathLike) -> list[str]:
+    """The ``checkpoint-N`` sub-directories of a Trainer's ``output_dir``, by step."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return []
+    return sorted((d for d in os.listdir(path) if is_checkpoint_name(d) and os.path.isdir(os.path.join(path, d))),
+                  key=lambda d: checkpoint_step(d) or 0)
+
+
+def state_file(path: str | os.PathLike) -> str | None:
+    """The ``trainer_state.json`` that says which step directory ``path`` holds: its own, or for a named PEFT adapter
+    saved in ``checkpoint-N/<name>/`` (an adapter config and no state of its own), the checkpoint's; ``None`` when
+    there is none."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return None
+    own = os.path.join(path, TRAINER_STATE)
+    parent = os.path.dirname(os.path.abspath(path))
+    if (not os.path.isfile(own) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+            and is_checkpoint_name(os.path.basename(parent))):
+        own = os.path.join(parent, TRAINER_STATE)
+    return own if os.path.isfile(own) else None
+
+
+def adapter_subdirs(directory: str | os.PathLike) -> list[str]:
+    """Sub-directories of ``directory`` that hold a PEFT adapter (``adapter_model.safetensors``/``.bin``), sorted.
+
+    ``PeftModel.save_pretrained`` puts every adapter not named ``"default"`` there; ``Trainer`` resumes them from
+    there too. A ``checkpoint-N`` of a PEFT run (it holds a ``trainer_state.json``) is no adapter directory.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(d for d in os.listdir(directory) if any(
+        os.path.isfile(os.path.join(directory, d, f)) for f in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN))
+        and not os.path.isfile(os.path.join(directory, d, TRAINER_STATE)))

@@ -1,8 +1,11 @@
-"""``guard(trainer)``: the one extra step that lets guards act before the Trainer loads its optimizer.
+"""``guard(trainer)``: wire a Trainer's guards explicitly (optional: guards given in ``callbacks=[...]`` wire their
+Trainer themselves when it is built).
 
 A ``TrainerCallback`` first hears of a run at ``on_train_begin``, after the Trainer has built the optimizer and
-loaded its state from a checkpoint (where a changed trainable set dies with a bare ValueError). A guard that must
-act earlier implements ``wire(trainer)``; :func:`guard` calls it, once, for every callback of the Trainer.
+loaded its state from a checkpoint (where a changed trainable set dies with a bare ValueError). Guards that must act
+earlier do so through :mod:`trainer_guard.callbacks.hooks`, which replaces the Trainer's own methods once.
+:func:`guard` is what wires a Trainer whose guards were added with ``add_callback`` after it was built (their
+``on_init_end`` never fired), or whose guards could not find it; calling it on a wired Trainer changes nothing.
 
 Example:
     >>> import trainer_guard
@@ -15,17 +18,17 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+from .callbacks import hooks
 from .errors import UsageError
 
 __all__ = ["guard"]
 
 T = TypeVar("T")
 
-_WIRED_ATTR = "_trainer_guard_wired"
-
 
 def guard(trainer: T) -> T:
-    """Call ``wire(trainer)`` once on each callback in ``trainer.callback_handler`` that has it; return ``trainer``.
+    """Make ``trainer`` fire its guards' hooks (:func:`trainer_guard.callbacks.hooks.wire`) and call ``wire(trainer)``
+    once on each other callback that has one; return ``trainer``.
 
     Idempotent: calling it again wires only callbacks added since. Works with ``Trainer`` and its subclasses.
 
@@ -36,16 +39,7 @@ def guard(trainer: T) -> T:
         >>> from trainer_guard import guard
         >>> trainer = guard(Trainer(model=model, args=args, callbacks=[ResumeGuard()]))  # doctest: +SKIP
     """
-    handler = getattr(trainer, "callback_handler", None)
-    if handler is None:
+    if getattr(trainer, "callback_handler", None) is None:
         raise UsageError(f"guard() expects a transformers Trainer (with a callback_handler), got "
                          f"{type(trainer).__name__}; build the Trainer with the guard callbacks, then pass it")
-    # the wired callbacks themselves, not their id()s: a callback removed from the Trainer and freed leaves its id
-    # to the next object, e.g. the replacement guard added with add_callback, which would then not be wired
-    wired: list = trainer.__dict__.setdefault(_WIRED_ATTR, [])
-    for cb in list(handler.callbacks):
-        wire = getattr(cb, "wire", None)
-        if callable(wire) and not any(w is cb for w in wired):
-            wire(trainer)
-            wired.append(cb)
-    return trainer
+    return hooks.wire(trainer)

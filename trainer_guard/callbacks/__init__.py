@@ -1,10 +1,12 @@
 """Guard callbacks and the registry that YAML configs name them by.
 
-``GUARDS`` maps each YAML key to its class, in the order callbacks are built (which is the order they run).
+``GUARDS`` maps each YAML key to its class, in the order callbacks are built (which is the order they run) and
+the order :mod:`~trainer_guard.callbacks.hooks` fires their hooks in, whatever the callback list's order.
 """
 
 from __future__ import annotations
 
+from . import hooks
 from .base import Guard
 from .divergence import ReplicaDivergenceGuard
 from .dtype import DtypeGuard
@@ -31,3 +33,4 @@ GUARDS: dict[str, type[Guard]] = {
     HeadGuard.name: HeadGuard,  # on_save: the checkpoint must reload with its output head
     UpdateAuditGuard.name: UpdateAuditGuard,  # last: its baseline follows every other guard's changes
 }
+hooks.set_order(GUARDS.values())

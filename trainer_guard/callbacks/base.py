@@ -28,6 +28,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ..errors import ConfigError
+from . import hooks
 
 __all__ = ["Guard", "coerce_options", "option_problems", "option_schema"]
 
@@ -135,11 +136,13 @@ def option_problems(cls: type, options: dict[str, Any], where: str) -> list[str]
     return problems
 
 
-class Guard(TrainerCallback):
+class Guard(hooks.GuardHooks, TrainerCallback):
     """A ``TrainerCallback`` with validated options and a short human report of what it did.
 
     Subclasses set ``name`` (the YAML key) and call ``super().__init__(**options)`` from an ``__init__`` whose
-    keyword arguments carry type hints.
+    keyword arguments carry type hints. What must happen where no callback event fires (before the Trainer's
+    checkpoint loads, after ``trainer.save_model``) goes in the hook methods of
+    :class:`~trainer_guard.callbacks.hooks.GuardHooks`, fired by :mod:`trainer_guard.callbacks.hooks`.
 
     Raises:
         ConfigError: an option has the wrong type or a bad value; the message lists every problem.
@@ -176,10 +179,14 @@ class Guard(TrainerCallback):
                            f"{what} could not be written; free disk space or fix the output_dir, then resume from "
                            f"the previous checkpoint:")
 
+    def wire(self, trainer: Any) -> None:
+        """Make ``trainer`` fire this guard's hooks (:func:`trainer_guard.callbacks.hooks.wire`; idempotent, one
+        wiring per Trainer serves all its guards)."""
+        hooks.wire(trainer)
+
     def is_callback_of(self, trainer: Any) -> bool:
-        """Whether this guard is (still) one of ``trainer``'s callbacks. What :func:`trainer_guard.guard` wired into
-        the Trainer (``train``, ``save_model``, the checkpoint loads) does nothing for a guard that
-        ``trainer.remove_callback()``/``pop_callback()`` took out since."""
+        """Whether this guard is (still) one of ``trainer``'s callbacks. The hooks fire only on those: a guard
+        that ``trainer.remove_callback()``/``pop_callback()`` took out stops acting through them."""
         handler = getattr(trainer, "callback_handler", None)
         return handler is None or any(cb is self for cb in handler.callbacks)
 

@@ -134,24 +134,16 @@ class EmbeddingLRGuard(Guard):
         return {role: float(self.options[key]) for role, prefix in self._ROLES
                 for key in [self._asked(prefix)] if key is not None and key.endswith("lr")}
 
-    # -- wiring -----------------------------------------------------------------------------------------------
-    def wire(self, trainer: Any) -> None:
-        """Merge the groups back before each ``trainer.train()`` (see :func:`trainer_guard.guard`); idempotent.
+    # -- hooks (trainer_guard.callbacks.hooks) ------------------------------------------------------------------
+    def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> None:
+        """Merge the groups back before each ``trainer.train()``.
 
         A run stopped inside the optimizer step (an exception or Ctrl-C between ``on_pre_optimizer_step`` and
         ``on_step_end``: in ``optimizer.step()``, the scheduler step or an ``on_optimizer_step`` callback) leaves the
         Trainer's optimizer split, and the next ``train()`` on the same Trainer reuses it: its optimizer load (resume)
         fails with "loaded state dict has a different number of parameter groups" and a new scheduler would be built
         over the split groups. No event fires before either, so the merge happens here."""
-        if getattr(trainer, "_trainer_guard_embedding_lr", None) is self:
-            return
-        train = trainer.train
-
-        def _train(*a: Any, **kw: Any):
-            self._merge()
-            return train(*a, **kw)
-
-        trainer.train, trainer._trainer_guard_embedding_lr = _train, self
+        self._merge()
 
     # -- events -----------------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs: Any):

@@ -74,17 +74,6 @@ class HeadGuard(Guard):
     def on_save(self, args, state, control, **kwargs: Any):
         self.check(checkpoint_dir(args.output_dir, state.global_step))
 
-    def wire(self, trainer: Any) -> None:
-        """Also check what ``trainer.save_model(dir)`` writes (the final save fires no ``on_save``); idempotent."""
-        if getattr(trainer, "_trainer_guard_head", None) is self:
-            return
-        save = trainer.save_model
-
-        def save_model(output_dir=None, _internal_call=False):
-            out = save(output_dir, _internal_call)
-            # checkpoints (_internal_call): on_save checks them, after the whole checkpoint is written
-            if not _internal_call and self.is_callback_of(trainer):
-                self.check(os.fspath(output_dir or trainer.args.output_dir), collective=False)
-            return out
-
-        trainer.save_model, trainer._trainer_guard_head = save_model, self
+    def after_save_model(self, trainer: Any, output_dir: str) -> None:
+        """Also check what ``trainer.save_model(dir)`` writes (the final save fires no ``on_save``)."""
+        self.check(output_dir, collective=False)

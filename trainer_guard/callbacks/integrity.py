@@ -242,41 +242,23 @@ class IntegrityGuard(Guard):
                                                               sorted(tied.items()))
                   + ", and was restored through the tie (checked against the manifest)", "warning")
 
-    def wire(self, trainer: Any) -> None:
-        """Check right after the Trainer loads the checkpoint's weights, before its optimizer load (idempotent).
+    # -- hooks (trainer_guard.callbacks.hooks) ----------------------------------------------------------------
+    def after_weights_load(self, trainer: Any, checkpoint: str, model: Any) -> None:
+        """Check right after the Trainer loads the checkpoint's weights, before its optimizer load: catches a bad
+        resume before the optimizer's own, less telling, errors, and works for any checkpoint path."""
+        if self._after_load() and not self._sharded(trainer.model, trainer.args):
+            self.verify_resume(trainer.model, os.fspath(checkpoint))
+            self._verified = True
 
-        Catches a bad resume before the optimizer's own, less telling, errors, and works for any checkpoint path.
-        Also gives ``trainer.save_model(dir)`` (the final save, no ``on_save`` event) a manifest.
-        """
-        if getattr(trainer, "_trainer_guard_integrity", None) is self:
-            return
-        load = trainer._load_from_checkpoint
-
-        def _load_from_checkpoint(resume_from_checkpoint, *a, **kw):
-            out = load(resume_from_checkpoint, *a, **kw)
-            if (self.is_callback_of(trainer) and self._after_load()
-                    and not self._sharded(trainer.model, trainer.args)):
-                self.verify_resume(trainer.model, os.fspath(resume_from_checkpoint))
-                self._verified = True
-            return out
-
-        save = trainer.save_model
-
-        def save_model(output_dir=None, _internal_call=False):
-            out = save(output_dir, _internal_call)
-            d = os.fspath(output_dir or trainer.args.output_dir)
-            # a final save gets a manifest too; on the main process only and with no collective: scripts often
-            # call save_model from the main process alone, and a rank waiting for the others would hang
-            if (not _internal_call and self.is_callback_of(trainer) and is_main_process() and os.path.isdir(d)
-                    and not self._sharded(trainer.model, trainer.args)):
-                problems = self.write_checkpoint_manifest(trainer.model, d, trainer.state.global_step)
-                if problems:
-                    raise IntegrityError(f"{d} does not hold what the model holds; no manifest was written. "
-                                         f"Problems:\n  - " + "\n  - ".join(problems))
-            return out
-
-        trainer._load_from_checkpoint, trainer.save_model = _load_from_checkpoint, save_model
-        trainer._trainer_guard_integrity = self
+    def after_save_model(self, trainer: Any, output_dir: str) -> None:
+        """A final ``trainer.save_model(dir)`` (no ``on_save`` event) gets a manifest too; on the main process only
+        and with no collective: scripts often call save_model from the main process alone, and a rank waiting for
+        the others would hang."""
+        if is_main_process() and os.path.isdir(output_dir) and not self._sharded(trainer.model, trainer.args):
+            problems = self.write_checkpoint_manifest(trainer.model, output_dir, trainer.state.global_step)
+            if problems:
+                raise IntegrityError(f"{output_dir} does not hold what the model holds; no manifest was written. "
+                                     f"Problems:\n  - " + "\n  - ".join(problems))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
         verified, self._verified = self._verified, False

@@ -8,7 +8,6 @@ Trainer's optimizer load with a ValueError naming neither modules nor counts.
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Any, Literal, Optional
 
 from .._dist import agree
@@ -59,40 +58,22 @@ class ResumeGuard(Guard):
         super().__init__(mode=mode, adapter_dir=adapter_dir, write_record=write_record)
         self.checked: Optional[str] = None  # what was verified in the current train() call
         self._warned: set[str] = set()
-        self._wired: weakref.WeakSet = weakref.WeakSet()  # not id()s: a freed Trainer's id is reused
         self.fixed: dict = {}
 
-    # -- wiring: run before the Trainer builds / loads the optimizer ----------------------------------------
-    def wire(self, trainer: Any) -> None:
-        """Make the checks run before the Trainer's optimizer is created and loaded (idempotent)."""
-        if trainer in self._wired:
-            return
-        train, load_ckpt = trainer.train, trainer._load_from_checkpoint
-        create, load_opt = trainer.create_optimizer, trainer._load_optimizer_and_scheduler
+    # -- hooks: run before the Trainer builds / loads the optimizer (trainer_guard.callbacks.hooks) ----------
+    def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> None:
+        self.checked, self._warned = None, set()
 
-        def _train(*a, **kw):
-            self.checked, self._warned = None, set()
-            return train(*a, **kw)
+    def before_weights_load(self, trainer: Any, checkpoint: str, model: Any) -> None:
+        self.verify(trainer.model, checkpoint)
 
-        def _load_from_checkpoint(resume_from_checkpoint, *a, **kw):
-            if self.is_callback_of(trainer):
-                self.verify(trainer.model, resume_from_checkpoint)
-            return load_ckpt(resume_from_checkpoint, *a, **kw)
+    def before_optimizer_create(self, trainer: Any) -> None:
+        if self.checked is None and trainer.optimizer is None:
+            self.verify(trainer.model, None)
 
-        def _create_optimizer(*a, **kw):
-            if self.checked is None and trainer.optimizer is None and self.is_callback_of(trainer):
-                self.verify(trainer.model, None)
-            return create(*a, **kw)
-
-        def _load_optimizer_and_scheduler(checkpoint, *a, **kw):
-            if checkpoint is not None and self.is_callback_of(trainer):
-                self.verify(trainer.model, checkpoint, optimizer=trainer.optimizer)
-            return load_opt(checkpoint, *a, **kw)
-
-        trainer.train, trainer._load_from_checkpoint = _train, _load_from_checkpoint
-        trainer.create_optimizer = _create_optimizer
-        trainer._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
-        self._wired.add(trainer)
+    def before_optimizer_load(self, trainer: Any, checkpoint: Optional[str]) -> None:
+        if checkpoint is not None:
+            self.verify(trainer.model, checkpoint, optimizer=trainer.optimizer)
 
     # -- the check ------------------------------------------------------------------------------------------
     def _source(self, model: Any) -> Optional[str]:

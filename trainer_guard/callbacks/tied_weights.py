@@ -99,10 +99,9 @@ class TiedWeightsGuard(Guard):
         # per model, the groups found when it was attached: a guard given to two Trainers must not re-tie one
         # model to the other's groups (weak keys: a finished run's model is not kept alive)
         self._groups_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        # weak sets, not id()s: the id of a freed model or Trainer is reused by the next one (a guard shared by a
-        # sweep's runs would skip hooking the new model, and the R1a save crash would be back)
+        # a weak set, not id()s: the id of a freed model is reused by the next one (a guard shared by a sweep's
+        # runs would skip hooking the new model, and the R1a save crash would be back)
         self._hooked: weakref.WeakSet = weakref.WeakSet()
-        self._wired: weakref.WeakSet = weakref.WeakSet()
 
     # -- wiring ---------------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> list[list[str]]:
@@ -130,37 +129,28 @@ class TiedWeightsGuard(Guard):
                       f"({', '.join(a + ' -> ' + g[0] for g in groups for a in g[1:])})")
         return self.groups
 
-    def wire(self, trainer: Any) -> None:
-        """Re-tie a split tie before ``train(resume_from_checkpoint=...)`` loads anything (see
-        :func:`trainer_guard.guard`): a split head is one more parameter, so the Trainer's optimizer load would
-        fail before ``on_train_begin`` with "a parameter group that doesn't match the size of optimizer's group".
-        Only groups the checkpoint stores once (kept name present, aliases absent) are re-tied here."""
-        if trainer in self._wired:
-            return
-        train, load = trainer.train, trainer._load_from_checkpoint
+    # -- hooks (trainer_guard.callbacks.hooks) ----------------------------------------------------------------
+    def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> None:
+        """Re-tie a split tie before ``train(resume_from_checkpoint=...)`` loads anything: a split head is one more
+        parameter, so the Trainer's optimizer load would fail before ``on_train_begin`` with "a parameter group
+        that doesn't match the size of optimizer's group". Only groups the checkpoint stores once (kept name
+        present, aliases absent) are re-tied here."""
+        ckpt = resume_from_checkpoint
+        if ckpt is True:
+            from transformers.trainer_utils import get_last_checkpoint
 
-        def _train(resume_from_checkpoint: Any = None, *a: Any, **kw: Any):
-            ckpt = resume_from_checkpoint if self.is_callback_of(trainer) else None
-            if ckpt is True:
-                from transformers.trainer_utils import get_last_checkpoint
+            ckpt = get_last_checkpoint(trainer.args.output_dir)
+        if isinstance(ckpt, (str, os.PathLike)) and os.path.isdir(ckpt):
+            self._retie_before_load(trainer.model, os.fspath(ckpt))
 
-                ckpt = get_last_checkpoint(trainer.args.output_dir)
-            if isinstance(ckpt, (str, os.PathLike)) and os.path.isdir(ckpt):
-                self._retie_before_load(trainer.model, os.fspath(ckpt))
-            return train(resume_from_checkpoint, *a, **kw)
-
-        def _load_from_checkpoint(resume_from_checkpoint: Any, model: Any = None, *a: Any, **kw: Any):
-            # Trainer(model_init=...) builds a new model inside train(), after _train above ran: give that model
-            # the alias-filling load hook (a checkpoint stores each tie once) and its re-tie before it is loaded.
-            # (A model passed in is FSDP's / SageMaker's wrapped one: left as it was.)
-            if model is None and trainer.model is not None and self.is_callback_of(trainer):
-                self.attach(trainer.model)
-                if os.path.isdir(os.fspath(resume_from_checkpoint)):
-                    self._retie_before_load(trainer.model, os.fspath(resume_from_checkpoint))
-            return load(resume_from_checkpoint, model, *a, **kw)
-
-        trainer.train, trainer._load_from_checkpoint = _train, _load_from_checkpoint
-        self._wired.add(trainer)
+    def before_weights_load(self, trainer: Any, checkpoint: str, model: Any) -> None:
+        """Trainer(model_init=...) builds a new model inside train(), after :meth:`before_train`: give that model
+        the alias-filling load hook (a checkpoint stores each tie once) and its re-tie before it is loaded. (A model
+        passed in is FSDP's / SageMaker's wrapped one: left as it was.)"""
+        if model is None and trainer.model is not None:
+            self.attach(trainer.model)
+            if os.path.isdir(os.fspath(checkpoint)):
+                self._retie_before_load(trainer.model, os.fspath(checkpoint))
 
     def _retie_before_load(self, model: nn.Module, ckpt: str) -> None:
         if _is_peft(model) or not os.path.isfile(os.path.join(ckpt, TIES_FILE)):

@@ -5,7 +5,7 @@ own allocation as after ``from_pretrained``. Timed with ``triton.testing.do_benc
 runs, L2 flushed between runs), every peer in the same run:
 
 - ``trainer_guard.checksums(backend="triton")`` end to end (plan + one launch + host fold), and the kernel alone
-  (prebuilt :class:`~trainer_guard.ops.checksum_triton.ChecksumPlan`);
+  (prebuilt :class:`~trainer_guard.checksum.triton.ChecksumPlan`);
 - plain reads: ``amax`` / int32 ``sum`` over one flat 16.06 GB copy of the model (the memory-speed roofline);
 - ``torch.hash_tensor`` per tensor (order-blind XOR) and over the flat copy;
 - ``torch._foreach_norm`` over the 291 tensors;
@@ -215,8 +215,8 @@ def gpu_bench(args: argparse.Namespace) -> None:
     from triton.testing import do_bench
 
     from trainer_guard import checksums
-    from trainer_guard.core.checksum import finalize
-    from trainer_guard.ops.checksum_triton import ChecksumPlan
+    from trainer_guard.checksum.spec import finalize
+    from trainer_guard.checksum.triton import ChecksumPlan
 
     shapes = llama3_8b_shapes()
     if args.smoke:  # dry run of this section on the CPU: triton interpreter, shapes / 256, wall-clock timer
@@ -322,7 +322,8 @@ def cpu_bench(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     from trainer_guard import checksums, file_checksums
-    from trainer_guard.core import checksum as ck
+    from trainer_guard.checksum import cpu as ck
+    from trainer_guard.checksum.disk import safetensors_entries
 
     torch.set_num_threads(1)
     n = int(args.cpu_mb * 1e6) // 2
@@ -347,10 +348,10 @@ def cpu_bench(args: argparse.Namespace) -> None:
         mm = np.memmap(path, dtype=np.uint8, mode="r")
 
         def numpy_twin():
-            _, entries, _ = ck.safetensors_entries(path)
+            _, entries, _ = safetensors_entries(path)
             for e in entries.values():
                 b = mm[e["begin"] : e["end"]]
-                ck._numpy_word_sum(b[: b.size // 8 * 8].view(np.uint64), 0)
+                ck.numpy_word_sum(b[: b.size // 8 * 8].view(np.uint64), 0)
 
         runs = [
             ("trainer_guard file_checksums (numba, mmap)", lambda: file_checksums(path)),

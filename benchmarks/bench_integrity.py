@@ -132,7 +132,7 @@ def main() -> None:
     import numba
     import transformers
 
-    from trainer_guard.core.checksum import checksums
+    from trainer_guard.checksum import checksums
 
     checksums({"warm": torch.ones(16)}, backend="cpu")  # compile the numba loop before timing
     print(f"# IntegrityGuard cost, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

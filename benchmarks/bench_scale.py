@@ -250,7 +250,7 @@ def _sharded(base: str, layers: int, shard: str) -> int:
 def bench_cli(sizes: list[tuple[int, str]], n_files: list[int]) -> None:
     from safetensors.torch import save_file
 
-    from trainer_guard.core.checksum import file_checksums
+    from trainer_guard.checksum import file_checksums
     from trainer_guard.diff import diff
     from trainer_guard.doctor import diagnose
 

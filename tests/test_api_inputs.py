@@ -53,7 +53,7 @@ def _odd_layouts() -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------- checksums
 def test_non_contiguous_tensors_hash_like_their_contiguous_copy():
     odd = _odd_layouts()
-    assert "non-contiguous tensor is read as ``.contiguous()``" in trainer_guard.core.checksum.__doc__
+    assert "non-contiguous tensor is read as ``.contiguous()``" in __import__('trainer_guard.checksum.spec').checksum.spec.__doc__
     got = checksums(odd, backend="cpu")
     want = checksums({k: v.detach().resolve_conj().contiguous().clone() for k, v in odd.items()}, backend="cpu")
     assert got == want
@@ -64,7 +64,7 @@ import os, sys, json
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, sys.argv[1])
 from test_api_inputs import _odd_layouts
-from trainer_guard.ops.checksum_triton import triton_checksums
+from trainer_guard.checksum.triton import triton_checksums
 print("RESULT" + json.dumps({k: str(v) for k, v in triton_checksums(_odd_layouts(), block=4, iters=2).items()}))
 """
 

@@ -21,8 +21,10 @@ from conftest import triton_interpreter_result
 from safetensors.torch import save_file
 
 from trainer_guard import checksums, file_checksums
-from trainer_guard.core import checksum as ck
-from trainer_guard.core.checksum import CHECKSUM_ALGO, fingerprint, tensor_checksum
+from trainer_guard.checksum import cpu as ck_cpu
+from trainer_guard.checksum import disk as ck
+from trainer_guard.checksum.spec import CHECKSUM_ALGO, fingerprint
+from trainer_guard.checksum.tensors import DTYPE_NAMES, tensor_checksum
 from trainer_guard.errors import ChecksumError
 
 M64 = (1 << 64) - 1
@@ -82,7 +84,7 @@ def zoo() -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------- equality
 def test_cpu_path_matches_reference_on_every_dtype_and_size():
     for name, t in zoo().items():
-        want = ref_checksum(raw(t), ck.DTYPE_NAMES[t.dtype], tuple(t.shape))
+        want = ref_checksum(raw(t), DTYPE_NAMES[t.dtype], tuple(t.shape))
         assert tensor_checksum(t) == want, name
 
 
@@ -98,15 +100,15 @@ def test_numpy_fallback_matches_numba_loop_aligned_and_not():
     buf = np.frombuffer(np.random.default_rng(0).bytes(8 * 5000 + 8), dtype=np.uint8)
     for start in (0, 3):
         words = buf[start : start + 8 * 5000].view(np.uint64)
-        assert ck._numpy_word_sum(words, 17) == ck._loop_word_sum(words, 17)
-    assert ck.HAVE_NUMBA, "numba is a dependency: the CPU loop should be compiled"
+        assert ck_cpu.numpy_word_sum(words, 17) == ck_cpu.loop_word_sum(words, 17)
+    assert ck_cpu.HAVE_NUMBA, "numba is a dependency: the CPU loop should be compiled"
 
 
 def test_word_sum_splits_anywhere(monkeypatch):
     # the sum is order-independent: feeding the loop in pieces (as big tensors are) gives the same value
     t = make(torch.float32, 4097)
     whole = tensor_checksum(t)
-    monkeypatch.setattr(ck, "_PIECE_WORDS", 7)
+    monkeypatch.setattr(ck_cpu, "PIECE_WORDS", 7)
     assert tensor_checksum(t) == whole
 
 
@@ -117,7 +119,7 @@ sys.path.insert(0, sys.argv[1])
 import torch
 from test_checksum import zoo
 from trainer_guard import checksums
-from trainer_guard.ops.checksum_triton import triton_checksums
+from trainer_guard.checksum.triton import triton_checksums
 z = zoo()
 # chunks of 512 words: big tensors span full chunks (unmasked path) and a partial one (masked path)
 out = {"chunked": triton_checksums(z, block=256, iters=2),
@@ -137,7 +139,7 @@ def test_triton_kernel_matches_cpu_path_under_interpreter():
 
 @pytest.mark.gpu
 def test_triton_kernel_matches_cpu_path_on_gpu():
-    from trainer_guard.ops.checksum_triton import triton_checksums
+    from trainer_guard.checksum.triton import triton_checksums
 
     z = {k: v.cuda() for k, v in zoo().items()}
     z["big"] = torch.randn(3 * 1024 * 64 + 5, device="cuda", dtype=torch.bfloat16)  # several full + 1 partial chunk
@@ -148,9 +150,9 @@ def test_triton_kernel_matches_cpu_path_on_gpu():
 
 @pytest.mark.gpu
 def test_auto_backend_falls_back_to_cpu_when_the_kernel_fails(monkeypatch, caplog):
-    from trainer_guard.ops import checksum_triton
+    from trainer_guard.checksum import triton as checksum_triton
 
-    def broken(tensors):
+    def broken(tensors, **kwargs):
         raise RuntimeError("no kernel image for this GPU")
 
     monkeypatch.setattr(checksum_triton, "triton_checksums", broken)
@@ -371,7 +373,7 @@ def test_kernel_compiles_for_h100_with_vector_loads():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from trainer_guard.ops.checksum_triton import BLOCK, ITERS, NUM_WARPS, _checksum_kernel
+    from trainer_guard.checksum.triton import BLOCK, ITERS, NUM_WARPS, _checksum_kernel
 
     sig = {"base_ptr": "*i64", "table_ptr": "*i64", "out_ptr": "*i64", "n_rows": "i32", "BLOCK": "constexpr",
            "ITERS": "constexpr", "ALIGNED": "constexpr"}

@@ -102,7 +102,7 @@ def test_a_shard_that_cannot_be_read_loads_nothing_and_names_it(tmp_path, monkey
     an I/O error or a corrupted shard leaves every parameter bit-identical and names the file and tensor."""
     import safetensors
 
-    from trainer_guard.core.checksum import safetensors_entries
+    from trainer_guard.checksum import safetensors_entries
 
     shard = _sharded_mixtral(tmp_path)
     key = "model.layers.1.block_sparse_moe.experts.2.w3.weight"

@@ -19,7 +19,7 @@ from transformers import Trainer
 
 from trainer_guard import IntegrityGuard, TiedWeightsGuard
 from trainer_guard.cli import main
-from trainer_guard.core.checksum import safetensors_entries
+from trainer_guard.checksum import safetensors_entries
 from trainer_guard.core.manifest import MANIFEST_FILE
 from trainer_guard.doctor import diagnose
 from trainer_guard.tiny import tiny_dataset, tiny_lora, tiny_model

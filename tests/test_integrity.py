@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM, Trainer, TrainerCallback
 
 from trainer_guard import IntegrityGuard, TiedWeightsGuard, callbacks_from_yaml
-from trainer_guard.core.checksum import CHECKSUM_ALGO, file_checksums
+from trainer_guard.checksum import CHECKSUM_ALGO, file_checksums
 from trainer_guard.core.manifest import (
     MANIFEST_FILE,
     MalformedManifestError,
@@ -352,7 +352,7 @@ def test_compare_names_swaps_and_foreign_manifests():
 
     a, b, c = torch.arange(4.0), torch.arange(4.0) + 1, torch.zeros(2, 2)
     m = build_manifest({"a": a, "b": b, "c": c}, global_step=None, tie_groups=[])
-    from trainer_guard.core.checksum import checksums
+    from trainer_guard.checksum import checksums
 
     live = {"a": b, "b": a, "c": c.bfloat16()}
     got = compare(entries(m), tensor_entries(live, checksums(live)), actual_label="files")

@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .callbacks.untrained_tokens import UntrainedTokensGuard
     from .callbacks.update_audit import UpdateAuditGuard
     from .config import callbacks_from_dict, callbacks_from_yaml, default_config_path
-    from .core.checksum import checksums, file_checksums
+    from .checksum.disk import file_checksums
+    from .checksum.tensors import checksums
     from .core.head import missing_head_problems
     from .core.loading import LoadResult, load_weights_inplace
     from .core.preflight import adapter_preflight
@@ -62,8 +63,8 @@ _LAZY: dict[str, str] = {
     "default_config_path": ".config",
     "find_tied_groups": ".core.ties",
     "restore_ties": ".core.ties",
-    "checksums": ".core.checksum",
-    "file_checksums": ".core.checksum",
+    "checksums": ".checksum.tensors",
+    "file_checksums": ".checksum.disk",
 }
 
 __all__ = [*_LAZY, *_errors_all]

@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 import trainer_guard.callbacks.divergence as div_mod  # noqa: E402
 from trainer_guard import ChecksumError, ReplicaDivergenceGuard  # noqa: E402
 from trainer_guard._dist import barrier, gather  # noqa: E402
-from trainer_guard.core.checksum import checksums  # noqa: E402
+from trainer_guard.checksum import checksums  # noqa: E402
 from trainer_guard.core.divergence import model_checksums, model_fingerprint, sharded_checksums  # noqa: E402
 from trainer_guard.tiny import tiny_dataset, tiny_model  # noqa: E402
 

@@ -34,7 +34,7 @@ class ReplicaDivergenceGuard(Guard):
             best model is loaded with ``load_best_model_at_end``, even when the last step was just checked).
         include_buffers: also compare buffers (running statistics, rotary caches).
         max_tensors: how many differing tensor names to list per diverged rank.
-        backend: checksum backend passed to :func:`trainer_guard.core.checksum.checksums`.
+        backend: checksum backend passed to :func:`trainer_guard.checksum.checksums`.
         action: ``"raise"`` stops training with the error; ``"warn"`` logs it and goes on.
 
     Raises:

@@ -53,7 +53,7 @@ class UpdateAuditGuard(Guard):
         every: full check every this many optimizer steps (besides the first one).
         min_grad_steps: effective steps before "no gradient"/"stalled" verdicts.
         ignore: ``fnmatch`` patterns of parameter names never audited (e.g. ``"*.experts.*"`` for MoE).
-        backend: checksum backend, see :func:`trainer_guard.core.checksum.checksums`.
+        backend: checksum backend, see :func:`trainer_guard.checksum.checksums`.
 
     Raises:
         UpdateAuditError: in ``raise`` mode, listing every finding by module with its cause and what to do.

@@ -2,7 +2,7 @@
 
 No Trainer here. :class:`UpdateAudit` is a whole run's audit (baseline, then one call per optimizer step) built on
 pure functions: :func:`classify` compares two ``{name: checksum}`` maps (from
-:func:`trainer_guard.core.checksum.checksums`, a manifest or :func:`~trainer_guard.core.checksum.file_checksums`);
+:func:`trainer_guard.checksum.checksums`, a manifest or :func:`~trainer_guard.checksum.file_checksums`);
 :func:`audit` turns that plus a few :class:`ParamFacts` per tensor (trainable at the baseline? which optimizer
 group, its LR, how many effective optimizer steps since the baseline, what its ``.grad`` looked like) into
 :class:`Finding` s with a likely cause; :func:`summarize` groups findings by module, and :func:`module_summary`
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+
+from ..checksum.tensors import checksums
 
 __all__ = [
     "SAME",
@@ -430,7 +432,7 @@ class UpdateAudit:
         params: name -> parameter (live objects; their values are read at each check).
         every: full check every this many steps (besides the first).
         min_grad_steps: see :func:`audit`.
-        backend: checksum backend (:func:`trainer_guard.core.checksum.checksums`).
+        backend: checksum backend (:func:`trainer_guard.checksum.checksums`).
 
     Example:
         >>> lin = torch.nn.Linear(2, 2)
@@ -456,17 +458,16 @@ class UpdateAudit:
         self._reported: set[tuple[str, str]] = set()
         self._grad_flag: dict[str, bool] = {}  # requires_grad seen at the last step
         self._routed: set[str] = set()  # MoE expert containers with an expert seen trained
+        self._plans: dict[Any, dict] = {}  # device -> the triton kernel's reusable launch table for it
 
     def checksums(self, names: Iterable[str]) -> dict[str, int]:
         """Checksums of ``names``, one call per device (a model split over GPUs by ``device_map``)."""
-        from .checksum import checksums
-
         by_device: dict[Any, dict[str, torch.Tensor]] = {}
         for n in names:
             by_device.setdefault(self.params[n].device, {})[n] = self.params[n].detach()
         out: dict[str, int] = {}
-        for tensors in by_device.values():
-            out.update(checksums(tensors, backend=self.backend))
+        for device, tensors in by_device.items():
+            out.update(checksums(tensors, backend=self.backend, cache=self._plans.setdefault(device, {})))
         return out
 
     def baseline(self) -> None:

@@ -2,8 +2,8 @@
 
 Pure functions, no Trainer and no process group: the caller gathers the values across ranks (see
 :class:`trainer_guard.callbacks.divergence.ReplicaDivergenceGuard`). Checksums come from
-:mod:`trainer_guard.core.checksum` (the Triton/CPU kernel) when it is installed; otherwise a CPU fallback
-(BLAKE2b-64 of each tensor's bytes) is used. Every rank runs the same code, so both give comparable values.
+:mod:`trainer_guard.checksum` (the Triton kernel on CUDA, the CPU loop elsewhere): every rank computes the same
+values for the same bytes.
 
 Example:
     >>> from trainer_guard.tiny import tiny_model
@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -26,7 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..errors import ChecksumError
+from ..checksum.cpu import word_sum
+from ..checksum.spec import CHECKSUM_ALGO, MASK64, finalize, fingerprint
+from ..checksum.tensors import checksums, dtype_name, tensor_bytes
 
 __all__ = [
     "model_tensors",
@@ -40,43 +41,9 @@ __all__ = [
     "sharded_checksums",
 ]
 
-_MASK = (1 << 64) - 1
-
-
-def _backend_impl():
-    """``(checksums, fingerprint, algo)`` from the checksum kernel module, or ``None`` when it is absent."""
-    try:
-        from . import checksum as ck
-    except ModuleNotFoundError as e:
-        if e.name not in (f"{__package__}.checksum",):
-            raise
-        return None
-    return ck.checksums, ck.fingerprint, ck.CHECKSUM_ALGO
-
-
-def _fallback_checksum(name: str, t: torch.Tensor) -> int:
-    if t.device.type == "meta" or t.is_sparse:
-        raise ChecksumError(f"cannot checksum tensor {name!r} on device {t.device} (layout {t.layout}); "
-                            f"materialise it first")
-    raw = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy()
-    h = hashlib.blake2b(digest_size=8)
-    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(memoryview(raw))
-    return int.from_bytes(h.digest(), "little")
-
-
-def _fallback_fingerprint(sums: Mapping[str, int]) -> int:
-    total = 0
-    for name, value in sums.items():
-        h = hashlib.blake2b(f"{name}\0{int(value) & _MASK:016x}".encode(), digest_size=8).digest()
-        total = (total + int.from_bytes(h, "little")) & _MASK
-    return total
-
-
 def checksum_algo() -> str:
-    """The id of the checksum algorithm in use (the kernel's ``CHECKSUM_ALGO`` or the fallback's)."""
-    impl = _backend_impl()
-    return impl[2] if impl else "blake2b64-fallback-v1"
+    """The id of the checksum algorithm the fingerprints use (:data:`trainer_guard.checksum.spec.CHECKSUM_ALGO`)."""
+    return CHECKSUM_ALGO
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -114,17 +81,13 @@ def model_checksums(
         ChecksumError: a tensor cannot be checksummed (meta device, unsupported layout or dtype).
     """
     tensors = model_tensors(model, include_buffers)
-    impl = _backend_impl()
-    if impl is not None:
-        sums = impl[0](tensors, backend=backend)
-        return {name: int(sums[name]) for name in tensors}
-    return {name: _fallback_checksum(name, t) for name, t in tensors.items()}
+    sums = checksums(tensors, backend=backend)
+    return {name: int(sums[name]) for name in tensors}
 
 
 def model_fingerprint(sums: Mapping[str, int]) -> int:
-    """One order-independent unsigned 64-bit value for name -> checksum pairs."""
-    impl = _backend_impl()
-    return int(impl[1](sums)) if impl is not None else _fallback_fingerprint(sums)
+    """One order-independent unsigned 64-bit value for name -> checksum pairs (:func:`trainer_guard.checksum.fingerprint`)."""
+    return int(fingerprint(sums))
 
 
 def divergent_ranks(fingerprints: Sequence[int]) -> tuple[int, list[int]]:
@@ -190,21 +153,6 @@ def divergence_message(
 
 
 # --------------------------------------------------------------------------------------- sharded tensors (FSDP2)
-def _word_sum_at(buf, word_offset: int) -> int:
-    """``S`` of a flat uint8 array whose first byte is word ``word_offset`` of the full tensor (see core.checksum)."""
-    import numpy as np
-
-    from . import checksum as ck
-
-    nfull = buf.size // 8
-    s = ck._loop_word_sum(buf[: 8 * nfull].view(np.uint64), word_offset) if nfull else 0
-    tail = buf[8 * nfull:]
-    if tail.size:
-        w = int.from_bytes(tail.tobytes() + b"\0" * (8 - tail.size), "little")
-        s += ck.mix64(w ^ (((word_offset + nfull) * ck.GAMMA) & ck.MASK64))
-    return s & _MASK
-
-
 def _row_sharded(t: torch.Tensor) -> bool:
     """A DTensor split along dim 0 over a 1-D mesh of the whole world (FSDP2's layout)."""
     from torch.distributed.tensor import DTensor, Shard
@@ -216,7 +164,7 @@ def _row_sharded(t: torch.Tensor) -> bool:
 
 
 def sharded_checksums(tensors: Mapping[str, torch.Tensor], gather: Callable[[Any], list[Any]]) -> dict[str, int]:
-    """Checksums of the FULL tensors of a sharded model, equal to :func:`core.checksum.checksums` of the
+    """Checksums of the FULL tensors of a sharded model, equal to :func:`trainer_guard.checksum.checksums` of the
     unsharded tensors, computed from each rank's local shard without gathering any tensor.
 
     The checksum is a sum over 64-bit words keyed by their position, so a shard that is a contiguous,
@@ -233,8 +181,6 @@ def sharded_checksums(tensors: Mapping[str, torch.Tensor], gather: Callable[[Any
     Raises:
         ChecksumError: a tensor's dtype cannot be checksummed (named).
     """
-    from . import checksum as ck
-
     names = list(tensors)
     sharded = [n for n in names if _row_sharded(tensors[n])]
     rows = gather({n: int(tensors[n].to_local().shape[0]) for n in sharded})
@@ -245,23 +191,22 @@ def sharded_checksums(tensors: Mapping[str, torch.Tensor], gather: Callable[[Any
         t = tensors[n]
         if n not in sharded:
             full = t.full_tensor() if hasattr(t, "full_tensor") else t
-            out[n] = int(ck.checksums({n: full}, backend="cpu")[n])
+            out[n] = int(checksums({n: full}, backend="cpu")[n])
             continue
         order = [int(r) for r in t.device_mesh.mesh.flatten().tolist()]  # mesh position -> global rank
         counts = [rows[r][n] for r in order]
         row_bytes = t.element_size() * math.prod(t.shape[1:])
         offsets = [sum(counts[:i]) * row_bytes for i in range(len(counts))]
         if any(o % 8 for o, c in zip(offsets, counts) if c) or sum(counts) != t.shape[0]:
-            out[n] = int(ck.checksums({n: t.full_tensor()}, backend="cpu")[n])
+            out[n] = int(checksums({n: t.full_tensor()}, backend="cpu")[n])
             continue
         pos = order.index(torch.distributed.get_rank())
-        local = ck._cpu_bytes(n, t.to_local())
-        mine[n] = _word_sum_at(local, offsets[pos] // 8)
+        mine[n] = word_sum(tensor_bytes(n, t.to_local()), threads=1, first_word=offsets[pos] // 8)
         exact[n] = tuple(t.shape)
     partials = gather(mine)
     for n in names:
         if n in exact:
             t = tensors[n]
-            s = sum(p.get(n, 0) for p in partials) & _MASK
-            out[n] = ck.finalize(s, ck.dtype_name(t.dtype, n), exact[n], t.numel() * t.element_size())
+            s = sum(p.get(n, 0) for p in partials) & MASK64
+            out[n] = finalize(s, dtype_name(t.dtype, n), exact[n], t.numel() * t.element_size())
     return {n: out[n] for n in names}

@@ -31,7 +31,8 @@ import os
 from typing import Any
 
 from ..errors import UsageError
-from .checksum import as_path, index_weight_map, safetensors_files
+from ..checksum.disk import as_path, index_weight_map
+from ..formats.safetensors import safetensors_files
 
 __all__ = ["missing_head_problems", "stored_tensor_names", "head_tensor_names"]
 

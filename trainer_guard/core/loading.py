@@ -259,7 +259,7 @@ def _plan(model: nn.Module, headers: dict, strict: bool, cast: bool, path: str, 
 
 
 def _stored_sum(headers: dict, key: str) -> int:
-    """Word sum (:func:`~trainer_guard.core.checksum.word_sum`) of tensor ``key``'s bytes in its file, through mmap."""
+    """Word sum (:func:`~trainer_guard.checksum.cpu.word_sum`) of tensor ``key``'s bytes in its file, through mmap."""
     import numpy as np
 
     fp = headers[key][0]

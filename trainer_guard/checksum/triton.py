@@ -1,4 +1,4 @@
-"""Fused multi-tensor Triton kernel for :mod:`trainer_guard.core.checksum` (one launch for a whole model).
+"""Fused multi-tensor Triton kernel for the checksum of :mod:`trainer_guard.checksum.spec` (one launch for a model).
 
 Like apex's ``multi_tensor_apply``, the launcher describes every tensor in a small table and a single kernel walks
 them all: each tensor's bytes are cut into chunks of ``BLOCK * ITERS`` 64-bit words, one program per chunk; a
@@ -6,14 +6,14 @@ program finds its tensor by a binary search over the table's chunk prefix sums, 
 ``mix(w_i ^ i * GAMMA)`` over its words and adds the partial sum to the tensor's slot with an integer atomic
 (exact and order-free, so the result is deterministic). Bytes that do not fill a last word are copied, zero-padded,
 into one small side buffer that the same launch reads. The host then folds dtype, shape and size in
-(:func:`trainer_guard.core.checksum.finalize`), so values equal the CPU and file paths bit for bit.
+(:func:`trainer_guard.checksum.spec.finalize`), so values equal the CPU and file paths bit for bit.
 
 Runs on CUDA tensors; under ``TRITON_INTERPRET=1`` (set before triton is imported) it runs on CPU tensors too,
 which is how the tests check it without a GPU.
 
 Example:
     >>> import torch
-    >>> from trainer_guard.ops.checksum_triton import triton_checksums, triton_available
+    >>> from trainer_guard.checksum.triton import triton_checksums, triton_available
     >>> if torch.cuda.is_available() and triton_available():
     ...     sums = triton_checksums({"w": torch.ones(4, 4, device="cuda")})
 """
@@ -26,10 +26,11 @@ from functools import lru_cache
 
 import torch
 
-from ..core.checksum import DTYPE_NAMES, _check_tensor, finalize
 from ..errors import ChecksumError
+from .spec import C1, C2, GAMMA, MASK64, finalize
+from .tensors import DTYPE_NAMES, check_tensor, flat_bytes
 
-__all__ = ["ChecksumPlan", "triton_available", "triton_checksums", "interpreting"]
+__all__ = ["ChecksumPlan", "triton_available", "triton_checksums", "interpreting", "BLOCK", "ITERS", "NUM_WARPS"]
 
 try:
     import triton
@@ -59,11 +60,14 @@ def triton_available() -> bool:
 
 
 if triton is not None:
+    _GAMMA = tl.constexpr(GAMMA)  # the definition's constants (spec.py), as compile-time values of the kernel
+    _C1 = tl.constexpr(C1)
+    _C2 = tl.constexpr(C2)
 
     @triton.jit
     def _mix(z):
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+        z = (z ^ (z >> 30)) * _C1
+        z = (z ^ (z >> 27)) * _C2
         return z ^ (z >> 31)
 
     @triton.jit
@@ -90,19 +94,19 @@ if triton is not None:
 
         idx = tl.arange(0, BLOCK)
         # key(pos0 + s*BLOCK + idx) = (pos0 + s*BLOCK) * GAMMA + idx * GAMMA  (mod 2^64)
-        idx_key = idx.to(tl.uint64) * 0x9E3779B97F4A7C15
+        idx_key = idx.to(tl.uint64) * _GAMMA
         acc = tl.zeros([BLOCK], dtype=tl.uint64)
         ptrs = base_ptr + off + idx
         if nwords == chunk:  # full chunk: no masks, so the loads vectorise
             for s in range(ITERS):
                 w = tl.load(ptrs + s * BLOCK).to(tl.uint64, bitcast=True)
-                key = (pos0 + s * BLOCK).to(tl.uint64, bitcast=True) * 0x9E3779B97F4A7C15 + idx_key
+                key = (pos0 + s * BLOCK).to(tl.uint64, bitcast=True) * _GAMMA + idx_key
                 acc += _mix(w ^ key)
         else:
             for s in range(ITERS):
                 m = idx + s * BLOCK < nwords
                 w = tl.load(ptrs + s * BLOCK, mask=m, other=0).to(tl.uint64, bitcast=True)
-                key = (pos0 + s * BLOCK).to(tl.uint64, bitcast=True) * 0x9E3779B97F4A7C15 + idx_key
+                key = (pos0 + s * BLOCK).to(tl.uint64, bitcast=True) * _GAMMA + idx_key
                 acc += tl.where(m, _mix(w ^ key), 0)
         total = tl.sum(acc, axis=0)
         tl.atomic_add(out_ptr + slot, total.to(tl.int64, bitcast=True))
@@ -111,15 +115,6 @@ if triton is not None:
 @lru_cache(maxsize=4096)
 def _finalize_cached(s: int, dtype: str, shape: tuple[int, ...], nbytes: int) -> int:
     return finalize(s, dtype, shape, nbytes)
-
-
-def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 class ChecksumPlan:
@@ -135,7 +130,7 @@ class ChecksumPlan:
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, block: int = BLOCK, iters: int = ITERS,
-                 num_warps: int = NUM_WARPS):
+                 num_warps: int = NUM_WARPS, checked: bool = False):
         if triton is None:
             raise ChecksumError(f"backend 'triton' needs triton, which failed to import ({_IMPORT_ERROR}); use "
                                 f"backend='cpu'")
@@ -144,7 +139,8 @@ class ChecksumPlan:
                                 f"iters={iters}")
         devices = set()
         for name, t in tensors.items():
-            _check_tensor(str(name), t)
+            if not checked:
+                check_tensor(str(name), t)
             devices.add(t.device)
         if len(devices) > 1:
             raise ChecksumError(f"backend 'triton' needs all tensors on one device, got "
@@ -166,7 +162,7 @@ class ChecksumPlan:
             nbytes = t.numel() * t.element_size()
             self.metas.append((DTYPE_NAMES[t.dtype], tuple(int(s) for s in t.shape), nbytes))
             if not t.is_contiguous() or t.is_conj() or t.is_neg() or t.data_ptr() % 8:
-                t = _flat_bytes(t)
+                t = flat_bytes(t)
                 if t.data_ptr() % 8:
                     t = t.clone()  # realign: the kernel reads 8-byte words
                 self._keep.append(t)
@@ -189,6 +185,7 @@ class ChecksumPlan:
                 rows.append((self._tail_buf.data_ptr() + 8 * k, 1, pos0, slot))
             if base is None or self._tail_buf.data_ptr() < base[0]:
                 base = (self._tail_buf.data_ptr(), self._tail_buf, len(tails))
+        self.key = _plan_key(tensors) if not self._keep else None  # copies would go stale: not reusable
         self.n_rows = len(rows)
         self.n_chunks = 0
         self.table = None
@@ -219,26 +216,44 @@ class ChecksumPlan:
     def finish(self, out: torch.Tensor) -> dict[str, int]:
         """Fold dtype/shape/size into the word sums on the host (one device-to-host copy)."""
         sums = out.tolist()
-        return {name: _finalize_cached(s & 0xFFFFFFFFFFFFFFFF, *meta)
-                for name, s, meta in zip(self.names, sums, self.metas)}
+        return {name: _finalize_cached(s & MASK64, *meta) for name, s, meta in zip(self.names, sums, self.metas)}
+
+    def fits(self, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """True when :meth:`run` would checksum exactly ``tensors`` (same names, storage, dtypes and shapes, and
+        no copies were needed), so the plan can be reused for them."""
+        return self.key is not None and self.key == _plan_key(tensors)
+
+
+def _plan_key(tensors: Mapping[str, torch.Tensor]) -> tuple:
+    return tuple((n, t.data_ptr(), t.dtype, t.shape, t.stride()) for n, t in tensors.items())
 
 
 def triton_checksums(
-    tensors: Mapping[str, torch.Tensor], *, block: int = BLOCK, iters: int = ITERS, num_warps: int = NUM_WARPS
+    tensors: Mapping[str, torch.Tensor], *, block: int = BLOCK, iters: int = ITERS, num_warps: int = NUM_WARPS,
+    checked: bool = False, cache: dict | None = None,
 ) -> dict[str, int]:
     """Checksums of all ``tensors`` in one kernel launch (plus one tiny copy when some sizes are not multiples of 8).
 
     All tensors must be on one CUDA device (or on the CPU under ``TRITON_INTERPRET=1``). Non-contiguous tensors
     are made contiguous (a copy), and so is a tensor whose data does not start on 8 bytes.
 
+    ``cache``: a dict the caller keeps between calls (e.g. an audit checking the same parameters every step); the
+    launch table is then built once and reused while the tensors' storage, dtypes and shapes stay the same.
+
     Raises:
         ChecksumError: triton missing, tensors on the CPU without the interpreter, tensors on several devices,
-            or a tensor :func:`~trainer_guard.core.checksum.checksums` would refuse.
+            or a tensor :func:`~trainer_guard.checksum.checksums` would refuse.
 
     Example:
         >>> import torch
         >>> if torch.cuda.is_available():
         ...     triton_checksums({"w": torch.ones(3, device="cuda")})  # doctest: +SKIP
     """
-    plan = ChecksumPlan(tensors, block=block, iters=iters, num_warps=num_warps)
+    key = (tuple(tensors), block, iters, num_warps)
+    plan = cache.get(key) if cache is not None else None
+    if plan is None or not plan.fits(tensors):
+        plan = ChecksumPlan(tensors, block=block, iters=iters, num_warps=num_warps, checked=checked)
+        if cache is not None and plan.key is not None:
+            cache.clear()  # one plan kept: the caller's latest set of tensors
+            cache[key] = plan
     return plan.finish(plan.run())

@@ -1,0 +1,222 @@
+"""Checksums of the tensors stored in ``.safetensors`` files, read through ``mmap`` on every core (no torch).
+
+The header is read by :mod:`trainer_guard.formats.safetensors` (the one reader); the bytes of every tensor go to
+:func:`trainer_guard.checksum.cpu.word_sums`; dtype code, shape and size are folded in by
+:func:`trainer_guard.checksum.spec.finalize`, so values equal ``checksums(tensors)`` of the same tensors on any
+device. Importing this module imports neither torch nor transformers (``trainer-guard doctor`` and ``diff``).
+
+Example:
+    >>> import tempfile, os, torch
+    >>> from safetensors.torch import save_file
+    >>> from trainer_guard.checksum import checksums
+    >>> d = tempfile.mkdtemp(); t = {"w": torch.arange(5.0)}
+    >>> save_file(t, os.path.join(d, "model.safetensors"))
+    >>> file_checksums(d) == checksums(t, backend="cpu")
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..errors import ChecksumError, SafetensorsFormatError
+from ..formats import safetensors as st
+from .cpu import word_sums
+from .spec import finalize
+
+__all__ = [
+    "SINGLE_FILES",
+    "file_checksums",
+    "safetensors_entries",
+    "index_weight_map",
+    "duplicate_hint",
+    "stored_twice",
+    "as_path",
+    "safetensors_paths",
+]
+
+#: The single weight files ``from_pretrained`` reads in preference to any shard index (transformers, PEFT).
+SINGLE_FILES = ("model.safetensors", "adapter_model.safetensors")
+
+
+def _header(path: str) -> st.Header:
+    try:
+        return st.read_header(path)
+    except SafetensorsFormatError as e:
+        raise ChecksumError(str(e)) from None
+
+
+def safetensors_entries(path: str | os.PathLike) -> tuple[int, dict[str, dict[str, Any]], dict[str, str]]:
+    """``(data_start, entries, metadata)`` of a validated header, ``entries[name] = {"dtype", "shape", "begin",
+    "end"}`` (absolute byte offsets): :func:`trainer_guard.formats.safetensors.read_header` as plain dicts.
+
+    Raises:
+        ChecksumError: naming the file (and tensor) for a missing, truncated, padded or foreign file.
+
+    Example:
+        >>> import tempfile, os, torch
+        >>> from safetensors.torch import save_file
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> save_file({"w": torch.zeros(2, 3)}, p)
+        >>> start, entries, meta = safetensors_entries(p)
+        >>> entries["w"]["dtype"], entries["w"]["shape"], entries["w"]["end"] - entries["w"]["begin"]
+        ('F32', [2, 3], 24)
+    """
+    h = _header(os.fspath(path))
+    entries = {n: {"dtype": e.dtype, "shape": list(e.shape), "begin": e.begin, "end": e.end}
+               for n, e in h.tensors.items()}
+    return h.data_start, entries, dict(h.metadata)
+
+
+def index_weight_map(idx: str | os.PathLike, error: type[Exception] = ChecksumError) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of a shard index, ``{}`` when it has none; ``error`` naming
+    the file when it is unreadable or malformed (:func:`trainer_guard.formats.safetensors.read_weight_map`)."""
+    return st.read_weight_map(idx, error)
+
+
+def _file_sums(path: str, progress: Callable[[int], Any] | None, threads: int | None) -> dict[str, int]:
+    h = _header(path)
+    if progress is not None:
+        progress(h.data_start)  # the header: with the data (which tiles the rest) the bar ends at the file size
+    if not h.tensors:
+        return {}
+    names = h.in_file_order()
+    mm = np.memmap(path, dtype=np.uint8, mode="r")  # mmap: pages come from the page cache, nothing is copied
+    try:
+        bufs = [np.asarray(mm[h.tensors[n].begin : h.tensors[n].end]) for n in names]
+        sums = word_sums(bufs, progress, threads)
+    finally:
+        del mm
+    return {n: finalize(s, h.tensors[n].dtype, h.tensors[n].shape, h.tensors[n].nbytes) for n, s in zip(names, sums)}
+
+
+def duplicate_hint(directory: str | os.PathLike, a: str, b: str) -> tuple[str, str | None, str] | None:
+    """For tensors stored in both files ``a`` and ``b`` (names in ``directory``): ``(kept, index, why)`` when
+    ``from_pretrained`` reads only one of them (``kept``, e.g. ``model.safetensors``; ``index`` the shard index that
+    lists the other, or ``None``), else ``None``.
+
+    ``save_pretrained`` removes an earlier save's shards but not an earlier ``model.safetensors``, which
+    ``from_pretrained`` then loads instead of the new shards.
+    """
+    directory = os.fspath(directory)
+    for kept, other in ((a, b), (b, a)):
+        if kept not in SINGLE_FILES:
+            continue
+        idx = kept + ".index.json"
+        try:
+            listed = os.path.isfile(os.path.join(directory, idx)) and other in index_weight_map(
+                os.path.join(directory, idx)).values()
+        except ChecksumError:
+            listed = False
+        if listed:
+            return kept, idx, f"from_pretrained loads {kept} and ignores {idx} and its shards"
+        return kept, None, f"from_pretrained loads {kept} only and ignores {other}, which no shard index lists"
+    return None
+
+
+def stored_twice(name: str, first: str, second: str) -> str:
+    """The message for tensor ``name`` found in both files ``first`` and ``second`` (paths in one directory), naming
+    the file ``from_pretrained`` loads when it reads only one of them (:func:`duplicate_hint`)."""
+    hint = duplicate_hint(os.path.dirname(first) or ".", os.path.basename(first), os.path.basename(second))
+    return (f"tensor {name!r} is stored twice: in {first} and in {second}; "
+            + (f"{hint[2]}: remove the stale one" if hint else "remove the stale file"))
+
+
+def _index_problems(directory: str, files: dict[str, dict[str, int]]) -> list[str]:
+    """What the ``*.safetensors.index.json`` files of ``directory`` list that ``files`` (name -> its tensors) lack.
+    An index next to its single file (``model.safetensors.index.json`` beside ``model.safetensors``: left by an
+    earlier sharded save) is not read: ``from_pretrained`` loads the single file."""
+    problems = []
+    for idx in (os.path.join(directory, f) for f in st.index_files(directory)):
+        weight_map = index_weight_map(idx)
+        if os.path.basename(idx).removesuffix(".index.json") in files:
+            continue
+        for name, fname in weight_map.items():
+            if fname not in files:
+                problems.append(f"{idx}: tensor {name!r} is in shard {fname!r}, which is missing")
+            elif name not in files[fname]:
+                problems.append(f"{idx}: tensor {name!r} should be in {fname!r} but is not there")
+    return problems
+
+
+def as_path(path: Any, error: type[Exception] = ChecksumError) -> str:
+    """``path`` (``str``, ``bytes`` or ``os.PathLike``) as a ``str``; ``error`` naming the type for anything else."""
+    try:
+        return os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise error(f"expected a file or directory path (str or os.PathLike), got {type(path).__name__}") from None
+
+
+def safetensors_paths(path: str | os.PathLike, error: type[Exception] = ChecksumError) -> list[str]:
+    """``[path]`` for a file, the paths of the ``*.safetensors`` files directly in a directory; ``error`` (with the
+    path in the message) when the path does not exist or the directory holds none."""
+    path = as_path(path, error)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise error(f"{path}: no such file or directory")
+    files = [os.path.join(path, f) for f in st.safetensors_files(path)]
+    if not files:
+        raise error(f"{path}: no *.safetensors file in this directory")
+    return files
+
+
+def file_checksums(path: str | os.PathLike, *, progress: bool = False, threads: int | None = None) -> dict[str, int]:
+    """Checksum every tensor stored in a ``.safetensors`` file, or in all ``*.safetensors`` of a directory.
+
+    The data is read through ``mmap`` (no copy) and summed on up to ``threads`` threads (default: every core,
+    capped by ``TRAINER_GUARD_THREADS``); values equal ``checksums(tensors)`` of the same tensors on any device.
+    In a directory, shards are merged (a name in two files is an error) and a ``*.safetensors.index.json`` is
+    checked: a shard it lists must exist and hold the tensors it claims.
+
+    Args:
+        path: a ``.safetensors`` file or a directory (a checkpoint or model dir).
+        progress: show a tqdm bar over the bytes (transformers' tqdm; off when its progress bars are disabled).
+        threads: the most threads to use (``1``: the calling thread only).
+
+    Raises:
+        ChecksumError: naming the file/tensor: missing path, directory with no safetensors files, truncated,
+            padded or foreign file, bad header, duplicate names, missing shard, unreadable or malformed index.
+
+    Example:
+        >>> import tempfile, os, torch
+        >>> from safetensors.torch import save_file
+        >>> from trainer_guard.checksum import checksums
+        >>> d = tempfile.mkdtemp(); t = {"w": torch.arange(5.0)}
+        >>> save_file(t, os.path.join(d, "model.safetensors"))
+        >>> file_checksums(d) == checksums(t, backend="cpu")
+        True
+    """
+    path = as_path(path)
+    files = safetensors_paths(path)
+    bar = None
+    cb = None
+    if progress:
+        from transformers.utils.logging import tqdm  # lazy: transformers is heavy and only the bar needs it
+
+        bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="checksum")
+        cb = bar.update
+    per_file: dict[str, dict[str, int]] = {}
+    out: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    try:
+        for f in files:
+            sums = _file_sums(f, cb, threads)
+            per_file[os.path.basename(f)] = sums
+            for name, v in sums.items():
+                if name in owner:
+                    raise ChecksumError(stored_twice(name, owner[name], f))
+                owner[name] = f
+                out[name] = v
+    finally:
+        if bar is not None:
+            bar.close()
+    if os.path.isdir(path):
+        problems = _index_problems(path, per_file)
+        if problems:
+            raise ChecksumError("sharded checkpoint is incomplete:\n  - " + "\n  - ".join(problems))
+    return out

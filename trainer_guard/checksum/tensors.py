@@ -1,0 +1,179 @@
+"""Checksums of live tensors: which tensors can be checksummed, and the dispatch between the CPU loop and the
+fused Triton kernel (:func:`checksums`).
+
+Example:
+    >>> import torch
+    >>> a = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    >>> tensor_checksum(a) == tensor_checksum(a.clone())
+    True
+    >>> tensor_checksum(a) == tensor_checksum(a.t().contiguous().reshape(2, 3))
+    False
+    >>> sums = checksums({"a": a, "b": a.to(torch.bfloat16)}, backend="cpu")
+    >>> sums["a"] == sums["b"]
+    False
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..errors import ChecksumError
+from ..formats.safetensors import torch_dtypes
+from .cpu import word_sums
+from .spec import finalize
+
+logger = logging.getLogger("trainer_guard")
+
+__all__ = ["DTYPE_NAMES", "dtype_name", "check_tensor", "tensor_bytes", "tensor_checksum", "checksums"]
+
+#: torch dtype -> safetensors dtype code, the name folded into the checksum (the formats module's one table),
+#: for the dtypes the safetensors library can save (not complex128, whose C128 code it reads but cannot write).
+DTYPE_NAMES: dict[torch.dtype, str] = {d: code for d, code in torch_dtypes().items() if code != "C128"}
+
+
+def dtype_name(dtype: torch.dtype, name: str = "tensor") -> str:
+    """The safetensors code of a torch dtype; :class:`ChecksumError` naming ``name`` when it has none.
+
+    Example:
+        >>> dtype_name(torch.bfloat16)
+        'BF16'
+    """
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ChecksumError(
+            f"cannot checksum {name!r}: dtype {dtype} has no safetensors name; supported dtypes are "
+            f"{', '.join(str(d).replace('torch.', '') for d in DTYPE_NAMES)}; convert the tensor first"
+        ) from None
+
+
+def check_tensor(name: str, t: Any) -> None:
+    """Raise :class:`ChecksumError` naming ``name`` unless ``t`` is a dense tensor with data and a safetensors dtype.
+
+    Example:
+        >>> check_tensor("w", torch.zeros(2))
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ChecksumError(f"cannot checksum {name!r}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise ChecksumError(f"cannot checksum {name!r}: it is a nested tensor, which has no single row-major layout; "
+                            f"checksum its components instead (dict(enumerate(t.unbind())))")
+    if t.layout != torch.strided:
+        raise ChecksumError(f"cannot checksum {name!r}: layout {t.layout} is not supported; pass a dense tensor "
+                            f"(e.g. .to_dense())")
+    if t.is_quantized:
+        raise ChecksumError(f"cannot checksum {name!r}: it is a quantized tensor ({t.dtype}, {t.qscheme()}), whose "
+                            f"bytes do not include its scales; checksum t.int_repr() and its scales (or "
+                            f"t.dequantize()) instead")
+    if t.device.type == "meta":
+        raise ChecksumError(f"cannot checksum {name!r}: it is on the meta device and holds no data; materialise "
+                            f"the weights first")
+    dtype_name(t.dtype, name)
+
+
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s row-major bytes as a flat ``uint8`` tensor on its device (a copy only when it is not contiguous)."""
+    t = t.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def tensor_bytes(name: str, t: torch.Tensor) -> np.ndarray:
+    """``t``'s row-major bytes as a flat ``uint8`` numpy array on the host (checked with :func:`check_tensor`)."""
+    check_tensor(name, t)
+    b = flat_bytes(t)
+    if b.device.type != "cpu":
+        b = b.cpu()
+    return b.numpy()
+
+
+def tensor_checksum(t: torch.Tensor) -> int:
+    """The checksum of one tensor on the CPU path (a CUDA tensor is copied to the host first).
+
+    Example:
+        >>> tensor_checksum(torch.zeros(3)) != tensor_checksum(torch.zeros(4))
+        True
+    """
+    return _cpu_checksums({"tensor": t})["tensor"]
+
+
+def _cpu_checksums(tensors: Mapping[str, torch.Tensor], threads: int | None = None) -> dict[str, int]:
+    """Host tensors are summed together on every core; a device tensor is copied to the host and summed one at a
+    time (never the whole model on the host at once)."""
+    out: dict[str, int] = {}
+    host = [n for n, t in tensors.items() if t.device.type == "cpu"]
+    groups = [host] + [[n] for n, t in tensors.items() if t.device.type != "cpu"]
+    for names in groups:
+        bufs = [tensor_bytes(str(n), tensors[n]) for n in names]
+        for n, s, b in zip(names, word_sums(bufs, threads=threads), bufs):
+            out[n] = finalize(s, DTYPE_NAMES[tensors[n].dtype], tuple(tensors[n].shape), b.size)
+    return {n: out[n] for n in tensors}
+
+
+def checksums(
+    tensors: Mapping[str, torch.Tensor], backend: Literal["auto", "triton", "cpu"] = "auto", *,
+    threads: int | None = None, cache: dict | None = None,
+) -> dict[str, int]:
+    """Checksum every tensor of a mapping (e.g. a ``state_dict``); values are unsigned 64-bit ints.
+
+    Args:
+        tensors: name -> tensor. Tied entries (two names, one storage) are each checksummed under their name.
+        backend: ``"triton"`` runs the fused kernel (all tensors on CUDA, or CPU tensors under
+            ``TRITON_INTERPRET=1``); ``"cpu"`` the CPU loop (copies CUDA tensors to the host); ``"auto"`` picks
+            triton when every tensor is on CUDA and triton imports, else cpu (and falls back to cpu, with a
+            warning, if the kernel fails to compile or launch).
+        threads: CPU path: the most threads to use (default every core, capped by ``TRAINER_GUARD_THREADS``).
+        cache: triton path: a dict kept by the caller between calls on the same tensors (an audit every step):
+            the kernel's launch table is built once (:func:`trainer_guard.checksum.triton.triton_checksums`).
+
+    Raises:
+        ChecksumError: an unknown backend, a non-tensor value, a meta/sparse/nested tensor, a dtype with no
+            safetensors name, or triton asked for but unusable.
+
+    Example:
+        >>> s = checksums({"w": torch.ones(2, 2), "b": torch.zeros(2)}, backend="cpu")
+        >>> sorted(s), all(0 <= v < 2**64 for v in s.values())
+        (['b', 'w'], True)
+    """
+    if backend not in ("auto", "triton", "cpu"):
+        raise ChecksumError(f"`backend` can be 'auto', 'triton', 'cpu', got {backend!r}")
+    if not isinstance(tensors, Mapping):
+        raise ChecksumError(f"checksums() needs a mapping of name -> tensor, got {type(tensors).__name__}")
+    for name, t in tensors.items():
+        check_tensor(str(name), t)
+    if not tensors:
+        return {}
+    if backend == "auto":
+        on_cuda = all(t.device.type == "cuda" for t in tensors.values())
+        if on_cuda and _triton_importable():
+            from . import triton as kernel  # lazy: imports triton, which only CUDA tensors need
+
+            try:
+                return kernel.triton_checksums(tensors, checked=True, cache=cache)
+            except ChecksumError:
+                raise
+            except Exception as e:  # e.g. a GPU triton cannot compile for: same values from the CPU path
+                logger.warning(f"trainer_guard: the triton checksum kernel failed ({type(e).__name__}: {e}); "
+                               f"using the CPU path (same values, slower). Pass backend='cpu' to skip the kernel.")
+        backend = "cpu"
+    if backend == "triton":
+        from . import triton as kernel  # lazy: imports triton
+
+        return kernel.triton_checksums(tensors, checked=True, cache=cache)
+    return _cpu_checksums(tensors, threads)
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401  (lazy probe of an optional heavy library)
+    except Exception:
+        return False
+    return True

@@ -247,8 +247,12 @@ def gpu_bench(args: argparse.Namespace) -> None:
           f"{'' if not bad else '; MISMATCH: ' + ', '.join(bad[:5])}\n")
 
     tl = list(tensors.values())
+    cache: dict = {}
+    assert checksums(tensors, backend="triton", cache=cache) == got and cache
     runs = [
         ("trainer_guard checksums(backend='triton'), end to end", lambda: checksums(tensors, backend="triton")),
+        ("trainer_guard checksums(backend='triton', cache=...), end to end, launch table reused (the audit's path)",
+         lambda: checksums(tensors, backend="triton", cache=cache)),
         ("trainer_guard kernel only (prebuilt plan)", lambda: plan.run()),
         ("plain read: flat.amax() (one flat copy of the model)", lambda: flat.amax()),
         ("plain read: flat.view(int32).sum()", lambda: flat.view(torch.int32).sum()),
@@ -323,6 +327,7 @@ def cpu_bench(args: argparse.Namespace) -> None:
 
     from trainer_guard import checksums, file_checksums
     from trainer_guard.checksum import cpu as ck
+    from trainer_guard.checksum.cpu import max_threads
     from trainer_guard.checksum.disk import safetensors_entries
 
     torch.set_num_threads(1)
@@ -353,9 +358,14 @@ def cpu_bench(args: argparse.Namespace) -> None:
                 b = mm[e["begin"] : e["end"]]
                 ck.numpy_word_sum(b[: b.size // 8 * 8].view(np.uint64), 0)
 
+        ncores = max_threads()
         runs = [
-            ("trainer_guard file_checksums (numba, mmap)", lambda: file_checksums(path)),
-            ("trainer_guard checksums(backend='cpu') on in-memory tensors", lambda: checksums(tensors, backend="cpu")),
+            ("trainer_guard file_checksums (numba, mmap), 1 thread", lambda: file_checksums(path, threads=1)),
+            (f"trainer_guard file_checksums (numba, mmap), {ncores} threads", lambda: file_checksums(path)),
+            ("trainer_guard checksums(backend='cpu') on in-memory tensors, 1 thread",
+             lambda: checksums(tensors, backend="cpu", threads=1)),
+            (f"trainer_guard checksums(backend='cpu') on in-memory tensors, {ncores} threads",
+             lambda: checksums(tensors, backend="cpu")),
             ("same checksum, chunked numpy (fallback without numba)", numpy_twin),
             ("hashlib.sha256 over the mmap", lambda: hashlib.sha256(mm).digest()),
             ("hashlib.blake2b over the mmap", lambda: hashlib.blake2b(mm).digest()),
@@ -364,6 +374,8 @@ def cpu_bench(args: argparse.Namespace) -> None:
             import xxhash
 
             runs.append(("xxhash.xxh3_64 over the mmap (order-aware, not splittable)", lambda: xxhash.xxh3_64(mm).digest()))
+            runs.append(("xxhash.xxh3_64 over a fresh mmap each run (page faults counted, as file_checksums pays)",
+                         lambda: xxhash.xxh3_64(np.memmap(path, dtype=np.uint8, mode="r")).digest()))
         except ImportError:
             print("(xxhash not installed: skipped)")
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -33,6 +33,9 @@ __all__ = ["HAVE_NUMBA", "PIECE_WORDS", "max_threads", "word_sum", "word_sums", 
 #: progress bar.
 PIECE_WORDS = 1 << 21
 
+#: Below this many words (32 MiB) in all, one thread sums everything (a pool costs more than it saves).
+PARALLEL_MIN_WORDS = 1 << 22
+
 THREADS_ENV = "TRAINER_GUARD_THREADS"
 
 
@@ -122,8 +125,9 @@ def word_sums(buffers: Sequence[np.ndarray], progress: Callable[[int], Any] | No
     ``first_words[k]`` (default 0) is the word position of buffer ``k``'s first byte in its whole tensor: a shard
     of a tensor split by rows gives its part of the whole tensor's sum, and the parts add up (FSDP2 shards).
 
-    Every buffer is cut into pieces of :data:`PIECE_WORDS` words; pieces of all buffers are summed concurrently
-    and added back per buffer. ``progress(nbytes_done)`` is called from the calling thread as pieces finish.
+    Every buffer is cut into pieces of :data:`PIECE_WORDS` words; the pieces of all buffers are shared out among
+    the threads (balanced by size) and added back per buffer. ``progress(nbytes_done)`` is called from the calling
+    thread as pieces finish (with threads, a thread's pieces are reported when it is done).
 
     Raises:
         ChecksumError: a buffer is not a flat ``uint8`` array.
@@ -146,19 +150,31 @@ def word_sums(buffers: Sequence[np.ndarray], progress: Callable[[int], Any] | No
             tasks.append((k, buf[8 * a : 8 * b].view(np.uint64), first + a))
         if buf.size % 8:
             sums[k] += _tail_sum(buf[8 * nfull :], first + nfull)
-    n = min(threads or max_threads(), len(tasks))
+    total = sum(words.size for _, words, _ in tasks)
+    # threads pay off only on enough bytes: below PARALLEL_MIN_WORDS the pool's start costs more than it saves
+    n = min(threads or max_threads(), len(tasks)) if total >= PARALLEL_MIN_WORDS else 1
     if n <= 1:
         for k, words, pos0 in tasks:
             sums[k] += loop_word_sum(words, pos0)
             if progress is not None:
                 progress(8 * words.size)
     else:
+        buckets: list[list[tuple[int, np.ndarray, int]]] = [[] for _ in range(n)]  # one job per thread, balanced
+        load = [0] * n
+        for task in sorted(tasks, key=lambda t: -t[1].size):
+            i = load.index(min(load))
+            buckets[i].append(task)
+            load[i] += task[1].size
+
+        def run(bucket: list[tuple[int, np.ndarray, int]]) -> list[tuple[int, int, int]]:
+            return [(k, loop_word_sum(words, pos0), words.size) for k, words, pos0 in bucket]
+
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="trainer_guard-checksum") as pool:
-            futures = [(k, words.size, pool.submit(loop_word_sum, words, pos0)) for k, words, pos0 in tasks]
-            for k, size, fut in futures:
-                sums[k] += fut.result()
-                if progress is not None:
-                    progress(8 * size)
+            for fut in [pool.submit(run, b) for b in buckets]:
+                for k, s, size in fut.result():
+                    sums[k] += s
+                    if progress is not None:
+                        progress(8 * size)
     if progress is not None:
         tails = sum(buf.size % 8 for buf in buffers)
         if tails:

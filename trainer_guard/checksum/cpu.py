@@ -17,7 +17,9 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -107,6 +109,22 @@ try:  # numba: the loop compiles to memory speed per core (see benchmarks/README
         return int(_numba_word_sum(words, np.int64(pos0)))
 
     HAVE_NUMBA = True
+
+    def _warm_up() -> None:
+        """Load the compiled loop from numba's cache for every array type a buffer can have (aligned or not,
+        writable or read-only)."""
+        raw = np.zeros(17, np.uint8)
+        frozen = raw.copy()
+        frozen.setflags(write=False)  # a file's mmap is read-only: numba compiles it as another type
+        for start in (0, 1):  # most common first: a file's aligned mmap, a tensor's bytes, then misaligned ones
+            for buf in (frozen, raw):
+                _numba_word_sum(buf[start : start + 16].view(np.uint64), np.int64(0))
+
+    # The first call in a process pays for numba to load the loop (~0.1-0.3 s); do it now, on a thread, so that a
+    # training process (which imports this when its guards are built) finds it ready at its first save or resume.
+    _WARM_UP = threading.Thread(target=_warm_up, name="trainer_guard-numba-warmup", daemon=True)
+    _WARM_UP.start()
+    atexit.register(_WARM_UP.join, 10)  # never let the interpreter exit in the middle of numba's loading
 except ImportError:  # pragma: no cover - numba is a dependency; keep working without it
     loop_word_sum = numpy_word_sum
     HAVE_NUMBA = False

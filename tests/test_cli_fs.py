@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer_guard.cli import main
-from trainer_guard.core.manifest import build_manifest, write_manifest
+from trainer_guard.checkpoint.manifest import build_manifest, write_manifest
 from trainer_guard.tiny import tiny_model
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False

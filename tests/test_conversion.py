@@ -84,7 +84,9 @@ def test_a_bad_checkpoint_loads_nothing_and_names_the_tensor(tmp_path, change, m
 def _sharded_mixtral(tmp_path):
     """A 2-layer Mixtral saved in 4 shards with its manifest; returns the shard holding layer 1's experts (layer 0's
     are in earlier shards: a load that writes as it reads has written layer 0 when it gets there)."""
-    from trainer_guard.core.manifest import checkpoint_manifest, saved_tensors, write_manifest
+    from trainer_guard.checkpoint.manifest import write_manifest
+    from trainer_guard.checkpoint.reconcile import checkpoint_manifest
+    from trainer_guard.checkpoint.saved import saved_tensors
 
     saved = _moe("mixtral", 0)
     saved.save_pretrained(tmp_path, max_shard_size="20KB")

@@ -78,7 +78,7 @@ def test_quantized_tensor_is_refused_with_the_way_to_checksum_it():
 
 
 def test_build_manifest_with_a_header_and_no_checksum_is_a_trainer_guard_error():
-    from trainer_guard.core.manifest import TensorInfo, build_manifest
+    from trainer_guard.checkpoint.manifest import TensorInfo, build_manifest
 
     with pytest.raises(ChecksumError, match=r"'w'.*header only.*sums"):
         build_manifest({"w": TensorInfo("model.safetensors", "float32", (2,))}, global_step=1, tie_groups=[])
@@ -177,7 +177,7 @@ def test_a_file_saved_from_the_wrapper_still_loads_into_the_wrapper(tmp_path):
 
 
 def test_verify_manifest_mismatch_names_the_tensor_and_changes_nothing(tmp_path):
-    from trainer_guard.core.manifest import build_manifest, write_manifest
+    from trainer_guard.checkpoint.manifest import build_manifest, write_manifest
 
     src = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
     save_file(src.state_dict(), tmp_path / "model.safetensors")

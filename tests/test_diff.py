@@ -112,7 +112,7 @@ def test_unusable_input_exits_2(run_dir, tmp_path, capsys):
 
 
 def test_manifests_are_used_when_both_sides_have_one(run_dir, tmp_path, capsys):
-    manifest = pytest.importorskip("trainer_guard.core.manifest")
+    manifest = pytest.importorskip("trainer_guard.checkpoint.manifest")
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(run_dir / "checkpoint-4", a)
     shutil.copytree(run_dir / "checkpoint-4", b)
@@ -156,7 +156,7 @@ def test_json_callers_get_json_on_unusable_input(tmp_path, run_dir, capsys):
 def test_backwards_steps_and_a_stray_shard(run_dir, tmp_path, capsys):
     rc, out, _ = cli(capsys, run_dir / "checkpoint-4", run_dir / "checkpoint-2")
     assert rc == 1 and "  model.embed_tokens: unchanged" in out.splitlines() and "-2 steps" not in out
-    manifest = pytest.importorskip("trainer_guard.core.manifest")
+    manifest = pytest.importorskip("trainer_guard.checkpoint.manifest")
     a = tmp_path / "a"
     shutil.copytree(run_dir / "checkpoint-4", a)
     manifest.write_manifest(a, manifest.build_manifest(load_file(a / "model.safetensors"), global_step=4,
@@ -168,7 +168,7 @@ def test_backwards_steps_and_a_stray_shard(run_dir, tmp_path, capsys):
 
 def _with_manifest(src, dst, *, step, tensors_of=None):
     """A copy of checkpoint ``src`` with a manifest describing ``tensors_of``'s weights (default: its own)."""
-    manifest = pytest.importorskip("trainer_guard.core.manifest")
+    manifest = pytest.importorskip("trainer_guard.checkpoint.manifest")
     shutil.copytree(src, dst)
     tensors = load_file((tensors_of or dst) / "model.safetensors")
     manifest.write_manifest(dst, manifest.build_manifest(tensors, global_step=step, tie_groups=[], directory=dst))

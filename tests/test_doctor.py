@@ -20,7 +20,7 @@ from transformers import Trainer
 from trainer_guard import IntegrityGuard, TiedWeightsGuard
 from trainer_guard.cli import main
 from trainer_guard.checksum import safetensors_entries
-from trainer_guard.core.manifest import MANIFEST_FILE
+from trainer_guard.checkpoint.manifest import MANIFEST_FILE
 from trainer_guard.doctor import diagnose
 from trainer_guard.tiny import tiny_dataset, tiny_lora, tiny_model
 
@@ -187,7 +187,7 @@ def test_newer_or_unreadable_manifest_is_named_not_called_foreign(ckpt, capsys, 
     assert code == 2 and _messages(rep, "unusable") == [
         f"{ckpt / MANIFEST_FILE}: manifest version 99 is not supported (this trainer_guard reads version 1); "
         f"upgrade trainer_guard"]
-    import trainer_guard.core.manifest as manifest
+    import trainer_guard.checkpoint.manifest as manifest
 
     def denied(path):
         raise PermissionError(13, "Permission denied", str(path))
@@ -198,7 +198,7 @@ def test_newer_or_unreadable_manifest_is_named_not_called_foreign(ckpt, capsys, 
         f"{ckpt / MANIFEST_FILE}: unreadable (Permission denied); check its permissions"]
 
 def test_unreadable_weights_file_is_a_finding(ckpt, capsys, monkeypatch):
-    import trainer_guard.doctor as doctor
+    import trainer_guard.checkpoint.verify as doctor  # the file checks moved there from the doctor
 
     def denied(path):
         raise PermissionError(13, "Permission denied", str(path))
@@ -292,7 +292,7 @@ def test_plain_module_tie_record_is_read(tmp_path, capsys):
 
 
 def test_big_files_show_progress_on_stderr_but_never_in_json(ckpt, capsys, monkeypatch):
-    import trainer_guard.doctor as doctor
+    import trainer_guard.checkpoint.verify as doctor  # the file checks moved there from the doctor
 
     monkeypatch.setattr(doctor, "PROGRESS_BYTES", 1)
     assert main(["doctor", str(ckpt)]) == 0
@@ -350,7 +350,7 @@ def _named_adapters_run(out):
 
 def test_named_peft_adapters_in_sub_directories_are_each_checked(tmp_path, capsys):
     """PEFT saves adapters not named "default" into <checkpoint>/<name>/: each is checked, none is "unusable"."""
-    from trainer_guard.core.manifest import adapter_subdirs
+    from trainer_guard.checkpoint.saved import adapter_subdirs
 
     ckpt = _named_adapters_run(tmp_path)
     capsys.readouterr()  # the training log

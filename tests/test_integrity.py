@@ -19,17 +19,17 @@ from transformers import LlamaForCausalLM, Trainer, TrainerCallback
 
 from trainer_guard import IntegrityGuard, TiedWeightsGuard, callbacks_from_yaml
 from trainer_guard.checksum import CHECKSUM_ALGO, file_checksums
-from trainer_guard.core.manifest import (
+from trainer_guard.checkpoint.manifest import (
     MANIFEST_FILE,
     MalformedManifestError,
     compare,
     entries,
     foreign_reason,
     index_entries,
-    read_index,
     read_manifest,
     write_manifest,
 )
+from trainer_guard.checkpoint.stored import read_index
 from trainer_guard.errors import ConfigError, IntegrityError, UsageError
 from trainer_guard.tiny import tiny_dataset, tiny_lora, tiny_model
 
@@ -315,7 +315,7 @@ def test_default_config_turns_it_on_in_manifest_mode():
 
 
 def test_manifest_write_is_atomic(tmp_path, monkeypatch):
-    from trainer_guard.core.manifest import build_manifest
+    from trainer_guard.checkpoint.manifest import build_manifest
 
     old = build_manifest({"w": torch.ones(3)}, global_step=1, tie_groups=[])
     write_manifest(tmp_path, old)
@@ -327,7 +327,7 @@ def test_manifest_write_is_atomic(tmp_path, monkeypatch):
 
 def test_sidecar_files_get_the_permissions_open_would_give(tmp_path):
     """mkstemp creates 0600 files; a manifest must be readable wherever the checkpoint's other files are."""
-    from trainer_guard.core.manifest import build_manifest
+    from trainer_guard.checkpoint.manifest import build_manifest
 
     write_manifest(tmp_path, build_manifest({"w": torch.ones(3)}, global_step=1, tie_groups=[]))
     (tmp_path / "plain.json").write_text("{}")
@@ -335,7 +335,7 @@ def test_sidecar_files_get_the_permissions_open_would_give(tmp_path):
 
 
 def test_failed_background_write_stops_the_run(tmp_path, monkeypatch):
-    import trainer_guard.core.manifest as manifest_core
+    import trainer_guard.checkpoint.writer as manifest_core
 
     def full_disk(directory, manifest):
         raise OSError("No space left on device")
@@ -348,7 +348,7 @@ def test_failed_background_write_stops_the_run(tmp_path, monkeypatch):
 
 
 def test_compare_names_swaps_and_foreign_manifests():
-    from trainer_guard.core.manifest import build_manifest, tensor_entries
+    from trainer_guard.checkpoint.manifest import build_manifest, tensor_entries
 
     a, b, c = torch.arange(4.0), torch.arange(4.0) + 1, torch.zeros(2, 2)
     m = build_manifest({"a": a, "b": b, "c": c}, global_step=None, tie_groups=[])
@@ -379,7 +379,8 @@ def test_background_write_into_a_deleted_checkpoint_is_not_an_error(tmp_path):
     written: that is not a failed save. A write that fails while the directory exists still raises."""
     import shutil
 
-    from trainer_guard.core.manifest import ManifestWriter, build_manifest
+    from trainer_guard.checkpoint.manifest import build_manifest
+    from trainer_guard.checkpoint.writer import ManifestWriter
 
     m = build_manifest({"w": torch.ones(2)}, global_step=1, tie_groups=[])
     gone = tmp_path / "checkpoint-1"
@@ -511,7 +512,7 @@ def test_moe_experts_converted_on_save_are_checked_under_their_stored_names(tmp_
 def test_renamed_tensors_without_a_known_conversion_are_described_from_the_files(tmp_path):
     """A save that renames tensors in a way the library cannot revert: the stored names are checksummed from the
     files (headers give dtype and shape, nothing is read into memory), with a warning."""
-    from trainer_guard.core.manifest import checkpoint_manifest
+    from trainer_guard.checkpoint.reconcile import checkpoint_manifest
 
     model = tiny_model("llama-untied")
     sd = {k.replace("mlp.", "ffn."): v.clone() for k, v in model.state_dict().items()}
@@ -563,7 +564,7 @@ def test_best_model_moe_experts_are_repaired_by_default(tmp_path):
 
 # ------------------------------------------------------------------------------ malformed JSON on disk
 def _saved_manifest(tmp_path):
-    from trainer_guard.core.manifest import build_manifest
+    from trainer_guard.checkpoint.manifest import build_manifest
 
     return build_manifest({"w": torch.ones(2, 3)}, global_step=2, tie_groups=[], directory=tmp_path)
 
@@ -605,7 +606,7 @@ def test_read_manifest_names_an_int_too_long_for_python(tmp_path):
 def test_file_problem_names_a_malformed_header(tmp_path, header, says):
     import struct
 
-    from trainer_guard.core.manifest import file_problem
+    from trainer_guard.checkpoint.stored import file_problem
 
     path = tmp_path / "m.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)

@@ -136,7 +136,7 @@ def test_a_file_with_no_name_in_common_is_refused_and_an_adapter_is_named(tmp_pa
     assert_same(dst, before)
 
 def test_verify_manifest_catches_a_modified_file_before_copying(tmp_path):
-    manifest = pytest.importorskip("trainer_guard.core.manifest")
+    manifest = pytest.importorskip("trainer_guard.checkpoint.manifest")
     src = tiny_model("llama-untied", seed=1)
     src.save_pretrained(tmp_path)
     sd = {k: v.contiguous() for k, v in src.state_dict().items()}

@@ -9,7 +9,7 @@ from test_integrity import _train
 
 from trainer_guard import IntegrityGuard
 from trainer_guard.core.checkpoint import rewritten_since
-from trainer_guard.core.manifest import MANIFEST_FILE, read_manifest
+from trainer_guard.checkpoint.manifest import MANIFEST_FILE, read_manifest
 from trainer_guard.errors import IntegrityError
 from trainer_guard.tiny import tiny_model
 

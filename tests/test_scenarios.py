@@ -82,7 +82,7 @@ def test_best_model_with_save_total_limit_1_leaves_no_checkpoint_dir_behind(tmp_
     import shutil
     import time
 
-    import trainer_guard.core.manifest as manifest
+    import trainer_guard.checkpoint.writer as manifest
 
     real_write, real_rmtree = manifest.write_manifest, shutil.rmtree
 

@@ -24,14 +24,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from .core.audit import CHANGED, ONLY_A, ONLY_B, SAME, classify, module_summary
-from .core.checksum import CHECKSUM_ALGO, DTYPE_NAMES, file_checksums, safetensors_entries, safetensors_files
-from .core.manifest import MANIFEST_FILE, MalformedManifestError, adapter_subdirs, files_changed, read_manifest
-from .errors import ChecksumError, UsageError
-from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, checkpoint_step, state_file
+from .checkpoint.manifest import MANIFEST_FILE, entries, read_manifest
+from .checkpoint.verify import broken_links, files_changed, snapshots_in
+from .core.checksum import CHECKSUM_ALGO, file_checksums, fingerprint
+from .errors import ChecksumError, MalformedManifestError, SafetensorsFormatError, UsageError
+from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_subdirs, checkpoint_step, checkpoints_in, state_file
+from .formats.safetensors import read_header, safetensors_files, torch_name
 
 __all__ = ["configure", "run", "load_side", "diff", "format_text"]
-
-_ST_TO_TORCH = {v: str(k).removeprefix("torch.") for k, v in DTYPE_NAMES.items()}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -128,8 +128,6 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
         raise UsageError(f"{path}: the manifest does not describe the files here ({stale}); run `trainer-guard "
                          f"doctor {path}`, or drop --source manifest to compare the files")
     if manifest is not None and (source == "manifest" or manifest.get("algo") == CHECKSUM_ALGO):
-        from .core.manifest import entries
-
         ms = manifest.get("global_step")
         return {"path": path, "source": "manifest", "global_step": ms if isinstance(ms, int) else step,
                 "algo": manifest.get("algo"),
@@ -143,8 +141,6 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
     if not files and passed_over:
         raise UsageError(f"{path}: no *.safetensors file, and {passed_over}; nothing to compare")
     if not files:
-        from .doctor import checkpoints_in, snapshots_in
-
         hint = (f"(it holds {', '.join(checkpoints_in(path))}: pass one of those)" if checkpoints_in(path) else
                 f"(a Hugging Face cache entry: pass one of its snapshots, {', '.join(snapshots_in(path))})"
                 if snapshots_in(path) else "(a checkpoint saved with save_safetensors=False holds only .bin files)")
@@ -153,16 +149,16 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
     meta = {}
     for f in files:  # headers first: a foreign file is named before any data is read (ChecksumError naming it)
         try:
-            meta.update(safetensors_entries(f)[1])
-        except ChecksumError:
+            meta.update(read_header(f).tensors)
+        except SafetensorsFormatError as e:
             if f != path or f.endswith(".safetensors"):
-                raise
+                raise ChecksumError(str(e)) from None
             raise UsageError(f"{path}: not a safetensors file; diff compares checkpoint or model directories, or "
                              f".safetensors files: pass the directory that holds it "
                              f"({os.path.dirname(path) or '.'})") from None
     sums = file_checksums(path, progress=progress)
-    tensors = {n: {"checksum": s, "dtype": _ST_TO_TORCH.get(meta[n]["dtype"], meta[n]["dtype"]),
-                   "shape": list(meta[n]["shape"])} for n, s in sums.items()}
+    tensors = {n: {"checksum": s, "dtype": torch_name(meta[n].dtype),
+                   "shape": list(meta[n].shape)} for n, s in sums.items()}
     return {"path": path, "source": "files", "global_step": step, "algo": CHECKSUM_ALGO, "tensors": tensors,
             "notes": [_note(passed_over)] if passed_over else []}
 
@@ -178,8 +174,6 @@ def _check_links(path: str) -> None:
     (a Hugging Face cache snapshot copied without its blobs) is named, instead of being taken for absent."""
     if not os.path.isdir(path):
         return
-    from .doctor import broken_links
-
     broken = [m for name, m in broken_links(path).items()
               if name.endswith((".safetensors", ".safetensors.index.json")) or name == MANIFEST_FILE]
     if broken:
@@ -201,10 +195,6 @@ def _stale(path: str, manifest: dict[str, Any]) -> str | None:
     if step is not None and state_step is not None and step != state_step:
         return f"it is for step {step} but trainer_state.json says step {state_step}: copied from another checkpoint"
     if manifest.get("algo") == CHECKSUM_ALGO:  # the checks doctor makes: an edited manifest never answers for files
-        from .core.checksum import fingerprint
-        from .core.manifest import entries
-        from .errors import ChecksumError
-
         try:
             intact = int(manifest.get("fingerprint", "0"), 16) == fingerprint(
                 {k: e["checksum"] for k, e in entries(manifest).items()})

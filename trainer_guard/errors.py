@@ -84,6 +84,34 @@ class ReplicaDivergenceError(TrainerGuardError):
     """Data-parallel replicas hold different weights."""
 
 
+# ------------------------------------------------------------------------------------------ manifest errors
+# Raised by :func:`trainer_guard.checkpoint.manifest.read_manifest` and importable from there too; kept out of
+# ``__all__`` (and of ``trainer_guard.__all__``) as before: the public API catches them as :class:`UsageError`.
+
+
+class MalformedManifestError(UsageError):
+    """A manifest file that is unreadable as one (corrupted, hand-edited, not JSON): ``path``, and ``what`` is wrong.
+
+    Not raised for a manifest of another format (:class:`ForeignManifestError`) or a newer version.
+    """
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(self.named(path, what))
+        self.path, self.what = path, what
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable with its two arguments
+        return type(self), (self.path, self.what)
+
+    @staticmethod
+    def named(name: str, what: str) -> str:
+        """The message, naming the manifest as ``name`` (a full path, or just the file name in a report)."""
+        return f"{name}: malformed manifest ({what}); delete it or re-save the checkpoint"
+
+
+class ForeignManifestError(UsageError):
+    """A ``trainer_guard_manifest.json`` that is JSON but not a trainer_guard manifest (another tool's file)."""
+
+
 # ------------------------------------------------------------------------------------------ internal errors
 # Not in ``__all__`` (not part of the public API): each is turned into one of the public errors above, by the
 # module that calls the code raising it, before it reaches a user.

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 
+from .formats.safetensors import INDEX_SUFFIX, read_weight_map
+
 __all__ = [
     "CHECKPOINT_PREFIX",
     "TRAINER_STATE",
@@ -37,6 +39,8 @@ __all__ = [
     "checkpoints_in",
     "state_file",
     "adapter_subdirs",
+    "duplicate_hint",
+    "stored_twice",
 ]
 
 # --- written by the Trainer (transformers' trainer.py / PEFT) --------------------------------------------------
@@ -68,7 +72,7 @@ _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}-(\d+)")
 
 def checkpoint_name(step: int) -> str:
     """The directory name a ``Trainer`` gives the checkpoint of optimizer step ``step``: ``checkpoint-<step>``."""
-    return f"{CHECKPOINT_PREFIX}-{step}"
+    return f"checkpoint-{step}"
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> str:
@@ -123,3 +127,35 @@ def adapter_subdirs(directory: str | os.PathLike) -> list[str]:
     return sorted(d for d in os.listdir(directory) if any(
         os.path.isfile(os.path.join(directory, d, f)) for f in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN))
         and not os.path.isfile(os.path.join(directory, d, TRAINER_STATE)))
+
+
+def duplicate_hint(directory: str | os.PathLike, a: str, b: str) -> tuple[str, str | None, str] | None:
+    """For tensors stored in both files ``a`` and ``b`` (names in ``directory``): ``(kept, index, why)`` when
+    ``from_pretrained`` reads only one of them (``kept``, e.g. ``model.safetensors``; ``index`` the shard index that
+    lists the other, or ``None``), else ``None``.
+
+    ``save_pretrained`` removes an earlier save's shards but not an earlier ``model.safetensors``, which
+    ``from_pretrained`` then loads instead of the new shards.
+    """
+    directory = os.fspath(directory)
+    for kept, other in ((a, b), (b, a)):
+        if kept not in SINGLE_WEIGHT_FILES:
+            continue
+        idx = kept.removesuffix(".safetensors") + INDEX_SUFFIX
+        try:
+            listed = os.path.isfile(os.path.join(directory, idx)) and other in read_weight_map(
+                os.path.join(directory, idx)).values()
+        except ValueError:  # SafetensorsFormatError: an unreadable index lists nothing
+            listed = False
+        if listed:
+            return kept, idx, f"from_pretrained loads {kept} and ignores {idx} and its shards"
+        return kept, None, f"from_pretrained loads {kept} only and ignores {other}, which no shard index lists"
+    return None
+
+
+def stored_twice(name: str, first: str, second: str) -> str:
+    """The message for tensor ``name`` found in both files ``first`` and ``second`` (paths in one directory), naming
+    the file ``from_pretrained`` loads when it reads only one of them (:func:`duplicate_hint`)."""
+    hint = duplicate_hint(os.path.dirname(first) or ".", os.path.basename(first), os.path.basename(second))
+    return (f"tensor {name!r} is stored twice: in {first} and in {second}; "
+            + (f"{hint[2]}: remove the stale one" if hint else "remove the stale file"))

@@ -14,7 +14,8 @@ from .._dist import agree, is_main_process
 from ..core.divergence import is_sharded
 from ..core.checkpoint import Verified, conversion_hint, plan_manifests, verify_against
 from ..core.conversion import load_converted
-from ..core.manifest import MANIFEST_FILE, ManifestWriter, read_manifest
+from ..checkpoint.manifest import MANIFEST_FILE, read_manifest
+from ..checkpoint.writer import ManifestWriter
 from ..errors import IntegrityError, TrainerGuardError
 from ..files import checkpoint_dir
 from .base import Guard

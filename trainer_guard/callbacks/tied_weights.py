@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..core.io import read_json, replace_json
-from ..core.manifest import stored_groups
+from ..checkpoint.saved import stored_groups
 from ..core.ties import (
     TIES_FILE,
     broken_ties,

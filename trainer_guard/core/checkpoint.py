@@ -1,7 +1,7 @@
 """A model against a whole checkpoint directory: every place a ``Trainer`` save puts its tensors.
 
 A checkpoint may hold several weight directories: PEFT saves the adapter ``"default"`` in the checkpoint itself and
-every other adapter in ``<checkpoint>/<name>/`` (:func:`~trainer_guard.core.manifest.saved_layout`). These
+every other adapter in ``<checkpoint>/<name>/`` (:func:`~trainer_guard.checkpoint.saved.saved_layout`). These
 functions build the manifests of all of them at a save (all or nothing) and compare a loaded model with all of
 them; they know nothing of the ``Trainer``.
 """
@@ -13,16 +13,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..checkpoint.manifest import read_manifest
+from ..checkpoint.reconcile import checkpoint_manifest, model_problems
+from ..checkpoint.saved import converted_names, saved_layout
+from ..checkpoint.verify import file_changes
 from ..errors import UsageError
-from .manifest import (
-    MANIFEST_FILE,
-    checkpoint_manifest,
-    converted_names,
-    files_changed,
-    model_problems,
-    read_manifest,
-    saved_layout,
-)
+from ..files import MANIFEST_FILE
 
 __all__ = ["Planned", "Verified", "plan_manifests", "verify_against", "conversion_hint", "rewritten_since"]
 
@@ -129,7 +125,7 @@ def rewritten_since(directory: str | os.PathLike, manifest: dict[str, Any]) -> l
         >>> rewritten_since(tempfile.mkdtemp(), {"files": {"model.safetensors": {"size": 8}}})  # gone since
         ['model.safetensors']
     """
-    return sorted(files_changed(directory, manifest))
+    return sorted(c.file for c in file_changes(directory, manifest))
 
 
 def conversion_hint(model: torch.nn.Module, problems: list[str], fix: str) -> str | None:

@@ -39,7 +39,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .manifest import MANIFEST_FILE, TensorInfo, _as_saved, dtype_name, entries, read_index, read_manifest, stored_names
+from ..checkpoint.manifest import MANIFEST_FILE, TensorInfo, dtype_name, entries, read_manifest
+from ..checkpoint.saved import as_saved, stored_names
+from ..checkpoint.stored import read_index
 
 __all__ = ["ConvertedLoad", "conversion_map", "group_map", "load_converted"]
 
@@ -83,7 +85,7 @@ def group_map(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[
     for name, t in tensors.items():
         tags[name] = torch.arange(offset, offset + t.numel(), dtype=dtype).view(t.shape)
         offset += t.numel()
-    return dict(_as_saved(model, tags))
+    return dict(as_saved(model, tags))
 
 
 def _bijective(maps: dict[str, torch.Tensor], numel: int) -> bool:
@@ -173,7 +175,7 @@ def _strided_parts(model: torch.nn.Module, name: str, t: torch.Tensor,
     for d, size in enumerate(t.shape):
         dtype = _coordinate_dtype(size)
         probe = torch.arange(size, dtype=dtype).view([-1 if i == d else 1 for i in range(t.dim())]).expand(t.shape)
-        out = _as_saved(model, {name: probe})
+        out = as_saved(model, {name: probe})
         del probe
         if {k: tuple(v.shape) for k, v in out.items()} != shapes or any(v.dtype != dtype for v in out.values()):
             return None  # the conversion did more than move data (or could not run on a broadcast tensor)
@@ -222,7 +224,7 @@ def _check_group(model: torch.nn.Module, live: dict[str, torch.Tensor], group: l
     map a bijection); reads no file."""
     what = group[0] if len(group) == 1 else f"{', '.join(group)} (stored together)"
     meta = {n: torch.empty(live[n].shape, dtype=live[n].dtype, device="meta") for n in group}
-    shapes = {k: tuple(v.shape) for k, v in _as_saved(model, meta).items()}
+    shapes = {k: tuple(v.shape) for k, v in as_saved(model, meta).items()}
     absent = sorted(k for k in shapes if k not in index)
     if absent:
         more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""

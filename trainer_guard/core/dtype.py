@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DtypeIssue", "DtypeReport", "is_quantized", "find_dtype_mismatches", "cast_mismatches", "autocast_safe"]
+__all__ = ["DtypeIssue", "DtypeReport", "is_quantized", "find_dtype_mismatches", "cast_mismatches", "autocast_safe",
+           "param_matches", "dotted_prefixes"]
 
 # Top-level packages whose modules hold quantised weights (matched on the module's *type*, not its name).
 _QUANT_PACKAGES = frozenset({
@@ -106,7 +107,7 @@ def _matches(module_name: str, patterns: Sequence[str]) -> str | None:
 _PEFT_SEGMENT = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
 
 
-def _param_matches(param_name: str, patterns: Sequence[str]) -> str | None:
+def param_matches(param_name: str, patterns: Sequence[str]) -> str | None:
     """The first pattern that names ``param_name`` or a run of its dotted segments (``*`` globs one segment):
     ``"sinks"`` names ``model.layers.0.self_attn.sinks``, ``"gate.weight"`` names ``model.layers.0.mlp.gate.weight``
     (transformers 5 keeps such parameters in float32 when it loads a model in bf16/fp16). Not a substring match:
@@ -142,7 +143,7 @@ def _peft_adapter_modules(model: nn.Module) -> set[str]:
     return out
 
 
-def _dotted_prefixes(name: str) -> list[str]:
+def dotted_prefixes(name: str) -> list[str]:
     """``name`` and every prefix of it that ends before a ``.``: ``"a.b.c"`` -> ``["a", "a.b", "a.b.c"]``. Looking
     these up in a set tests ``name == a or name.startswith(a + ".")`` for every ``a`` at once."""
     return [name[:i] for i, c in enumerate(name) if c == "."] + [name]
@@ -187,11 +188,11 @@ def find_dtype_mismatches(
         if p.dtype == report.dominant:
             continue
         reason = ""
-        if adapters and not adapters.isdisjoint(_dotted_prefixes(mod_name)):  # mod_name is, or is inside, one
+        if adapters and not adapters.isdisjoint(dotted_prefixes(mod_name)):  # mod_name is, or is inside, one
             reason = "PEFT adapter weight"
         elif (pat := _matches(mod_name, fp32_pats)) is not None:
             reason = f"keep_fp32 pattern {pat!r}"
-        elif (pat := _matches(mod_name, model_pats) or _param_matches(name, model_pats)) is not None:
+        elif (pat := _matches(mod_name, model_pats) or param_matches(name, model_pats)) is not None:
             reason = f"model keeps {pat!r} in fp32 (_keep_in_fp32_modules)"
         issue = DtypeIssue(name, mod_name, type(module).__name__, p.dtype, p.numel(), reason)
         (report.kept if reason else report.mismatched).append(issue)

@@ -34,7 +34,7 @@ from ..errors import UsageError
 from ..checksum.disk import as_path, index_weight_map
 from ..formats.safetensors import safetensors_files
 
-__all__ = ["missing_head_problems", "stored_tensor_names", "head_tensor_names"]
+__all__ = ["missing_head_problems", "stored_tensor_names", "head_tensor_names", "model_class"]
 
 _HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _COMMON_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
@@ -74,7 +74,9 @@ def stored_tensor_names(directory: str | os.PathLike) -> set[str] | None:
     return names if found else None
 
 
-def _class(arch: str) -> Any:
+def model_class(arch: str) -> Any:
+    """The transformers class named ``arch`` (``config.json``'s ``architectures``), or ``None`` when this version has
+    none or it fails to import."""
     if not arch.isidentifier():
         return None
     import transformers
@@ -87,7 +89,7 @@ def _class(arch: str) -> Any:
 
 def head_tensor_names(arch: str) -> tuple[str, ...]:
     """Names the output head of class ``arch`` may be stored under (its tied-weights map, then common names)."""
-    cls = _class(arch)
+    cls = model_class(arch)
     keys = getattr(cls, "_tied_weights_keys", None) if cls is not None else None
     own = [k for k in keys if k.endswith(".weight")] if isinstance(keys, dict) else []
     return tuple(dict.fromkeys([*own, *_COMMON_HEADS]))
@@ -143,7 +145,7 @@ def _lm_kind(arch: str) -> tuple[str | None, tuple[str, ...]]:
                           ("a masked LM", ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
                           ("a vision-language model", ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)):
         if any(arch == v or (not isinstance(v, str) and arch in v) for v in mapping.values()):
-            cls = _class(arch)
+            cls = model_class(arch)
             keys = getattr(cls, "_tied_weights_keys", None) if cls is not None else None
             heads = tuple(k for k in keys if k.endswith(".weight") and not _is_input_embedding(k)) \
                 if isinstance(keys, dict) else ()

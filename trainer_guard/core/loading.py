@@ -24,25 +24,20 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import LoadError
-from ..files import ADAPTER_CONFIG
-from .checksum import DTYPE_NAMES as _DTYPE_NAMES
-from .checksum import (
-    ChecksumError,
-    as_path,
-    file_checksums,
-    index_weight_map,
-    safetensors_entries,
-    stored_twice,
-    word_sum,
-)
+import numpy as np
+
+from ..checkpoint.manifest import compare, dtype_name, entries, read_manifest
+from ..checkpoint.saved import stored_names
+from ..errors import LoadError, SafetensorsFormatError
+from ..files import ADAPTER_CONFIG, stored_twice
+from ..formats.safetensors import as_path, index_files, read_header, read_weight_map, torch_dtype
+from .checksum import file_checksums, word_sum
 from .ties import find_tied_groups
 
 __all__ = ["LoadResult", "load_weights_inplace", "safetensors_files_of", "REOPEN_BYTES", "CHUNK_BYTES"]
@@ -52,8 +47,6 @@ REOPEN_BYTES = 64 * 1024 * 1024
 CHUNK_BYTES = 32 * 1024 * 1024
 """Tensors larger than this are copied in row blocks of at most this size (embeddings, output heads)."""
 
-#: safetensors dtype name -> torch dtype: every dtype the checksum (and the manifest) names, so the two agree.
-_ST_DTYPES = {code: dtype for dtype, code in _DTYPE_NAMES.items()}
 _MAX_LISTED = 20
 
 
@@ -93,9 +86,9 @@ def safetensors_files_of(path: str | os.PathLike) -> list[str]:
         return [path]
     if not os.path.isdir(path):
         raise LoadError(f"{path}: no such file or directory; pass a .safetensors file or a directory of them")
-    indexes = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
+    indexes = index_files(path)
     if indexes:
-        shards = sorted(set(index_weight_map(os.path.join(path, indexes[0]), LoadError).values()))
+        shards = sorted(set(read_weight_map(os.path.join(path, indexes[0]), LoadError).values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
             raise LoadError(f"{path}: {indexes[0]} lists shard(s) that are missing: {', '.join(missing)}; "
@@ -125,22 +118,17 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 def _headers(files: list[str]) -> dict[str, tuple[str, torch.dtype | str, tuple[int, ...]]]:
-    from safetensors import safe_open
-
+    """Name -> ``(file, torch dtype (its code when this torch has none), shape)`` of every tensor in ``files``."""
     out: dict[str, tuple[str, torch.dtype | str, tuple[int, ...]]] = {}
     for fp in files:
         try:
-            with safe_open(fp, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    if key in out:
-                        raise LoadError(stored_twice(key, out[key][0], fp))
-                    code = sl.get_dtype()
-                    out[key] = (fp, _ST_DTYPES.get(code, code), tuple(int(s) for s in sl.get_shape()))
-        except LoadError:
-            raise
-        except Exception as e:  # safetensors' own SafetensorError on truncated/foreign files
-            raise LoadError(f"{fp}: unreadable safetensors file ({e}); re-save or re-download it") from None
+            header = read_header(fp)
+        except SafetensorsFormatError as e:  # truncated, padded or foreign: the message names the file
+            raise LoadError(f"{fp}: unreadable safetensors file ({e.brief}); re-save or re-download it") from None
+        for key, t in header.tensors.items():
+            if key in out:
+                raise LoadError(stored_twice(key, out[key][0], fp))
+            out[key] = (fp, torch_dtype(t.dtype) or t.dtype, t.shape)
     return out
 
 
@@ -149,8 +137,6 @@ def _fmt(dtype: torch.dtype | str) -> str:
 
 
 def _verify_manifest(path: str, files: list[str], headers: dict) -> int:
-    from .manifest import compare, dtype_name, entries, read_manifest
-
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     manifest = read_manifest(directory)
     if manifest is None:
@@ -181,8 +167,6 @@ def _converted(model: nn.Module, headers: dict, path: str) -> tuple[set[str], se
         return set(), set()
     if not isinstance(model, PreTrainedModel) or not os.path.isdir(path):
         return set(), set()
-    from .manifest import stored_names
-
     live, stored = set(), set()
     for name, t in model.state_dict().items():
         names = stored_names(model, name, t)
@@ -260,19 +244,16 @@ def _plan(model: nn.Module, headers: dict, strict: bool, cast: bool, path: str, 
 
 def _stored_sum(headers: dict, key: str) -> int:
     """Word sum (:func:`~trainer_guard.checksum.cpu.word_sum`) of tensor ``key``'s bytes in its file, through mmap."""
-    import numpy as np
-
     fp = headers[key][0]
     try:
-        _, entries, _ = safetensors_entries(fp)
-    except ChecksumError as e:
-        raise LoadError(f"{e}") from None
-    e = entries[key]
-    if e["end"] == e["begin"]:
+        e = read_header(fp).tensors[key]
+    except SafetensorsFormatError as err:
+        raise LoadError(str(err)) from None
+    if e.end == e.begin:
         return 0
     mm = np.memmap(fp, dtype=np.uint8, mode="r")
     try:
-        return word_sum(np.asarray(mm[e["begin"] : e["end"]]))
+        return word_sum(np.asarray(mm[e.begin : e.end]))
     finally:
         del mm
 
@@ -516,11 +497,5 @@ def _nbytes(header: tuple) -> int:
 
 
 def _file_order(fp: str) -> list[str]:
-    """Tensor names of a safetensors file in on-disk order (from the header's data offsets)."""
-    import struct
-
-    with open(fp, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    """Tensor names of a safetensors file in on-disk order (from its validated header's data offsets)."""
+    return read_header(fp).in_file_order()

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..files import ADAPTER_CONFIG as ADAPTER_CONFIG_FILE
 from ..files import TRAINABLE_FILE
-from .dtype import _dotted_prefixes
+from .dtype import dotted_prefixes
 from .lr_groups import base_param_groups
 
 __all__ = [
@@ -559,7 +559,7 @@ def adapter_config_problems(saved: Mapping[str, Any], model: nn.Module, where: s
     if targets:
         # a target trains now when any trainable parameter sits inside it: LoRA A/B, and the other PEFT methods'
         # own names (IA3 ia3_l, LoHa hada_*, LoKr lokr_*, ...)
-        inside = {m for n in now["params"] for m in _dotted_prefixes(n)[:-1]}  # the modules holding each one
+        inside = {m for n in now["params"] for m in dotted_prefixes(n)[:-1]}  # the modules holding each one
         targeted = _target_matcher(saved)
         missing = sorted({m for m in frozen_sizes if targeted(m) and m not in inside
                           and not _matches(m, mts)} - set(frozen))

@@ -53,6 +53,8 @@ __all__ = [
     "file_problem",
     "tensor_infos",
     "safetensors_files",
+    "safetensors_paths",
+    "as_path",
     "index_files",
     "read_weight_map",
     "is_uint",
@@ -316,6 +318,34 @@ def safetensors_files(directory: str | os.PathLike) -> list[str]:
     """Sorted names of the ``*.safetensors`` files directly in ``directory``."""
     return sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")
                   and os.path.isfile(os.path.join(directory, f)))
+
+
+def as_path(path: Any, error: type[Exception] = SafetensorsFormatError) -> str:
+    """``path`` (``str``, ``bytes`` or ``os.PathLike``) as a ``str``; ``error`` naming the type for anything else."""
+    try:
+        return os.fsdecode(os.fspath(path))
+    except TypeError:
+        message = f"expected a file or directory path (str or os.PathLike), got {type(path).__name__}"
+        raise (SafetensorsFormatError(repr(path), "path", message) if error is SafetensorsFormatError
+               else error(message)) from None
+
+
+def safetensors_paths(path: str | os.PathLike, error: type[Exception] = SafetensorsFormatError) -> list[str]:
+    """``[path]`` for a file, the paths of the ``*.safetensors`` files directly in a directory; ``error`` (with the
+    path in the message) when the path does not exist or the directory holds none."""
+    path = as_path(path, error)
+
+    def fail(message: str) -> Exception:
+        return SafetensorsFormatError(path, "path", message) if error is SafetensorsFormatError else error(message)
+
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise fail(f"{path}: no such file or directory")
+    files = [os.path.join(path, f) for f in safetensors_files(path)]
+    if not files:
+        raise fail(f"{path}: no *.safetensors file in this directory")
+    return files
 
 
 def index_files(directory: str | os.PathLike) -> list[str]:

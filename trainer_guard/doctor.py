@@ -33,6 +33,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .core.dtype import param_matches  # imports torch: doctor loads it at import, as before (test_cli)
 from .checkpoint.verify import PROGRESS_BYTES, Finding, Findings, broken_links, snapshots_in, verify_directory
 from .checkpoint.verify import read_json_finding as _read_json
 from .files import ADAPTER_CONFIG, CONFIG, TIES_FILE, adapter_subdirs, checkpoints_in
@@ -291,7 +292,6 @@ def _check_dtypes(index: dict[str, TensorInfo], report: Report, config: dict | N
         return
     main = max(floats, key=floats.get)
     kept = _kept_in_fp32(config) if main in ("bfloat16", "float16") else []
-    from .core.dtype import param_matches  # lazy: imports torch, which the rest of the doctor needs not
 
     odd = sorted(k for k, i in index.items() if i.dtype in floats and i.dtype != main and len(i.shape) >= 2
                  and not (i.dtype == "float32" and kept and param_matches(k, kept)))

@@ -8,7 +8,7 @@ from collections import Counter
 
 import torch
 
-from trainer_guard.core.dtype import dotted_prefixes as _dotted_prefixes
+from trainer_guard.names import dotted_prefixes as _dotted_prefixes
 from trainer_guard.core.tokens import count_token_ids
 
 

@@ -4,7 +4,7 @@ Per tensor: same / changed / only in A / only in B (a dtype or shape change coun
 summarised by module with layer indices folded: ``model.embed_tokens: unchanged over 1000 steps`` is the line that
 shows a module that silently never trained. Checksums come from each directory's ``trainer_guard_manifest.json``
 when both have one with the same checksum algorithm (instant), else from the ``*.safetensors`` files
-(:func:`~trainer_guard.core.checksum.file_checksums`, sharded models included); a malformed or stale manifest is
+(:func:`~trainer_guard.checksum.disk.file_checksums`, sharded models included); a malformed or stale manifest is
 passed over for the files, with a note saying why. Exit code 0: identical, 1: different, 2: unusable input
 (missing path, no safetensors, a file without tensors, a symbolic link that cannot be followed, corrupted file, foreign
 manifest; with ``--source manifest``, a malformed or stale one).
@@ -26,10 +26,12 @@ from typing import Any
 from .core.audit import CHANGED, ONLY_A, ONLY_B, SAME, classify, module_summary
 from .checkpoint.manifest import MANIFEST_FILE, entries, read_manifest
 from .checkpoint.verify import broken_links, files_changed, snapshots_in
-from .core.checksum import CHECKSUM_ALGO, file_checksums, fingerprint
+from .checksum.disk import file_checksums
+from .checksum.spec import CHECKSUM_ALGO, fingerprint
 from .errors import ChecksumError, MalformedManifestError, SafetensorsFormatError, UsageError
 from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_subdirs, checkpoint_step, checkpoints_in, state_file
 from .formats.safetensors import read_header, safetensors_files, torch_name
+from .names import module_of
 
 __all__ = ["configure", "run", "load_side", "diff", "format_text"]
 

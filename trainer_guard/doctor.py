@@ -33,9 +33,9 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .core.dtype import param_matches  # imports torch: doctor loads it at import, as before (test_cli)
 from .checkpoint.verify import PROGRESS_BYTES, Finding, Findings, broken_links, snapshots_in, verify_directory
 from .checkpoint.verify import read_json_finding as _read_json
+from .names import param_matches
 from .files import ADAPTER_CONFIG, CONFIG, TIES_FILE, adapter_subdirs, checkpoints_in
 from .files import ADAPTER_WEIGHTS as ADAPTER_FILE
 from .formats.safetensors import FLOAT_NAMES as _FLOAT

@@ -70,7 +70,7 @@ def train_with_failing_write(out: str, basename: str) -> dict:
 
 
 def manifest_eio(out: str) -> dict:
-    import trainer_guard.core.checksum as ck
+    import trainer_guard.checkpoint.reconcile as ck  # where the save-time readback calls file_checksums
 
     real = ck.file_checksums
 

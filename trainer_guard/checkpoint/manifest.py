@@ -5,7 +5,7 @@ Pure functions, no Trainer, no ranks (the writer and the checks live beside this
 directory; it describes the tensors *as stored on disk* (for a PEFT model the adapter, for a Hugging Face model the
 state dict after tie dedupe), the tie groups (an alias stored once under its kept name), the global step, the
 checksum algorithm and library versions. Checksums are unsigned 64-bit integers from
-:mod:`trainer_guard.core.checksum`, stored as 16 hex digits (JSON numbers lose precision beyond 2**53).
+:mod:`trainer_guard.checksum`, stored as 16 hex digits (JSON numbers lose precision beyond 2**53).
 
 Layout (``format`` = :data:`MANIFEST_FORMAT`, ``version`` = :data:`MANIFEST_VERSION`)::
 
@@ -38,6 +38,7 @@ import reprlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..checksum.spec import CHECKSUM_ALGO, fingerprint
 from ..core.io import atomic_write_json, read_json
 from ..errors import ChecksumError, ForeignManifestError, MalformedManifestError, UsageError
 from ..files import MANIFEST_FILE, MODEL_WEIGHTS
@@ -137,7 +138,7 @@ def build_manifest(
         ChecksumError: a tensor cannot be checksummed, or is given as a :class:`TensorInfo` with no checksum in
             ``sums``.
     """
-    from ..core.checksum import CHECKSUM_ALGO, checksums, fingerprint  # lazy: imports torch (doctor, diff need none)
+    from ..checksum.tensors import checksums  # lazy: imports torch (doctor, diff need none)
 
     sums = dict(sums or {})
     todo = {k: v for k, v in tensors.items() if k not in sums}

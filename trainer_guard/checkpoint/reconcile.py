@@ -13,7 +13,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..core.checksum import CHECKSUM_ALGO, checksums, file_checksums
+from ..checksum.disk import file_checksums
+from ..checksum.spec import CHECKSUM_ALGO
+from ..checksum.tensors import checksums
 from ..errors import ChecksumError, IntegrityError, UsageError
 from ..formats.safetensors import TensorInfo, safetensors_files
 from .manifest import build_manifest, compare, dtype_name, entries, index_entries, tensor_entries

@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from ..checksum.disk import file_checksums
+from ..checksum.spec import CHECKSUM_ALGO, fingerprint
 from ..errors import ChecksumError, ForeignManifestError, IntegrityError, MalformedManifestError, UsageError
 from ..files import MANIFEST_FILE, TRAINER_STATE, checkpoints_in, duplicate_hint, state_file
 from ..formats.safetensors import INDEX_SUFFIX, TensorInfo, file_problem, index_files, safetensors_files
@@ -321,7 +323,6 @@ def _report_twice(path: str, twice: dict[tuple[str, str], list[str]], sizes: dic
 
 def _check_manifest(path: str, index: dict[str, TensorInfo], report: Findings, progress: bool,
                     no_manifest_ok: bool) -> dict | None:
-    from ..core.checksum import CHECKSUM_ALGO, file_checksums, fingerprint  # lazy: imports torch (doctor needs none)
 
     try:
         manifest = read_manifest(path)

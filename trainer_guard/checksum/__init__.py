@@ -23,8 +23,6 @@ _LAZY: dict[str, str] = {
     "CHECKSUM_ALGO": ".spec", "mix64": ".spec", "finalize": ".spec", "fingerprint": ".spec",
     "HAVE_NUMBA": ".cpu", "max_threads": ".cpu", "word_sum": ".cpu", "word_sums": ".cpu",
     "file_checksums": ".disk", "safetensors_entries": ".disk", "index_weight_map": ".disk",
-    "duplicate_hint": ".disk", "stored_twice": ".disk", "as_path": ".disk", "safetensors_paths": ".disk",
-    "SINGLE_FILES": ".disk",
     "DTYPE_NAMES": ".tensors", "dtype_name": ".tensors", "check_tensor": ".tensors", "tensor_checksum": ".tensors",
     "checksums": ".tensors",
 }

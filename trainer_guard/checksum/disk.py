@@ -24,24 +24,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import ChecksumError, SafetensorsFormatError
+from ..files import stored_twice
 from ..formats import safetensors as st
 from .cpu import word_sums
 from .spec import finalize
 
-__all__ = [
-    "SINGLE_FILES",
-    "file_checksums",
-    "safetensors_entries",
-    "index_weight_map",
-    "duplicate_hint",
-    "stored_twice",
-    "as_path",
-    "safetensors_paths",
-]
-
-#: The single weight files ``from_pretrained`` reads in preference to any shard index (transformers, PEFT).
-SINGLE_FILES = ("model.safetensors", "adapter_model.safetensors")
-
+__all__ = ["file_checksums", "safetensors_entries", "index_weight_map"]
 
 def _header(path: str) -> st.Header:
     try:
@@ -73,8 +61,7 @@ def safetensors_entries(path: str | os.PathLike) -> tuple[int, dict[str, dict[st
 
 
 def index_weight_map(idx: str | os.PathLike, error: type[Exception] = ChecksumError) -> dict[str, str]:
-    """The ``weight_map`` (tensor name -> shard file) of a shard index, ``{}`` when it has none; ``error`` naming
-    the file when it is unreadable or malformed (:func:`trainer_guard.formats.safetensors.read_weight_map`)."""
+    """:func:`trainer_guard.formats.safetensors.read_weight_map` raising :class:`ChecksumError` (or ``error``)."""
     return st.read_weight_map(idx, error)
 
 
@@ -94,38 +81,6 @@ def _file_sums(path: str, progress: Callable[[int], Any] | None, threads: int | 
     return {n: finalize(s, h.tensors[n].dtype, h.tensors[n].shape, h.tensors[n].nbytes) for n, s in zip(names, sums)}
 
 
-def duplicate_hint(directory: str | os.PathLike, a: str, b: str) -> tuple[str, str | None, str] | None:
-    """For tensors stored in both files ``a`` and ``b`` (names in ``directory``): ``(kept, index, why)`` when
-    ``from_pretrained`` reads only one of them (``kept``, e.g. ``model.safetensors``; ``index`` the shard index that
-    lists the other, or ``None``), else ``None``.
-
-    ``save_pretrained`` removes an earlier save's shards but not an earlier ``model.safetensors``, which
-    ``from_pretrained`` then loads instead of the new shards.
-    """
-    directory = os.fspath(directory)
-    for kept, other in ((a, b), (b, a)):
-        if kept not in SINGLE_FILES:
-            continue
-        idx = kept + ".index.json"
-        try:
-            listed = os.path.isfile(os.path.join(directory, idx)) and other in index_weight_map(
-                os.path.join(directory, idx)).values()
-        except ChecksumError:
-            listed = False
-        if listed:
-            return kept, idx, f"from_pretrained loads {kept} and ignores {idx} and its shards"
-        return kept, None, f"from_pretrained loads {kept} only and ignores {other}, which no shard index lists"
-    return None
-
-
-def stored_twice(name: str, first: str, second: str) -> str:
-    """The message for tensor ``name`` found in both files ``first`` and ``second`` (paths in one directory), naming
-    the file ``from_pretrained`` loads when it reads only one of them (:func:`duplicate_hint`)."""
-    hint = duplicate_hint(os.path.dirname(first) or ".", os.path.basename(first), os.path.basename(second))
-    return (f"tensor {name!r} is stored twice: in {first} and in {second}; "
-            + (f"{hint[2]}: remove the stale one" if hint else "remove the stale file"))
-
-
 def _index_problems(directory: str, files: dict[str, dict[str, int]]) -> list[str]:
     """What the ``*.safetensors.index.json`` files of ``directory`` list that ``files`` (name -> its tensors) lack.
     An index next to its single file (``model.safetensors.index.json`` beside ``model.safetensors``: left by an
@@ -141,28 +96,6 @@ def _index_problems(directory: str, files: dict[str, dict[str, int]]) -> list[st
             elif name not in files[fname]:
                 problems.append(f"{idx}: tensor {name!r} should be in {fname!r} but is not there")
     return problems
-
-
-def as_path(path: Any, error: type[Exception] = ChecksumError) -> str:
-    """``path`` (``str``, ``bytes`` or ``os.PathLike``) as a ``str``; ``error`` naming the type for anything else."""
-    try:
-        return os.fsdecode(os.fspath(path))
-    except TypeError:
-        raise error(f"expected a file or directory path (str or os.PathLike), got {type(path).__name__}") from None
-
-
-def safetensors_paths(path: str | os.PathLike, error: type[Exception] = ChecksumError) -> list[str]:
-    """``[path]`` for a file, the paths of the ``*.safetensors`` files directly in a directory; ``error`` (with the
-    path in the message) when the path does not exist or the directory holds none."""
-    path = as_path(path, error)
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise error(f"{path}: no such file or directory")
-    files = [os.path.join(path, f) for f in st.safetensors_files(path)]
-    if not files:
-        raise error(f"{path}: no *.safetensors file in this directory")
-    return files
 
 
 def file_checksums(path: str | os.PathLike, *, progress: bool = False, threads: int | None = None) -> dict[str, int]:
@@ -191,8 +124,8 @@ def file_checksums(path: str | os.PathLike, *, progress: bool = False, threads: 
         >>> file_checksums(d) == checksums(t, backend="cpu")
         True
     """
-    path = as_path(path)
-    files = safetensors_paths(path)
+    path = st.as_path(path, ChecksumError)
+    files = st.safetensors_paths(path, ChecksumError)
     bar = None
     cb = None
     if progress:

@@ -27,11 +27,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+from ..names import module_of
 
-from ..checksum.tensors import checksums
+if TYPE_CHECKING:  # torch loads with the first UpdateAudit: `trainer-guard diff` uses the pure part without it
+    import torch
 
 __all__ = [
     "SAME",
@@ -244,14 +245,6 @@ def audit(
     return sorted(findings, key=lambda x: x.name), pending
 
 
-def module_of(name: str) -> str:
-    """The module path of a tensor name: ``"model.layers.0.mlp.up_proj.weight"`` -> ``"model.layers.0.mlp.up_proj"``.
-
-    A top-level tensor (no dot) is its own module.
-    """
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
 def _pattern(module: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", module)
 
@@ -462,6 +455,8 @@ class UpdateAudit:
 
     def checksums(self, names: Iterable[str]) -> dict[str, int]:
         """Checksums of ``names``, one call per device (a model split over GPUs by ``device_map``)."""
+        from ..checksum.tensors import checksums  # lazy: imports torch (diff uses this module without it)
+
         by_device: dict[Any, dict[str, torch.Tensor]] = {}
         for n in names:
             by_device.setdefault(self.params[n].device, {})[n] = self.params[n].detach()

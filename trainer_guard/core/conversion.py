@@ -39,6 +39,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..checksum.spec import CHECKSUM_ALGO
+from ..checksum.tensors import tensor_checksum
 from ..checkpoint.manifest import MANIFEST_FILE, TensorInfo, dtype_name, entries, read_manifest
 from ..checkpoint.saved import as_saved, stored_names
 from ..checkpoint.stored import read_index
@@ -247,8 +249,6 @@ def _check_group(model: torch.nn.Module, live: dict[str, torch.Tensor], group: l
 
 def _manifest_sums(directory: str) -> dict[str, int]:
     """Stored name -> checksum from the checkpoint's manifest; empty without one (or with another algorithm)."""
-    from .checksum import CHECKSUM_ALGO
-
     manifest = read_manifest(directory)
     if manifest is None or manifest.get("algo") != CHECKSUM_ALGO:
         return {}
@@ -261,8 +261,6 @@ def _open_and_check(directory: str, groups: list[_Group], index: dict[str, Tenso
     checksummed against the manifest when the checkpoint has one. Returns file -> open handle, and the problems
     (the file and tensor, what is wrong, what to do); writes nothing."""
     from safetensors import safe_open
-
-    from .checksum import tensor_checksum
 
     sums = _manifest_sums(directory)
     owner = {k: g.what for g in groups for k in g.stored}

@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DtypeIssue", "DtypeReport", "is_quantized", "find_dtype_mismatches", "cast_mismatches", "autocast_safe",
-           "param_matches", "dotted_prefixes"]
+from ..names import dotted_prefixes, param_matches
+
+__all__ = ["DtypeIssue", "DtypeReport", "is_quantized", "find_dtype_mismatches", "cast_mismatches", "autocast_safe"]
 
 # Top-level packages whose modules hold quantised weights (matched on the module's *type*, not its name).
 _QUANT_PACKAGES = frozenset({
@@ -103,24 +103,6 @@ def _matches(module_name: str, patterns: Sequence[str]) -> str | None:
     return None
 
 
-# PEFT's wrappers insert these between a module and its parameter (``q.base_layer.weight``)
-_PEFT_SEGMENT = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
-
-
-def param_matches(param_name: str, patterns: Sequence[str]) -> str | None:
-    """The first pattern that names ``param_name`` or a run of its dotted segments (``*`` globs one segment):
-    ``"sinks"`` names ``model.layers.0.self_attn.sinks``, ``"gate.weight"`` names ``model.layers.0.mlp.gate.weight``
-    (transformers 5 keeps such parameters in float32 when it loads a model in bf16/fp16). Not a substring match:
-    T5's ``"wo"`` does not name a new ``word_head.weight``. PEFT's wrapper segments (``base_layer``) are skipped."""
-    parts = _PEFT_SEGMENT.sub("", param_name).split(".")
-    for pat in patterns:
-        pp = pat.split(".")
-        if any(all(fnmatch.fnmatchcase(parts[i + j], q) for j, q in enumerate(pp))
-               for i in range(len(parts) - len(pp) + 1)):
-            return pat
-    return None
-
-
 def _model_fp32_patterns(model: nn.Module) -> list[str]:
     pats: set[str] = set()
     for m in model.modules():
@@ -141,12 +123,6 @@ def _peft_adapter_modules(model: nn.Module) -> set[str]:
             for attr in getattr(m, "adapter_layer_names", ()):
                 out.add(f"{name}.{attr}" if name else attr)
     return out
-
-
-def dotted_prefixes(name: str) -> list[str]:
-    """``name`` and every prefix of it that ends before a ``.``: ``"a.b.c"`` -> ``["a", "a.b", "a.b.c"]``. Looking
-    these up in a set tests ``name == a or name.startswith(a + ".")`` for every ``a`` at once."""
-    return [name[:i] for i, c in enumerate(name) if c == "."] + [name]
 
 
 def find_dtype_mismatches(

@@ -31,8 +31,7 @@ import os
 from typing import Any
 
 from ..errors import UsageError
-from ..checksum.disk import as_path, index_weight_map
-from ..formats.safetensors import safetensors_files
+from ..formats.safetensors import as_path, read_weight_map, safetensors_files
 
 __all__ = ["missing_head_problems", "stored_tensor_names", "head_tensor_names", "model_class"]
 
@@ -52,7 +51,7 @@ def stored_tensor_names(directory: str | os.PathLike) -> set[str] | None:
     names: set[str] = set()
     found = False
     for idx in (f for f in files if f.endswith(".index.json")):
-        names.update(index_weight_map(os.path.join(directory, idx), UsageError))
+        names.update(read_weight_map(os.path.join(directory, idx), UsageError))
         found = True
     for fname in safetensors_files(directory):  # files only: a folder named old.safetensors is not a weight file
         from safetensors import safe_open
@@ -89,10 +88,20 @@ def model_class(arch: str) -> Any:
 
 def head_tensor_names(arch: str) -> tuple[str, ...]:
     """Names the output head of class ``arch`` may be stored under (its tied-weights map, then common names)."""
+    own = [k for k in _tied_keys(arch) if k.endswith(".weight")]
+    return tuple(dict.fromkeys([*own, *_COMMON_HEADS]))
+
+
+def _tied_keys(arch: str) -> list[str]:
+    """The tied parameter names class ``arch`` declares in ``_tied_weights_keys``: transformers 5 maps each tied
+    name to its source (a dict: its keys), 4.x lists them (a list, or ``None``)."""
     cls = model_class(arch)
     keys = getattr(cls, "_tied_weights_keys", None) if cls is not None else None
-    own = [k for k in keys if k.endswith(".weight")] if isinstance(keys, dict) else []
-    return tuple(dict.fromkeys([*own, *_COMMON_HEADS]))
+    if isinstance(keys, dict):
+        return [k for k in keys if isinstance(k, str)]
+    if isinstance(keys, (list, tuple)):
+        return [k for k in keys if isinstance(k, str)]
+    return []
 
 
 def _tie_declared(directory: str, cfg: dict) -> bool:
@@ -145,10 +154,7 @@ def _lm_kind(arch: str) -> tuple[str | None, tuple[str, ...]]:
                           ("a masked LM", ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
                           ("a vision-language model", ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)):
         if any(arch == v or (not isinstance(v, str) and arch in v) for v in mapping.values()):
-            cls = model_class(arch)
-            keys = getattr(cls, "_tied_weights_keys", None) if cls is not None else None
-            heads = tuple(k for k in keys if k.endswith(".weight") and not _is_input_embedding(k)) \
-                if isinstance(keys, dict) else ()
+            heads = tuple(k for k in _tied_keys(arch) if k.endswith(".weight") and not _is_input_embedding(k))
             return (kind, heads) if heads else (None, ())
     return None, ()
 

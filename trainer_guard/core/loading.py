@@ -37,7 +37,8 @@ from ..checkpoint.saved import stored_names
 from ..errors import LoadError, SafetensorsFormatError
 from ..files import ADAPTER_CONFIG, stored_twice
 from ..formats.safetensors import as_path, index_files, read_header, read_weight_map, torch_dtype
-from .checksum import file_checksums, word_sum
+from ..checksum.cpu import word_sum
+from ..checksum.disk import file_checksums
 from .ties import find_tied_groups
 
 __all__ = ["LoadResult", "load_weights_inplace", "safetensors_files_of", "REOPEN_BYTES", "CHUNK_BYTES"]

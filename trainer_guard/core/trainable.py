@@ -36,7 +36,7 @@ from torch import nn
 
 from ..files import ADAPTER_CONFIG as ADAPTER_CONFIG_FILE
 from ..files import TRAINABLE_FILE
-from .dtype import dotted_prefixes
+from ..names import dotted_prefixes
 from .lr_groups import base_param_groups
 
 __all__ = [

@@ -12,6 +12,12 @@ import torch
 
 torch.set_num_threads(1)
 
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+# trainer_guard's logger sits under transformers' (trainer_guard/log.py), which does not propagate to the root logger
+# unless asked: ask, so that caplog (on the root logger) sees guard lines as it did before
+hf_logging.enable_propagation()
+
 
 def make_args(output_dir, **kw):
     """TrainingArguments for a tiny CPU run: no reporting, deterministic, small batches."""

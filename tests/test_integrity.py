@@ -207,9 +207,12 @@ def test_r1b_head_reloaded_at_random_is_named(tmp_path):
     _train(model, tmp_path / "plain", [], resume=str(tmp_path / "plain" / "checkpoint-2"), max_steps=3)
     assert not torch.allclose(model.lm_head.weight, trained_embedding, atol=0.05)  # trained head lost, no error
 
+    # the guard added after the Trainer was built: not wired, the check runs at train begin (wired: see below)
+    late = Trainer(model=LlamaForCausalLM.from_pretrained(ckpt), args=make_args(tmp_path / "run", max_steps=3),
+                   train_dataset=tiny_dataset(16, 16, 128))
+    late.add_callback(IntegrityGuard())
     with pytest.raises(IntegrityError) as e:
-        _train(LlamaForCausalLM.from_pretrained(ckpt), tmp_path / "run", [IntegrityGuard()], resume=str(ckpt),
-               max_steps=3)
+        late.train(resume_from_checkpoint=str(ckpt))
     msg = str(e.value)
     assert msg.startswith(f"The resumed model does not match {ckpt / MANIFEST_FILE} (step 2); stopped before "
                           f"training on.")
@@ -504,9 +507,12 @@ def test_moe_experts_converted_on_save_are_checked_under_their_stored_names(tmp_
             with torch.no_grad():
                 model.model.layers[0].mlp.experts.gate_up_proj.normal_()
 
+    # the guard added after the Trainer was built: not wired, so it checks at train begin, after SkipExperts
+    late = Trainer(model=MixtralForCausalLM.from_pretrained(ckpt), args=make_args(tmp_path, max_steps=3),
+                   train_dataset=tiny_dataset(16, 16, 128), callbacks=[SkipExperts()])
+    late.add_callback(IntegrityGuard(repair_load=False))
     with pytest.raises(IntegrityError, match=r"model\.layers\.0\.block_sparse_moe\.experts\.0\.w1\.weight: checksum"):
-        _train(MixtralForCausalLM.from_pretrained(ckpt), tmp_path, [SkipExperts(), IntegrityGuard(repair_load=False)],
-               resume=str(ckpt), max_steps=3)
+        late.train(resume_from_checkpoint=str(ckpt))
 
 
 def test_renamed_tensors_without_a_known_conversion_are_described_from_the_files(tmp_path):

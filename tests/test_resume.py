@@ -501,7 +501,8 @@ def test_fix_unwired_resume_asks_for_guard(tmp_path):
     """Without guard(trainer) the check can only run at on_train_begin, after the optimizer load: fix refuses."""
     Trainer(model=_full_run(tmp_path, [0]), args=make_args(tmp_path / "out", max_steps=2), train_dataset=ds(),
             callbacks=[ResumeGuard()]).train()
-    trainer, steps = second_trainer(tmp_path, _full_run(tmp_path, [1]), ResumeGuard(mode="fix"))
+    trainer, steps = second_trainer(tmp_path, _full_run(tmp_path, [1]))
+    trainer.add_callback(ResumeGuard(mode="fix"))  # after the Trainer was built: not wired
     with pytest.raises(ResumeMismatchError, match=r"mode='fix' needs trainer = trainer_guard.guard\(trainer\) before"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert steps.steps == 0
@@ -515,7 +516,8 @@ def test_guard_wires_each_callback_once(tmp_path):
         def wire(self, trainer):
             calls.append(trainer)
 
-    trainer = Trainer(model=tiny_lora(tiny_model("llama-tied")), args=make_args(tmp_path), callbacks=[Wired(), ResumeGuard()])
+    trainer = Trainer(model=tiny_lora(tiny_model("llama-tied")), args=make_args(tmp_path), callbacks=[Wired()])
+    trainer.add_callback(ResumeGuard())  # after the Trainer was built: not wired yet
     original = trainer.create_optimizer
     assert guard(trainer) is trainer
     wrapped = trainer.create_optimizer

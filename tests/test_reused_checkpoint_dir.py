@@ -39,9 +39,9 @@ def test_a_genuine_mismatch_with_untouched_files_gets_no_rewrite_hint(tmp_path):
     ckpt = tmp_path / "checkpoint-2"
 
     class Corrupt(IntegrityGuard):
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            model.lm_head.weight.data.add_(1.0)  # after the Trainer's load, before the check
-            return super().on_train_begin(args, state, control, model=model, **kw)
+        def after_weights_load(self, trainer, checkpoint, model):
+            trainer.model.lm_head.weight.data.add_(1.0)  # after the Trainer's load, before the check
+            return super().after_weights_load(trainer, checkpoint, model)
 
     with pytest.raises(IntegrityError) as e:
         _train(tiny_model("llama-untied", seed=1), tmp_path, [Corrupt()], resume=str(ckpt), max_steps=3)

@@ -241,7 +241,8 @@ def test_resume_reties_from_checkpoint_record(tmp_path):
     model = tiny_model("llama-manual-tie", seed=4)
     _split_head(model)
     guard = TiedWeightsGuard()
-    resumed = Trainer(model=model, args=make_args(tmp_path), train_dataset=tiny_dataset(16), callbacks=[guard])
+    resumed = Trainer(model=model, args=make_args(tmp_path), train_dataset=tiny_dataset(16))
+    resumed.add_callback(guard)  # after the Trainer was built: not wired
     with pytest.raises(ValueError, match="parameter group"):  # unwired: the optimizer load fails first
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     resumed = trainer_guard.guard(Trainer(model=model, args=make_args(tmp_path), train_dataset=tiny_dataset(16),

@@ -62,9 +62,12 @@ def build(out: str, *, seed: int = 0, wire: bool = True, extra=(), full: bool = 
     if full:
         kw.update(gradient_accumulation_steps=2, save_total_limit=1, load_best_model_at_end=True,
                   eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
+    # wire=False: the guards join after the Trainer was built, so they do not wire it themselves (at on_init_end)
     t = Trainer(model=model, args=make_args(out, **kw), train_dataset=tiny_dataset(32, 16, model.config.vocab_size),
                 eval_dataset=tiny_dataset(8, 16, model.config.vocab_size, seed=1) if full else None,
-                callbacks=list(extra) + callbacks)
+                callbacks=list(extra) + (callbacks if wire else []))
+    for cb in [] if wire else callbacks:
+        t.add_callback(cb)
     return trainer_guard.guard(t) if wire else t
 
 

@@ -25,14 +25,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from transformers import TrainerCallback
-from transformers.utils import logging
 
+from ..log import logger
 from ..errors import ConfigError
 from . import hooks
 
 __all__ = ["Guard", "coerce_options", "option_problems", "option_schema"]
 
-logger = logging.get_logger("trainer_guard")
 
 _MISSING = inspect.Parameter.empty
 
@@ -178,6 +177,11 @@ class Guard(hooks.GuardHooks, TrainerCallback):
         return agreed_call(args.should_save and os.path.isdir(ckpt), write, error,
                            f"{what} could not be written; free disk space or fix the output_dir, then resume from "
                            f"the previous checkpoint:")
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Wire the Trainer being built (its ``__init__`` fires this) so it fires the guards' hooks: ``callbacks=[...]``
+        alone gives every protection. A subclass overriding ``on_init_end`` calls ``super().on_init_end(...)``."""
+        hooks.wire_calling_trainer(self)
 
     def wire(self, trainer: Any) -> None:
         """Make ``trainer`` fire this guard's hooks (:func:`trainer_guard.callbacks.hooks.wire`; idempotent, one

@@ -126,6 +126,7 @@ class DtypeGuard(Guard):
         return True
 
     def on_init_end(self, args, state, control, model=None, **kwargs: Any):
+        super().on_init_end(args, state, control, model=model, **kwargs)  # wires the Trainer's hooks
         if model is not None:
             self.check(model, when="init", autocast=_autocast(args))
 

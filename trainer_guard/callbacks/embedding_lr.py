@@ -147,6 +147,7 @@ class EmbeddingLRGuard(Guard):
 
     # -- events -----------------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs: Any):
+        super().on_init_end(args, state, control, model=model, **kwargs)  # wires the Trainer's hooks
         if model is not None:
             factors, how = self.rates(args.learning_rate)
             agree(tied_rate_problems(embedding_parameters(model), factors, how), EmbeddingLRError,

@@ -25,8 +25,10 @@ class HeadGuard(Guard):
 
     ``on_save`` fires after the whole checkpoint is written, so the check sees exactly what a later
     ``from_pretrained`` will see. The main process reads the files; every rank raises the same error.
-    ``trainer.save_model()`` fires no event: with ``trainer_guard.guard(trainer)`` the guard checks that save too;
-    otherwise check a final directory with ``trainer-guard doctor`` or :func:`trainer_guard.missing_head_problems`.
+    ``trainer.save_model()`` fires no event: the guard checks that save too, through the hook the Trainer it was
+    given to fires (:mod:`trainer_guard.callbacks.hooks`; a guard added with ``add_callback`` after the Trainer was
+    built needs ``trainer_guard.guard(trainer)``); else check a final directory with ``trainer-guard doctor`` or
+    :func:`trainer_guard.missing_head_problems`.
 
     Args:
         mode: ``"raise"`` stops training with :class:`~trainer_guard.errors.HeadMissingError` at the first bad

@@ -36,11 +36,10 @@ import sys
 from collections.abc import Iterable
 from typing import Any, Optional
 
-from transformers.utils import logging
+from ..log import logger
 
 __all__ = ["HOOKS", "GuardHooks", "fire", "guards_of", "is_wired", "set_order", "wire", "wire_calling_trainer"]
 
-logger = logging.get_logger("trainer_guard")
 
 HOOKS = ("before_train", "before_weights_load", "after_weights_load", "before_optimizer_create",
          "before_optimizer_load", "after_save_model")
@@ -180,12 +179,13 @@ def calling_trainer(callback: Any, depth: int = 40) -> Any:
 
 def wire_calling_trainer(callback: GuardHooks) -> Any:
     """Wire the Trainer that is firing an event on ``callback`` (see :func:`calling_trainer`); return it. When it
-    cannot be found, warn once (per process) to wire it with ``trainer_guard.guard(trainer)``."""
+    cannot be found and ``callback`` implements a hook, warn once (per process) to wire it with
+    ``trainer_guard.guard(trainer)``."""
     global _warned_unfound
     trainer = calling_trainer(callback)
     if trainer is not None:
         return wire(trainer)
-    if not _warned_unfound:
+    if not _warned_unfound and any(getattr(type(callback), h) is not getattr(GuardHooks, h) for h in HOOKS):
         _warned_unfound = True
         logger.warning(f"trainer_guard: {type(callback).__name__} could not find the Trainer it belongs to, so its "
                        f"checks before the Trainer's checkpoint loads and of save_model() do not run; call "

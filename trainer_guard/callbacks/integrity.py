@@ -31,9 +31,10 @@ class IntegrityGuard(Guard):
     after tie dedupe), checksums them and writes the manifest atomically (main process only). On resume
     (``state.global_step > 0`` at train begin) it checksums the live model and compares it with the manifest of
     ``output_dir/checkpoint-<step>`` before step one: a head reloaded at random, a tensor the load skipped or a
-    dtype change stops the run, naming the tensors. All ranks raise the same error. With
-    ``trainer_guard.guard(trainer)`` the check runs right after the weight load (any checkpoint path), before the
-    optimizer load. The manifest's write and fsync run on a background thread, joined (verdict agreed) at the next
+    dtype change stops the run, naming the tensors. All ranks raise the same error. The check runs right after the
+    weight load (any checkpoint path), before the optimizer load, and ``trainer.save_model(dir)`` gets a manifest,
+    through the hooks of the Trainer the guard was given to (:mod:`trainer_guard.callbacks.hooks`; a guard added
+    with ``add_callback`` after the Trainer was built needs ``trainer_guard.guard(trainer)``, else train begin). The manifest's write and fsync run on a background thread, joined (verdict agreed) at the next
     step. FSDP / DeepSpeed runs are skipped with a warning.
 
     Args:
@@ -241,7 +242,7 @@ class IntegrityGuard(Guard):
         self.note("the Trainer's warning 'There were missing keys in the checkpoint model loaded: "
                   f"{sorted(tied)}' is expected: " + "; ".join(f"{a} is stored once, as its tie {k}" for a, k in
                                                               sorted(tied.items()))
-                  + ", and was restored through the tie (checked against the manifest)", "warning")
+                  + ", and was restored through the tie (checked against the manifest)")  # INFO: nothing to do
 
     # -- hooks (trainer_guard.callbacks.hooks) ----------------------------------------------------------------
     def after_weights_load(self, trainer: Any, checkpoint: str, model: Any) -> None:

@@ -14,8 +14,8 @@ from .._dist import agree
 from ..core.io import replace_json
 from ..core.trainable import (TRAINABLE_FILE, adapter_dir, adapter_load_gaps, add_modules_to_save,
                               add_to_trainer_groups, adapter_source, canonical_name, continuation_problems, count_table,
-                              frozen_adapter_params, hyperparameter_changes, missing_copies, optimizer_layout,
-                              read_adapter_config, trainable_record)
+                              frozen_adapter_params, hyperparameter_changes, mark_adapter_training, missing_copies,
+                              optimizer_layout, read_adapter_config, trainable_record)
 from ..errors import ResumeMismatchError
 from ..files import OPTIMIZER, checkpoint_dir
 from .base import Guard
@@ -29,8 +29,10 @@ class ResumeGuard(Guard):
     Covers ``trainer.train(resume_from_checkpoint=...)``, a fresh run continuing from a saved adapter directory
     (``adapter_dir``, or detected when the model was loaded from a directory holding ``adapter_config.json``), and
     a PEFT adapter loaded frozen (``PeftModel.from_pretrained`` without ``is_trainable=True``). A table of trainable
-    counts is logged at train begin. Call :func:`trainer_guard.guard` on the Trainer so the check runs BEFORE the
-    Trainer builds and loads the optimizer (else a changed set dies in the optimizer load with a bare ValueError).
+    counts is logged at train begin (a healthy continuation: one line, "trainable set matches ..."). The check runs
+    BEFORE the Trainer builds and loads the optimizer, through the hooks of the Trainer the guard was given to
+    (:mod:`trainer_guard.callbacks.hooks`); a guard added with ``add_callback`` after the Trainer was built needs
+    :func:`trainer_guard.guard`, else a changed set dies in the optimizer load with a bare ValueError.
 
     Args:
         mode: ``"raise"`` a :class:`~trainer_guard.errors.ResumeMismatchError`; ``"fix"``: restore the recorded
@@ -45,9 +47,8 @@ class ResumeGuard(Guard):
             ``trainer_guard_trainable.json`` could not be written.
 
     Example:
-        >>> import trainer_guard
         >>> from trainer_guard import ResumeGuard
-        >>> trainer = trainer_guard.guard(Trainer(model, args, callbacks=[ResumeGuard()]))  # doctest: +SKIP
+        >>> trainer = Trainer(model, args, callbacks=[ResumeGuard()])  # doctest: +SKIP
         >>> trainer.train(resume_from_checkpoint=True)  # doctest: +SKIP
     """
 
@@ -58,11 +59,13 @@ class ResumeGuard(Guard):
         super().__init__(mode=mode, adapter_dir=adapter_dir, write_record=write_record)
         self.checked: Optional[str] = None  # what was verified in the current train() call
         self._warned: set[str] = set()
+        self._compared: Optional[str] = None  # the checkpoint/adapter directory the last check compared with
+        self._differs = False  # whether a check of the current train() call found a difference
         self.fixed: dict = {}
 
     # -- hooks: run before the Trainer builds / loads the optimizer (trainer_guard.callbacks.hooks) ----------
     def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> None:
-        self.checked, self._warned = None, set()
+        self._forget()
 
     def before_weights_load(self, trainer: Any, checkpoint: str, model: Any) -> None:
         self.verify(trainer.model, checkpoint)
@@ -89,6 +92,7 @@ class ResumeGuard(Guard):
             return
         source = checkpoint or self._source(model)
         problems, recorded = continuation_problems(model, source, optimizer)
+        self._compared, self._differs = source, self._differs or bool(problems)
         self._note_hyperparameters(model, source, recorded, optimizer)
         if problems and self.options["mode"] == "fix" and optimizer is None and not late:
             problems = self._fix(model, source, recorded, problems, loads=checkpoint is not None)
@@ -171,8 +175,8 @@ class ResumeGuard(Guard):
                 p.requires_grad_(True)
             return [p + " (mode='fix' cannot restore this by trainability alone)" for p in left]
         self.fixed = dict(want)
-        if want and hasattr(model, "active_adapter"):
-            model.peft_config[model.active_adapter].inference_mode = False  # it trains now; saved configs say so
+        if want:
+            mark_adapter_training(model)  # it trains now; saved configs say so
         for msg in problems:
             self.note(f"fixed, trainable set restored to the checkpoint's (before the fix: {msg})", "warning")
         return []
@@ -190,14 +194,22 @@ class ResumeGuard(Guard):
             if self.fixed and optimizer is not None:  # 2 groups checked above: the Trainer's own layout
                 add_to_trainer_groups(optimizer, self.fixed)
         continued = bool(state.global_step) or self._source(model) is not None  # R3: check the count after a reload
-        self.note("trainable parameters at train begin:\n" + count_table(trainable_record(model)),
-                  "warning" if continued else "info")
+        table = "trainable parameters at train begin:\n" + count_table(trainable_record(model))
+        if continued and self._compared and not self._differs:  # healthy: one line, the table for who asks
+            self.note(table, "debug")
+            self.note(f"trainable set matches {os.path.basename(os.path.normpath(self._compared))}")
+        else:  # after a difference (mode='warn'/'fix'), the counts it left; a fresh run's at INFO
+            self.note(table, "warning" if continued else "info")
         # Every check of this train() call ran by now (the wired ones come before train begin). Forget it, so the
         # next train() checks again even when this one ends without on_train_end (an exception, Ctrl-C).
-        self.checked, self._warned = None, set()
+        self._forget()
 
     def on_train_end(self, args, state, control, **kwargs: Any):
-        self.checked, self._warned = None, set()
+        self._forget()
+
+    def _forget(self) -> None:
+        """Forget the checks of the current train() call (the next one checks again)."""
+        self.checked, self._warned, self._compared, self._differs = None, set(), None, False
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
         if model is None:

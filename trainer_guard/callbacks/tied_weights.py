@@ -165,6 +165,7 @@ class TiedWeightsGuard(Guard):
 
     # -- events ---------------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs: Any):
+        super().on_init_end(args, state, control, model=model, **kwargs)  # wires the Trainer's hooks
         if model is not None:
             self.attach(model)
 

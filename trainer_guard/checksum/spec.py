@@ -71,6 +71,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import numbers
 from collections.abc import Mapping
@@ -107,7 +108,13 @@ def meta_key(dtype: str, shape: tuple[int, ...] | list[int], nbytes: int) -> int
         >>> meta_key("F32", (2,), 8) != meta_key("F32", (1, 2), 8)
         True
     """
-    text = f"{CHECKSUM_ALGO}|{dtype}|{','.join(str(int(s)) for s in shape)}|{int(nbytes)}"
+    return _meta_key(str(dtype), tuple(int(s) for s in shape), int(nbytes))
+
+
+@functools.lru_cache(maxsize=65536)
+def _meta_key(dtype: str, shape: tuple[int, ...], nbytes: int) -> int:
+    """Cached: a model's tensors keep their dtype and shape, so checking them every step hashes each once."""
+    text = f"{CHECKSUM_ALGO}|{dtype}|{','.join(map(str, shape))}|{nbytes}"
     return int.from_bytes(hashlib.blake2b(text.encode("ascii"), digest_size=8).digest(), "little")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from functools import lru_cache
 
 import torch
 
@@ -30,7 +29,7 @@ from ..errors import ChecksumError
 from .spec import C1, C2, GAMMA, MASK64, finalize
 from .tensors import DTYPE_NAMES, check_tensor, flat_bytes
 
-__all__ = ["ChecksumPlan", "triton_available", "triton_checksums", "interpreting", "BLOCK", "ITERS", "NUM_WARPS"]
+__all__ = ["ChecksumPlan", "cached_plan", "triton_available", "triton_checksums", "interpreting", "BLOCK", "ITERS", "NUM_WARPS"]
 
 try:
     import triton
@@ -110,11 +109,6 @@ if triton is not None:
                 acc += tl.where(m, _mix(w ^ key), 0)
         total = tl.sum(acc, axis=0)
         tl.atomic_add(out_ptr + slot, total.to(tl.int64, bitcast=True))
-
-
-@lru_cache(maxsize=4096)
-def _finalize_cached(s: int, dtype: str, shape: tuple[int, ...], nbytes: int) -> int:
-    return finalize(s, dtype, shape, nbytes)
 
 
 class ChecksumPlan:
@@ -216,7 +210,7 @@ class ChecksumPlan:
     def finish(self, out: torch.Tensor) -> dict[str, int]:
         """Fold dtype/shape/size into the word sums on the host (one device-to-host copy)."""
         sums = out.tolist()
-        return {name: _finalize_cached(s & MASK64, *meta) for name, s, meta in zip(self.names, sums, self.metas)}
+        return {name: finalize(s & MASK64, *meta) for name, s, meta in zip(self.names, sums, self.metas)}
 
     def fits(self, tensors: Mapping[str, torch.Tensor]) -> bool:
         """True when :meth:`run` would checksum exactly ``tensors`` (same names, storage, dtypes and shapes, and
@@ -226,6 +220,13 @@ class ChecksumPlan:
 
 def _plan_key(tensors: Mapping[str, torch.Tensor]) -> tuple:
     return tuple((n, t.data_ptr(), t.dtype, t.shape, t.stride()) for n, t in tensors.items())
+
+
+def cached_plan(tensors: Mapping[str, torch.Tensor], cache: dict | None, *, block: int = BLOCK, iters: int = ITERS,
+                num_warps: int = NUM_WARPS) -> ChecksumPlan | None:
+    """The plan ``cache`` holds for exactly these ``tensors`` (names, storage, dtypes, shapes), else ``None``."""
+    plan = cache.get((tuple(tensors), block, iters, num_warps)) if cache else None
+    return plan if plan is not None and plan.fits(tensors) else None
 
 
 def triton_checksums(
@@ -250,8 +251,8 @@ def triton_checksums(
         ...     triton_checksums({"w": torch.ones(3, device="cuda")})  # doctest: +SKIP
     """
     key = (tuple(tensors), block, iters, num_warps)
-    plan = cache.get(key) if cache is not None else None
-    if plan is None or not plan.fits(tensors):
+    plan = cached_plan(tensors, cache, block=block, iters=iters, num_warps=num_warps)
+    if plan is None:
         plan = ChecksumPlan(tensors, block=block, iters=iters, num_warps=num_warps, checked=checked)
         if cache is not None and plan.key is not None:
             cache.clear()  # one plan kept: the caller's latest set of tensors

@@ -459,7 +459,7 @@ class UpdateAudit:
 
         by_device: dict[Any, dict[str, torch.Tensor]] = {}
         for n in names:
-            by_device.setdefault(self.params[n].device, {})[n] = self.params[n].detach()
+            by_device.setdefault(self.params[n].device, {})[n] = self.params[n]  # read only: no detach needed
         out: dict[str, int] = {}
         for device, tensors in by_device.items():
             out.update(checksums(tensors, backend=self.backend, cache=self._plans.setdefault(device, {})))

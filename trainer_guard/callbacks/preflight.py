@@ -2,7 +2,8 @@
 
 Targeting the embeddings (``modules_to_save`` or ``target_modules``) balloons the adapter toward the base model's
 size and adds gradients and optimizer state for two ``vocab x hidden`` matrices, with no warning from PEFT or the
-Trainer. This guard prints the numbers and the advice once per ``train()``; it never changes the run.
+Trainer. This guard prints the numbers and the advice once per run: a later ``train()`` of the same model (a resume,
+a second call on the same Trainer) repeats it only when the numbers changed. It never changes the run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class AdapterSizeGuard(Guard):
 
     Attributes:
         last_report: the :class:`~trainer_guard.core.preflight.PreflightReport` of the last ``train()`` (or
-            ``None`` when the embeddings are not trained inside an adapter).
+            ``None`` when the embeddings are not trained inside an adapter); logged only when it differs from the
+            report this guard already gave.
 
     Example:
         >>> from trainer_guard import AdapterSizeGuard
@@ -37,10 +39,13 @@ class AdapterSizeGuard(Guard):
     def __init__(self, level: Literal["warning", "info"] = "warning") -> None:
         super().__init__(level=level)
         self.last_report: PreflightReport | None = None
+        self._said: str | None = None  # the message already logged: one report per run, not one per train()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
         if model is None:
             return
         self.last_report = adapter_preflight(model, optim=str(getattr(args.optim, "value", args.optim)))
-        if self.last_report is not None and is_main_process():
-            self.note(self.last_report.message(), self.options["level"])
+        message = self.last_report.message() if self.last_report is not None else None
+        if message is not None and message != self._said and is_main_process():
+            self.note(message, self.options["level"])
+            self._said = message

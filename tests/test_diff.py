@@ -41,8 +41,16 @@ def test_frozen_module_shows_as_unchanged_over_steps(run_dir, capsys):
     assert lines[0] == f"A: {run_dir / 'checkpoint-2'} (step 2, 21 tensors, from files)"
     assert lines[2] == "21 tensors: 1 same, 20 changed, 0 only in A, 0 only in B"
     assert "  model.embed_tokens: unchanged over 2 steps" in lines
-    assert "  model.layers.*.mlp.up_proj: changed over 2 steps (2 tensors)" in lines
+    # how much: ||B - A|| / ||A|| over both layers' up_proj, and the largest change of one value
+    a, b = load_file(run_dir / "checkpoint-2" / "model.safetensors"), load_file(run_dir / "checkpoint-4" / "model.safetensors")
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 1)]
+    d = torch.cat([(b[n].double() - a[n].double()).reshape(-1) for n in names])
+    rel = d.norm() / torch.cat([a[n].double().reshape(-1) for n in names]).norm()
+    assert f"  model.layers.*.mlp.up_proj: changed over 2 steps by {rel:.2%} (max |B-A| {d.abs().max():.1e}) " \
+           f"(2 tensors)" in lines, out
     assert lines[-1] == "different"
+    rc, out, _ = cli(capsys, run_dir / "checkpoint-2", run_dir / "checkpoint-4", "--checksums-only")
+    assert "  model.layers.*.mlp.up_proj: changed over 2 steps (2 tensors)" in out.splitlines()
 
 
 def test_identical_and_sharded_vs_single_file(run_dir, capsys):

@@ -72,6 +72,26 @@ def test_readme_table_names_every_guard():
         assert f"`{cls.__name__}`" in table, f"README's 'What it guards against' table lacks {cls.__name__}"
 
 
+def test_readme_guards_table_matches_the_default_config():
+    """One row per guard in README's 'Guards' table; 'on by default' is default.yaml's ``enabled``, and the default
+    mode column names the default of each choice option that sets what the guard does on a finding."""
+    table = README.split("\n## Guards\n", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): [c.strip() for c in m.group(2).split("|")]
+            for m in re.finditer(r"^\| `(\w+)` \|(.*)\|$", table, re.M)}
+    assert sorted(rows) == sorted(cls.__name__ for cls in GUARDS.values())
+    config = yaml.safe_load(DEFAULT_YAML)
+    for name, cls in GUARDS.items():
+        on, mode, when, cost = rows[cls.__name__]
+        enabled = bool((config.get(name) or {}).get("enabled", True)) if name in config else False
+        assert on.startswith("yes" if enabled else "no"), f"{cls.__name__}: README says {on!r}, default.yaml {enabled}"
+        for option in ("mode", "action", "verify", "level"):
+            hint, default = option_schema(cls).get(option, (None, None))
+            if typing.get_origin(hint) is typing.Literal:
+                assert re.search(rf"\b{re.escape(str(default))}\b", mode), \
+                    f"{cls.__name__}: README's default mode {mode!r} does not name {option}={default!r}"
+        assert when and re.search(r"\d", cost), f"{cls.__name__}: when it acts / measured cost missing"
+
+
 @pytest.mark.parametrize("name", list(GUARDS))
 def test_guard_docstring_documents_every_option(name):
     """Each ``__init__`` option is described under ``Args:`` in the guard's class docstring."""
@@ -89,9 +109,9 @@ def _cli_options():
     from trainer_guard.cli import COMMANDS
 
     out = {}
-    for command, (modname, _) in COMMANDS.items():
+    for command, (_, _, arguments) in COMMANDS.items():
         parser = argparse.ArgumentParser()
-        importlib.import_module(modname).configure(parser)
+        arguments(parser)
         out[command] = [s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
     return out
 

@@ -1,17 +1,32 @@
-"""``trainer-guard demo``: fine-tune a tiny model on CPU with the default config, checkpoint, resume, reload.
+"""``trainer-guard demo``: each pitfall on a tiny model without and with its guard, then a guarded run.
 
-Offline and quick (about 10 s on 2 cores): the model is built from a config (``--model``, default a Llama tied by
-hand, field report R1b; see :mod:`trainer_guard.tiny` for the kinds), the data is random token ids. ``--config``
-replaces the packaged default config. Prints what each guard did in the first run and in the resumed one, and
-whether the resumed and reloaded weights match the trained ones bit for bit; exit code 0 when they all do.
+Offline, on CPU: 17 s on a quiet 2-core machine, 25 s on a loaded one (a few of them importing torch,
+transformers and peft); a progress line is printed before each part. First, five pitfalls side by side, each run twice on a fresh tiny model (the second time with the
+one guard that answers it), one line each, e.g. ``reloaded head == trained head: without the guard False, with it
+True``:
 
-``--output-dir`` must be new or empty: checkpoints of an earlier run would mix with this one's (the resume step
-reads ``checkpoint-N``). ``--overwrite`` first removes what an earlier demo wrote there (``checkpoint-N/`` and
-``final/``); a directory holding anything else is refused either way, and nothing is deleted then.
+1. a Llama whose head is tied by hand while its config says untied: the saved model reloads a random head;
+2. a plain ``nn.Module`` with a tied head: the first checkpoint crashes ("Some tensors share memory");
+3. a new fp32 head on a bf16 model: step 1 crashes (dtype mismatch);
+4. a LoRA run continued without the ``modules_to_save`` it was trained with: a bare "parameter group doesn't match"
+   from the optimizer load;
+5. a resume from a checkpoint with one flipped bit: training goes on with the corrupted weight.
+
+Then the guarded run: the model of ``--model`` (default a Llama tied by hand; see :mod:`trainer_guard.tiny` for the
+kinds) with every guard the default config (or ``--config``) enables, ``--steps`` steps on random token ids,
+checkpoints every N//2 steps, a resume from the first one on a fresh model, ``save_model()`` and a reload; it prints
+whether the resumed and reloaded weights match the trained ones bit for bit and what each guard did, and ends with
+the commands to try next (``trainer-guard doctor DIR/checkpoint-N``, ``trainer-guard diff``). Exit code 0 when every
+guarded result is right. ``--no-compare`` skips the side-by-side part.
+
+``--output-dir`` (default: a new temporary directory, kept for those next commands) must be new or empty:
+checkpoints of an earlier run would mix with this one's. ``--overwrite`` first removes what an earlier demo wrote
+there (``checkpoint-N/`` and ``final/``); a directory holding anything else is refused either way, and nothing is
+deleted then. The side-by-side runs write only to temporary directories that are removed when they end.
 
 Example:
     $ trainer-guard demo
-    $ trainer-guard demo --model plain-gpt --config configs/default.yaml --output-dir out/demo
+    $ trainer-guard demo --model plain-gpt --config configs/default.yaml --output-dir out/demo --no-compare
     $ trainer-guard demo --output-dir out/demo --overwrite
 """
 
@@ -20,18 +35,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shutil
 import tempfile
+import time
+import warnings
+from collections.abc import Callable
 from typing import Any
 
-from .errors import UsageError
-from .files import MODEL_WEIGHTS, checkpoint_dir, checkpoint_name
+from .errors import TrainerGuardError, UsageError
+from .files import MODEL_WEIGHTS, checkpoint_dir, checkpoint_name, checkpoints_in, is_checkpoint_name
+from .formats.safetensors import read_header
 
-__all__ = ["configure", "run", "default_config_path"]
+__all__ = ["run", "default_config_path"]
 
-_DEMO_OUTPUT = re.compile(r"checkpoint-\d+|final")  # the directories a demo run writes into --output-dir
-_SAVE_EVENT = re.compile(r"(checkpoint-\d+|final): ")  # a guard's report line about one save
+_FINAL = "final"  # where the guarded run's save_model() writes, next to its checkpoint-N directories
 
 
 def __getattr__(name: str) -> Any:
@@ -43,36 +60,32 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    from .tiny import KINDS
-
-    parser.add_argument("--model", choices=KINDS, default="llama-manual-tie", metavar="KIND",
-                        help=f"tiny model kind: {', '.join(KINDS)} (default: llama-manual-tie, a Llama tied by "
-                             "hand, field report R1b)")
-    parser.add_argument("--config", default=None, metavar="PATH",
-                        help="YAML config (default: the packaged default.yaml)")
-    parser.add_argument("--output-dir", default=None, metavar="DIR",
-                        help="where checkpoints go: a new or empty directory (default: a temporary one)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="first remove an earlier demo's checkpoint-N/ and final/ from --output-dir "
-                             "(anything else there still refuses the run)")
-    parser.add_argument("--steps", type=int, default=6, metavar="N",
-                        help="training steps, at least 2 (default 6; a checkpoint every N//2 steps, the resume "
-                             "starts from the first)")
+def _is_save_event(line: str) -> bool:
+    """Whether a guard's report line is about one save (it starts with ``checkpoint-N: `` or ``final: ``)."""
+    head, sep, _ = line.partition(": ")
+    return bool(sep) and (is_checkpoint_name(head) or head == _FINAL)
 
 
-def _trainer(model, out, steps, callbacks, ds):
+def _demo_output(name: str) -> bool:
+    """Whether a directory entry is one a demo run writes into ``--output-dir``."""
+    return is_checkpoint_name(name) or name == _FINAL
+
+
+def _say(text: str = "", end: str = "\n") -> None:
+    print(text, end=end, flush=True)  # flushed: a progress line shows before the work it announces
+
+
+def _trainer(model, out, steps, callbacks, ds, save_steps=None):
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     import trainer_guard
 
-    args = TrainingArguments(output_dir=out, max_steps=steps, save_steps=max(1, steps // 2), per_device_train_batch_size=4,
-                             use_cpu=True, report_to=[], logging_steps=1, learning_rate=1e-2, seed=0,
-                             disable_tqdm=True, dataloader_num_workers=0)
+    args = TrainingArguments(output_dir=out, max_steps=steps, save_steps=save_steps or max(1, steps // 2),
+                             per_device_train_batch_size=4, use_cpu=True, report_to=[], logging_steps=1,
+                             learning_rate=1e-2, seed=0, disable_tqdm=True, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
-    wire = getattr(trainer_guard, "guard", None)
-    return wire(trainer) if callable(wire) else trainer
+    return trainer_guard.guard(trainer)
 
 
 def _reload(kind: str, path: str):
@@ -100,7 +113,7 @@ def _prepare_output_dir(path: str, overwrite: bool) -> None:
         entries = sorted(os.listdir(path))
     except OSError as e:
         raise UsageError(f"--output-dir {path}: cannot create or read it ({e.strerror or e})") from None
-    earlier = [e for e in entries if _DEMO_OUTPUT.fullmatch(e) and os.path.isdir(os.path.join(path, e))
+    earlier = [e for e in entries if _demo_output(e) and os.path.isdir(os.path.join(path, e))
                and not os.path.islink(os.path.join(path, e))]
     refused = [e for e in entries if e not in earlier] if overwrite else entries
     if refused:
@@ -131,8 +144,159 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("trainer_guard").setLevel(level)
 
 
+def _short(e: BaseException | str, limit: int = 110) -> str:
+    """``Type: first line`` of an exception, the first ``  - `` item of a guard's list when it has one; a note as
+    it is."""
+    if isinstance(e, str):
+        return e
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    item = next((ln[2:] for ln in lines if ln.startswith("- ")), None)
+    text = item or (lines[0] if lines else "")
+    return f"{type(e).__name__}: {text[:limit] + ' ...' if len(text) > limit else text}"
+
+
+def _attempt(fn: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+    """``(fn(), None)``, or ``(None, the exception)`` for what a pitfall raises (the demo shows it, not a traceback)."""
+    try:
+        return fn(), None
+    except (RuntimeError, ValueError, KeyError, TrainerGuardError) as e:  # what the Trainer, torch, the guards raise
+        return None, e
+
+
+def _flip_one_bit(path: str, tensor: str) -> None:
+    """Flip one bit in the middle of ``tensor``'s bytes in the safetensors file ``path`` (header left intact)."""
+    entry = read_header(path).tensors[tensor]  # absolute offsets of the tensor's bytes
+    with open(path, "r+b") as f:
+        f.seek((entry.begin + entry.end) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def _pitfall_hand_tied_head(tmp, ds):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .callbacks import TiedWeightsGuard
+    from .tiny import tiny_model
+
+    def run(cbs):
+        out = tempfile.mkdtemp(dir=tmp)
+        trainer = _trainer(tiny_model("llama-manual-tie"), out, 2, cbs, ds)
+        trainer.train()
+        trainer.save_model(os.path.join(out, _FINAL))
+        reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(out, _FINAL))
+        same = torch.equal(reloaded.lm_head.weight, trainer.model.lm_head.weight)
+        return same, None if same else "the save left out lm_head.weight: from_pretrained gave a random head"
+
+    return "train, save_model(), reload: reloaded head == trained head", run([]), run([TiedWeightsGuard()])
+
+
+def _pitfall_plain_module(tmp, ds):
+    from .callbacks import TiedWeightsGuard
+    from .tiny import tiny_model
+
+    def run(cbs):
+        out = tempfile.mkdtemp(dir=tmp)
+        _, err = _attempt(lambda: _trainer(tiny_model("plain-gpt"), out, 2, cbs, ds, save_steps=1).train())
+        return err is None and os.path.isdir(checkpoint_dir(out, 1)), err
+
+    return "first checkpoint saved", run([]), run([TiedWeightsGuard()])
+
+
+def _pitfall_fp32_head(tmp, ds):
+    import torch
+
+    from .callbacks import DtypeGuard
+    from .tiny import tiny_model
+
+    def run(cbs):
+        model = tiny_model("llama-untied").to(torch.bfloat16)
+        model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)  # fp32
+        trainer, err = _attempt(lambda: _trainer(model, tempfile.mkdtemp(dir=tmp), 2, cbs, ds))
+        if err is None:
+            _, err = _attempt(trainer.train)
+        return err is None, err
+
+    return "training runs", run([]), run([DtypeGuard()])
+
+
+def _pitfall_lora_resume(tmp, ds):
+    from .callbacks import ResumeGuard
+    from .tiny import tiny_lora, tiny_model
+
+    out = tempfile.mkdtemp(dir=tmp)
+    first = tiny_lora(tiny_model("llama-untied"), modules_to_save=["embed_tokens", "lm_head"])
+    _trainer(first, out, 2, [ResumeGuard()], ds, save_steps=1).train()
+
+    def run(cbs):
+        trainer = _trainer(tiny_lora(tiny_model("llama-untied")), out, 2, cbs, ds)  # the default LoRA config
+        _, err = _attempt(lambda: trainer.train(resume_from_checkpoint=checkpoint_dir(out, 1)))
+        return (err is not None and trainer.state.global_step <= 1 and "doesn't match" not in str(err)), err
+
+    return "stopped before any step, naming what changed", run([]), run([ResumeGuard()])
+
+
+def _pitfall_bit_flip(tmp, ds):
+    from .callbacks import IntegrityGuard
+    from .tiny import tiny_model
+
+    out = tempfile.mkdtemp(dir=tmp)
+    _trainer(tiny_model("llama-tied"), out, 2, [IntegrityGuard()], ds, save_steps=1).train()
+    _flip_one_bit(os.path.join(checkpoint_dir(out, 1), MODEL_WEIGHTS), "model.embed_tokens.weight")
+
+    def run(cbs):
+        trainer = _trainer(tiny_model("llama-tied", seed=1), out, 2, cbs, ds)
+        _, err = _attempt(lambda: trainer.train(resume_from_checkpoint=checkpoint_dir(out, 1)))
+        stopped = err is not None and trainer.state.global_step <= 1
+        return stopped, err if err is not None else f"trained on to step {trainer.state.global_step}, nothing said"
+
+    return "resume stopped before training on", run([]), run([IntegrityGuard()])
+
+
+# (what goes wrong, the guard that answers it, the run): each run returns (question, without guard, with guard),
+# each side (answer, exception or None)
+_PITFALLS = (
+    ("a Llama whose head is tied by hand while its config says untied", "TiedWeightsGuard", _pitfall_hand_tied_head),
+    ("a plain nn.Module whose output head is tied to its embedding", "TiedWeightsGuard", _pitfall_plain_module),
+    ("a bf16 model given a new nn.Linear head (fp32 by default)", "DtypeGuard", _pitfall_fp32_head),
+    ("a LoRA run with embed_tokens/lm_head in modules_to_save, continued with the default LoRA config", "ResumeGuard",
+     _pitfall_lora_resume),
+    ("a resume from a checkpoint with one flipped bit in model.embed_tokens.weight", "IntegrityGuard",
+     _pitfall_bit_flip),
+)
+
+
+def _compare(ds) -> bool:
+    """Run each pitfall without and with its guard; print one verdict line each. True when every guarded run did
+    the right thing (what the unguarded run does depends on the transformers version, and is only shown)."""
+    _say("pitfalls, each run twice on a fresh tiny model: without and with the one guard that answers it")
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="trainer-guard-demo-pitfalls-") as tmp:
+        for i, (title, guard, pitfall) in enumerate(_PITFALLS, 1):
+            started = time.perf_counter()
+            _say(f"[{i}/{len(_PITFALLS)}] {title} ({guard}) ...", end="")
+            question, (without, err_without), (with_, err_with) = pitfall(tmp, ds)
+            _say(f" {time.perf_counter() - started:.1f} s")
+            _say(f"      {question}: without the guard {without}, with it {with_}")
+            for who, err in (("without", err_without), ("with", err_with)):
+                if err is not None:
+                    _say(f"        {who + ':':8s} {_short(err)}")
+            ok = ok and with_
+    return ok
+
+
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.steps < 2:
+        raise UsageError(f"--steps {args.steps}: the demo needs at least 2 steps (it resumes from the middle one)")
+    if args.output_dir:
+        _prepare_output_dir(args.output_dir, overwrite=getattr(args, "overwrite", False))
+    compare = not getattr(args, "no_compare", False)
+    _say("trainer-guard demo: tiny models on CPU, offline"
+         + (": each pitfall without and with its guard, then a guarded run" if compare else ""))
+    started = time.perf_counter()
+    _say("loading torch, transformers and peft ...", end="")
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -141,73 +305,85 @@ def _run(args: argparse.Namespace) -> int:
     from .core.ties import find_tied_groups
     from .tiny import tiny_dataset, tiny_model
 
+    if compare:
+        import peft  # noqa: F401  (loaded here, so that the progress line says where the time goes)
+    _say(f" {time.perf_counter() - started:.1f} s")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("trainer_guard").setLevel(logging.ERROR)  # the report below says it all
     cfg = args.config or default_config_path()
     callbacks = callbacks_from_yaml(cfg)
-    if args.steps < 2:
-        raise UsageError(f"--steps {args.steps}: the demo needs at least 2 steps (it resumes from the middle one)")
-    if args.output_dir:
-        _prepare_output_dir(args.output_dir, overwrite=getattr(args, "overwrite", False))
+    ds = tiny_dataset(n=32, seq_len=16)
+    ok = True
+    if compare:
+        with warnings.catch_warnings():  # the libraries' deprecation notices are not what this demo shows
+            warnings.simplefilter("ignore")
+            ok = _compare(ds)
+        _say()
     out = args.output_dir or tempfile.mkdtemp(prefix="trainer-guard-demo-")
     steps = args.steps
     half = max(1, steps // 2)
-    ds = tiny_dataset(n=32, seq_len=16)
-    print(f"trainer-guard demo: model={args.model} config={cfg} output={out}")
-
-    print(f"guards: {', '.join(type(c).__name__ for c in callbacks) or '(none enabled)'}")
+    _say(f"guarded run: model={args.model} config={cfg} output={out}")
+    _say(f"guards: {', '.join(type(c).__name__ for c in callbacks) or '(none enabled)'}")
     off = [cls.__name__ for cls in GUARDS.values() if not any(type(c) is cls for c in callbacks)]
     if off:
-        print(f"off in this config: {', '.join(off)}")
+        _say(f"off in this config: {', '.join(off)}")
     model = tiny_model(args.model)
     groups = find_tied_groups(model)
-    print(f"tie groups found by identity: {groups or 'none'}")
+    _say(f"tie groups found by identity: {groups or 'none'}")
+    _say(f"1. training {steps} steps on random tokens ...", end="")
     first = _trainer(model, out, steps, callbacks, ds)
     first.train()
     trained = {n: p.detach().clone() for n, p in first.model.named_parameters(remove_duplicate=False)}
     losses = [round(h["loss"], 3) for h in first.state.log_history if "loss" in h]
-    print(f"1. trained {steps} steps on random tokens (losses {losses}), "
-          f"checkpoints: {sorted(d for d in os.listdir(out) if d.startswith('checkpoint-'))}")
+    checkpoints = checkpoints_in(out)
+    _say(f" losses {losses}, checkpoints: {checkpoints}")
 
+    _say(f"2. resuming from {checkpoint_name(half)} on a fresh model (other random init) ...", end="")
     resumed_cbs = callbacks_from_yaml(cfg)
     second = _trainer(tiny_model(args.model, seed=99), out, steps, resumed_cbs, ds)
     second.train(resume_from_checkpoint=checkpoint_dir(out, half))
     same_resume = all(torch.equal(p, trained[n]) for n, p in second.model.named_parameters(remove_duplicate=False))
-    print(f"2. resumed from {checkpoint_name(half)} on a fresh model (other random init): final weights identical to the "
-          f"first run: {'yes' if same_resume else 'NO'}")
+    _say(f" final weights identical to the first run: {'yes' if same_resume else 'NO'}")
 
-    final = os.path.join(out, "final")
+    _say("3. saving with save_model() to final/ and reloading ...", end="")
+    final = os.path.join(out, _FINAL)
     second.save_model(final)
     reloaded = _reload(args.model, final)
     got = dict(reloaded.named_parameters(remove_duplicate=False))
     same_reload = got.keys() == trained.keys() and all(torch.equal(got[n], trained[n]) for n in trained)
     tied_ok = find_tied_groups(reloaded) == find_tied_groups(second.model)
     ties = ("yes" if tied_ok else "NO") if groups else ("none to restore" if tied_ok else "NO (reloaded model is tied)")
-    print(f"3. saved with save_model() to final/ and reloaded: bit-identical: {'yes' if same_reload else 'NO'}, "
-          f"ties restored: {ties}")
+    _say(f" bit-identical: {'yes' if same_reload else 'NO'}, ties restored: {ties}")
 
     reported = set()
     for title, cbs in (("run 1 (train, checkpoints)", callbacks),
                        (f"run 2 (resume from {checkpoint_name(half)}, train, save_model; other lines as in run 1 not repeated)",
                         resumed_cbs)):
-        print(f"what the guards did in {title}:")
+        _say(f"what the guards did in {title}:")
         said = False
         for cb in cbs:
             for line in cb.report() if hasattr(cb, "report") else []:
-                if (type(cb), line) in reported and not _SAVE_EVENT.match(line):  # a save is news in each run
+                if (type(cb), line) in reported and not _is_save_event(line):  # a save is news in each run
                     continue
                 reported.add((type(cb), line))
                 said = True
                 head, *rest = line.splitlines() or [""]
-                print(f"  [{type(cb).__name__}] {head}")
+                _say(f"  [{type(cb).__name__}] {head}")
                 for more in rest:
-                    print(f"      {more}")
+                    _say(f"      {more}")
         if not said:
-            print("  (nothing new)")
+            _say("  (nothing new)")
     quiet = [type(cb).__name__ for cb in callbacks if not any(t is type(cb) for t, _ in reported)]
     if quiet:
-        print(f"silent (checked and found nothing, or nothing to do in this run): {', '.join(quiet)}")
-    ok = same_resume and same_reload and tied_ok
-    print("demo: OK" if ok else "demo: FAILED")
+        _say(f"silent (checked and found nothing, or nothing to do in this run): {', '.join(quiet)}")
+    ok = ok and same_resume and same_reload and tied_ok
+    _say(f"demo: {'OK' if ok else 'FAILED'} ({time.perf_counter() - started:.0f} s)")
+    last = os.path.join(out, checkpoints[-1]) if checkpoints else out
+    _say("next, check a checkpoint and see what changed between two:")
+    _say(f"  trainer-guard doctor {last}")
+    if len(checkpoints) > 1:
+        _say(f"  trainer-guard diff {os.path.join(out, checkpoints[0])} {last}")
+    if not args.output_dir:
+        _say(f"  (remove {out} when done)")
     return 0 if ok else 1

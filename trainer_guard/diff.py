@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -33,7 +34,7 @@ from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_subdirs, checkpoint_
 from .formats.safetensors import read_header, safetensors_files, torch_name
 from .names import module_of
 
-__all__ = ["configure", "run", "load_side", "diff", "format_text"]
+__all__ = ["configure", "run", "load_side", "diff", "change_sizes", "format_text"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -272,12 +273,14 @@ def _sides(a: str, b: str, source: str, progress: bool) -> tuple[dict[str, Any],
     return out[0], out[1]
 
 
-def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto", progress: bool = False) -> dict[str, Any]:
+def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto", progress: bool = False,
+         magnitudes: bool = True) -> dict[str, Any]:
     """Compare two checkpoint/model directories; return the JSON-able report ``trainer-guard diff --json`` prints.
 
     Keys: ``a``/``b`` (path, source, global_step, tensor count, ``notes``: why a manifest was passed over for the
     files), ``steps`` (B's step minus A's, or None), ``identical``, ``counts`` (same/changed/only_a/only_b),
-    ``modules`` (see :func:`trainer_guard.core.audit.module_summary`), ``tensors`` (name -> status), ``retyped``
+    ``modules`` (see :func:`trainer_guard.core.audit.module_summary`; with ``magnitudes``, each module with changed
+    floating-point tensors also gets ``change``: see :func:`change_sizes`), ``tensors`` (name -> status), ``retyped``
     (name -> what changed in dtype/shape). PEFT adapters saved in per-name sub-directories are compared too, their
     tensors named ``<adapter>/<tensor>``.
 
@@ -316,8 +319,102 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, source: str = "auto", progr
                          f".save_pretrained(dir)) and compare that directory with {full}")
     sa["tensors"], sb["tensors"] = len(ta), len(tb)
     steps = (sb["global_step"] - sa["global_step"]) if None not in (sa["global_step"], sb["global_step"]) else None
+    modules = module_summary(status)
+    if magnitudes:
+        _add_change_sizes(modules, change_sizes(a, b, [n for n, st in status.items() if st == CHANGED
+                                                       and n not in retyped]))
     return {"a": sa, "b": sb, "steps": steps, "identical": counts[SAME] == len(status), "counts": counts,
-            "modules": module_summary(status), "tensors": status, "retyped": retyped}
+            "modules": modules, "tensors": status, "retyped": retyped}
+
+
+_CHUNK = 1 << 22  # elements compared at a time (32 MiB of float64 per side)
+
+
+def _locations(path: str) -> dict[str, tuple[str, str]]:
+    """Where each tensor of ``path`` (a directory, its PEFT adapter sub-directories, or one .safetensors file) is
+    stored: report name (``<adapter>/<tensor>`` for a sub-directory) -> (file, name in that file)."""
+    parts = [""] if os.path.isfile(path) else _parts(path)
+    out: dict[str, tuple[str, str]] = {}
+    for part in parts:
+        for f in _files(os.path.join(path, part) if part else path):
+            out.update({(f"{part}/{k}" if part else k): (f, k) for k in read_header(f).tensors})
+    return out
+
+
+def change_sizes(a: str | os.PathLike, b: str | os.PathLike, names: list[str]) -> dict[str, dict[str, float]]:
+    """How much each tensor in ``names`` changed from ``a`` to ``b``, read from the safetensors files.
+
+    Per tensor: ``diff_sq`` (sum of squared differences), ``a_sq`` (sum of squares of A's values) and ``max_abs``
+    (largest absolute difference), computed in float64 a chunk at a time. Tensors that are not floating point, whose
+    shape differs, or that one side's files do not hold (a manifest-only alias) are left out.
+
+    Example:
+        >>> sizes = change_sizes("out/checkpoint-2", "out/checkpoint-4", ["lm_head.weight"])  # doctest: +SKIP
+        >>> (sizes["lm_head.weight"]["diff_sq"] / sizes["lm_head.weight"]["a_sq"]) ** 0.5  # doctest: +SKIP
+        0.0031
+    """
+    import torch
+    from safetensors import safe_open
+
+    a, b = os.fspath(a), os.fspath(b)
+    if not names:
+        return {}
+    la, lb = _locations(a), _locations(b)
+    out: dict[str, dict[str, float]] = {}
+    for n in names:
+        if n not in la or n not in lb:
+            continue
+        with safe_open(la[n][0], framework="pt") as fa, safe_open(lb[n][0], framework="pt") as fb:
+            ta, tb = fa.get_tensor(la[n][1]), fb.get_tensor(lb[n][1])
+        if ta.shape != tb.shape or not (ta.is_floating_point() and tb.is_floating_point()):
+            continue
+        ta, tb = ta.reshape(-1), tb.reshape(-1)
+        diff_sq = a_sq = max_abs = 0.0
+        for i in range(0, ta.numel(), _CHUNK):
+            x, y = ta[i:i + _CHUNK].double(), tb[i:i + _CHUNK].double()
+            d = y - x
+            diff_sq += float(d.square().sum())
+            a_sq += float(x.square().sum())
+            max_abs = max(max_abs, float(d.abs().max()))
+        out[n] = {"diff_sq": diff_sq, "a_sq": a_sq, "max_abs": max_abs}
+    return out
+
+
+def _add_change_sizes(modules: list[dict[str, Any]], sizes: Mapping[str, Mapping[str, float]]) -> None:
+    """Sum :func:`change_sizes` per module entry of :func:`~trainer_guard.core.audit.module_summary` (a folded
+    ``model.layers.*.mlp`` entry covers every layer's tensors) and store it as the entry's ``change``:
+    ``relative`` (``||B - A|| / ||A||`` over the module's changed tensors; ``None`` when A is all zeros, e.g. a
+    LoRA B matrix before training), ``norm`` (``||B - A||``) and ``max_abs``."""
+
+    exact = {m["module"]: m for m in modules}
+    folded = [(re.compile(re.escape(m["module"]).replace(r"\*", r"\d+")), m) for m in modules if "*" in m["module"]]
+    sums: dict[int, list[float]] = {}
+    for name, size in sizes.items():
+        mod = module_of(name)
+        entry = exact.get(mod) or next((m for rx, m in folded if rx.fullmatch(mod)), None)
+        if entry is None:
+            continue
+        acc = sums.setdefault(id(entry), [0.0, 0.0, 0.0])
+        acc[0] += size["diff_sq"]
+        acc[1] += size["a_sq"]
+        acc[2] = max(acc[2], size["max_abs"])
+    for m in modules:
+        if id(m) in sums:
+            diff_sq, a_sq, max_abs = sums[id(m)]
+            m["change"] = {"relative": (diff_sq / a_sq) ** 0.5 if a_sq > 0 else None, "norm": diff_sq ** 0.5,
+                           "max_abs": max_abs}
+
+
+def _change_text(change: Mapping[str, Any] | None) -> str:
+    """``by 0.31% (max |B-A| 4.1e-04)``: how much a module changed, for :func:`format_text`."""
+    if not change:
+        return ""
+    rel = change["relative"]
+    if rel is None:
+        size = f"from all zeros to norm {change['norm']:.2e}"
+    else:
+        size = f"by {rel:.2%}" if rel >= 1e-4 or rel == 0 else f"by {rel * 100:.1e}%"
+    return f" {size} (max |B-A| {change['max_abs']:.1e})"
 
 
 def format_text(report: Mapping[str, Any], list_tensors: bool = False) -> str:
@@ -333,6 +430,9 @@ def format_text(report: Mapping[str, Any], list_tensors: bool = False) -> str:
              f"{sum(c.values())} tensors: {c[SAME]} same, {c[CHANGED]} changed, {c[ONLY_A]} only in A, "
              f"{c[ONLY_B]} only in B"]
     lines[2:2] = [f"note: {n}" for n in (*a.get("notes", ()), *b.get("notes", ()))]
+    if any(m.get("change") for m in report["modules"]):
+        lines.append("changed by: ||B - A|| / ||A|| over the module's changed tensors; max |B-A|: largest change of one "
+                     "value")
     if not c[SAME] and not c[CHANGED] and (c[ONLY_A] or c[ONLY_B]):
         lines.append("no tensor name in common: an adapter against a full model, or two different models?")
     for m in report["modules"]:
@@ -341,7 +441,7 @@ def format_text(report: Mapping[str, Any], list_tensors: bool = False) -> str:
         if m["status"] in ("partly changed", "mixed"):
             detail = " (" + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()) + ")"
         timed = over if m["status"] in ("unchanged", "changed", "partly changed") else ""
-        lines.append(f"  {m['module']}: {m['status']}{timed}{detail}")
+        lines.append(f"  {m['module']}: {m['status']}{timed}{_change_text(m.get('change'))}{detail}")
     by_change: dict[str, list[str]] = {}
     for name, what in report["retyped"].items():
         by_change.setdefault(what, []).append(name)
@@ -357,7 +457,8 @@ def format_text(report: Mapping[str, Any], list_tensors: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = diff(args.a, args.b, source=args.source, progress=sys.stderr.isatty())
+    report = diff(args.a, args.b, source=args.source, progress=sys.stderr.isatty(),
+                  magnitudes=not getattr(args, "checksums_only", False))
     from .cli import emit
 
     emit(json.dumps(report, indent=2) if args.json else format_text(report, list_tensors=args.tensors))

@@ -69,6 +69,7 @@ print("RESULT" + json.dumps({k: str(v) for k, v in triton_checksums(_odd_layouts
 """
 
 
+@pytest.mark.slow
 def test_triton_interpreter_matches_cpu_on_non_contiguous_tensors():
     got = triton_interpreter_result(_TRITON_CHILD)
     assert got == {k: str(v) for k, v in checksums(_odd_layouts(), backend="cpu").items()}

@@ -95,6 +95,7 @@ def auto_class(kind):
 
 
 # -- every default guard, end to end ---------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["t5", "bart", "marian", "bert-mlm", "roberta-mlm", "bert-cls", "llama-cls", "gptneox"])
 def test_default_guards_round_trip_bit_identical(tmp_path, kind):
     """Train with every default guard, checkpoint, resume a fresh model, save_model, reload with the Auto class,

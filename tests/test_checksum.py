@@ -128,6 +128,7 @@ print("RESULT" + json.dumps({k: {n: str(v) for n, v in d.items()} for k, d in ou
 """
 
 
+@pytest.mark.slow
 def test_triton_kernel_matches_cpu_path_under_interpreter():
     got = triton_interpreter_result(_TRITON_CHILD)
     want = {n: str(v) for n, v in checksums(zoo(), backend="cpu").items()}
@@ -367,6 +368,7 @@ def test_triton_backend_refuses_cpu_tensors_without_interpreter():
         checksums({"w": torch.ones(2)}, backend="triton")
 
 
+@pytest.mark.slow
 def test_kernel_compiles_for_h100_with_vector_loads():
     """No GPU here: compile the kernel ahead of time for sm_90 so a GPU-only type error cannot hide."""
     triton = pytest.importorskip("triton")

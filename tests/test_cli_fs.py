@@ -276,6 +276,7 @@ def test_a_directory_named_like_a_weights_file_does_not_break_the_head_check(mod
     assert (code, rep["unusable"]) == (0, [])
 
 
+@pytest.mark.slow
 def test_works_when_numba_cannot_cache(models):
     code = ("import sys, numba.core.caching as c\n"
             "c.CacheImpl._locator_classes = []  # what numba finds when nothing it may write to is writable\n"

@@ -12,6 +12,7 @@ from trainer_guard import GUARDS, ConfigError, TrainerGuardError, callbacks_from
 from trainer_guard.tiny import tiny_dataset, tiny_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(GUARDS))
 def test_guard_contract(name, tmp_path):
     cls = GUARDS[name]

@@ -190,6 +190,7 @@ def _llava(seed):
                                                            image_token_index=127))
 
 
+@pytest.mark.slow
 def test_vision_language_model_resume_loads_every_renamed_tensor(tmp_path):
     """transformers saves a LLaVA under its original names (language_model.model.*): the Trainer's resume matches
     none of them and would go on from the model it was given (transformers issue #43701). IntegrityGuard loads

@@ -302,6 +302,7 @@ def test_big_files_show_progress_on_stderr_but_never_in_json(ckpt, capsys, monke
     assert json.loads(out.out)["status"] == "healthy" and "checksum" not in out.err
 
 
+@pytest.mark.slow
 def test_unusable_inputs_never_print_a_traceback(tmp_path, capsys):
     (tmp_path / "model.safetensors").write_bytes(b"this is not a safetensors file at all")
     proc = subprocess.run([sys.executable, "-m", "trainer_guard.cli", "doctor", str(tmp_path)],

@@ -67,6 +67,7 @@ def check_ratios(probe, model, factors, base_wd=(0.01, 0.0)):
     ("llama-tied", dict(ratio=0.1), {"tied": 0.1}),
     ("plain-gpt", dict(lr=1e-3), {"tied": 0.1}),  # absolute LR: 1e-3 / 1e-2
 ])
+@pytest.mark.slow
 def test_sgd_update_of_embedding_rows_is_ratio_times_unguarded(tmp_path, kind, opts, factors):
     """R4 advice "~1/10 of the LR": with SGD one step moves embedding/head rows by exactly ratio x (float64, so
     that the delta is not drowned by rounding of the weights)."""
@@ -92,6 +93,7 @@ def test_sgd_update_of_embedding_rows_is_ratio_times_unguarded(tmp_path, kind, o
 # -- schedule, optimizers, resume ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("optim,sched", [("adamw_torch", "linear"), ("adamw_torch_fused", "cosine"),
                                          ("sgd", "linear"), ("adafactor", "cosine")])
+@pytest.mark.slow
 def test_ratio_every_step_and_resume_keeps_moments(tmp_path, optim, sched):
     """Decaying schedule with warmup; resume from checkpoint-2 continues bit-for-bit like the uninterrupted run."""
     kw = dict(optim=optim, lr_scheduler_type=sched, warmup_steps=1, weight_decay=0.01, max_steps=4, save_steps=2)
@@ -126,6 +128,7 @@ class NaiveSplit(EmbeddingLRGuard):
         pass
 
 
+@pytest.mark.slow
 def test_naive_split_breaks_resume_and_late_save_is_rewritten(tmp_path):
     """Without the merge/rewrite the resume dies in the Trainer's optimizer load, before any callback runs."""
     kw = dict(max_steps=3, save_steps=2)
@@ -160,6 +163,7 @@ def test_naive_split_breaks_resume_and_late_save_is_rewritten(tmp_path):
                      "base_model.model.model.embed_tokens.lora_embedding_B.default"],
       "lm_head": ["base_model.model.lm_head.lora_A.default.weight", "base_model.model.lm_head.lora_B.default.weight"]}),
 ])
+@pytest.mark.slow
 def test_peft_adapter_embeddings_found_by_identity_and_resume(tmp_path, lora_kw, expect):
     model = tiny_lora(tiny_model("llama-untied"), **lora_kw)
     guard, probe = EmbeddingLRGuard(ratio=0.1), Probe()
@@ -310,6 +314,7 @@ def test_trainer_subclass_with_own_groups_and_resume(tmp_path):
     assert "embeddings: resumed run uses 0.2 x the LR, the checkpoint was trained with 0.1 x" in guard.report()
 
 
+@pytest.mark.slow
 def test_epoch_saves_with_gradient_accumulation_resume_exactly(tmp_path):
     kw = dict(max_steps=-1, num_train_epochs=2, save_strategy="epoch", gradient_accumulation_steps=2,
               lr_scheduler_type="linear", weight_decay=0.01)
@@ -326,6 +331,7 @@ def test_epoch_saves_with_gradient_accumulation_resume_exactly(tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_default_config_all_guards_wired_peft_resume(tmp_path):
     """Every guard of configs/default.yaml together (embedding_lr, opt-in there, switched on), wired, PEFT
     modules_to_save (R3's setup): save and resume."""
@@ -361,6 +367,7 @@ def test_preflight_of_an_adapter_not_named_default(tmp_path):
     assert r.adapter_bytes == r.extra_adapter_bytes + 4 * 2 * (4 * 32 + 32 * 4)  # + LoRA on q_proj in 2 layers
 
 
+@pytest.mark.slow
 def test_adafactor_with_relative_step_is_refused(tmp_path):
     """Adafactor(relative_step=True) (the transformers docs' recipe with AdafactorSchedule) ignores every group's lr:
     the guard used to log "at 0.1 x the Trainer's LR" while the embeddings trained exactly as before."""
@@ -379,6 +386,7 @@ def test_adafactor_with_relative_step_is_refused(tmp_path):
                  optim="adafactor").train()  # the Trainer's Adafactor honours lr: accepted
 
 
+@pytest.mark.slow
 def test_run_stopped_mid_step_resumes_on_the_same_trainer(tmp_path):
     """A KeyboardInterrupt (or any error) in a forward pass fires no event. The groups used to stay split from
     on_step_begin on, and the Trainer's next train(resume_from_checkpoint=True), which reuses the optimizer, died in
@@ -403,6 +411,7 @@ def test_run_stopped_mid_step_resumes_on_the_same_trainer(tmp_path):
     check_ratios(probe, model, {"embeddings": 0.1, "lm_head": 0.1}, base_wd=(0.0, 0.0))
 
 
+@pytest.mark.slow
 def test_reused_checkpoint_dir_drops_an_earlier_runs_record(tmp_path):
     """A run with no split saving into the checkpoint dir of an earlier split run must not leave that run's
     record there (a resume would warn that the LR ratio changed)."""

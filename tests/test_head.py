@@ -47,6 +47,7 @@ def test_r1b_head_guard_stops_at_the_first_bad_checkpoint(tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "checkpoint-4"))
 
 
+@pytest.mark.slow
 def test_r1b_warn_mode_continues(tmp_path):
     guard = HeadGuard(mode="warn")
     trainer = train(tmp_path, tiny_model("llama-manual-tie"), [guard], max_steps=4)

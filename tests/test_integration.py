@@ -31,6 +31,7 @@ def _weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [*KINDS, "plain-gpt+lora", "llama-tied+lora"])
 def test_all_default_guards_on_every_model_kind(kind, tmp_path):
     full = _run(kind, tmp_path / "run")

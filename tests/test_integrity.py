@@ -73,6 +73,7 @@ def test_every_checkpoint_gets_a_manifest_of_what_is_on_disk(tmp_path, kind, wei
     assert guard.writer.last_seconds is not None  # written in the background, joined by train end
 
 
+@pytest.mark.slow
 def test_readback_catches_a_corrupted_write_that_manifest_mode_cannot_see(tmp_path):
     class FlipOneBit(TrainerCallback):  # bit rot / a torn write between save and verification
         def on_save(self, args, state, control, **kw):
@@ -108,6 +109,7 @@ class DropTensor(TrainerCallback):
         save_file(sd, path, metadata={"format": "pt"})
 
 
+@pytest.mark.slow
 def test_manifest_mode_stops_when_a_tensor_was_not_saved(tmp_path):
     name = "model.layers.1.mlp.down_proj.weight"
     with pytest.raises(IntegrityError, match=f"\n  - {name}: in the model but not saved in the checkpoint files; "
@@ -162,6 +164,7 @@ TIE_NOTE = ("the Trainer's warning 'There were missing keys in the checkpoint mo
             "the tie (checked against the manifest)")
 
 
+@pytest.mark.slow
 def test_clean_resume_passes(tmp_path):
     _train(tiny_model("llama-tied"), tmp_path, [IntegrityGuard()])
     guard = IntegrityGuard()
@@ -173,6 +176,7 @@ def test_clean_resume_passes(tmp_path):
     assert TIE_NOTE in guard.report()
 
 
+@pytest.mark.slow
 def test_clean_peft_resume_passes(tmp_path):
     _train(_build("lora"), tmp_path, [IntegrityGuard()])
     guard = IntegrityGuard()
@@ -182,6 +186,7 @@ def test_clean_peft_resume_passes(tmp_path):
     assert not any("missing keys" in line for line in said + guard.report())  # no tie warning to explain
 
 
+@pytest.mark.slow
 def test_untied_resume_has_no_tie_note(tmp_path):
     _train(tiny_model("llama-untied"), tmp_path, [IntegrityGuard()])
     guard = IntegrityGuard()
@@ -194,6 +199,7 @@ R1B_LINE_END = ("(stored once as a tie of model.embed_tokens.weight and the tie 
                 "initialised at random: declare the tie, e.g. config.tie_word_embeddings=True, TiedWeightsGuard)")
 
 
+@pytest.mark.slow
 def test_r1b_head_reloaded_at_random_is_named(tmp_path):
     # R1b: hand-tied head, config says untied, no TiedWeightsGuard: the checkpoint stores the head once, as the
     # embedding; from_pretrained initialises lm_head at random and a resume (weights only) trains on silently.
@@ -220,6 +226,7 @@ def test_r1b_head_reloaded_at_random_is_named(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("lm_head.weight: checksum ") and lines[0].endswith(R1B_LINE_END)
 
 
+@pytest.mark.slow
 def test_wired_check_runs_before_the_optimizer_load(tmp_path):
     # With optimizer state in the checkpoint, the untied reload has one more parameter and the Trainer's optimizer
     # load dies with a bare ValueError before any callback runs; wired, the guard names the tensor first.
@@ -252,6 +259,7 @@ def test_wired_final_save_model_gets_a_manifest(tmp_path):
     assert diagnose(tmp_path / "final").exit_code == 0
 
 
+@pytest.mark.slow
 def test_r2_dtype_change_on_resume_is_named(tmp_path):
     _train(tiny_model("llama-untied"), tmp_path, [IntegrityGuard()])
     model = tiny_model("llama-untied", seed=1).to(torch.bfloat16)
@@ -262,6 +270,7 @@ def test_r2_dtype_change_on_resume_is_named(tmp_path):
     assert str(e.value).count("\n  - ") == 21  # every tensor, each named
 
 
+@pytest.mark.slow
 def test_tensor_the_load_skipped_is_named(tmp_path):
     # The Trainer loads with strict=False: a tensor missing from the file keeps its fresh initialisation.
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -279,6 +288,7 @@ def test_tensor_the_load_skipped_is_named(tmp_path):
                              "it was re-initialised or changed after the load)")
 
 
+@pytest.mark.slow
 def test_resume_without_manifest_warns_and_continues(tmp_path):
     _train(tiny_model("llama-tied"), tmp_path, [])
     guard = IntegrityGuard()
@@ -337,6 +347,7 @@ def test_sidecar_files_get_the_permissions_open_would_give(tmp_path):
     assert os.stat(tmp_path / MANIFEST_FILE).st_mode & 0o777 == os.stat(tmp_path / "plain.json").st_mode & 0o777
 
 
+@pytest.mark.slow
 def test_failed_background_write_stops_the_run(tmp_path, monkeypatch):
     import trainer_guard.checkpoint.writer as manifest_core
 
@@ -411,6 +422,7 @@ def _two_adapters(names=("default", "other"), seed=0):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("names", [("default", "other"), ("my_lora",), ("my_lora", "second")])
 def test_named_and_several_peft_adapters_each_get_a_manifest(tmp_path, names):
     """PEFT stores a non-"default" adapter in checkpoint-N/<name>/: each adapter directory gets the manifest of
@@ -454,6 +466,7 @@ def _tiny_mixtral(seed=0):
         num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verify", ["manifest", "readback"])
 def test_moe_experts_converted_on_save_are_checked_under_their_stored_names(tmp_path, verify):
     """transformers saves Mixtral's fused experts (mlp.experts.gate_up_proj) as per-expert tensors

@@ -66,6 +66,7 @@ BREADTH = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(BREADTH))
 def test_default_guards_leave_peft_methods_untouched(tmp_path, kind):
     """Same final weights with and without the guards; a resume from checkpoint-2 reproduces them; doctor finds

@@ -127,6 +127,7 @@ def _r2_classifier():
     return model, ds
 
 
+@pytest.mark.slow
 def test_fp32_head_under_bf16_autocast_is_left_alone_in_fix_mode(tmp_path):
     """With bf16=True the R2 model trains unguarded (autocast): fix mode must not change that run, only say so."""
     model, ds = _r2_classifier()
@@ -185,6 +186,7 @@ HEALTHY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", sorted(HEALTHY))
 def test_healthy_setups_are_silent_and_unchanged(setup, tmp_path):
     build, kw = HEALTHY[setup]

@@ -157,6 +157,7 @@ def test_adapter_source_detected_from_model_path(tmp_path):
     assert steps.steps == 0
 
 
+@pytest.mark.slow
 def test_case1_checkpoint_saved_without_guard(tmp_path):
     """No trainer_guard record: the checkpoint's adapter_config.json and optimizer.pt group sizes are the reference."""
     Trainer(model=tiny_lora(tiny_model("llama-untied"), modules_to_save=MTS), args=make_args(tmp_path / "out", max_steps=2),
@@ -300,6 +301,7 @@ class EmbedLRTrainer(Trainer):
         return self.optimizer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama-tied"])
 def test_case1_fix_frozen_adapter_keeps_lr_groups(tmp_path, kind):
     """Resume from a PeftModel loaded without is_trainable=True: fix restores LoRA + copies before the optimizer

@@ -14,6 +14,7 @@ from trainer_guard.errors import IntegrityError
 from trainer_guard.tiny import tiny_model
 
 
+@pytest.mark.slow
 def test_stale_manifest_in_a_reused_checkpoint_dir_is_explained(tmp_path):
     _train(tiny_model("llama-untied"), tmp_path, [IntegrityGuard()])
     ckpt = tmp_path / "checkpoint-2"

@@ -48,6 +48,7 @@ class _Interrupt(TrainerCallback):
             raise KeyboardInterrupt("stopped inside the optimizer step")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama-tied", "llama-untied+lora"])
 def test_embedding_lr_run_stopped_inside_the_optimizer_step_resumes_on_the_same_trainer(kind, tmp_path):
     # Stopped between on_pre_optimizer_step (groups split) and on_step_end (merged): the Trainer keeps its optimizer
@@ -72,6 +73,7 @@ class _FirstEvalIsBest(TrainerCallback):
         metrics["eval_order"] = -state.global_step
 
 
+@pytest.mark.slow
 def test_best_model_with_save_total_limit_1_leaves_no_checkpoint_dir_behind(tmp_path, monkeypatch):
     # At train end the Trainer loads the best checkpoint and, with save_total_limit=1, deletes every other one with
     # shutil.rmtree(ignore_errors=True). The last checkpoint's manifest was still being written in the background:
@@ -139,6 +141,7 @@ class _Warnings:
         return [m for m in self.messages if not any(e in m for e in expected)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama-tied", "plain-gpt", "mixtral"])
 def test_default_guards_leave_training_unchanged_with_rotation_accumulation_and_epoch_saves(kind, tmp_path):
     kw = dict(max_steps=-1, num_train_epochs=2, save_strategy="epoch", save_total_limit=1,
@@ -156,6 +159,7 @@ def test_default_guards_leave_training_unchanged_with_rotation_accumulation_and_
     assert (tmp_path / "run" / "checkpoint-4" / "trainer_guard_manifest.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama-tied+lora", "mixtral"])
 def test_resuming_a_resumed_run_twice_equals_the_straight_run(kind, tmp_path):
     # resume_from_checkpoint=True picks the latest checkpoint, written by the previous resumed run (mixtral: whose

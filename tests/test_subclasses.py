@@ -79,6 +79,7 @@ def test_a_reference_model_held_by_a_subclass_is_untouched_and_training_unchange
     assert _same(run(False, tmp_path / "plain"), run(True, tmp_path / "guarded"))
 
 
+@pytest.mark.slow
 def test_wrapper_with_a_frozen_reference_submodule_trains_saves_and_resumes_as_unguarded(tmp_path):
     def run(guards, out, resume=None, **kw):
         model = Wrapper(tiny_model("llama-tied"))
@@ -116,6 +117,7 @@ class LoraPlusTrainer(Trainer):
         return self.optimizer
 
 
+@pytest.mark.slow
 def test_lora_plus_optimizer_of_a_subclass_trains_and_resumes_as_unguarded(tmp_path):
     def run(guards, out, resume=None):
         model = tiny_lora(tiny_model("llama-untied"), modules_to_save=["embed_tokens", "lm_head"])

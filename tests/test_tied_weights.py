@@ -113,6 +113,7 @@ def test_resume_from_checkpoint_is_bit_identical(kind, tmp_path):
     assert find_tied_groups(resumed.model) == TIED[kind]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama-tied", "llama-manual-tie", "gpt2", "plain-gpt"])
 def test_training_unaffected_by_guard(kind, tmp_path):
     with_guard = _train(kind, tmp_path / "g")
@@ -234,6 +235,7 @@ def _split_head(model):
     assert find_tied_groups(model) == []
 
 
+@pytest.mark.slow
 def test_resume_reties_from_checkpoint_record(tmp_path):
     """A split head after a resume holds a stale value (the checkpoint stores the tie once, under the embedding
     name): the guard re-ties it to the loaded embedding and the run ends as if never split."""
@@ -296,6 +298,7 @@ def test_model_init_resume_of_a_plain_tied_module(tmp_path):
     _assert_same(_snapshot(full.model), _snapshot(resumed.model))
 
 
+@pytest.mark.slow
 def test_reused_output_dir_drops_a_stale_tie_record(tmp_path):
     """A later untied run saving into checkpoint dirs an earlier tied run left must not inherit its tie record
     (resume would report 'tie groups split' / re-tie an untied head)."""

@@ -53,6 +53,7 @@ SETTINGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama-tied", "plain-gpt"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_default_guards_leave_training_unchanged_across_trainer_settings(kind, setting, tmp_path):
@@ -95,6 +96,7 @@ def test_guards_given_as_classes_are_built_and_wired_by_the_trainer(kind, tmp_pa
     assert all(diagnose(str(tmp_path / d)).exit_code == 0 for d in ("checkpoint-2", "final"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["plain-gpt", "llama-manual-tie"])
 def test_guards_added_with_add_callback_after_init_then_a_resume(kind, tmp_path):
     """add_callback comes after the Trainer's on_init_end: the guards must still make the saves safe (R1a/R1b)."""
@@ -106,6 +108,7 @@ def test_guards_added_with_add_callback_after_init_then_a_resume(kind, tmp_path)
     assert all(diagnose(str(tmp_path / f"checkpoint-{s}")).exit_code == 0 for s in (1, 2))
 
 
+@pytest.mark.slow
 def test_train_twice_on_one_trainer_matches_the_unguarded_trainer(tmp_path):
     runs = {}
     for guarded in (True, False):
@@ -118,6 +121,7 @@ def test_train_twice_on_one_trainer_matches_the_unguarded_trainer(tmp_path):
 
 
 # -- a guard removed from the Trainer after guard(trainer) --------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["remove_callback(class)", "remove_callback(instance)", "pop_callback"])
 def test_a_removed_guard_stops_acting_through_what_guard_wired(how, tmp_path, monkeypatch):
     """guard(trainer) wraps train/save_model/the checkpoint loads; a guard taken out of the Trainer afterwards must
@@ -159,6 +163,7 @@ def test_a_tied_weights_guard_shared_by_two_trainers_never_ties_the_untied_model
     assert a.lm_head.weight is not a.model.embed_tokens.weight and a.config.tie_word_embeddings is False
 
 
+@pytest.mark.slow
 def test_default_guards_shared_by_two_trainers_of_different_models(tmp_path):
     shared = _default_guards()
     trainer_a = _trainer(tiny_model("llama-untied"), tmp_path / "a", shared, max_steps=2, save_steps=1)
@@ -242,6 +247,7 @@ def test_guard_wires_a_replacement_callback_even_at_a_reused_address():
 # -- a finished run's guards let go of its model ------------------------------------------------------------------
 @pytest.mark.parametrize("make", [lambda: UpdateAuditGuard(), lambda: EmbeddingLRGuard(ratio=0.5)],
                          ids=["update_audit", "embedding_lr"])
+@pytest.mark.slow
 def test_a_guard_kept_after_training_does_not_keep_the_model_in_memory(make, tmp_path):
     """Notebooks keep the callbacks (to read reports, or for the next run) and `del trainer, model`: the guard must
     not hold the weights (UpdateAuditGuard: the model; EmbeddingLRGuard: the optimizer and its moments)."""
@@ -257,6 +263,7 @@ def test_a_guard_kept_after_training_does_not_keep_the_model_in_memory(make, tmp
         assert guard.audit.steps == 2 and guard.findings == []  # what the run found stays readable
 
 
+@pytest.mark.slow
 def test_every_guard_alone_as_a_class_survives_evaluate_train_predict_and_save_model(tmp_path):
     for name, cls in GUARDS.items():
         out = tmp_path / name

@@ -195,6 +195,7 @@ def test_padding_row_is_not_reported(tmp_path):
     assert guard.found["untrained"]["input embedding"] == []
 
 
+@pytest.mark.slow
 def test_resumed_trainable_token_rows_are_trained_not_overwritten(tmp_path):
     """PEFT trainable_token_indices keep the trained rows in the adapter (trainable_tokens_delta), the base rows stay
     ~0. On a resume the guard used to judge the base rows: raise mode stopped a healthy resume, and fix mode wrote the

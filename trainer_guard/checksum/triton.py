@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import ChecksumError
-from .spec import C1, C2, GAMMA, MASK64, finalize
+from .spec import C1, C2, GAMMA, MASK64, meta_key, mix64
 from .tensors import DTYPE_NAMES, check_tensor, flat_bytes
 
 __all__ = ["ChecksumPlan", "cached_plan", "triton_available", "triton_checksums", "interpreting", "BLOCK", "ITERS", "NUM_WARPS"]
@@ -146,6 +146,7 @@ class ChecksumPlan:
         self.device, self.block, self.iters, self.num_warps = device, block, iters, num_warps
         self.names = list(tensors)
         self.metas: list[tuple[str, tuple[int, ...], int]] = []
+        self._keys: list[int] | None = None
         rows: list[tuple[int, int, int, int]] = []  # (address, nwords, first position, slot)
         self._keep: list[torch.Tensor] = []  # copies (non-contiguous / misaligned) that must outlive the launch
         base: tuple[int, torch.Tensor, int] | None = None  # lowest address: (address, tensor, nwords)
@@ -210,7 +211,9 @@ class ChecksumPlan:
     def finish(self, out: torch.Tensor) -> dict[str, int]:
         """Fold dtype/shape/size into the word sums on the host (one device-to-host copy)."""
         sums = out.tolist()
-        return {name: finalize(s & MASK64, *meta) for name, s, meta in zip(self.names, sums, self.metas)}
+        if self._keys is None:  # M of every tensor (dtype, shape, size), once per plan: finalize = mix(S ^ M)
+            self._keys = [meta_key(*meta) for meta in self.metas]
+        return {name: mix64((s & MASK64) ^ key) for name, s, key in zip(self.names, sums, self._keys)}
 
     def fits(self, tensors: Mapping[str, torch.Tensor]) -> bool:
         """True when :meth:`run` would checksum exactly ``tensors`` (same names, storage, dtypes and shapes, and

@@ -374,6 +374,7 @@ def group_index(optimizer: Any) -> dict[int, GroupInfo]:
     the value an LR scheduler recorded (``group["initial_lr"]``), else the group's LR.
 
     Example:
+        >>> import torch
         >>> w = torch.nn.Parameter(torch.zeros(2))
         >>> opt = torch.optim.SGD([{"params": [w], "lr": 0.0}], lr=0.1)
         >>> group_index(opt)[id(w)]
@@ -428,6 +429,7 @@ class UpdateAudit:
         backend: checksum backend (:func:`trainer_guard.checksum.checksums`).
 
     Example:
+        >>> import torch
         >>> lin = torch.nn.Linear(2, 2)
         >>> opt = torch.optim.SGD([lin.weight], lr=0.1)  # the bias is left out of the optimizer
         >>> run = UpdateAudit(dict(lin.named_parameters()), every=10)
@@ -440,6 +442,8 @@ class UpdateAudit:
     def __init__(self, params: Mapping[str, torch.Tensor], *, every: int = 100, min_grad_steps: int = 2,
                  backend: str = "auto") -> None:
         self.params = dict(params)
+        self._expert = {n: expert_of(n) for n in self.params}  # MoE expert container of each tensor, or None
+        self._devices = {p.device for p in self.params.values()}
         self.every, self.min_grad_steps, self.backend = every, min_grad_steps, backend
         self.steps = 0
         self._base: dict[str, int] = {}  # baseline checksum
@@ -458,8 +462,11 @@ class UpdateAudit:
         from ..checksum.tensors import checksums  # lazy: imports torch (diff uses this module without it)
 
         by_device: dict[Any, dict[str, torch.Tensor]] = {}
-        for n in names:
-            by_device.setdefault(self.params[n].device, {})[n] = self.params[n]  # read only: no detach needed
+        if len(self._devices) == 1:  # the usual case: one device, no grouping per tensor
+            by_device[next(iter(self._devices))] = {n: self.params[n] for n in names}
+        else:
+            for n in names:
+                by_device.setdefault(self.params[n].device, {})[n] = self.params[n]  # read only: no detach needed
         out: dict[str, int] = {}
         for device, tensors in by_device.items():
             out.update(checksums(tensors, backend=self.backend, cache=self._plans.setdefault(device, {})))
@@ -522,7 +529,7 @@ class UpdateAudit:
         now = self.checksums(names)
         status = classify({n: self._base[n] for n in names}, now)
         self._routed.update(e for n in names if status[n] == CHANGED and self._trainable[n]
-                            for e in [expert_of(n)] if e)
+                            for e in [self._expert[n]] if e)
         # Only a trainable tensor that did not change, or a frozen one that did, can be a finding or wait for a
         # verdict (audit() passes over the rest): the per-tensor facts are gathered for those alone, which keeps a
         # healthy check at the cost of its checksums (an 8B model: 291 tensors, every step when every=1).
@@ -539,7 +546,7 @@ class UpdateAudit:
                 initial_lr=g.initial_lr if g else None, weight_decay=g.weight_decay if g else 0.0,
                 effective_steps=self._eff(n, gi),
                 grad=grad_state(p) if (status[n] == SAME) == self._trainable[n] else "unknown",
-                dtype=str(p.dtype).removeprefix("torch."), numel=p.numel(), expert=expert_of(n) in self._routed)
+                dtype=str(p.dtype).removeprefix("torch."), numel=p.numel(), expert=self._expert[n] in self._routed)
         for n in doubtful:  # AdaLoRA's rank allocator zeroes pruned singular values (lora_E) after each step: a fully
             # pruned lora_E stays all zero by design, not for want of a gradient or LR (still judged when in no group)
             if (status[n] == SAME and self._trainable[n] and ".lora_E." in f".{n}." and facts[n].group is not None

@@ -54,6 +54,7 @@ __all__ = [
     "layout_problems",
     "hyperparameter_changes",
     "frozen_adapter_params",
+    "mark_adapter_training",
     "describe_frozen_adapter",
     "is_no_decay",
     "missing_copies",
@@ -292,6 +293,16 @@ def hyperparameter_changes(then: list[Mapping[str, Any]], now: list[Mapping[str,
             for i, (a, b) in enumerate(zip(then, now))
             if a["params"] == b["params"] and ((a["lr"] != b["lr"] and a.get("lr_scheduled") and b.get("lr_scheduled"))
                                                or a["weight_decay"] != b["weight_decay"])]
+
+
+def mark_adapter_training(model: nn.Module) -> None:
+    """Set ``inference_mode=False`` on the active adapter config of a PEFT model whose adapter now trains, so the
+    configs it saves say so; nothing for any other model (a transformers 4.x model has ``active_adapter`` too, a
+    method of its ``PeftAdapterMixin``, but no ``peft_config`` until an adapter is loaded into it)."""
+    configs = getattr(model, "peft_config", None)
+    name = getattr(model, "active_adapter", None)
+    if isinstance(configs, Mapping) and isinstance(name, str) and name in configs:
+        configs[name].inference_mode = False
 
 
 def frozen_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:

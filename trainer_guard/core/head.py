@@ -30,8 +30,8 @@ import json
 import os
 from typing import Any
 
-from ..errors import UsageError
-from ..formats.safetensors import as_path, read_weight_map, safetensors_files
+from ..errors import SafetensorsFormatError, UsageError
+from ..formats.safetensors import as_path, read_header, read_weight_map, safetensors_files
 
 __all__ = ["missing_head_problems", "stored_tensor_names", "head_tensor_names", "model_class"]
 
@@ -54,13 +54,10 @@ def stored_tensor_names(directory: str | os.PathLike) -> set[str] | None:
         names.update(read_weight_map(os.path.join(directory, idx), UsageError))
         found = True
     for fname in safetensors_files(directory):  # files only: a folder named old.safetensors is not a weight file
-        from safetensors import safe_open
-
-        try:
-            with safe_open(os.path.join(directory, fname), framework="pt") as f:
-                names.update(f.keys())
-        except Exception as e:  # safetensors raises its own SafetensorError on a truncated/foreign file
-            raise UsageError(f"{fname} in {directory} is not a readable safetensors file ({e}); re-save the "
+        try:  # the header alone, through the one reader (no torch)
+            names.update(read_header(os.path.join(directory, fname)).tensors)
+        except SafetensorsFormatError as e:
+            raise UsageError(f"{fname} in {directory} is not a readable safetensors file ({e.brief}); re-save the "
                              f"checkpoint or check it with `trainer-guard doctor`") from None
         found = True
     if not found:
@@ -212,6 +209,8 @@ def missing_head_problems(directory: str | os.PathLike) -> list[str]:
     for arch in cfg.get("architectures") or []:
         if not isinstance(arch, str):
             continue
+        if arch.endswith(_HEAD_SUFFIXES) and any(n == h or n.endswith("." + h) for n in names for h in _COMMON_HEADS):
+            continue  # a causal LM whose head is stored under a usual name: fine, without importing transformers
         kind, heads = _lm_kind(arch)
         if kind is not None:
             if any(n == h or n.endswith("." + h) for n in names for h in heads):

@@ -53,3 +53,34 @@ def test_doctor_still_catches_a_flipped_bit_without_torch(tmp_path):
     shard.write_bytes(bytes(data))
     code, heavy = _doctor(path)
     assert code == 1 and heavy == "-"
+
+
+_DIFF_CHILD = r"""
+import sys
+from trainer_guard.cli import main
+code = main(["diff", sys.argv[1], sys.argv[2]])
+print("RESULT", code, ",".join(sorted(m for m in ("torch", "transformers") if m in sys.modules)) or "-")
+"""
+
+
+def test_diff_says_how_much_each_module_changed_without_torch(tmp_path):
+    import torch
+
+    a, b = _saved(tmp_path / "a", "llama-untied"), tmp_path / "b"
+    model = tiny_model("llama-untied")
+    with torch.no_grad():
+        w = model.get_parameter("lm_head.weight")
+        before = w.detach().double().clone()
+        w.add_(0.05 * torch.randn_like(w))
+        rel = float((w.double() - before).norm() / before.norm())
+    _saved(b, "llama-untied")  # same seed: identical but for the head, saved again with the change below
+    model.save_pretrained(b, max_shard_size="20KB")
+    sums = file_checksums(b)
+    files = read_weight_map(b / "model.safetensors.index.json")
+    write_manifest(b, build_manifest({n: t for n, t in model.state_dict().items() if n in sums}, global_step=None,
+                                     tie_groups=[], files=files, sums=sums))
+    r = subprocess.run([sys.executable, "-c", _DIFF_CHILD, str(a), str(b)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.stdout.strip().splitlines()[-1] == "RESULT 1 -", r.stdout + r.stderr
+    head = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("lm_head")]
+    assert head and f"by {100 * rel:.2f}%" in head[0], r.stdout

@@ -230,9 +230,9 @@ def test_typos_get_a_suggestion(tmp_path):
         f"Invalid trainer_guard config {path!r}:\n"
         f"  - unknown guard 'tied_weight' (did you mean 'tied_weights'?); valid guards: {', '.join(GUARDS)}\n"
         "  - integrity: unknown option 'verfy' (did you mean 'verify'?); valid options: backend, check_resume, "
-        "repair_load, verify\n"
+        "fallback, repair_load, verify\n"
         "  - integrity: unknown option 'enable' (did you mean 'enabled'?); valid options: backend, check_resume, "
-        "repair_load, verify"
+        "fallback, repair_load, verify"
     )
     with pytest.raises(ConfigError, match=r"unknown option 'fix_confg' \(did you mean 'fix_config'\?\)"):
         callbacks_from_dict({"tied_weights": True}, tied_weights={"fix_confg": False})

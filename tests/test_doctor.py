@@ -20,7 +20,8 @@ from transformers import Trainer
 from trainer_guard import IntegrityGuard, TiedWeightsGuard
 from trainer_guard.cli import main
 from trainer_guard.checksum import safetensors_entries
-from trainer_guard.checkpoint.manifest import MANIFEST_FILE
+from trainer_guard.checkpoint.contents import commit
+from trainer_guard.checkpoint.manifest import MANIFEST_FILE, read_manifest, write_manifest
 from trainer_guard.doctor import diagnose
 from trainer_guard.tiny import tiny_dataset, tiny_lora, tiny_model
 
@@ -51,6 +52,11 @@ def ckpt(runs, tmp_path):
 def _doctor(path, *extra, capsys):
     code = main(["doctor", str(path), "--json", *extra])
     return code, json.loads(capsys.readouterr().out)
+
+
+def _saved_like_this(ck):
+    """The checkpoint as if saved with the files as they are now: its manifest (every file) written again."""
+    write_manifest(ck, commit(ck, read_manifest(ck)))
 
 
 def _messages(report, key):
@@ -185,7 +191,7 @@ def test_newer_or_unreadable_manifest_is_named_not_called_foreign(ckpt, capsys, 
     (ckpt / MANIFEST_FILE).write_text(json.dumps({**m, "version": 99}))
     code, rep = _doctor(ckpt, capsys=capsys)
     assert code == 2 and _messages(rep, "unusable") == [
-        f"{ckpt / MANIFEST_FILE}: manifest version 99 is not supported (this trainer_guard reads version 1); "
+        f"{ckpt / MANIFEST_FILE}: manifest version 99 is not supported (this trainer_guard reads versions 1 to 2); "
         f"upgrade trainer_guard"]
     import trainer_guard.checkpoint.manifest as manifest
 
@@ -265,6 +271,7 @@ def test_adapter_size_split_by_module(runs, tmp_path, capsys):
     cfg = json.loads((ck / "adapter_config.json").read_text())
     cfg["modules_to_save"] = ["embed_tokens", "lm_head", "score"]
     (ck / "adapter_config.json").write_text(json.dumps(cfg))
+    _saved_like_this(ck)
     code, rep = _doctor(ck, capsys=capsys)
     assert code == 1 and _messages(rep, "problems") == [
         "score: adapter_config.json lists it in modules_to_save but adapter_model.safetensors stores no copy of it: "
@@ -485,6 +492,7 @@ def test_malformed_modules_to_save_is_named(runs, tmp_path, capsys, value):
     cfg = json.loads((ck / "adapter_config.json").read_text())
     cfg["modules_to_save"] = json.loads(value)
     (ck / "adapter_config.json").write_text(json.dumps(cfg))
+    _saved_like_this(ck)
     capsys.readouterr()
     code, rep = _doctor(ck, capsys=capsys)
     assert code == 2 and rep["problems"] == []  # not one "problem" per character of a string

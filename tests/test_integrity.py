@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 
 import pytest
 import torch
@@ -276,9 +277,28 @@ def test_tensor_the_load_skipped_is_named(tmp_path):
     name = "model.layers.0.self_attn.q_proj.weight"
     _train(tiny_model("llama-untied"), tmp_path, [IntegrityGuard()])
     DropTensor(name).on_save(make_args(tmp_path), type("S", (), {"global_step": 2})(), None)
+    ckpt = tmp_path / "checkpoint-2"
+    # the manifest lists every file (version 2): the resume stops before loading anything, naming file and tensor
     with pytest.raises(IntegrityError) as e:
-        _train(tiny_model("llama-untied", seed=1), tmp_path, [IntegrityGuard()],
-               resume=str(tmp_path / "checkpoint-2"), max_steps=3)
+        _train(tiny_model("llama-untied", seed=1), tmp_path, [IntegrityGuard()], resume=str(ckpt), max_steps=3)
+    assert str(e.value).split("\n")[0] == (f"{ckpt / 'model.safetensors'} changed since the checkpoint was saved "
+                                            f"(truncated: size 109,248 -> 105,048 bytes; no longer holds {name}).")
+    # a version 1 manifest (weights only, written before whole-checkpoint manifests): the live model check names it
+    m = read_manifest(ckpt)
+    v1 = {**m, "version": 1, "files": {"model.safetensors": {"size": m["files"]["model.safetensors"]["size"],
+                                                              "tensors": m["files"]["model.safetensors"]["tensors"]}}}
+    del v1["digest"]
+    write_manifest(ckpt, v1)
+    os.utime(ckpt / "model.safetensors", (time.time() + 5, time.time() + 5))  # rewritten after the manifest
+    with pytest.raises(IntegrityError) as e:
+        _train(tiny_model("llama-untied", seed=1), tmp_path, [IntegrityGuard()], resume=str(ckpt), max_steps=3)
+    assert str(e.value).startswith(f"{ckpt / 'model.safetensors'} is 105,048 bytes, the manifest recorded 109,248")
+    # (v1 checks the weights' sizes before the load too)
+    v1["files"]["model.safetensors"]["size"] = os.path.getsize(ckpt / "model.safetensors")  # the size alone hides it
+    write_manifest(ckpt, v1)
+    os.utime(ckpt / "model.safetensors", (time.time() + 5, time.time() + 5))
+    with pytest.raises(IntegrityError) as e:
+        _train(tiny_model("llama-untied", seed=1), tmp_path, [IntegrityGuard()], resume=str(ckpt), max_steps=3)
     lines = str(e.value).split("\n  - ")[1:]
     assert len(lines) == 2 and lines[0].startswith(f"{name}: checksum ")
     # DropTensor rewrote model.safetensors after the manifest: the resume check says so too (core.checkpoint)
@@ -324,7 +344,8 @@ def test_default_config_turns_it_on_in_manifest_mode():
     guards = [c for c in callbacks_from_yaml(os.path.join(ROOT, "configs", "default.yaml"))
               if isinstance(c, IntegrityGuard)]
     assert len(guards) == 1
-    assert guards[0].options == {"verify": "manifest", "check_resume": True, "backend": "auto", "repair_load": True}
+    assert guards[0].options == {"verify": "manifest", "check_resume": True, "backend": "auto", "repair_load": True,
+                                 "fallback": True}
 
 
 def test_manifest_write_is_atomic(tmp_path, monkeypatch):
@@ -454,8 +475,14 @@ def test_corrupted_second_adapter_is_named_on_resume(tmp_path):
     key = sorted(sd)[0]
     sd[key] = sd[key] + 1
     save_file(sd, f, metadata={"format": "pt"})
+    # before anything loads (the checkpoint's manifest lists every file): the file, then the tensor, named first
+    with pytest.raises(IntegrityError, match=r"^" + re.escape(f"{f} changed since the checkpoint was saved (same size, ")
+                       + r"[\d,]+ bytes, other bytes: tensor data of " + re.escape(key) + r"\)\."):
+        _train(_two_adapters(seed=1), tmp_path, [IntegrityGuard()], resume=str(ckpt), max_steps=3)
+    os.remove(ckpt / MANIFEST_FILE)  # no whole-checkpoint manifest: the adapter's own catches it after the load
     with pytest.raises(IntegrityError, match=r"other/" + key.replace(".", r"\.") + r": checksum"):
         _train(_two_adapters(seed=1), tmp_path, [IntegrityGuard()], resume=str(ckpt), max_steps=3)
+
 
 def _tiny_mixtral(seed=0):
     from transformers import MixtralConfig, MixtralForCausalLM

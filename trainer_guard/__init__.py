@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .config import callbacks_from_dict, callbacks_from_yaml, default_config_path
     from .checksum.disk import file_checksums
     from .checksum.tensors import checksums
+    from .checkpoint.verify import verify_checkpoint
     from .core.head import missing_head_problems
     from .core.loading import LoadResult, load_weights_inplace
     from .core.preflight import adapter_preflight
@@ -65,6 +66,7 @@ _LAZY: dict[str, str] = {
     "restore_ties": ".core.ties",
     "checksums": ".checksum.tensors",
     "file_checksums": ".checksum.disk",
+    "verify_checkpoint": ".checkpoint.verify",
 }
 
 __all__ = [*_LAZY, *_errors_all]

@@ -4,6 +4,12 @@ Checks (field reports R1-R5):
 
 - every stored tensor against ``trainer_guard_manifest.json`` (flipped bits, swapped or missing tensors, dtype and
   shape changes, a manifest that belongs to another checkpoint), files listed by the manifest or a shard index;
+- every other file the manifest lists (``optimizer.pt``, ``scheduler.pt``, ``trainer_state.json``, records, configs,
+  adapter sub-directories): missing, truncated or changed since the save (a copy from a sibling ``checkpoint-M``
+  named as such), files it does not list, a manifest that does not match its own digest (edited); a
+  ``checkpoint-N`` without a manifest whose save was interrupted (``interrupted save (no commit mark; optimizer.pt
+  0.17 MB of 0.35 MB as in checkpoint-2; no trainer_state.json)``);
+- a LoRA ``adapter_config.json`` against its weights (rank ``r`` vs the ``lora_A``/``lora_B`` shapes, target modules);
 - tied and missing keys: a tie stored once while ``config.json`` says ``tie_word_embeddings=false`` reloads a random
   head (R1b); ``trainer_guard_ties.json`` / the manifest list the aliases;
 - a ``*ForCausalLM`` config whose files hold no output head and declare no tie (R5);
@@ -33,7 +39,11 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .checkpoint.verify import PROGRESS_BYTES, Finding, Findings, broken_links, snapshots_in, verify_directory
+from .checkpoint.contents import is_whole
+from .checkpoint.manifest import read_manifest
+from .checkpoint.verify import (PROGRESS_BYTES, Finding, Findings, adapter_config_problems, broken_links,
+                                snapshots_in, verify_directory)
+from .errors import UsageError
 from .checkpoint.verify import read_json_finding as _read_json
 from .names import param_matches
 from .files import ADAPTER_CONFIG, CONFIG, TIES_FILE, adapter_subdirs, checkpoints_in
@@ -106,16 +116,27 @@ def diagnose(path: str | os.PathLike, *, progress: bool = False, no_manifest_ok:
         subdirs = adapter_subdirs(path)
         if not subdirs or safetensors_files(path):  # named PEFT adapters alone leave no weights at the top level
             _diagnose_dir(path, report, progress, no_manifest_ok)
+        whole = _lists_every_file(path)  # then its manifest checked the sub-directories' files already
         for sub in subdirs:  # PEFT saves every adapter not named "default" into <path>/<name>/
             _merge(report, _diagnose_dir(os.path.join(path, sub), Report(os.path.join(path, sub)), progress,
-                                         no_manifest_ok), sub)
+                                         no_manifest_ok, files=not whole), sub)
     except OSError as e:  # whatever the checks above did not expect to be unreadable: still a report
         report.unusable.append(Finding("input", f"{e.filename or path}: unreadable ({e.strerror or e})"))
     return report
 
 
-def _diagnose_dir(path: str, report: Report, progress: bool, no_manifest_ok: bool) -> Report:
-    _, index, sizes, manifest = verify_directory(path, report, progress=progress, no_manifest_ok=no_manifest_ok)
+def _lists_every_file(path: str) -> bool:
+    """Whether ``path``'s manifest lists every file below it (version 2), sub-directories included."""
+    try:
+        return is_whole(read_manifest(path))
+    except UsageError:  # named by the directory's own check
+        return False
+
+
+def _diagnose_dir(path: str, report: Report, progress: bool, no_manifest_ok: bool, files: bool = True) -> Report:
+    _, index, sizes, manifest = verify_directory(path, report, progress=progress, no_manifest_ok=no_manifest_ok,
+                                                 files=files)
+    report.problems.extend(Finding("adapter", p) for p in adapter_config_problems(path, index))
     config = _read_json(os.path.join(path, CONFIG), report, "input")
     _check_ties(path, index, config, manifest, report)
     if config is None and os.path.isfile(os.path.join(path, CONFIG)):

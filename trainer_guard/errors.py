@@ -117,6 +117,20 @@ class ForeignManifestError(UsageError):
 # module that calls the code raising it, before it reaches a user.
 
 
+class DamagedFileError(IntegrityError, ValueError):
+    """A JSON file of a checkpoint (a trainer_guard record, ``trainer_state.json``) that does not parse: truncated,
+    emptied or garbled. ``str(error)`` names the ``path`` and what to do; ``reason`` is the parser's message.
+    Raised by :func:`trainer_guard.core.io.read_json`; caught as :class:`IntegrityError`."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: damaged, not valid JSON ({reason}): the file was truncated, emptied or edited "
+                         f"after it was written; restore it from a copy, or resume from an earlier checkpoint")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable with its two arguments
+        return type(self), (self.path, self.reason)
+
+
 class SafetensorsFormatError(TrainerGuardError, ValueError):
     """A ``.safetensors`` file or shard index that is unreadable, truncated, padded or foreign
     (:mod:`trainer_guard.formats.safetensors`).

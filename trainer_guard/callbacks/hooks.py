@@ -8,7 +8,9 @@ once, and each replacement fires a hook on every guard of that Trainer:
 ============================  ==========================================================================
 hook                          fired
 ============================  ==========================================================================
-``before_train``              ``trainer.train(resume_from_checkpoint=...)`` called, before anything loads
+``resolve_resume``            ``trainer.train(resume_from_checkpoint=...)`` called, first: a guard may
+                              return another checkpoint to resume from (``None``: keep it)
+``before_train``              right after, with the checkpoint resolved, before anything loads
 ``before_weights_load``       ``_load_from_checkpoint(checkpoint, model)``: before the weights load
 ``after_weights_load``        right after it, before the optimizer exists
 ``before_optimizer_create``   ``create_optimizer()``: before the optimizer is built
@@ -41,7 +43,7 @@ from ..log import logger
 __all__ = ["HOOKS", "GuardHooks", "fire", "guards_of", "is_wired", "set_order", "wire", "wire_calling_trainer"]
 
 
-HOOKS = ("before_train", "before_weights_load", "after_weights_load", "before_optimizer_create",
+HOOKS = ("resolve_resume", "before_train", "before_weights_load", "after_weights_load", "before_optimizer_create",
          "before_optimizer_load", "after_save_model")
 
 _MARK = "_trainer_guard_hooks"  # the one "already wired" marker, in the Trainer instance's __dict__
@@ -53,8 +55,14 @@ class GuardHooks:
     """The hooks a guard may implement; each does nothing unless overridden. ``trainer`` is the Trainer whose
     method fired it; every hook runs on every rank that runs the method."""
 
+    def resolve_resume(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
+        """``trainer.train(resume_from_checkpoint)`` was called (``True``, a path or ``None``, as given, or as an
+        earlier guard resolved it): return the checkpoint to resume from instead, or ``None`` to keep it."""
+        return None
+
     def before_train(self, trainer: Any, resume_from_checkpoint: Any) -> None:
-        """``trainer.train(resume_from_checkpoint)`` was called (``True``, a path or ``None``, as given)."""
+        """``trainer.train(resume_from_checkpoint)`` was called (``True``, a path or ``None``, as given, or as
+        ``resolve_resume`` resolved it)."""
 
     def before_weights_load(self, trainer: Any, checkpoint: str, model: Any) -> None:
         """The Trainer is about to load ``checkpoint``'s weights (``model``: the wrapped model FSDP loads into, or
@@ -124,6 +132,9 @@ def _replace_methods(trainer: Any) -> None:
             if guards:
                 logger.info(f"trainer_guard: {len(guards)} guards active: "
                             f"{', '.join(type(g).__name__ for g in guards)}")
+            for guard in guards_of(trainer):  # each may replace the checkpoint (True -> the newest complete one)
+                resolved = guard.resolve_resume(trainer, resume_from_checkpoint)
+                resume_from_checkpoint = resume_from_checkpoint if resolved is None else resolved
             fire(trainer, "before_train", resume_from_checkpoint)
             return original(resume_from_checkpoint, *a, **kw)
         return train

@@ -34,8 +34,9 @@ class IntegrityGuard(Guard):
     dtype change stops the run, naming the tensors. All ranks raise the same error. The check runs right after the
     weight load (any checkpoint path), before the optimizer load, and ``trainer.save_model(dir)`` gets a manifest,
     through the hooks of the Trainer the guard was given to (:mod:`trainer_guard.callbacks.hooks`; a guard added
-    with ``add_callback`` after the Trainer was built needs ``trainer_guard.guard(trainer)``, else train begin). The manifest's write and fsync run on a background thread, joined (verdict agreed) at the next
-    step. FSDP / DeepSpeed runs are skipped with a warning.
+    with ``add_callback`` after the Trainer was built needs ``trainer_guard.guard(trainer)``, else train begin).
+    The manifest's write and fsync run on a background thread, joined (verdict agreed) at the next step. FSDP /
+    DeepSpeed runs are skipped with a warning.
 
     Args:
         verify: what a save checks before the manifest is written. ``"manifest"`` (default): the files' headers

@@ -7,7 +7,13 @@ state dict after tie dedupe), the tie groups (an alias stored once under its kep
 checksum algorithm and library versions. Checksums are unsigned 64-bit integers from
 :mod:`trainer_guard.checksum`, stored as 16 hex digits (JSON numbers lose precision beyond 2**53).
 
-Layout (``format`` = :data:`MANIFEST_FORMAT`, ``version`` = :data:`MANIFEST_VERSION`)::
+Versions: :func:`build_manifest` describes the tensors and their weight files (version 1, what trainer_guard wrote
+before 0.2 and still reads); :func:`trainer_guard.checkpoint.contents.commit` makes it describe the whole directory
+(version 2 = :data:`MANIFEST_VERSION`: every file with its size and checksum, and a ``digest`` of the manifest
+itself) when the save is written, and that is what the writer writes, last: the checkpoint's commit mark.
+
+Layout (``format`` = :data:`MANIFEST_FORMAT`, ``version`` 1 shown; version 2 adds a ``"checksum"`` or a
+``"header"`` checksum to each ``files`` entry, lists every file, and adds ``"digest"``)::
 
     {"format": "trainer_guard.manifest", "version": 1, "algo": "...", "global_step": 4,
      "tensors": {"model.embed_tokens.weight": {"checksum": "9f0c...", "dtype": "float32", "shape": [128, 32],
@@ -39,7 +45,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..checksum.spec import CHECKSUM_ALGO, fingerprint
-from ..core.io import atomic_write_json, read_json
+from ..core.io import TOO_DEEP, atomic_write_json, read_json
 from ..errors import ChecksumError, ForeignManifestError, MalformedManifestError, UsageError
 from ..files import MANIFEST_FILE, MODEL_WEIGHTS
 from ..formats.safetensors import TensorInfo, is_uint, torch_name
@@ -52,6 +58,8 @@ __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
+    "TENSORS_VERSION",
+    "WHOLE_VERSION",
     "TensorInfo",
     "Mismatch",
     "dtype_name",
@@ -68,7 +76,12 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = "trainer_guard.manifest"
-MANIFEST_VERSION = 1
+TENSORS_VERSION = 1
+"""A manifest of the tensors and their weight files only (:func:`build_manifest`; every manifest before 0.2)."""
+WHOLE_VERSION = 2
+"""A manifest of every file of its directory (:func:`trainer_guard.checkpoint.contents.commit`)."""
+MANIFEST_VERSION = WHOLE_VERSION
+"""The newest version this trainer_guard writes and reads (it reads every version from 1)."""
 
 
 class Mismatch(NamedTuple):
@@ -172,7 +185,7 @@ def build_manifest(
                 info["size"] = os.path.getsize(fp)
     return {
         "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
+        "version": TENSORS_VERSION,
         "algo": CHECKSUM_ALGO,
         "global_step": global_step,
         "tensors": out_tensors,
@@ -213,8 +226,9 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         m = read_json(path)
-    except ValueError as e:  # bad UTF-8 or JSON, an int of > 4300 digits
-        raise MalformedManifestError(path, f"not valid JSON: {e}") from None
+    except ValueError as e:  # bad UTF-8 or JSON, an int of > 4300 digits (DamagedFileError: .reason is the parser's)
+        reason = getattr(e, "reason", str(e))
+        raise MalformedManifestError(path, reason if reason == TOO_DEEP else f"not valid JSON: {reason}") from None
     except RecursionError:
         raise MalformedManifestError(path, "JSON nested too deeply") from None
     except OSError as e:
@@ -225,10 +239,10 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
                                    f"{MANIFEST_FORMAT!r})")
     if type(m.get("version")) is not int:  # noqa: E721  (True == 1 and 1.0 == 1: not a version number)
         raise MalformedManifestError(path, f"version is {reprlib.repr(m.get('version'))}, expected an integer")
-    if m.get("version") != MANIFEST_VERSION:
+    if not TENSORS_VERSION <= m.get("version") <= MANIFEST_VERSION:
         raise UsageError(f"{path}: manifest version {m.get('version')!r} is not supported (this trainer_guard reads "
-                         f"version {MANIFEST_VERSION}); upgrade trainer_guard")
-    shapes = {"tensors": dict, "files": dict, "aliases": dict, "fingerprint": str, "tie_groups": list}
+                         f"versions {TENSORS_VERSION} to {MANIFEST_VERSION}); upgrade trainer_guard")
+    shapes = {"tensors": dict, "files": dict, "aliases": dict, "fingerprint": str, "tie_groups": list, "digest": str}
     bad = [f"{k!r} is a {type(m[k]).__name__}, expected a {t.__name__}" for k, t in shapes.items()
            if k in m and not isinstance(m[k], t)]
     if bad or "tensors" not in m:
@@ -267,10 +281,17 @@ def _malformed_values(m: Mapping[str, Any]) -> str | None:
         shape = e.get("shape")
         if not isinstance(shape, list) or not all(is_uint(s) for s in shape):
             return f"tensor {name!r}: shape {reprlib.repr(shape)} is not a list of sizes (integers 0 to 2**63-1)"
+    whole = m.get("version") >= WHOLE_VERSION
+    if whole and not _hex64(m.get("digest")):
+        return f"digest is {reprlib.repr(m.get('digest'))}, expected 1 to 16 hex digits"
     for fname, info in m.get("files", {}).items():
         if not isinstance(info, dict) or not all(is_uint(info[k]) for k in ("size", "tensors") if k in info):
             return f"files entry {fname!r} is {reprlib.repr(info)}, expected {{'size': bytes, 'tensors': count}}"
-        if os.path.basename(fname) != fname:
+        if not all(_hex64(info[k]) for k in ("checksum", "header") if k in info):
+            return f"files entry {fname!r} is {reprlib.repr(info)}: its checksum is not 1 to 16 hex digits"
+        parts = fname.split("/")
+        if (os.path.basename(fname) != fname and not whole) or not all(
+                p and p not in (".", "..") and os.path.basename(p) == p for p in parts):
             return f"files entry {fname!r} is not a file name in the checkpoint directory"
     for alias, kept in m.get("aliases", {}).items():
         if not isinstance(kept, str):

@@ -24,8 +24,9 @@ from typing import Any, NamedTuple
 from ..checksum.disk import file_checksums
 from ..checksum.spec import CHECKSUM_ALGO, fingerprint
 from ..errors import ChecksumError, ForeignManifestError, IntegrityError, MalformedManifestError, UsageError
-from ..files import MANIFEST_FILE, TRAINER_STATE, checkpoints_in, duplicate_hint, state_file
-from ..formats.safetensors import INDEX_SUFFIX, TensorInfo, file_problem, index_files, safetensors_files
+from ..files import MANIFEST_FILE, TRAINER_STATE, checkpoints_in, duplicate_hint, is_checkpoint_name, state_file
+from ..formats.safetensors import INDEX_SUFFIX, TensorInfo, file_problem, index_files, is_uint, safetensors_files
+from .contents import check_files, digest, interrupted_save, is_whole
 from .manifest import compare, entries, foreign_reason, index_entries, read_manifest
 from .stored import read_index
 
@@ -40,6 +41,8 @@ __all__ = [
     "broken_links",
     "snapshots_in",
     "read_json_finding",
+    "adapter_config_problems",
+    "verify_checkpoint",
     "PROGRESS_BYTES",
 ]
 
@@ -96,13 +99,17 @@ class FileChange(NamedTuple):
 
 
 def file_changes(directory: str | os.PathLike, manifest: dict[str, Any]) -> list[FileChange]:
-    """Each file ``manifest`` lists that is missing, of another size, or written after the manifest file in
-    ``directory`` (in the manifest's order; empty when none)."""
+    """Each weight file ``manifest`` lists that is missing, of another size, or written after the manifest file in
+    ``directory`` (in the manifest's order; empty when none). The other files of a manifest of the whole directory
+    are :func:`~trainer_guard.checkpoint.contents.check_files`'s."""
     directory = os.fspath(directory)
     mpath = os.path.join(directory, MANIFEST_FILE)
     written = os.path.getmtime(mpath) if os.path.isfile(mpath) else None
+    whole = is_whole(manifest)
     out = []
     for fname, info in (manifest.get("files") or {}).items():
+        if whole and isinstance(info, dict) and "tensors" not in info:  # not a weight file: check_files' job
+            continue
         try:
             st = os.stat(os.path.join(directory, fname))
         except OSError:
@@ -127,17 +134,28 @@ def files_changed(directory: str | os.PathLike, manifest: dict[str, Any]) -> dic
 
 
 def verify_directory(path: str | os.PathLike, findings: Findings | None = None, *, progress: bool = False,
-                     no_manifest_ok: bool = False) -> Verification:
+                     no_manifest_ok: bool = False, files: bool = True) -> Verification:
     """Check the weight directory ``path`` on disk: every ``.safetensors`` header, tensors stored twice, shard
-    indexes, then every stored tensor against the manifest (checksums read from the files). Never raises for bad
-    input: it becomes an ``unusable`` finding. Findings are added to ``findings`` when given.
+    indexes, then every stored tensor against the manifest (checksums read from the files), and, for a manifest of
+    the whole directory (version 2), every other file it lists (size, checksum), files it does not list, its own
+    digest and its step. A ``checkpoint-N`` directory without a manifest whose save was interrupted says so
+    (:func:`~trainer_guard.checkpoint.contents.interrupted_save`). Never raises for bad input: it becomes an
+    ``unusable`` finding. Findings are added to ``findings`` when given.
 
-    ``no_manifest_ok``: a directory without a manifest is a warning, not unusable input.
+    ``no_manifest_ok``: a directory without a manifest is a warning, not unusable input. ``files``: check the files
+    other than the weights (``False`` for an adapter sub-directory whose checkpoint's manifest lists them).
     """
     path = os.fspath(path)
     findings = Findings(path) if findings is None else findings
+    interrupted = interrupted_save(path) if is_checkpoint_name(os.path.basename(os.path.normpath(path))) else None
+    if interrupted:
+        findings.problems.append(Finding("manifest", interrupted))
+    unusable = len(findings.unusable)
     index, sizes = _check_files(path, findings)
-    manifest = _check_manifest(path, index, findings, progress, no_manifest_ok)
+    if interrupted:  # "no weights here" is what an interrupted save leaves: said above
+        findings.unusable[unusable:] = [f for f in findings.unusable[unusable:] if "no *.safetensors" not in f.message]
+        return Verification(findings, index, sizes, None)
+    manifest = _check_manifest(path, index, findings, progress, no_manifest_ok, files)
     return Verification(findings, index, sizes, manifest)
 
 
@@ -322,7 +340,7 @@ def _report_twice(path: str, twice: dict[tuple[str, str], list[str]], sizes: dic
 
 
 def _check_manifest(path: str, index: dict[str, TensorInfo], report: Findings, progress: bool,
-                    no_manifest_ok: bool) -> dict | None:
+                    no_manifest_ok: bool, files: bool = True) -> dict | None:
 
     try:
         manifest = read_manifest(path)
@@ -360,6 +378,11 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Findings, p
         report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: its fingerprint does not match its own tensor "
                                                    f"entries: the manifest was edited or corrupted"))
         return manifest
+    if is_whole(manifest) and digest(manifest) != manifest["digest"].lower().zfill(16):
+        report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: does not match its own digest: the manifest was "
+                                                   f"edited or corrupted after the save, so it cannot vouch for the "
+                                                   f"files; re-save the checkpoint, or resume from an earlier one"))
+        return manifest
     state_path = state_file(path)  # its own, or checkpoint-N/<adapter>/'s checkpoint's
     state = read_json_finding(state_path, report, "manifest") if state_path else None
     step = manifest.get("global_step")
@@ -370,12 +393,19 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Findings, p
                                                    f"copied from another checkpoint"))
         return manifest
     usable = {i.file for i in index.values()}
-    listed = sorted(manifest.get("files", {}))
+    listed = sorted(f for f, info in manifest.get("files", {}).items() if "tensors" in info)
     if listed and usable and not any(os.path.isfile(os.path.join(path, f)) for f in listed):
         report.unusable.append(Finding("manifest", f"foreign manifest: it describes {', '.join(listed)}, none of which "
                                                    f"is here (this directory holds {', '.join(sorted(usable))})"))
         return manifest
-    skip_files = {f for f in manifest.get("files", {}) if f not in usable}  # unreadable: already unusable
+    skip_files = {f for f, i in manifest.get("files", {}).items() if "tensors" in i and f not in usable}  # unreadable
+    if is_whole(manifest):
+        weights = {f for f, i in manifest["files"].items() if "tensors" in i}
+        for p in check_files(path, manifest, data=False, extras=files):
+            if p.file in weights and p.kind in ("missing", "size"):
+                continue  # said below, as for a manifest of the weights only
+            if files or p.file in weights or p.kind == "step":
+                report.problems.append(Finding("files", p.message))
     for change in sorted(file_changes(path, manifest)):  # a later write alone is no finding: the checksums decide
         if change.kind == "missing":
             n = manifest["files"][change.file].get("tensors", "?")
@@ -402,3 +432,129 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Findings, p
     if not mismatches and actual:  # nothing readable to compare is no pass (the unusable findings say why)
         report.passed.append(Finding("tensors", f"{len(actual)} tensors match the manifest (step {step})"))
     return manifest
+
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B|embedding_A|embedding_B)(\.[^.]+)?(\.weight)?$")
+_PEFT_PREFIX = "base_model.model."
+
+
+def _pattern_rank(module: str, pattern: dict[str, Any], default: Any) -> Any:
+    """PEFT's rank for ``module``: the ``rank_pattern`` entry whose pattern ends the module's name, else ``default``."""
+    for p, r in pattern.items():
+        try:
+            if re.match(rf"(.*\.)?({p})$", module):
+                return r
+        except re.error:
+            continue
+    return default
+
+
+def _targeted(module: str, targets: Any) -> bool:
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, module) is not None
+        except re.error:
+            return True  # not ours to judge: PEFT will say
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def adapter_config_problems(path: str | os.PathLike, index: dict[str, TensorInfo]) -> list[str]:
+    """What the LoRA ``adapter_config.json`` of ``path`` says that its weights (``index``: the file headers)
+    contradict: a rank ``r`` (or ``rank_pattern`` entry) that is not the stored ``lora_A``/``lora_B`` shapes'
+    (``PeftModel.from_pretrained`` then fails with a size mismatch), a module with stored LoRA weights that
+    ``target_modules`` does not name (it would load without them), a listed target with no stored weights (it would
+    load a fresh, untrained adapter there). Empty for other PEFT methods or without a config.
+
+    Example:
+        >>> import json, os, tempfile
+        >>> d = tempfile.mkdtemp(); _ = open(os.path.join(d, "adapter_config.json"), "w").write(json.dumps(
+        ...     {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}))
+        >>> i = {"base_model.model.l.q_proj.lora_A.weight": TensorInfo("adapter_model.safetensors", "float32", (8, 16))}
+        >>> adapter_config_problems(d, i)[0].startswith("adapter_config.json: r = 4, but adapter_model.safetensors")
+        True
+    """
+    from ..files import ADAPTER_CONFIG
+
+    cfg_path = os.path.join(os.fspath(path), ADAPTER_CONFIG)
+    report = Findings(os.fspath(path))
+    cfg = read_json_finding(cfg_path, report, "adapter") if os.path.isfile(cfg_path) else None
+    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA" or not is_uint(cfg.get("r")):
+        return []
+    pattern = cfg.get("rank_pattern") if isinstance(cfg.get("rank_pattern"), dict) else {}
+    ranks: dict[str, tuple[int, str, TensorInfo]] = {}  # module -> (stored rank, tensor, info), first seen
+    out = []
+    for name, info in sorted(index.items()):
+        m = _LORA_KEY.match(name)
+        if not m or len(info.shape) < 2:
+            continue
+        module = m.group("module").removeprefix(_PEFT_PREFIX)
+        which = m.group("which")
+        rank = info.shape[0] if which in ("A", "embedding_A") else info.shape[1]
+        ranks.setdefault(module, (rank, name, info))
+    bad = []
+    for module, (rank, name, info) in sorted(ranks.items()):
+        want = _pattern_rank(module, pattern, cfg["r"])
+        if is_uint(want) and rank != want:
+            bad.append((module, rank, want, name, info))
+    if bad:
+        module, rank, want, name, info = bad[0]
+        more = f" (and {len(bad) - 1} more module(s))" if len(bad) > 1 else ""
+        out.append(f"{ADAPTER_CONFIG}: r = {want}, but {info.file} stores rank {rank} for {module} ({name} "
+                   f"{list(info.shape)}){more}: PeftModel.from_pretrained fails with a size mismatch. Set r (or its "
+                   f"rank_pattern entry) back to {rank}, or use the adapter_config.json saved with these weights")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, (list, str)) and targets and targets != "all-linear" and ranks:
+        untargeted = sorted(m for m in ranks if not _targeted(m, targets))
+        if untargeted:
+            leaves = sorted({m.rsplit(".", 1)[-1] for m in untargeted})
+            out.append(f"{ADAPTER_CONFIG}: target_modules does not name {', '.join(leaves)}, whose LoRA weights the "
+                       f"adapter stores ({len(untargeted)} module(s), e.g. {untargeted[0]}): from_pretrained loads "
+                       f"the adapter without them. Add them back to target_modules")
+        if isinstance(targets, list):
+            unused = sorted(t for t in targets if isinstance(t, str) and not any(_targeted(m, [t]) for m in ranks))
+            if unused:
+                out.append(f"{ADAPTER_CONFIG}: target_modules lists {', '.join(unused)}, but the adapter stores no "
+                           f"LoRA weights for it: from_pretrained adds a fresh, untrained adapter there. Remove it "
+                           f"from target_modules, or use the adapter_config.json saved with these weights")
+    return out
+
+
+def verify_checkpoint(path: str | os.PathLike, *, progress: bool = False) -> Findings:
+    """Check a checkpoint or model directory on disk, without a model: everything
+    :func:`verify_directory` checks (the whole checkpoint against its manifest: every file, every tensor), for the
+    directory and each PEFT adapter sub-directory, plus a LoRA ``adapter_config.json`` against its weights. Never
+    raises for bad input. Verify a PEFT adapter or a checkpoint before ``from_pretrained`` or a resume.
+
+    Returns:
+        :class:`Findings`: ``problems`` (damaged), ``warnings``, ``unusable`` (cannot be checked), ``passed``; a
+        sub-directory's messages start with ``<name>/:``.
+
+    Example:
+        >>> import tempfile
+        >>> f = verify_checkpoint(tempfile.mkdtemp())
+        >>> f.problems, len(f.unusable)
+        ([], 1)
+    """
+    from ..files import adapter_subdirs
+
+    path = os.fspath(path)
+    out = Findings(path)
+    if not os.path.isdir(path):
+        out.unusable.append(Finding("input", f"{path}: no such directory"))
+        return out
+    subs = adapter_subdirs(path)
+    try:
+        whole = is_whole(read_manifest(path))
+    except UsageError:
+        whole = False
+    if not subs or safetensors_files(path):
+        _, index, _, _ = verify_directory(path, out, progress=progress)
+        out.problems.extend(Finding("adapter", p) for p in adapter_config_problems(path, index))
+    for sub in subs:
+        where = os.path.join(path, sub)
+        f = Findings(where)
+        _, index, _, _ = verify_directory(where, f, progress=progress, files=not whole)
+        f.problems.extend(Finding("adapter", p) for p in adapter_config_problems(where, index))
+        for key in ("problems", "warnings", "unusable", "passed"):
+            getattr(out, key).extend(Finding(x.check, f"{sub}/: {x.message}") for x in getattr(f, key))
+    return out

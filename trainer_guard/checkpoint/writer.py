@@ -1,4 +1,7 @@
-"""The threaded manifest writer: a save's manifests are written (atomic, fsynced) off the training thread.
+"""The threaded manifest writer: a save's manifests are written (atomic, fsynced) off the training thread, each one
+made a manifest of its whole directory first (every file's size and checksum, on every core:
+:func:`~trainer_guard.checkpoint.contents.commit`), deepest directory first, so the checkpoint's own manifest (which
+lists its adapter sub-directories' manifests too) is written last: the commit mark.
 
 Example:
     >>> import tempfile, torch
@@ -18,6 +21,7 @@ from typing import Any
 
 from ..errors import IntegrityError
 from ..files import MANIFEST_FILE
+from .contents import commit
 from .manifest import write_manifest
 
 __all__ = ["ManifestWriter"]
@@ -26,8 +30,9 @@ __all__ = ["ManifestWriter"]
 class ManifestWriter:
     """Writes manifests (atomic, fsynced: :func:`write_manifest`) on one background thread, one at a time.
 
-    Everything a manifest says is computed before :meth:`submit`; only the file write and fsync run on the thread
-    (started once, reused). :meth:`join` waits for the pending write and raises its failure, so a manifest that
+    What a manifest says of the tensors is computed before :meth:`submit`; the thread lists and checksums the
+    directory's files (:func:`~trainer_guard.checkpoint.contents.commit`), then writes and fsyncs (started once,
+    reused). :meth:`join` waits for the pending write and raises its failure, so a manifest that
     could not be written is never silent.
 
     Example:
@@ -45,10 +50,14 @@ class ManifestWriter:
         self.last_seconds: float | None = None
 
     def _run(self, items: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        from .._dist import is_main_process  # lazy: imports accelerate and torch
+
+        if not is_main_process():  # write_manifest writes on the main process only: list nothing elsewhere
+            return
         t0 = time.perf_counter()
-        for directory, manifest in items:
+        for directory, manifest in sorted(items, key=lambda item: -os.path.normpath(item[0]).count(os.sep)):
             try:
-                write_manifest(directory, manifest)
+                write_manifest(directory, commit(directory, manifest))
             except Exception as e:  # re-raised by join() in the caller's thread
                 self._error = (directory, e)
                 break

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -153,3 +153,42 @@ def file_checksums(path: str | os.PathLike, *, progress: bool = False, threads: 
         if problems:
             raise ChecksumError("sharded checkpoint is incomplete:\n  - " + "\n  - ".join(problems))
     return out
+
+
+def bytes_checksums(paths: Sequence[str | os.PathLike], *, lengths: Mapping[str, int] | None = None,
+                    threads: int | None = None) -> dict[str, int]:
+    """The checksum of each file's bytes, as of a ``uint8`` tensor of the file's size (dtype ``U8``, shape
+    ``(nbytes,)``): the one definition of "a whole file's checksum" (optimizer states, JSON records, configs ...).
+
+    All files are summed in one :func:`~trainer_guard.checksum.cpu.word_sums` call, through ``mmap``, on up to
+    ``threads`` threads (default: every core). ``lengths[path]`` checksums only the first that many bytes of that
+    file (a safetensors header). Keys of the result are the paths as given.
+
+    Raises:
+        ChecksumError: a file is missing, unreadable, or shorter than its ``lengths`` entry (naming it).
+
+    Example:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp(); p = os.path.join(d, "a.bin"); _ = open(p, "wb").write(b"hello")
+        >>> s = bytes_checksums([p]); s[p] == bytes_checksums([p])[p] and s[p] != bytes_checksums([p], lengths={p: 4})[p]
+        True
+    """
+    keys = [os.fspath(p) for p in paths]
+    lengths = {os.fspath(k): int(v) for k, v in (lengths or {}).items()}
+    maps: list[np.ndarray] = []
+    sizes: list[int] = []
+    try:
+        for path in keys:
+            try:
+                size = os.path.getsize(path)
+                n = lengths.get(path, size)
+                if n > size:
+                    raise ChecksumError(f"{path}: {size:,} bytes, shorter than the {n:,} to checksum (truncated)")
+                maps.append(np.memmap(path, dtype=np.uint8, mode="r")[:n] if n else np.zeros(0, np.uint8))
+            except (OSError, ValueError) as e:  # ValueError: mmap of a file emptied meanwhile
+                raise ChecksumError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+            sizes.append(n)
+        sums = word_sums([np.asarray(m) for m in maps], None, threads)
+    finally:
+        del maps
+    return {k: finalize(s, "U8", (n,), n) for k, s, n in zip(keys, sums, sizes)}

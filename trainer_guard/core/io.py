@@ -17,7 +17,12 @@ import tempfile
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "replace_json", "read_json"]
+from ..errors import DamagedFileError
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "replace_json", "read_json", "TOO_DEEP"]
+
+TOO_DEEP = "JSON nested too deeply"
+""":class:`~trainer_guard.errors.DamagedFileError`'s ``reason`` for JSON nested past Python's recursion limit."""
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
@@ -88,5 +93,27 @@ def replace_json(path: str | os.PathLike, obj: Any) -> bool:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The JSON value in ``path``.
+
+    Raises:
+        DamagedFileError: (an :class:`~trainer_guard.errors.IntegrityError` and a ``ValueError``) the file is not
+            valid UTF-8 JSON or nests too deeply: truncated, emptied or garbled; the message names the file.
+        OSError: it cannot be opened.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "r.json"); _ = open(p, "w").write('{"a": ')
+        >>> try:
+        ...     read_json(p)
+        ... except ValueError as e:
+        ...     str(e).startswith(p + ": damaged, not valid JSON")
+        True
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
+        raise DamagedFileError(path, str(e)) from None
+    except RecursionError:
+        raise DamagedFileError(path, TOO_DEEP) from None

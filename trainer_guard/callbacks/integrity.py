@@ -10,10 +10,12 @@ import os
 import time
 from typing import Any, Literal
 
-from .._dist import agree, is_main_process
+from .._dist import agree, gather, is_main_process
 from ..core.divergence import is_sharded
 from ..core.checkpoint import Verified, conversion_hint, plan_manifests, verify_against
 from ..core.conversion import load_converted
+from ..checkpoint.choose import pick_checkpoint
+from ..checkpoint.contents import remove_stale, uncommit
 from ..checkpoint.manifest import MANIFEST_FILE, read_manifest
 from ..checkpoint.writer import ManifestWriter
 from ..errors import IntegrityError, TrainerGuardError
@@ -51,6 +53,9 @@ class IntegrityGuard(Guard):
             stores them in transformers' converted layout (MoE experts and router, vision-language models' renamed
             weights: transformers issues #48805, #43701;
             :func:`trainer_guard.core.conversion.load_converted`), and say so. ``False``: only report them.
+        fallback: with ``check_resume``, ``train(resume_from_checkpoint=True)`` resumes from the newest complete,
+            verified checkpoint: a newer one whose save was interrupted (no manifest, its commit mark) or whose
+            files differ from its manifest is skipped with a warning naming it and why. ``False``: stop instead.
 
     Raises:
         IntegrityError: a save wrote something other than the model (no manifest is written then), the manifest
@@ -71,21 +76,26 @@ class IntegrityGuard(Guard):
         check_resume: bool = True,
         backend: Literal["auto", "triton", "cpu"] = "auto",
         repair_load: bool = True,
+        fallback: bool = True,
     ) -> None:
-        super().__init__(verify=verify, check_resume=check_resume, backend=backend, repair_load=repair_load)
+        super().__init__(verify=verify, check_resume=check_resume, backend=backend, repair_load=repair_load,
+                         fallback=fallback)
         self.timings: list[dict[str, Any]] = []
         self._verified = False  # set when the wired load already checked this resume
         self.writer = ManifestWriter()  # atomic + fsync in a background thread, joined at the next step
         self._said_sharded = False
         self._writing = False  # a save's manifest write may be pending
+        self._pending: tuple[str, list] | None = None  # a save's manifests, written once every on_save has run
+        self._before: dict[str, dict] = {}  # checkpoint dir saved into again -> its files before the save
 
     # -- save -----------------------------------------------------------------------------------------------
     def write_checkpoint_manifest(self, model, directory: str, global_step: int | None,
-                                  background: bool = False) -> list[str]:
+                                  background: bool = False, defer: bool = False) -> list[str]:
         """Check ``directory`` against ``model`` and write its manifest; return the problems (none written then).
 
         With ``background`` the (atomic, fsynced) write runs in a thread, joined at the next step or train end;
-        everything the manifest says is computed before this returns.
+        everything the manifest says of the tensors is computed before this returns. With ``defer`` the write
+        waits for the guard's next event (every other callback's ``on_save`` files are written by then).
         """
         t0 = time.perf_counter()
         plan = plan_manifests(model, directory, global_step=global_step, verify=self.options["verify"],
@@ -94,7 +104,10 @@ class IntegrityGuard(Guard):
             self.note(w, "warning")
         if plan.problems or not plan.writes:  # all or nothing: no save gets manifests for some adapters only
             return plan.problems
-        self.writer.submit_many(plan.writes, background=background)
+        if defer:
+            self._pending = (directory, plan.writes)
+        else:
+            self.writer.submit_many(plan.writes, background=background)
         timing = {"step": global_step, "bytes": plan.nbytes, "seconds": time.perf_counter() - t0}
         self.timings.append(timing)
         count = sum(len(m["tensors"]) for _, m in plan.writes)
@@ -114,14 +127,45 @@ class IntegrityGuard(Guard):
                       "warning")
         return True
 
+    def _flush(self) -> None:
+        """Commit the pending save: remove the files an earlier save left in its directory (not written by this one:
+        they would be loaded with it), then list every file and write the manifest, last, on the writer thread."""
+        if self._pending is None:
+            return
+        (ckpt, writes), self._pending = self._pending, None
+        stale = remove_stale(ckpt, self._before.pop(ckpt, {}))
+        if stale:
+            self.note(f"{os.path.basename(ckpt)}: removed {', '.join(stale)}: left in this directory by an earlier "
+                      f"save (interrupted?) and not written by this one, they would have been resumed from", "warning")
+        self.writer.submit_many(writes, background=True)
+
+    def _before_save(self, args, state, control) -> None:
+        """A save into a checkpoint directory that already exists: note its files (to find those the save does not
+        rewrite) and take its commit mark away until the new one is written."""
+        ckpt = checkpoint_dir(args.output_dir, state.global_step)
+        if control.should_save and args.should_save and os.path.isdir(ckpt):
+            self._before[ckpt] = uncommit(ckpt)
+
+    def on_step_begin(self, args, state, control, **kwargs: Any):
+        self._flush()
+
+    def on_epoch_begin(self, args, state, control, **kwargs: Any):
+        self._flush()
+
+    def on_epoch_end(self, args, state, control, **kwargs: Any):
+        self._flush()
+        self._before_save(args, state, control)
+
     def on_save(self, args, state, control, model=None, **kwargs: Any):
+        self._flush()
         ckpt = checkpoint_dir(args.output_dir, state.global_step)
         problems = []
         if model is None or self._sharded(model, args):
             return
         if args.should_save and os.path.isdir(ckpt):  # the Trainer's own writer(s): rank 0, or each node's first
             try:
-                problems = self.write_checkpoint_manifest(model, ckpt, state.global_step, background=True)
+                problems = self.write_checkpoint_manifest(model, ckpt, state.global_step, background=True,
+                                                          defer=True)
             except Exception as e:  # an EIO reading the files back, a full disk: agreed below, no rank left waiting
                 problems = [f"{type(e).__name__}: {e}"]
         agree(problems, IntegrityError,
@@ -142,7 +186,9 @@ class IntegrityGuard(Guard):
         agree(problems, IntegrityError)
 
     def on_step_end(self, args, state, control, **kwargs: Any):
+        self._flush()
         self._join_writer()
+        self._before_save(args, state, control)
 
     def on_log(self, args, state, control, **kwargs: Any):
         # The Trainer's last log (train metrics) comes after the loop and before its train-end cleanup: the best
@@ -151,9 +197,11 @@ class IntegrityGuard(Guard):
         # cannot remove any more: a checkpoint-N holding only trainer_guard_manifest.json, which
         # train(resume_from_checkpoint=True) picks and fails on. Mid-run logs precede that step's save (the
         # previous save's write was joined at on_step_end), so this waits only at the end; every rank logs here.
+        self._flush()
         self._join_writer()
 
     def on_train_end(self, args, state, control, model=None, **kwargs: Any):
+        self._flush()
         self._join_writer()
         best = state.best_model_checkpoint if args.load_best_model_at_end else None
         if best and self._after_load() and model is not None and not self._sharded(model, args):
@@ -246,6 +294,28 @@ class IntegrityGuard(Guard):
                   + ", and was restored through the tie (checked against the manifest)")  # INFO: nothing to do
 
     # -- hooks (trainer_guard.callbacks.hooks) ----------------------------------------------------------------
+    def resolve_resume(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
+        """Before anything loads: check every file of the checkpoint against its manifest; for ``True``, resume from
+        the newest complete, verified checkpoint (newer ones skipped with a warning; ``fallback=False`` stops)."""
+        if resume_from_checkpoint in (None, False) or not self.options["check_resume"] or self._sharded(
+                trainer.model, trainer.args):
+            return None
+        args = trainer.args
+        mine = None
+        if args.should_save:  # the ranks that write checkpoints read them: one verdict per copy
+            mine = pick_checkpoint(args.output_dir, resume_from_checkpoint, fallback=self.options["fallback"])
+            for w in mine.warnings:
+                self.note(w, "warning")
+        seen = [v for v in gather(mine) if v is not None]
+        errors = [v.error for v in seen if v.error]
+        if errors:
+            raise IntegrityError(errors[0])
+        paths = sorted({v.path for v in seen if v.path})
+        if len(paths) > 1:
+            raise IntegrityError(f"the ranks that save checkpoints would resume from different ones ({', '.join(paths)}"
+                                 f"): their copies of {args.output_dir} differ; pass resume_from_checkpoint=<path>")
+        return paths[0] if paths else None
+
     def after_weights_load(self, trainer: Any, checkpoint: str, model: Any) -> None:
         """Check right after the Trainer loads the checkpoint's weights, before its optimizer load: catches a bad
         resume before the optimizer's own, less telling, errors, and works for any checkpoint path."""

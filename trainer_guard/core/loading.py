@@ -259,6 +259,30 @@ def _stored_sum(headers: dict, key: str) -> int:
         del mm
 
 
+class _RawFile:
+    """A safetensors file read through :func:`read_header` and numpy's mmap, for the ``get_tensor`` /
+    ``get_slice`` calls :class:`_Reader` makes: the fallback where the installed safetensors rejects the file's header
+    because it lacks a dtype (before 0.6: complex64, the float8 fnuz/e8m0 variants). Same bytes, copy-on-write map
+    (the file is never written)."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self.header = read_header(path)
+        except SafetensorsFormatError as err:
+            raise LoadError(str(err)) from None
+        self.mm = np.memmap(path, dtype=np.uint8, mode="c")
+
+    def get_slice(self, key: str) -> torch.Tensor:
+        e = self.header.tensors[key]
+        dtype = torch_dtype(e.dtype)
+        if dtype is None:
+            raise LoadError(f"{self.header.path}: tensor {key!r} is stored as {e.dtype}, which torch "
+                            f"{torch.__version__} has no dtype for; load it with a newer torch")
+        return torch.from_numpy(self.mm[e.begin : e.end]).view(dtype).reshape(e.shape)
+
+    get_tensor = get_slice
+
+
 class _Reader:
     """Reads tensors from one file through ``safe_open``, reopening the mapping every :data:`REOPEN_BYTES`."""
 
@@ -271,8 +295,12 @@ class _Reader:
             self.close()
             from safetensors import safe_open
 
-            self._cm = safe_open(self.path, framework="pt", device="cpu")
-            self.f, self.read = self._cm.__enter__(), 0
+            try:
+                self._cm = safe_open(self.path, framework="pt", device="cpu")
+                self.f = self._cm.__enter__()
+            except Exception:  # the header passed read_header: this safetensors lacks one of its dtypes (< 0.6)
+                self._cm, self.f = None, _RawFile(self.path)
+            self.read = 0
             self.opens += 1
         return self.f
 

@@ -19,6 +19,26 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 hf_logging.enable_propagation()
 
 
+def requires(package: str, minimum: str, why: str):
+    """Skip a test below ``package`` ``minimum`` (the floor job in ``.ci/run`` installs the oldest supported versions):
+    it needs ``why``, which older releases lack."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        have = version(package)
+    except PackageNotFoundError:
+        return pytest.mark.skip(reason=f"needs {package}>={minimum}: {why}; {package} is not installed")
+    return pytest.mark.skipif(Version(have) < Version(minimum),
+                              reason=f"needs {package}>={minimum}: {why}; this is {package} {have}")
+
+
+def requires_transformers_5(why: str):
+    """Skip a test on transformers 4.x (the floor job): it asserts 5.x-only behaviour, ``why``."""
+    return requires("transformers", "5.0.0.dev0", f"transformers 5.x behaviour ({why})")
+
+
 def make_args(output_dir, **kw):
     """TrainingArguments for a tiny CPU run: no reporting, deterministic, small batches."""
     from transformers import TrainingArguments

@@ -17,7 +17,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from conftest import triton_interpreter_result
+from conftest import requires, triton_interpreter_result
 from safetensors.torch import save_file
 
 from trainer_guard import checksums, file_checksums
@@ -368,6 +368,8 @@ def test_triton_backend_refuses_cpu_tensors_without_interpreter():
         checksums({"w": torch.ones(2)}, backend="triton")
 
 
+@requires("triton", "3.3", "triton.compiler.ASTSource(constexprs=...), the ahead-of-time compile call this "
+          "test makes")
 @pytest.mark.slow
 def test_kernel_compiles_for_h100_with_vector_loads():
     """No GPU here: compile the kernel ahead of time for sm_90 so a GPU-only type error cannot hide."""

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conftest import requires
 import trainer_guard
 from trainer_guard import checksums, file_checksums, find_tied_groups, load_weights_inplace
 from trainer_guard.errors import ChecksumError, LoadError, TrainerGuardError
@@ -35,6 +36,7 @@ def _same_state(a: nn.Module, b: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- checksums
+@requires("torch", "2.7", "torch.float8_e8m0fnu")
 def test_same_bytes_under_another_dtype_or_shape_get_another_checksum():
     """The guarantee covers the torch 2.x dtypes too: unsigned ints and float8 variants of the same bytes."""
     raw = torch.arange(16, dtype=torch.uint8)
@@ -53,6 +55,7 @@ def test_same_bytes_under_another_dtype_or_shape_get_another_checksum():
     assert len(set(s.values())) == 4
 
 
+@requires("torch", "2.7", "torch.float8_e8m0fnu")
 def test_cpu_path_equals_file_path_for_every_dtype_safetensors_stores(tmp_path):
     src = torch.arange(-7, 17, dtype=torch.float32)
     tensors = {

@@ -368,7 +368,7 @@ def change_sizes(a: str | os.PathLike, b: str | os.PathLike, names: list[str]) -
         (fa, ka), (fb, kb) = la[n], lb[n]
         ea = (headers.get(fa) or headers.setdefault(fa, read_header(fa))).tensors[ka]
         eb = (headers.get(fb) or headers.setdefault(fb, read_header(fb))).tensors[kb]
-        if ea.shape != eb.shape or ea.dtype not in _FLOATS or eb.dtype not in _FLOATS:
+        if ea.shape != eb.shape or torch_name(ea.dtype) not in _FLOATS or torch_name(eb.dtype) not in _FLOATS:
             continue
         xa, xb = _values(fa, ea), _values(fb, eb)
         diff_sq = a_sq = max_abs = 0.0
@@ -382,21 +382,21 @@ def change_sizes(a: str | os.PathLike, b: str | os.PathLike, names: list[str]) -
     return out
 
 
-#: safetensors float codes -> the numpy dtype their bytes are read as (bfloat16 as its 16 raw bits).
-_FLOATS = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+#: float dtypes (torch names) -> the numpy dtype their bytes are read as (bfloat16 as its 16 raw bits).
+_FLOATS = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 def _values(path: str, entry: Any) -> np.ndarray:
     """The flat values of one tensor, mapped from the file (no copy, no torch)."""
+    dtype = _FLOATS[torch_name(entry.dtype)]
     if not entry.nbytes:
-        return np.zeros(0, _FLOATS[entry.dtype])
-    return np.memmap(path, dtype=_FLOATS[entry.dtype], mode="r", offset=entry.begin,
-                     shape=(entry.nbytes // np.dtype(_FLOATS[entry.dtype]).itemsize,))
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=entry.begin, shape=(entry.nbytes // np.dtype(dtype).itemsize,))
 
 
 def _float64(x: np.ndarray, code: str) -> np.ndarray:
     """A chunk of :func:`_values` as float64 (bfloat16: its 16 bits are the top half of a float32)."""
-    if code == "BF16":
+    if torch_name(code) == "bfloat16":
         x = (x.astype(np.uint32) << 16).view(np.float32)
     return x.astype(np.float64)
 

@@ -17,7 +17,8 @@ from transformers import Trainer, TrainerCallback
 import trainer_guard
 from trainer_guard import ResumeGuard, ResumeMismatchError, guard
 from trainer_guard.core.trainable import (TRAINABLE_FILE, compare_records, count_table, describe_changes,
-                                          layout_problems, module_of, param_kind, trainable_record)
+                                          layout_problems, param_kind, trainable_record)
+from trainer_guard.core.trainable import adapted_module as module_of
 from trainer_guard.errors import ConfigError, UsageError
 from trainer_guard.tiny import tiny_dataset, tiny_lora, tiny_model
 

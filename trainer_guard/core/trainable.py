@@ -45,7 +45,7 @@ __all__ = [
     "Change",
     "canonical_name",
     "param_kind",
-    "module_of",
+    "adapted_module",
     "trainable_record",
     "optimizer_layout",
     "peft_summary",
@@ -100,8 +100,10 @@ def param_kind(name: str) -> str:
     return "full"
 
 
-def module_of(name: str) -> str:
-    """The module a parameter belongs to, without PEFT wrappers (``model.layers.0.self_attn.q_proj``)."""
+def adapted_module(name: str) -> str:
+    """The module PEFT adapted or wrapped that a parameter belongs to, its wrapper segments and prefix removed
+    (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` -> ``model.layers.0.self_attn.q_proj``;
+    a top-level tensor -> ``""``). The plain parent module of a name is :func:`trainer_guard.names.module_of`."""
     name = canonical_name(name)
     for pattern in (_LORA, _WRAPPED, _BASE):
         m = pattern.match(name)
@@ -166,7 +168,7 @@ def trainable_record(model: nn.Module, optimizer: Any = None, global_step: int |
             continue
         cname, kind, n = canonical_name(name), param_kind(canonical_name(name)), int(p.numel())
         params[cname] = [n, kind]
-        mod = by_module.setdefault(module_of(cname), {})
+        mod = by_module.setdefault(adapted_module(cname), {})
         mod[kind] = mod.get(kind, 0) + n
         by_kind[kind] = by_kind.get(kind, 0) + n
     return {
@@ -270,8 +272,8 @@ def layout_problems(then: list[Mapping[str, Any]], now: list[Mapping[str, Any]],
             gone = [p for p in a["params"] if p not in set(b["params"])]
             new = [p for p in b["params"] if p not in set(a["params"])]
             detail = "; ".join(s for s in (
-                f"missing now: {_compress(sorted({module_of(p) for p in gone}))}" if gone else "",
-                f"not in {where}: {_compress(sorted({module_of(p) for p in new}))}" if new else "",
+                f"missing now: {_compress(sorted({adapted_module(p) for p in gone}))}" if gone else "",
+                f"not in {where}: {_compress(sorted({adapted_module(p) for p in new}))}" if new else "",
                 "same parameters in a different order" if not gone and not new else "") if s)
             problems.append(f"optimizer group {i} (lr {b['lr']:g}): {len(b['params'])} params ({b['numel']:,}) now, "
                             f"{len(a['params'])} ({a['numel']:,}) in {where}; {detail}")
@@ -343,7 +345,7 @@ def describe_frozen_adapter(frozen: Mapping[str, Any]) -> list[str]:
         return []
     kinds = sorted({param_kind(n) for n in frozen})
     n = sum(p.numel() for p in frozen.values())
-    mods = _compress(sorted({module_of(name) for name in frozen}))
+    mods = _compress(sorted({adapted_module(name) for name in frozen}))
     return [f"{mods}: {n:,} params of the active adapter ({', '.join(kinds)}) are frozen; a PeftModel loaded with "
             f"PeftModel.from_pretrained(...) without is_trainable=True trains nothing of its adapter"]
 
@@ -376,13 +378,13 @@ def missing_copies(model: nn.Module, recorded: Mapping[str, Any] | None, saved_c
     """
     if not isinstance(getattr(model, "peft_config", None), Mapping) or not hasattr(model, "base_model"):
         return [], []
-    has_copy = {module_of(n) for n, _ in model.named_parameters() if param_kind(canonical_name(n)) == "modules_to_save"}
+    has_copy = {adapted_module(n) for n, _ in model.named_parameters() if param_kind(canonical_name(n)) == "modules_to_save"}
     if recorded:
-        wanted = {module_of(n) for n, (_, kind) in recorded.get("params", {}).items() if kind == "modules_to_save"}
+        wanted = {adapted_module(n) for n, (_, kind) in recorded.get("params", {}).items() if kind == "modules_to_save"}
     else:
         mts = (saved_config or {}).get("modules_to_save") or []
-        wanted = {module_of(n) for n, _ in model.named_parameters(remove_duplicate=False)
-                  if _matches(module_of(n), mts)}
+        wanted = {adapted_module(n) for n, _ in model.named_parameters(remove_duplicate=False)
+                  if _matches(adapted_module(n), mts)}
     wanted -= has_copy
     if not wanted:
         return [], []
@@ -393,7 +395,7 @@ def missing_copies(model: nn.Module, recorded: Mapping[str, Any] | None, saved_c
 
         with safe_open(path, framework="pt") as f:
             keys = set(f.keys())
-    stored = {module_of(k) for k in keys}
+    stored = {adapted_module(k) for k in keys}
     ok = sorted(m for m in wanted if m in stored)
     bad = sorted(wanted - set(ok))
     problems = [f"{_compress(bad)}: no trained copy in {path or 'the source'} to restore"] if bad else []
@@ -449,7 +451,7 @@ def add_modules_to_save(model: nn.Module, modules: list[str], source: str | os.P
     set_additional_trainable_modules(model=model.base_model, peft_config=cfg,
                                      model_config=BaseTuner.get_model_config(model), adapter_name=name)
     with safe_open(os.path.join(adapter_dir(model, source), "adapter_model.safetensors"), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys() if module_of(k) in set(modules)}
+        state = {k: f.get_tensor(k) for k in f.keys() if adapted_module(k) in set(modules)}
     set_peft_model_state_dict(model, state, adapter_name=name)
 
 
@@ -553,7 +555,7 @@ def adapter_config_problems(saved: Mapping[str, Any], model: nn.Module, where: s
     frozen_sizes: dict[str, int] = {}
     for name, p in model.named_parameters(remove_duplicate=False):  # a tied lm_head is named too
         if not p.requires_grad and param_kind(canonical_name(name)) == "full":
-            mod = module_of(name)
+            mod = adapted_module(name)
             frozen_sizes[mod] = frozen_sizes.get(mod, 0) + p.numel()
     problems = []
     saved_fields = _config_fields(saved)

@@ -1,0 +1,88 @@
+"""A real Trainer under FSDP2 (``fsdp="full_shard"``, ``fsdp_config={"version": 2}``) on N CPU processes (gloo).
+
+Usage (from tests/test_sharded.py):
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_scripts/fsdp2.py OUT RESULTS MODE [CONFIG]
+
+MODE:
+- ``plain``: no guards; 2 steps, one SHARDED_STATE_DICT checkpoint. Records what wraps the model (the run is really
+  sharded: DTensor parameters on each rank) and the checkpoint's files.
+- ``guards``: every guard of CONFIG (configs/default.yaml), the replica check every step and at train end. Run 1
+  (max_steps=4) stops after checkpoint-2 (a preempted job); run 2 builds a fresh model and Trainer and resumes
+  from checkpoint-2 to step 4; run 3 trains 4 steps uninterrupted into OUT/straight. Records each guard's report,
+  the full-tensor checksums of the final models (combined from the shards) and any error.
+
+Each phase runs under a watchdog: a rank left waiting in a collective writes ``hung`` into its results and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from _common import dump, finish, record_writes, stop_at
+from _fsdp import allow_fsdp_on_cpu, fsdp_args, sharding_facts, watchdog
+
+from transformers import Trainer  # noqa: E402
+
+import trainer_guard  # noqa: E402
+from trainer_guard._dist import gather  # noqa: E402
+from trainer_guard.core.divergence import model_fingerprint, sharded_checksums  # noqa: E402
+from trainer_guard.tiny import tiny_dataset, tiny_model  # noqa: E402
+
+allow_fsdp_on_cpu()
+
+
+def build(out: str, seed: int, callbacks: list, max_steps: int = 4) -> Trainer:
+    model = tiny_model("llama-tied", seed=seed)
+    return Trainer(model=model, args=fsdp_args(out, max_steps=max_steps, save_steps=2),
+                   train_dataset=tiny_dataset(32, 16, model.config.vocab_size), callbacks=callbacks)
+
+
+def full_fingerprint(model) -> str:
+    """The fingerprint of the full (unsharded) tensors, combined from each rank's shards."""
+    return f"{model_fingerprint(sharded_checksums(dict(model.named_parameters()), gather)):016x}"
+
+
+def plain(out: str, result: dict) -> None:
+    t = build(out, seed=0, callbacks=[], max_steps=2)
+    t.train()
+    result.update(sharding_facts(t), step=t.state.global_step,
+                  checkpoint=sorted(os.listdir(os.path.join(out, "checkpoint-2"))))
+
+
+def guards(out: str, result: dict, config: str) -> None:
+    def cbs():
+        return trainer_guard.callbacks_from_yaml(config, replica_divergence={"every": 1, "at_train_end": True})
+
+    t1 = build(out, seed=0, callbacks=cbs() + [stop_at(2)])
+    t1.train()
+    result.update(sharding_facts(t1), step_run1=t1.state.global_step)
+    t2 = build(out, seed=1, callbacks=cbs())  # another init on purpose: the resume must load checkpoint-2
+    t2.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
+    result["step_run2"] = t2.state.global_step
+    result["fingerprint"] = full_fingerprint(t2.model)
+    result["reports"] = {type(cb).__name__: cb.report() for cb in t2.callback_handler.callbacks
+                         if hasattr(cb, "report")}
+    result["reports_run1"] = {type(cb).__name__: cb.report() for cb in t1.callback_handler.callbacks
+                              if hasattr(cb, "report")}
+    t3 = build(os.path.join(out, "straight"), seed=0, callbacks=cbs())
+    t3.train()
+    result["fingerprint_straight"] = full_fingerprint(t3.model)
+
+
+def main(out: str, results: str, mode: str, config: str | None = None) -> None:
+    record_writes(out)
+    result: dict = {"error": None, "mode": mode}
+    try:
+        with watchdog(results, result, mode, seconds=float(os.environ.get("TG_WATCHDOG_S", "240"))):
+            plain(out, result) if mode == "plain" else guards(out, result, config)
+    except Exception as e:  # reported to the test, which shows it
+        result["error"] = f"{type(e).__name__}: {e}"
+        result["traceback"] = traceback.format_exc()[-3000:]
+    dump(results, result)
+    finish()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])

@@ -11,11 +11,11 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
+from .lazy import lazy_exports
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these on first use
     from .callbacks import GUARDS, Guard, TiedWeightsGuard
@@ -72,16 +72,4 @@ _LAZY: dict[str, str] = {
 __all__ = [*_LAZY, *_errors_all]
 
 
-def __getattr__(name: str) -> Any:
-    """Import the submodule that defines public ``name`` on first access and cache the value (PEP 562)."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The module's attributes plus the public names not loaded yet."""
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)

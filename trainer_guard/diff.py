@@ -36,17 +36,7 @@ from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_subdirs, checkpoint_
 from .formats.safetensors import read_header, safetensors_files, torch_name
 from .names import module_of
 
-__all__ = ["configure", "run", "load_side", "diff", "change_sizes", "format_text"]
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("a", metavar="A", help="checkpoint or model directory (or one .safetensors file)")
-    parser.add_argument("b", metavar="B", help="the directory (or .safetensors file) to compare it with")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--source", choices=("auto", "manifest", "files"), default="auto",
-                        help="auto: manifests when both sides have one with the same algorithm, else the files; "
-                             "manifest: require manifests; files: always read the safetensors files")
-    parser.add_argument("--tensors", action="store_true", help="also list every tensor that differs")
+__all__ = ["run", "load_side", "diff", "change_sizes", "format_text"]
 
 
 def _manifest(path: str) -> dict | None:

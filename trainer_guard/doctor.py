@@ -51,7 +51,7 @@ from .files import ADAPTER_WEIGHTS as ADAPTER_FILE
 from .formats.safetensors import FLOAT_NAMES as _FLOAT
 from .formats.safetensors import TensorInfo, nbytes, safetensors_files
 
-__all__ = ["configure", "run", "Finding", "Report", "diagnose", "adapter_breakdown", "format_text"]
+__all__ = ["run", "Finding", "Report", "diagnose", "adapter_breakdown", "format_text"]
 
 _TOKENS = re.compile(r"\.token_adapter\.trainable_tokens_delta$")  # PEFT trainable_token_indices: rows, not a copy
 _LORA = re.compile(r"\.(lora_[A-Za-z_]+|hada_w\d_[ab]|lokr_w\d.*|ia3_l|oft_r)(\.[^.]+)?\.weight$|\.lora_magnitude_vector")
@@ -76,15 +76,6 @@ class Report(Findings):
             out[key] = [asdict(f) for f in getattr(self, key)]
         out["summary"] = self.summary
         return out
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="checkpoint or model directory (holding *.safetensors files)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--no-manifest-ok", action="store_true",
-                        help="a directory without trainer_guard_manifest.json (e.g. a downloaded model) is not "
-                             "unusable input: exit 0/1 from the other checks")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars, even for big files")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -366,7 +357,7 @@ def format_text(report: Report) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    p = argparse.ArgumentParser(prog="trainer-guard doctor")
-    configure(p)
-    sys.exit(run(p.parse_args()))
+if __name__ == "__main__":  # pragma: no cover - the arguments are defined once, in cli.py
+    from .cli import main
+
+    sys.exit(main(["doctor", *sys.argv[1:]]))

@@ -62,20 +62,33 @@ def index_weight_map(idx: str | os.PathLike, error: type[Exception] = ChecksumEr
     return st.read_weight_map(idx, error)
 
 
-def _file_sums(path: str, progress: Callable[[int], Any] | None, threads: int | None) -> dict[str, int]:
-    h = _header(path)
-    if progress is not None:
-        progress(h.data_start)  # the header: with the data (which tiles the rest) the bar ends at the file size
-    if not h.tensors:
-        return {}
-    names = h.in_file_order()
-    mm = np.memmap(path, dtype=np.uint8, mode="r")  # mmap: pages come from the page cache, nothing is copied
+def _files_sums(paths: list[str], progress: Callable[[int], Any] | None,
+                threads: int | None) -> list[dict[str, int]]:
+    """Per file, tensor name -> checksum: every tensor of every file in ONE :func:`word_sums` call, so many small
+    shards are shared out among the threads as well as a few big ones."""
+    headers = [_header(p) for p in paths]  # every header first: a bad file is named before any data is read
+    bufs: list[np.ndarray] = []
+    owners: list[tuple[int, str]] = []
+    maps = []
     try:
-        bufs = [np.asarray(mm[h.tensors[n].begin : h.tensors[n].end]) for n in names]
+        for i, (path, h) in enumerate(zip(paths, headers)):
+            if progress is not None:
+                progress(h.data_start)  # the header: with the data (which tiles the rest) the bar ends at the size
+            if not h.tensors:
+                continue
+            mm = np.memmap(path, dtype=np.uint8, mode="r")  # pages come from the page cache, nothing is copied
+            maps.append(mm)
+            for n in h.in_file_order():
+                bufs.append(np.asarray(mm[h.tensors[n].begin : h.tensors[n].end]))
+                owners.append((i, n))
         sums = word_sums(bufs, progress, threads)
     finally:
-        del mm
-    return {n: finalize(s, h.tensors[n].dtype, h.tensors[n].shape, h.tensors[n].nbytes) for n, s in zip(names, sums)}
+        del bufs, maps
+    out: list[dict[str, int]] = [{} for _ in paths]
+    for (i, n), s in zip(owners, sums):
+        e = headers[i].tensors[n]
+        out[i][n] = finalize(s, e.dtype, e.shape, e.nbytes)
+    return out
 
 
 def _index_problems(directory: str, files: dict[str, dict[str, int]]) -> list[str]:
@@ -134,8 +147,7 @@ def file_checksums(path: str | os.PathLike, *, progress: bool = False, threads: 
     out: dict[str, int] = {}
     owner: dict[str, str] = {}
     try:
-        for f in files:
-            sums = _file_sums(f, cb, threads)
+        for f, sums in zip(files, _files_sums(files, cb, threads)):
             per_file[os.path.basename(f)] = sums
             for name, v in sums.items():
                 if name in owner:

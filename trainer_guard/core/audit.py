@@ -527,7 +527,8 @@ class UpdateAudit:
     def check(self, names: list[str], optimizer: Any) -> list[Finding]:
         """Compare ``names`` with their baselines now; rebase the judged ones; return new findings."""
         now = self.checksums(names)
-        status = classify({n: self._base[n] for n in names}, now)
+        base = self._base
+        status = {n: SAME if base[n] == now[n] else CHANGED for n in names}  # classify() of two full sets
         self._routed.update(e for n in names if status[n] == CHANGED and self._trainable[n]
                             for e in [self._expert[n]] if e)
         # Only a trainable tensor that did not change, or a frozen one that did, can be a finding or wait for a

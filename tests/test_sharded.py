@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from test_distributed import dirs, launch
+from test_distributed import ROOT, dirs, launch
 
 pytestmark = pytest.mark.distributed
 
@@ -32,3 +32,42 @@ def test_fsdp2_through_the_trainer_really_shards_on_cpu(tmp_path):
         assert r["step"] == 2
     assert {"pytorch_model_fsdp_0", "optimizer_0", "trainer_state.json"} <= set(ranks[0]["checkpoint"])
     assert os.path.isfile(os.path.join(out, "checkpoint-2", "pytorch_model_fsdp_0", ".metadata"))
+
+
+def _ok(ranks: list[dict]) -> None:
+    for r in ranks:
+        assert r.get("hung") is None, f"rank {r['rank']} hung in {r['hung']}:\n{r.get('hung_stack')}"
+        assert r["error"] is None, r.get("traceback", r["error"])
+        assert r["distributed_type"] == "DistributedType.FSDP" and r["n_dtensors"] == r["n_params"]
+
+
+@pytest.mark.slow
+def test_default_guards_train_save_resume_a_tied_llama_under_fsdp2(tmp_path):
+    """Issue 18: UntrainedTokensGuard stopped every FSDP2 run at train begin (``aten.nonzero`` on a DTensor)."""
+    out, res = dirs(tmp_path)
+    r0, r1 = launch("fsdp2.py", out, res, "guards", os.path.join(ROOT, "configs", "default.yaml"), tmp_path=tmp_path)
+    _ok([r0, r1])
+    for r in (r0, r1):
+        assert (r["step_run1"], r["step_run2"]) == (2, 4)
+        assert "UntrainedTokensGuard" in r["reports"] and "UpdateAuditGuard" in r["reports"]
+    # the resumed run equals an uninterrupted one bit for bit (full tensors, combined from the shards)
+    assert r0["fingerprint"] == r1["fingerprint"] == r0["fingerprint_straight"] == r1["fingerprint_straight"]
+    assert r0["reports"] == r1["reports"] and r0["reports_run1"] == r1["reports_run1"]  # one verdict per guard
+    assert r0["reports"]["TiedWeightsGuard"] == ["tied groups: [['model.embed_tokens.weight', 'lm_head.weight']]"]
+    assert {"pytorch_model_fsdp_0", "optimizer_0"} <= set(os.listdir(os.path.join(out, "checkpoint-2")))
+
+
+@pytest.mark.slow
+def test_untrained_tokens_found_and_fixed_on_fsdp2_shards(tmp_path):
+    """Rows 5 (rank 0's shard) and 100 (rank 1's) are zero, the data uses 100: every rank reports both, fixes 100
+    to the mean of the 126 trained rows (summed per shard, combined) and leaves 5."""
+    out, res = dirs(tmp_path)
+    r0, r1 = launch("fsdp2.py", out, res, "tokens", tmp_path=tmp_path)
+    _ok([r0, r1])
+    assert r0["report"] == r1["report"] == [
+        "input embedding: 2 row(s) look never trained (~0): ids [5, 100]",
+        "training data (all 16 examples, 256 tokens) uses: id 100 x16",
+        "fixed: input embedding rows [100] set to the mean of 126 trained rows",
+    ]
+    assert r0["found"] == r1["found"] == {"input embedding": [5, 100]}  # the tied head is the same table
+    assert r0["row100_is_mean"] and r0["row5_zero"] and r1["row100_is_mean"] and r1["row5_zero"]

@@ -10,6 +10,9 @@ MODE:
   (max_steps=4) stops after checkpoint-2 (a preempted job); run 2 builds a fresh model and Trainer and resumes
   from checkpoint-2 to step 4; run 3 trains 4 steps uninterrupted into OUT/straight. Records each guard's report,
   the full-tensor checksums of the final models (combined from the shards) and any error.
+- ``tokens``: UntrainedTokensGuard(mode="fix") on a tied Llama whose embedding rows 5 and 100 are zero (one on
+  each rank's shard) and whose data uses id 100 only. Records the guard's report and, right after the guard ran at
+  train begin, rows 5 and 100 of the full embedding next to the mean of the trained rows of the unsharded weight.
 
 Each phase runs under a watchdog: a rank left waiting in a collective writes ``hung`` into its results and exits.
 """
@@ -71,12 +74,39 @@ def guards(out: str, result: dict, config: str) -> None:
     result["fingerprint_straight"] = full_fingerprint(t3.model)
 
 
+def tokens(out: str, result: dict) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    model = tiny_model("llama-tied", seed=0)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[[5, 100]] = 0
+    keep = [i for i in range(emb.shape[0]) if i not in (5, 100)]
+    expected = emb[keep].float().mean(dim=0)
+    ids = [[100 if j == 3 else 6 + (7 * i + j) % 90 for j in range(16)] for i in range(16)]  # 100 used, 5 not
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids, "attention_mask": [[1] * 16] * 16})
+
+    class Rows(TrainerCallback):  # after the guard: every rank takes part in full_tensor() at the same point
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            full = model.get_input_embeddings().weight.full_tensor()
+            result["row100_is_mean"] = bool(torch.allclose(full[100].float(), expected, rtol=1e-5, atol=1e-7))
+            result["row5_zero"] = bool(full[5].abs().max() == 0)
+
+    guard = trainer_guard.UntrainedTokensGuard(mode="fix")
+    t = Trainer(model=model, args=fsdp_args(out, max_steps=1, save_steps=10), train_dataset=data,
+                callbacks=[guard, Rows()])
+    t.train()
+    result.update(sharding_facts(t), report=guard.report(), found=guard.found["untrained"])
+
+
 def main(out: str, results: str, mode: str, config: str | None = None) -> None:
     record_writes(out)
     result: dict = {"error": None, "mode": mode}
     try:
         with watchdog(results, result, mode, seconds=float(os.environ.get("TG_WATCHDOG_S", "240"))):
-            plain(out, result) if mode == "plain" else guards(out, result, config)
+            {"plain": plain, "tokens": tokens}.get(mode, lambda o, r: guards(o, r, config))(out, result)
     except Exception as e:  # reported to the test, which shows it
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()[-3000:]

@@ -28,11 +28,14 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ..errors import TrainerGuardError
+from .sharding import gather_rows, is_row_sharded, is_shard, local_part, resolve_gather, row_layout
 
 __all__ = ["untrained_rows", "TokenScan", "count_token_ids", "template_token_ids", "set_rows_to_trained_mean"]
 
@@ -41,12 +44,18 @@ _ROW_BLOCK = 4096
 
 @torch.no_grad()
 def untrained_rows(weight: torch.Tensor, rtol: float = 1e-3, atol: float = 0.0,
-                   overrides: tuple[Sequence[int], torch.Tensor] | None = None) -> list[int]:
+                   overrides: tuple[Sequence[int], torch.Tensor] | None = None,
+                   gather: Callable[[Any], list[Any]] | None = None) -> list[int]:
     """Indices of rows whose max ``|w|`` is at most ``max(atol, rtol * median row max |w|)``.
 
     Computed in blocks of rows, so a 128K x 4K matrix never needs a second full-size temporary. ``overrides``:
     ``(ids, rows)``, the rows the model really uses for ``ids`` instead of ``weight``'s (PEFT trainable tokens keep
     the trained values of their rows in a separate tensor and leave the base rows as they were).
+
+    Sharded weights (FSDP2 ``Shard(0)`` DTensor): each rank takes the peaks of its own rows and the ranks exchange
+    them (one all-gather of one float per row, through ``gather``, default :func:`trainer_guard._dist.gather`), so
+    every rank returns the same rows; every rank must call this at the same point. A DTensor split another way is
+    gathered whole first. DeepSpeed ZeRO-3 parameters (no local rows) give ``[]``.
 
     Example:
         >>> w = torch.randn(6, 4); w[[2, 5]] = 0
@@ -55,13 +64,25 @@ def untrained_rows(weight: torch.Tensor, rtol: float = 1e-3, atol: float = 0.0,
     """
     if weight.dim() != 2 or weight.shape[0] == 0 or weight.device.type == "meta":
         return []
-    peaks = torch.cat([weight[a:a + _ROW_BLOCK].detach().abs().amax(dim=1).float().cpu()
-                       for a in range(0, weight.shape[0], _ROW_BLOCK)])
+    if is_shard(weight) and not is_row_sharded(weight):
+        if not hasattr(weight, "full_tensor"):  # ZeRO-3 / FSDP1 flat parameters: no rows here
+            return []
+        weight = weight.full_tensor()  # a placement other than FSDP2's (same on every rank): the whole table
+    peaks = gather_rows(_row_peaks(local_part(weight)), weight, gather)
     if overrides is not None and len(overrides[0]):
         ids, rows = overrides
+        rows = rows.full_tensor() if hasattr(rows, "full_tensor") else rows
         peaks[torch.as_tensor(list(ids), dtype=torch.long)] = rows.detach().abs().amax(dim=1).float().cpu()
     threshold = max(atol, rtol * float(peaks.median()))
     return torch.nonzero(peaks <= threshold).flatten().tolist()
+
+
+def _row_peaks(weight: torch.Tensor) -> torch.Tensor:
+    """Max ``|w|`` of each row (fp32, on the CPU), in blocks of rows."""
+    if weight.shape[0] == 0:  # an empty shard (more ranks than rows)
+        return torch.zeros(0)
+    return torch.cat([weight[a:a + _ROW_BLOCK].abs().amax(dim=1).float().cpu()
+                      for a in range(0, weight.shape[0], _ROW_BLOCK)])
 
 
 @dataclass
@@ -266,20 +287,44 @@ def template_token_ids(tokenizer: Any, ids: Sequence[int]) -> dict[int, int]:
 
 
 @torch.no_grad()
-def set_rows_to_trained_mean(weight: torch.Tensor, rows: Sequence[int], untrained: Sequence[int] = ()) -> int:
+def set_rows_to_trained_mean(weight: torch.Tensor, rows: Sequence[int], untrained: Sequence[int] = (),
+                             gather: Callable[[Any], list[Any]] | None = None) -> int:
     """Set ``weight[rows]`` to the mean of the rows not in ``rows`` or ``untrained`` (computed in fp32, row
-    blocks); return how many rows the mean was taken over."""
+    blocks); return how many rows the mean was taken over.
+
+    Sharded weights (FSDP2 ``Shard(0)`` DTensor): each rank sums its own trained rows, the ranks exchange the sums
+    (one all-gather of a row-sized vector and the row counts, through ``gather``) and each rank writes the rows it
+    holds; every rank must call this at the same point with the same rows.
+
+    Raises:
+        TrainerGuardError: a sharded weight split another way than FSDP2's rows (nothing written).
+    """
+    layout = None
+    if is_shard(weight):
+        layout = row_layout(weight, gather)
+        if layout is None:
+            raise TrainerGuardError(f"cannot set rows of a {type(weight).__name__} sharded another way than FSDP2's "
+                                    f"row split (placements {getattr(weight, 'placements', None)})")
+    local = local_part(weight)
+    start = layout.starts[layout.position] if layout else 0
+    n_local = local.shape[0]
     skip = torch.zeros(weight.shape[0], dtype=torch.bool)
     idx = sorted({int(r) for r in rows})
     skip[idx] = True
     skip[list(untrained)] = True
-    total = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+    skip = skip[start:start + n_local]
+    total = torch.zeros(weight.shape[1], dtype=torch.float32, device=local.device)
     n = 0
-    for a in range(0, weight.shape[0], _ROW_BLOCK):
+    for a in range(0, n_local, _ROW_BLOCK):
         keep = ~skip[a:a + _ROW_BLOCK]
         if keep.any():
-            total += weight[a:a + _ROW_BLOCK][keep.to(weight.device)].float().sum(dim=0)
+            total += local[a:a + _ROW_BLOCK][keep.to(local.device)].float().sum(dim=0)
             n += int(keep.sum())
-    if n and idx:
-        weight[torch.tensor(idx, device=weight.device)] = (total / n).to(weight.dtype)
+    if layout is not None:
+        parts = resolve_gather(gather)((total.cpu(), n))
+        total = sum((t for t, _ in parts), torch.zeros_like(total.cpu())).to(local.device)
+        n = sum(c for _, c in parts)
+    mine = [r - start for r in idx if start <= r < start + n_local]
+    if n and mine:
+        local[torch.tensor(mine, device=local.device)] = (total / n).to(local.dtype)
     return n

@@ -1,0 +1,164 @@
+"""Whether a model is sharded, decided from what actually wraps it, and the few shard-aware reductions the guards use.
+
+The one owner of "sharded or not" (issue 18). A guard never decides from ``TrainingArguments.fsdp`` /
+``.deepspeed``: with ``fsdp=...`` on a machine where accelerate falls back to plain DDP (CPU hosts) the parameters
+are whole replicas, and a guard that skipped "because FSDP" would skip a run it can check. It asks the model:
+
+- :func:`is_shard`: one parameter holds a piece of a tensor (FSDP2 ``DTensor``, FSDP1 ``FlatParameter``, DeepSpeed
+  ZeRO-3 ``ds_id``).
+- :func:`is_sharded`: this rank's model is wrapped or holds shards (local knowledge, no collective).
+- :func:`agreed_sharded`: the same answer on every rank: one collective vote; ranks that wrapped the model
+  differently raise the same error on every rank instead of taking different code paths (a hang).
+- :func:`is_row_sharded`: FSDP2's layout (``Shard(0)`` over a 1-D mesh of the whole world).
+- :func:`row_layout`: where this rank's rows of an FSDP2 ``Shard(0)`` tensor sit in the full tensor.
+- :func:`gather_rows`: the full per-row vector of a row-sharded tensor from each rank's values for its own rows
+  (an all-gather of one small value per row, never of the tensor).
+
+Every function that takes ``gather`` runs a collective through it (default :func:`trainer_guard._dist.gather`):
+every rank must call it at the same point, with the same tensors in the same order.
+
+Example:
+    >>> import torch
+    >>> from trainer_guard.core.sharding import is_sharded, agreed_sharded
+    >>> model = torch.nn.Linear(2, 2)
+    >>> is_sharded(model), agreed_sharded(model)
+    (False, False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TrainerGuardError
+
+__all__ = ["WRAPPERS", "is_shard", "is_sharded", "agreed_sharded", "is_row_sharded", "RowLayout", "row_layout",
+           "gather_rows", "local_part", "resolve_gather"]
+
+# Module classes (anywhere in the MRO) whose parameters are shards: FSDP1, FSDP2 (``fully_shard`` makes a subclass
+# of FSDPModule), DeepSpeed's engine. FSDP1 with use_orig_params exposes plain Parameters that are views of the shard.
+WRAPPERS = frozenset({"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"})
+
+
+def _dtensor_cls() -> type | tuple:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return ()
+    return DTensor
+
+
+def is_shard(t: torch.Tensor) -> bool:
+    """True when ``t`` holds a piece of a tensor: an FSDP2 ``DTensor``, an FSDP1 ``FlatParameter``, a DeepSpeed
+    ZeRO-3 parameter (``ds_id``).
+
+    Example:
+        >>> is_shard(torch.zeros(2))
+        False
+    """
+    return isinstance(t, _dtensor_cls()) or hasattr(t, "ds_id") or type(t).__name__ == "FlatParameter"
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when this rank's ``model`` is wrapped by FSDP/DeepSpeed or holds shards (see :func:`is_shard`).
+
+    Local knowledge: ranks may disagree (a model wrapped on some ranks only); a decision that leads to a
+    collective must go through :func:`agreed_sharded`.
+    """
+    if any(c.__name__ in WRAPPERS for m in model.modules() for c in type(m).__mro__):
+        return True
+    return any(is_shard(p) for p in model.parameters())
+
+
+def agreed_sharded(model: nn.Module, gather: Callable[[Any], list[Any]] | None = None, what: str = "") -> bool:
+    """:func:`is_sharded`, the same on every rank: one all-gather of one bool per rank (none when single-process).
+
+    Raises:
+        TrainerGuardError: on every rank, naming the ranks, when some ranks hold shards and others whole
+            tensors (the ranks wrapped the model differently); ``what`` names the check that needed to know.
+    """
+    gather = resolve_gather(gather)
+    votes = [bool(v) for v in gather(is_sharded(model))]
+    if all(votes) or not any(votes):
+        return votes[0]
+    shard = [r for r, v in enumerate(votes) if v]
+    whole = [r for r, v in enumerate(votes) if not v]
+    raise TrainerGuardError(
+        f"{what + ': ' if what else ''}rank {', '.join(map(str, shard))} hold{'s' if len(shard) == 1 else ''} sharded "
+        f"parameters (FSDP/DeepSpeed ZeRO-3) and rank {', '.join(map(str, whole))} whole ones: the ranks did not "
+        f"wrap the model alike (every rank stops here, none is left waiting); build and prepare the model the same "
+        f"way on every rank")
+
+
+def resolve_gather(gather: Callable[[Any], list[Any]] | None) -> Callable[[Any], list[Any]]:
+    """``gather``, or :func:`trainer_guard._dist.gather` (every rank's object, in rank order) when ``None``."""
+    if gather is not None:
+        return gather
+    from .._dist import gather as dist_gather  # lazy: accelerate
+
+    return dist_gather
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each rank's rows of a row-sharded tensor sit: ``counts[i]`` rows at ``starts[i]`` for mesh position
+    ``i``; ``position`` is this rank's."""
+
+    counts: tuple[int, ...]
+    starts: tuple[int, ...]
+    position: int
+
+
+def is_row_sharded(t: Any) -> bool:
+    """A DTensor split along dim 0 over a 1-D mesh of the whole world (FSDP2's layout)."""
+    dt = _dtensor_cls()
+    if not dt or not isinstance(t, dt) or t.device_mesh.ndim != 1 or len(t.placements) != 1:
+        return False
+    from torch.distributed.tensor import Shard
+
+    pl = t.placements[0]
+    return isinstance(pl, Shard) and pl.dim == 0 and t.device_mesh.size() == torch.distributed.get_world_size()
+
+
+def row_layout(t: Any, gather: Callable[[Any], list[Any]] | None = None) -> RowLayout | None:
+    """The :class:`RowLayout` of an FSDP2 ``Shard(0)`` DTensor (uneven and empty shards included), from one
+    all-gather of each rank's row count; ``None`` (and no collective) for any other tensor or placement, which
+    every rank sees alike."""
+    if not is_row_sharded(t):
+        return None
+    gather = resolve_gather(gather)
+    per_rank = [int(c) for c in gather(int(t.to_local().shape[0]))]
+    order = [int(r) for r in t.device_mesh.mesh.flatten().tolist()]  # mesh position -> global rank
+    counts = tuple(per_rank[r] for r in order)
+    starts = tuple(sum(counts[:i]) for i in range(len(counts)))
+    return RowLayout(counts, starts, t.device_mesh.get_local_rank())
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's values of ``t``: the local shard of a DTensor, else ``t`` itself (detached)."""
+    return (t.to_local() if isinstance(t, _dtensor_cls()) else t).detach()
+
+
+def gather_rows(local: torch.Tensor, t: Any, gather: Callable[[Any], list[Any]] | None = None) -> torch.Tensor:
+    """The full vector of one value per row of ``t``, an FSDP2 ``Shard(0)`` DTensor, from ``local``, this rank's
+    values for its own rows: one all-gather of ``t.shape[0]`` values in all, never of ``t``. Any other tensor:
+    ``local`` as it is, no collective (a DTensor split another way is the caller's to handle).
+
+    Example:
+        >>> gather_rows(torch.tensor([1.0, 2.0]), torch.zeros(2, 3))  # not sharded: the local values are the rows
+        tensor([1., 2.])
+    """
+    if not is_row_sharded(t):
+        return local
+    gather = resolve_gather(gather)
+    parts = gather(local.detach().cpu())
+    order = [int(r) for r in t.device_mesh.mesh.flatten().tolist()]  # mesh position -> global rank
+    full = torch.cat([parts[r] for r in order])
+    if full.shape[0] != t.shape[0]:  # every rank sees the same parts: the same error everywhere
+        raise TrainerGuardError(f"the ranks' shards hold {full.shape[0]} rows of a tensor of {t.shape[0]}: not a "
+                                f"row split of it")
+    return full

@@ -33,8 +33,9 @@ class UpdateAuditGuard(Guard):
     in any optimizer group, group LR 0, no gradient reached it (``.grad`` None or all zero), frozen but in the
     optimizer, un-frozen, modified in place.
 
-    Gradient accumulation needs nothing (one check per optimizer step). Steps skipped by a grad scaler (inf/nan)
-    and steps at LR 0 (warmup) are not *effective*: a tensor is judged only after its group ran an effective step,
+    Gradient accumulation needs nothing (one check per optimizer step). Steps skipped by a grad scaler (inf/nan),
+    steps at LR 0 (warmup) and steps whose gradients are all exactly zero (no learning signal: RL with all-zero
+    rewards) are not *effective*: a tensor is judged only after its group ran an effective step,
     gradient-based causes only after ``min_grad_steps`` of them (a LoRA A matrix has a zero gradient on its first
     step); until then it keeps its baseline and is re-checked alone once it has had them. Each tensor and cause is
     reported once. Sharded (FSDP/ZeRO-3) and meta parameters are skipped, with a warning.
@@ -74,6 +75,7 @@ class UpdateAuditGuard(Guard):
         self.audit: UpdateAudit | None = None
         self._model = None
         self._queued: list[str] = []
+        self._told_silent = False
 
     @classmethod
     def _check_options(cls, options: dict[str, Any]) -> list[str]:
@@ -81,7 +83,7 @@ class UpdateAuditGuard(Guard):
                 for k in ("every", "min_grad_steps") if options[k] < 1]
 
     def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
-        self.audit, self._model, self._queued = None, model, []
+        self.audit, self._model, self._queued, self._told_silent = None, model, [], False
 
     def on_step_begin(self, args, state, control, model=None, **kwargs: Any):
         # The baseline is taken just before the first forward: after any resume load and after every other
@@ -102,8 +104,13 @@ class UpdateAuditGuard(Guard):
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs: Any):
         if self.audit is None or optimizer is None:
             return
+        silent = self.audit.silent_steps
         new = self.audit.step(optimizer)
         self.findings.extend(new)
+        if self.audit.silent_steps > silent and not self._told_silent:
+            self._told_silent = True
+            self.note(f"optimizer step {state.global_step + 1}: every gradient was exactly zero (no learning signal, "
+                      f"e.g. RL rewards all zero so far); steps like it are not counted against any tensor")
         # "stalled" (gradient and LR present, updates below the dtype's resolution) is a precision limit, not a
         # wiring bug: common in pure-bf16 runs at small LRs, so it warns even in raise mode instead of stopping.
         soft = [f for f in new if f.cause in WARN_ONLY_CAUSES]

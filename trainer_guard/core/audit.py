@@ -413,7 +413,7 @@ class UpdateAudit:
     """A whole run's audit, without a Trainer: :meth:`baseline` once, then :meth:`step` after every optimizer step.
 
     Keeps per tensor its baseline checksum and ``requires_grad``, per optimizer group a count of *effective* steps
-    (not skipped, LR > 0). :meth:`step` checks every tensor on the first step and every ``every`` steps, and in
+    (not skipped, LR > 0, not every gradient exactly zero). :meth:`step` checks every tensor on the first step and every ``every`` steps, and in
     between only tensors left undecided whose group has since run the effective steps they need; judged tensors get
     a new baseline. Each (tensor, cause) is returned once. A tensor whose ``requires_grad`` flips after training
     ran with the old setting (gradual unfreezing or freezing by a schedule) starts a new window from the step that
@@ -446,6 +446,7 @@ class UpdateAudit:
         self._devices = {p.device for p in self.params.values()}
         self.every, self.min_grad_steps, self.backend = every, min_grad_steps, backend
         self.steps = 0
+        self.silent_steps = 0  # steps whose gradients were all exactly zero (not effective)
         self._base: dict[str, int] = {}  # baseline checksum
         self._trainable: dict[str, bool] = {}  # requires_grad at the baseline
         self._since: dict[str, int] = {}  # baseline -> index into _snaps
@@ -489,16 +490,22 @@ class UpdateAudit:
         snap = self._snaps[self._since[name]]
         return self._effective[group] - (snap[group] if group < len(snap) else 0)
 
-    def step(self, optimizer: Any, skipped: bool | None = None) -> list[Finding]:
+    def step(self, optimizer: Any, skipped: bool | None = None, no_signal: bool | None = None) -> list[Finding]:
         """Account one optimizer step (call after ``optimizer.step()``, before ``zero_grad``); return new findings.
 
         ``skipped`` defaults to ``optimizer.step_was_skipped`` (accelerate's flag for a grad-scaler inf/nan skip).
+        ``no_signal`` (default: :meth:`no_signal`, every gradient exactly zero) marks a step without a learning signal,
+        e.g. RL whose rewards are all zero: like a skipped step it is not effective, so it is evidence against no
+        tensor; :attr:`silent_steps` counts them.
         """
         groups = optimizer.param_groups
         self._effective += [0] * (len(groups) - len(self._effective))
         if skipped is None:
             skipped = bool(getattr(optimizer, "step_was_skipped", False))
-        if not skipped:
+        if no_signal is None:
+            no_signal = not skipped and self.no_signal()
+        self.silent_steps += bool(no_signal)
+        if not skipped and not no_signal:
             for i, g in enumerate(groups):
                 lr = group_lr(g)
                 self._effective[i] += lr is None or lr > 0
@@ -510,6 +517,20 @@ class UpdateAudit:
         else:
             names = [n for n, (g, need) in self._pending.items() if self._eff(n, g) >= need]
         return self.check(names, optimizer) if names else []
+
+    def no_signal(self) -> bool:
+        """True when gradients exist and every one of them is exactly zero (one reduction per tensor until the first
+        non-zero one; walked from the output end, where a step with any signal shows it first). No gradient at all
+        (every ``.grad`` None) is not this: the backward pass reached nothing, which is evidence."""
+        seen = False
+        for p in reversed(self.params.values()):
+            g = p.grad
+            if g is None:
+                continue
+            if bool(g.detach().ne(0).any()):
+                return False
+            seen = True
+        return seen
 
     def _restart_flipped(self, optimizer: Any) -> None:
         """Tensors whose ``requires_grad`` changed since the last step (a schedule that un-freezes or freezes them

@@ -83,3 +83,52 @@ def test_grpo_with_all_zero_rewards_trains_and_resumes(tmp_path):
     assert any("every gradient was exactly zero" in e for e in audit.report())
     audit = _grpo(tmp_path / "out", 4, resume=str(tmp_path / "out" / "checkpoint-2"))
     assert audit.findings == [] and (tmp_path / "out" / "checkpoint-4").is_dir()
+
+
+# -- tie changes at resume ----------------------------------------------------------------------------------------
+def _run(kind, output_dir, guards, resume=None, max_steps=2):
+    from transformers import Trainer
+
+    from trainer_guard.tiny import tiny_dataset
+
+    model = tiny_model(kind)
+    Trainer(model=model, args=make_args(output_dir, max_steps=max_steps), train_dataset=tiny_dataset(8, 16, 128),
+            callbacks=guards).train(resume_from_checkpoint=resume)
+    return model
+
+
+def _defaults():
+    return trainer_guard.callbacks_from_yaml(trainer_guard.default_config_path())
+
+
+@pytest.mark.parametrize("guards", ["defaults", "resume fix only"])
+def test_untied_checkpoint_resumed_tied_is_named_a_tie_change(tmp_path, guards):
+    """Field run: 'lm_head ... frozen now' with the advice mode='fix', which then failed with the same advice."""
+    _run("llama-untied", tmp_path, _defaults())
+    ckpt = str(tmp_path / "checkpoint-2")
+    with pytest.raises(trainer_guard.TrainerGuardError) as e:
+        _run("llama-tied", tmp_path, _defaults() if guards == "defaults" else [trainer_guard.ResumeGuard(mode="fix")],
+             resume=ckpt, max_steps=4)
+    msg = str(e.value)
+    assert ("tie change at resume: checkpoint-2 was trained untied (lm_head.weight stored apart from "
+            "model.embed_tokens.weight), this model ties them (config.tie_word_embeddings=True)") in msg
+    assert "build the model with tie_word_embeddings=False" in msg and "start a new run" in msg
+    assert "frozen now" not in msg and "mode='fix'" not in msg
+
+
+def test_tied_checkpoint_resumed_untied_says_it_overrides_the_config(tmp_path):
+    """Field run: the reverse re-tied and flipped tie_word_embeddings back with only a message about a load split."""
+    _run("llama-tied", tmp_path, _defaults())
+    guards = _defaults()
+    model = _run("llama-untied", tmp_path, guards, resume=str(tmp_path / "checkpoint-2"), max_steps=4)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings is True
+    tied = next(g for g in guards if isinstance(g, trainer_guard.TiedWeightsGuard))
+    change = [e for e in tied.report() if e.startswith("tie change at resume")]
+    assert change == [
+        "tie change at resume: checkpoint-2 was trained with lm_head.weight tied to model.embed_tokens.weight (stored "
+        "once), this model is untied (config.tie_word_embeddings=False); to resume checkpoint-2 as saved the tie is "
+        "restored and config.tie_word_embeddings set to True, overriding your setting. To train untied instead, do "
+        "not resume: load checkpoint-2 tied, give lm_head.weight its own copy of model.embed_tokens.weight (e.g. "
+        "model.lm_head.weight = nn.Parameter(model.get_input_embeddings().weight.clone()), "
+        "config.tie_word_embeddings=False), re-save it untied with save_pretrained and start a new run from that "
+        "folder"]

@@ -12,8 +12,11 @@ from typing import Any, Literal, Optional
 
 from .._dist import agree
 from ..core.io import replace_json
+from ..core.head import stored_tensor_names
+from ..core.ties import declared_tie, describe_tie_change, tied_now_untied_then
 from ..core.trainable import (TRAINABLE_FILE, adapter_dir, adapter_load_gaps, add_modules_to_save,
-                              add_to_trainer_groups, adapter_source, canonical_name, continuation_problems, count_table,
+                              add_to_trainer_groups, adapter_source, adapted_module, canonical_name,
+                              continuation_problems, count_table,
                               frozen_adapter_params, hyperparameter_changes, mark_adapter_training, missing_copies,
                               optimizer_layout, read_adapter_config, trainable_record)
 from ..errors import ResumeMismatchError
@@ -91,9 +94,18 @@ class ResumeGuard(Guard):
         if self.checked == key:
             return
         source = checkpoint or self._source(model)
-        problems, recorded = continuation_problems(model, source, optimizer)
+        ties = self._tie_changes(model, checkpoint)
+        problems, recorded = continuation_problems(model, source, optimizer, ignore_modules={
+            adapted_module(a) for g in ties for a in g[1:]})
+        if ties:  # not a trainable-set change: the tie differs, and no mode='fix' of the set can mend that
+            where = os.path.basename(os.path.normpath(checkpoint))
+            problems = [describe_tie_change(g, where, True, declared_tie(model)) for g in ties] + problems
         self._compared, self._differs = source, self._differs or bool(problems)
         self._note_hyperparameters(model, source, recorded, optimizer)
+        if ties and self.options["mode"] != "warn":
+            self.checked = key
+            agree(problems, ResumeMismatchError, f"ResumeGuard: {where} cannot be resumed by this model as built; "
+                                                 f"no training step ran")
         if problems and self.options["mode"] == "fix" and optimizer is None and not late:
             problems = self._fix(model, source, recorded, problems, loads=checkpoint is not None)
         elif problems and self.options["mode"] == "fix" and late:
@@ -120,6 +132,16 @@ class ResumeGuard(Guard):
                     self._warned.add(p)
         else:  # on every rank, with or without problems: another rank's may be the ones to stop for
             agree(problems, ResumeMismatchError, header)
+
+    @staticmethod
+    def _tie_changes(model: Any, checkpoint: Optional[str]) -> list[list[str]]:
+        """Tie groups of ``model`` that ``checkpoint`` stores untied (adapter checkpoints hold no base weights)."""
+        if not checkpoint or hasattr(model, "peft_config") or not os.path.isdir(checkpoint):
+            return []
+        try:
+            return tied_now_untied_then(model, stored_tensor_names(checkpoint))
+        except Exception:  # an unreadable checkpoint is IntegrityGuard's to report, not a tie change
+            return []
 
     def _note_hyperparameters(self, model: Any, source: Optional[str], recorded: dict, optimizer: Any) -> None:
         """Warn (never stop) when a resumed group has another LR / weight decay than the checkpoint's: the Trainer's

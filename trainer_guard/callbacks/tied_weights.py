@@ -19,10 +19,13 @@ from ..core.ties import (
     TIES_FILE,
     broken_ties,
     declare_embedding_tie,
+    declared_tie,
+    describe_tie_change,
     dedupe_state_dict,
     find_tied_groups,
     restore_ties,
     ties_record,
+    tied_now_untied_then,
 )
 from .base import Guard
 from .._dist import agree, world_size
@@ -141,7 +144,23 @@ class TiedWeightsGuard(Guard):
 
             ckpt = get_last_checkpoint(trainer.args.output_dir)
         if isinstance(ckpt, (str, os.PathLike)) and os.path.isdir(ckpt):
+            self._check_tie_change(trainer.model, os.fspath(ckpt))
             self._retie_before_load(trainer.model, os.fspath(ckpt))
+
+    def _check_tie_change(self, model: nn.Module, ckpt: str) -> None:
+        """An untied checkpoint resumed by a tied model: the load would write both trained tensors into one and the
+        optimizer load fail; stop before either, naming the tie change and the two ways on (every rank)."""
+        problems = []
+        if not _is_peft(model):
+            try:
+                stored = stored_tensor_names(ckpt)
+            except (OSError, TrainerGuardError):
+                stored = None
+            where = os.path.basename(os.path.normpath(ckpt))
+            problems = [describe_tie_change(g, where, True, declared_tie(model))
+                        for g in tied_now_untied_then(model, stored)]
+        agree(problems, TiedWeightsError, "TiedWeightsGuard: the tie of the model differs from the checkpoint's; "
+                                          "nothing was loaded")
 
     def before_weights_load(self, trainer: Any, checkpoint: str, model: Any) -> None:
         """Trainer(model_init=...) builds a new model inside train(), after :meth:`before_train`: give that model
@@ -159,8 +178,14 @@ class TiedWeightsGuard(Guard):
         recorded = read_json(os.path.join(ckpt, TIES_FILE)).get("groups", [])
         once = [g for g in broken_ties(model, recorded) if g[0] in stored and not stored.intersection(g[1:])]
         if once and self.options["restore"]:
+            declared = declared_tie(model)  # False: the user's config says untied, and the re-tie overrides it
             for msg in restore_ties(model, once, stored):
                 self.note(msg, "warning")
+            if declared is False:
+                where = os.path.basename(os.path.normpath(ckpt))
+                for group in once:
+                    self.note(describe_tie_change(group, where, False, False if self.options["fix_config"] else None),
+                              "warning")
             self.attach(model)
 
     # -- events ---------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ __all__ = [
     "declare_embedding_tie",
     "restore_ties",
     "broken_ties",
+    "declared_tie",
+    "tied_now_untied_then",
+    "describe_tie_change",
     "TIES_FILE",
 ]
 
@@ -239,3 +242,55 @@ def ties_record(groups: list[list[str]], stored: list[list[str]] | None = None) 
 
 def aliases_of(record: Mapping[str, Any]) -> dict[str, str]:
     return dict(record.get("aliases", {}))
+
+
+def declared_tie(model: nn.Module) -> bool | None:
+    """``config.tie_word_embeddings`` of a Hugging Face model (its text config's, PEFT unwrapped), ``None`` when
+    it has no such setting."""
+    base = getattr(model, "get_base_model", None)
+    hf = base() if callable(base) else model
+    cfg = getattr(hf, "config", None)
+    text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    value = getattr(text_cfg, "tie_word_embeddings", None)
+    return value if isinstance(value, bool) else None
+
+
+def tied_now_untied_then(model: nn.Module, stored: Collection[str] | None) -> list[list[str]]:
+    """Tie groups of ``model`` that a checkpoint storing the tensor names ``stored`` holds as separate tensors: the
+    checkpoint was trained untied (a tie is stored once: safetensors cannot hold shared tensors, transformers and
+    :class:`~trainer_guard.TiedWeightsGuard` keep one name), the model ties them now.
+
+    Example:
+        >>> from trainer_guard.tiny import tiny_model
+        >>> tied_now_untied_then(tiny_model("llama-tied"), {"model.embed_tokens.weight", "lm_head.weight"})
+        [['model.embed_tokens.weight', 'lm_head.weight']]
+        >>> tied_now_untied_then(tiny_model("llama-tied"), {"model.embed_tokens.weight"})
+        []
+    """
+    if not stored:
+        return []
+    return [g for g in find_tied_groups(model) if all(n in stored for n in g)]
+
+
+def describe_tie_change(group: list[str], where: str, tied_now: bool, declared: bool | None = None) -> str:
+    """What a tie change at resume means and the two ways on. ``tied_now``: the model ties ``group`` and ``where``
+    (the checkpoint) stores its tensors apart; else ``where`` stores the tie once and the model is untied.
+    ``declared``: the model's ``config.tie_word_embeddings``."""
+    kept, aliases = group[0], ", ".join(group[1:])
+    if tied_now:
+        return (f"tie change at resume: {where} was trained untied ({aliases} stored apart from {kept}), this model "
+                f"ties them{' (config.tie_word_embeddings=True)' if declared else ''}, so a resume would load two "
+                f"trained tensors into one and optimizer.pt holds one more tensor than the model. Two ways on: "
+                f"continue untied as saved: build the model with tie_word_embeddings=False "
+                f"(from_pretrained(..., tie_word_embeddings=False), or tie_word_embeddings: false in the model's "
+                f"config), then resume {where}; or train tied from here: start a new run (no resume_from_checkpoint) "
+                f"from {where}'s weights loaded with tie_word_embeddings=True ({kept} is kept, the trained "
+                f"{aliases} dropped)")
+    setting = " (config.tie_word_embeddings=False)" if declared is False else ""
+    return (f"tie change at resume: {where} was trained with {aliases} tied to {kept} (stored once), this model "
+            f"is untied{setting}; to resume {where} as saved the tie is restored"
+            f"{' and config.tie_word_embeddings set to True, overriding your setting' if declared is False else ''}. "
+            f"To train untied instead, do not resume: load {where} tied, give {aliases} its own copy of {kept} "
+            f"(e.g. model.lm_head.weight = nn.Parameter(model.get_input_embeddings().weight.clone()), "
+            f"config.tie_word_embeddings=False), re-save it untied with save_pretrained and start a new run from "
+            f"that folder")

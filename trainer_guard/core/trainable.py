@@ -659,14 +659,14 @@ def _adalora_resume_problems(model: nn.Module, source: str | os.PathLike | None,
             f"{directory!r}, is_trainable=True) without resume_from_checkpoint"]
 
 
-def continuation_problems(model: nn.Module, source: str | os.PathLike | None,
-                          optimizer: Any = None) -> tuple[list[str], dict[str, Any]]:
+def continuation_problems(model: nn.Module, source: str | os.PathLike | None, optimizer: Any = None,
+                          ignore_modules: Iterable[str] = ()) -> tuple[list[str], dict[str, Any]]:
     """``(problems, record)``: how ``model`` (and ``optimizer``, once built) differs from what it continues from.
 
     ``source`` is the checkpoint or adapter directory. With a ``trainer_guard_trainable.json`` there, the trainable
     sets (and optimizer layouts) are compared; without one, the adapter config and the saved optimizer's group
     sizes. A PEFT adapter loaded frozen is always a problem. ``record`` is the recorded trainable set (``{}``
-    when none).
+    when none). ``ignore_modules``: modules whose trainable change is explained elsewhere (a tie change).
     """
     from .io import read_json
 
@@ -675,7 +675,9 @@ def continuation_problems(model: nn.Module, source: str | os.PathLike | None,
     recorded = read_json(record_file) if record_file and os.path.isfile(record_file) else None
     problems = describe_frozen_adapter(frozen_adapter_params(model)) + _adalora_resume_problems(model, source, where)
     if recorded is not None:
-        problems += describe_changes(compare_records(recorded, trainable_record(model)), where)
+        ignore = set(ignore_modules)
+        problems += describe_changes([c for c in compare_records(recorded, trainable_record(model))
+                                      if c.module not in ignore], where)
         if optimizer is not None and recorded.get("optimizer") is not None:
             problems += layout_problems(recorded["optimizer"], optimizer_layout(optimizer, model), where)
     elif source:

@@ -54,6 +54,7 @@ __all__ = [
     "uncommit",
     "remove_stale",
     "interrupted_save",
+    "committed_sibling",
     "human_bytes",
 ]
 
@@ -327,10 +328,10 @@ def check_files(directory: str | os.PathLike, manifest: Mapping[str, Any], *, da
                                                           f"step {step}"))
     named = checkpoint_step(directory)
     if step is not None and named is not None and named != step and is_checkpoint_name(os.path.basename(
-            os.path.normpath(directory))):
-        out.append(FileProblem(MANIFEST_FILE, "step", f"{MANIFEST_FILE} is the manifest of step {step}, but this is "
-                                                      f"{checkpoint_name(named)}: it was copied from another "
-                                                      f"checkpoint"))
+            os.path.normpath(directory))):  # first: the other files are not to blame, the manifest is
+        out.insert(0, FileProblem(MANIFEST_FILE, "step", f"{MANIFEST_FILE} is the manifest of step {step}, but this "
+                                                         f"is {checkpoint_name(named)}: it was copied from another "
+                                                         f"checkpoint (the files differ from it because of that)"))
     return out
 
 
@@ -407,11 +408,32 @@ def _reference(directory: str) -> tuple[str, dict[str, dict[str, Any]]] | None:
     return None
 
 
+def committed_sibling(directory: str | os.PathLike) -> str | None:
+    """The name of the newest other ``checkpoint-N`` beside ``directory`` with a manifest of the whole checkpoint
+    (the run saved with IntegrityGuard), else ``None``."""
+    ref = _reference(os.fspath(directory))
+    return ref[0] if ref else None
+
+
+def _whole_json(directory: str, rel: str) -> bool:
+    """Whether ``rel`` is a JSON file that parses: written whole (its size follows the step, as
+    ``trainer_state.json``'s log history does, so a smaller one than a later checkpoint's says nothing)."""
+    if not rel.endswith(".json"):
+        return False
+    try:
+        with open(os.path.join(directory, *rel.split("/")), encoding="utf-8") as f:
+            json.load(f)
+        return True
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
 def interrupted_save(directory: str | os.PathLike) -> str | None:
     """For a ``checkpoint-N`` directory without a manifest: a sentence saying its save was interrupted and how far it
     got (``"interrupted save (no commit mark; optimizer.pt 0.17 MB of 0.35 MB as in checkpoint-2; no
     trainer_state.json)"``), or ``None`` when nothing says so (every file a committed sibling checkpoint lists is
-    there, at least as big; or, with no committed sibling, the ``trainer_state.json`` the ``Trainer`` writes last).
+    there, at least as big, or a JSON file that parses: ``trainer_state.json`` grows with the step; or, with no
+    committed sibling, the ``trainer_state.json`` the ``Trainer`` writes last).
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory) or os.path.isfile(os.path.join(directory, MANIFEST_FILE)):
@@ -422,7 +444,7 @@ def interrupted_save(directory: str | os.PathLike) -> str | None:
     if ref is not None:
         other, files = ref
         for rel, info in files.items():
-            if rel in have and have[rel] < info.get("size", 0):
+            if rel in have and have[rel] < info.get("size", 0) and not _whole_json(directory, rel):
                 parts.append(f"{rel} {human_bytes(have[rel])} of {human_bytes(info['size'])} as in {other}")
         missing = [rel for rel in files if rel not in have and rel != MANIFEST_FILE and "/" not in rel]
         if missing:

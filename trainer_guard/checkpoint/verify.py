@@ -26,7 +26,7 @@ from ..checksum.spec import CHECKSUM_ALGO, fingerprint
 from ..errors import ChecksumError, ForeignManifestError, IntegrityError, MalformedManifestError, UsageError
 from ..files import MANIFEST_FILE, TRAINER_STATE, checkpoints_in, duplicate_hint, is_checkpoint_name, state_file
 from ..formats.safetensors import INDEX_SUFFIX, TensorInfo, file_problem, index_files, is_uint, safetensors_files
-from .contents import check_files, digest, interrupted_save, is_whole
+from .contents import check_files, committed_sibling, digest, interrupted_save, is_whole
 from .manifest import compare, entries, foreign_reason, index_entries, read_manifest
 from .stored import read_index
 
@@ -362,6 +362,10 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Findings, p
             how = ("for a trainer.save_model() output, wire the Trainer with trainer = trainer_guard.guard(trainer) "
                    "next to IntegrityGuard to get one")
         rest = "" if no_manifest_ok else "; --no-manifest-ok checks the rest of a directory saved without it"
+        sibling = committed_sibling(path) if is_checkpoint_name(os.path.basename(os.path.normpath(path))) else None
+        if sibling:  # the run saved with IntegrityGuard: this one lost its commit mark
+            how = (f"no commit mark, though {sibling} beside it has one: its manifest was deleted, or the save "
+                   f"stopped just before writing it; nothing vouches for its files")
         msg = f"{MANIFEST_FILE}: missing, so the tensors could not be verified ({how}{rest})"
         (report.warnings if no_manifest_ok else report.unusable).append(Finding("manifest", msg))
         return None

@@ -132,3 +132,51 @@ def test_tied_checkpoint_resumed_untied_says_it_overrides_the_config(tmp_path):
         "model.lm_head.weight = nn.Parameter(model.get_input_embeddings().weight.clone()), "
         "config.tie_word_embeddings=False), re-save it untied with save_pretrained and start a new run from that "
         "folder"]
+
+
+# -- UntrainedTokensGuard: a certain crash stops before step 1; prompt datasets are text by design ---------------
+def _grown_tokenizer(n_tokens):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, n_tokens)}}, "<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("mode", ["raise", "fix", "report"])
+def test_token_ids_past_the_embedding_stop_before_step_1(tmp_path, mode):
+    """Tokens added to the tokenizer without model.resize_token_embeddings: ids 128-129 in the data."""
+    from transformers import Trainer
+
+    from trainer_guard.tiny import tiny_dataset
+
+    ds = tiny_dataset(8, 16, 130, seed=1)
+    assert max(max(r) for r in ds["input_ids"]) >= 128
+    trainer = Trainer(model=tiny_model("llama-tied"), args=make_args(tmp_path, max_steps=2), train_dataset=ds,
+                      processing_class=_grown_tokenizer(130), callbacks=[trainer_guard.UntrainedTokensGuard(mode=mode)])
+    if mode == "report":  # reports only: the crash happens, at the first batch
+        with pytest.raises(IndexError):
+            trainer.train()
+        return
+    with pytest.raises(trainer_guard.UntrainedTokensError) as e:
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert "token id(s) past the input embedding's 128 rows" in str(e.value) or mode == "raise"
+    assert "model.resize_token_embeddings(len(tokenizer))" in str(e.value)
+
+
+def test_a_prompt_dataset_of_raw_text_gets_no_advice_to_tokenize():
+    """GRPO/DPO prompt datasets hold text by design: the field run advised tokenizing one."""
+    from datasets import Dataset
+
+    model = tiny_model("llama-tied")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] = 0  # a never-trained row: the data scan runs
+    prompts = Dataset.from_dict({"prompt": ["w3 w4 w5", "w6 w7"]})
+    guard = trainer_guard.UntrainedTokensGuard()
+    lines = guard.check(model, prompts, _grown_tokenizer(128))
+    assert "training data not scanned: it holds text ('prompt') that the trainer tokenizes as it trains" in lines
+    assert not any("tokenize the dataset" in line for line in lines)
+    chats = Dataset.from_dict({"prompt": [[{"role": "user", "content": "w3"}]], "answer": ["w4"]})
+    assert any("it holds text ('prompt', 'answer')" in line for line in guard.check(model, chats, _grown_tokenizer(128)))

@@ -81,8 +81,10 @@ class UntrainedTokensGuard(Guard):
     data (streaming, bounded) and the tokenizer's chat template for their ids, and report which occur, how often.
 
     Also names a tokenizer with more tokens than the input embedding has rows (tokens added without
-    ``model.resize_token_embeddings(len(tokenizer))``) and, when the data is scanned (only when never-trained rows
-    were found), token ids past the embedding: both fail the first batch holding one with "index out of range".
+    ``model.resize_token_embeddings(len(tokenizer))``); then the data is scanned for token ids past the embedding,
+    a certain "index out of range" at the first batch holding one, which stops the run before step 1 in ``"raise"``
+    and ``"fix"`` modes (the fix, a resize, must come before the Trainer is built). A dataset of raw text (TRL's
+    prompt datasets, tokenized as the trainer goes) is recognised and not scanned.
 
     Args:
         mode: ``"report"`` (default) logs, changes nothing; ``"fix"`` sets the rows used by the data or template
@@ -145,6 +147,16 @@ class UntrainedTokensGuard(Guard):
             agree([overflow] if overflow else [], UntrainedTokensError)
         elif overflow:
             self.note(overflow, "warning")
+        # tokens added without a resize: ids past the embedding in the data are a certain crash at their first batch
+        past = 0
+        if overflow and dataset is not None:
+            past = count_token_ids(dataset, [], column=o["column"], vocab_size=n_rows,
+                                   max_tokens=o["max_tokens"] or None, max_seconds=o["max_seconds"] or None).out_of_range
+        certain = _certain_crash(past, n_rows, tokenizer) if past else None
+        if o["mode"] in ("raise", "fix"):  # every rank; fix cannot resize now: the optimizer holds the embedding
+            agree([certain] if certain else [], UntrainedTokensError)
+        elif certain:
+            self.note(certain, "warning")
         if not ids:
             if world_size() > 1:  # another rank may have found rows: take part in its gather and verdict below
                 gather([])
@@ -160,7 +172,11 @@ class UntrainedTokensGuard(Guard):
                                    max_seconds=o["max_seconds"] or None, vocab_size=n_rows)
             data = scan.counts
             extent = "all" if scan.complete else f"the first (stopped by {scan.stopped})"
-            if scan.examples and scan.no_ids == scan.examples:
+            text = _text_fields(dataset) if scan.examples and scan.no_ids == scan.examples else None
+            if text:  # prompt datasets (TRL GRPO/DPO) hold text by design: tokenized as the trainer goes
+                lines.append(f"training data not scanned: it holds text ({', '.join(map(repr, text))}) that the "
+                             f"trainer tokenizes as it trains")
+            elif scan.examples and scan.no_ids == scan.examples:
                 unscanned = True
                 lines.append(f"training data not scanned: its examples have no token ids in {o['column']!r} "
                              f"(tokenized by the collator, or another field?); set UntrainedTokensGuard(column=...) "
@@ -225,6 +241,34 @@ def _tokenizer_overflow(tokenizer: Any, n_rows: int | None) -> str | None:
             f"{shown} index past it, and the first batch holding one fails with 'index out of range' (on CUDA "
             f"'device-side assert triggered'); call model.resize_token_embeddings(len(tokenizer)) before building the "
             f"Trainer, and let the new rows train (with PEFT: trainable_token_indices or modules_to_save)")
+
+
+def _certain_crash(past: int, n_rows: int | None, tokenizer: Any) -> str:
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    return (f"the training data holds {past} token id(s) past the input embedding's {n_rows} rows (the tokenizer has "
+            f"{len(tok)} tokens: tokens were added without resizing the model), so the first batch holding one fails "
+            f"with 'index out of range' (on CUDA 'device-side assert triggered'); stopped before step 1. Call "
+            f"model.resize_token_embeddings(len(tokenizer)) before building the Trainer (mode='fix' cannot do it "
+            f"now: the optimizer already holds the embedding)")
+
+
+def _text_fields(dataset: Any) -> list[str] | None:
+    """The fields of a map-style dataset's first example that hold text (strings, or chat messages) when it is a
+    prompt dataset (a ``prompt`` field of text: TRL's GRPO/RLOO/online DPO/KTO formats, tokenized as the trainer
+    goes), or ``None``."""
+    try:
+        example = dataset[0] if hasattr(dataset, "__getitem__") and len(dataset) else None
+    except Exception:
+        return None
+    if not isinstance(example, dict):
+        return None
+
+    def is_text(v: Any) -> bool:
+        return isinstance(v, str) or (isinstance(v, list) and bool(v) and all(
+            isinstance(m, dict) and "content" in m for m in v))
+
+    fields = [k for k, v in example.items() if is_text(v)]
+    return fields if "prompt" in fields else None
 
 
 def _short(ids: list[int], n: int = 12) -> str:

@@ -180,3 +180,33 @@ def test_a_prompt_dataset_of_raw_text_gets_no_advice_to_tokenize():
     assert not any("tokenize the dataset" in line for line in lines)
     chats = Dataset.from_dict({"prompt": [[{"role": "user", "content": "w3"}]], "answer": ["w4"]})
     assert any("it holds text ('prompt', 'answer')" in line for line in guard.check(model, chats, _grown_tokenizer(128)))
+
+
+# -- EmbeddingLRGuard: a client's own embedding LR compounds with the ratio ---------------------------------------
+def test_embedding_lr_compounding_with_a_clients_own_scale_is_a_warning(tmp_path):
+    """axolotl embedding_lr_scale: 0.5 puts embeddings in their own group at 0.5 x LR; ratio 0.1 on top = 0.05."""
+    from transformers import Trainer
+
+    from trainer_guard.tiny import tiny_dataset
+
+    class ScaledEmbeddingTrainer(Trainer):  # what axolotl's create_optimizer does with embedding_lr_scale
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                emb = self.model.get_input_embeddings().weight
+                rest = [p for p in self.model.parameters() if p.requires_grad and p is not emb]
+                lr = self.args.learning_rate
+                self.optimizer = torch.optim.AdamW([{"params": rest}, {"params": [emb], "lr": 0.5 * lr}], lr=lr)
+            return self.optimizer
+
+    guard = trainer_guard.EmbeddingLRGuard(ratio=0.1)
+    ScaledEmbeddingTrainer(model=tiny_model("llama-untied"), args=make_args(tmp_path, max_steps=1, save_strategy="no"),
+                           train_dataset=tiny_dataset(8, 16, 128), callbacks=[guard]).train()
+    warned = [e for e in guard.report() if "compounds" in e]
+    assert warned == [
+        "embeddings: param group 1 already runs at peak lr 0.005, not the Trainer's learning_rate 0.01 (an embedding LR "
+        "of your own, e.g. axolotl's embedding_lr_scale / embedding_lr?); the ratio 0.1 compounds with it: effective "
+        "peak lr 0.0005 (0.1 x 0.005). To keep one of them, drop the other, or give EmbeddingLRGuard an absolute lr"]
+    guard = trainer_guard.EmbeddingLRGuard(lr=1e-3)  # an absolute LR does not compound
+    ScaledEmbeddingTrainer(model=tiny_model("llama-untied"), args=make_args(tmp_path, max_steps=1, save_strategy="no"),
+                           train_dataset=tiny_dataset(8, 16, 128), callbacks=[guard]).train()
+    assert not any("compounds" in e for e in guard.report())

@@ -32,6 +32,7 @@ from ..core.lr_groups import (
     tied_rate_problems,
     unwrap_optimizer,
 )
+from ..core.sharding import engine
 from ..errors import EmbeddingLRError
 from ..files import OPTIMIZER, SCHEDULER, checkpoint_dir
 from .base import Guard
@@ -161,7 +162,7 @@ class EmbeddingLRGuard(Guard):
         if model is None or optimizer is None:
             return
         problems = []
-        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        if engine():  # what accelerate really runs (fsdp=... on a CPU host falls back to DDP, which is supported)
             problems.append("DeepSpeed/FSDP own the optimizer's groups and checkpoint format; EmbeddingLRGuard "
                             "supports single-process and DDP runs only: remove it, or set the groups yourself")
         in_opt = {id(p) for g in unwrap_optimizer(optimizer).param_groups for p in g["params"]}
@@ -190,9 +191,19 @@ class EmbeddingLRGuard(Guard):
         self._ensure_split()  # validates the scheduler too; undone at once so train begin sees the usual layout
         self._check_recorded(args, state, self.split.groups)
         added = unwrap_optimizer(optimizer).param_groups[self.split.base_groups:]
+        base = unwrap_optimizer(optimizer).param_groups
+        absolute = self.targets()
         for g, pg in zip(self.split.groups, added):
             self.note(f"{g['role']}: {', '.join(g['names'])} at {g['factor']:g} x the LR of param group "
                       f"{g['source']} (peak lr {peak_lr(pg):g})")
+            source_lr = peak_lr(base[g["source"]])
+            ratio = not (absolute.get(g["role"]) or (g["role"] == "tied" and absolute))
+            if ratio and not math.isclose(source_lr, args.learning_rate, rel_tol=1e-6):
+                self.note(f"{g['role']}: param group {g['source']} already runs at peak lr {source_lr:g}, not the "
+                          f"Trainer's learning_rate {args.learning_rate:g} (an embedding LR of your own, e.g. axolotl's "
+                          f"embedding_lr_scale / embedding_lr?); the ratio {g['factor']:g} compounds with it: effective "
+                          f"peak lr {peak_lr(pg):g} ({g['factor']:g} x {source_lr:g}). To keep one of them, drop "
+                          f"the other, or give EmbeddingLRGuard an absolute lr", "warning")
         self._merge()
 
     def _ensure_split(self) -> None:

@@ -72,3 +72,17 @@ def test_file_and_tensor_checksums_agree_on_any_number_of_threads(tmp_path, monk
     want = checksums(t, backend="cpu", threads=1)
     assert checksums(t, backend="cpu", threads=4) == want
     assert file_checksums(tmp_path, threads=1) == want == file_checksums(tmp_path, threads=4)
+
+
+def test_the_first_checksum_in_a_process_finds_the_loop_loaded():
+    """Importing the CPU path loads numba's compiled loop on a thread (every array type a buffer can have), so the
+    first save or resume checksum of a training process does not pay for it."""
+    import subprocess
+    import sys
+
+    code = ("from trainer_guard.checksum import cpu\n"
+            "cpu._WARM_UP.join(60)\n"
+            "print(len(cpu._numba_word_sum.signatures))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.split()[-1]) >= 4  # read-only and writable, aligned and misaligned, before any call

@@ -111,16 +111,15 @@ try:  # numba: the loop compiles to memory speed per core (see benchmarks/README
     HAVE_NUMBA = True
 
     def _warm_up() -> None:
-        """Load the compiled loop from numba's cache for every array type a buffer can have (aligned or not,
-        writable or read-only)."""
-        raw = np.zeros(17, np.uint8)
+        """Load the compiled loop from numba's cache for both array types a buffer can have: read-only (a file's
+        mmap) and writable (a tensor's bytes); numba types a misaligned view like an aligned one."""
+        raw = np.zeros(16, np.uint8)
         frozen = raw.copy()
-        frozen.setflags(write=False)  # a file's mmap is read-only: numba compiles it as another type
-        for start in (0, 1):  # most common first: a file's aligned mmap, a tensor's bytes, then misaligned ones
-            for buf in (frozen, raw):
-                _numba_word_sum(buf[start : start + 16].view(np.uint64), np.int64(0))
+        frozen.setflags(write=False)
+        for buf in (frozen, raw):  # the file path first: doctor calls it right after import
+            _numba_word_sum(buf.view(np.uint64), np.int64(0))
 
-    # The first call in a process pays for numba to load the loop (~0.1-0.3 s); do it now, on a thread, so that a
+    # The first call in a process pays for numba to load the loop (~0.1-0.3 s): do it now, on a thread, so that a
     # training process (which imports this when its guards are built) finds it ready at its first save or resume.
     _WARM_UP = threading.Thread(target=_warm_up, name="trainer_guard-numba-warmup", daemon=True)
     _WARM_UP.start()

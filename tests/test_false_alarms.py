@@ -210,3 +210,33 @@ def test_embedding_lr_compounding_with_a_clients_own_scale_is_a_warning(tmp_path
     ScaledEmbeddingTrainer(model=tiny_model("llama-untied"), args=make_args(tmp_path, max_steps=1, save_strategy="no"),
                            train_dataset=tiny_dataset(8, 16, 128), callbacks=[guard]).train()
     assert not any("compounds" in e for e in guard.report())
+
+
+# -- advice in the terms the user configured the guards in -------------------------------------------------------
+def test_advice_names_the_yaml_key_for_guards_from_yaml(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from trainer_guard.tiny import tiny_dataset, tiny_lora
+
+    model = tiny_model("llama-tied")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] = 0
+    ids = Dataset.from_dict({"input_ids": [[5, 6, 7]]})
+    (yaml_guard,) = trainer_guard.callbacks_from_dict({"untrained_tokens": {"mode": "raise"}})
+    with pytest.raises(trainer_guard.UntrainedTokensError) as e:
+        yaml_guard.check(model, ids)
+    assert "Use untrained_tokens: {mode: fix} in your trainer_guard YAML to set them" in str(e.value)
+    with pytest.raises(trainer_guard.UntrainedTokensError) as e:
+        trainer_guard.UntrainedTokensGuard(mode="raise").check(model, ids)
+    assert "Use UntrainedTokensGuard(mode='fix') to set them" in str(e.value)
+
+    def run(model, callbacks, resume=None):
+        Trainer(model=model, args=make_args(tmp_path, max_steps=2), train_dataset=tiny_dataset(8, 16, 128),
+                callbacks=callbacks).train(resume_from_checkpoint=resume)
+
+    run(tiny_lora(tiny_model("llama-untied"), modules_to_save=["embed_tokens", "lm_head"]), _defaults())
+    with pytest.raises(trainer_guard.ResumeMismatchError) as e:
+        run(tiny_lora(tiny_model("llama-untied")), _defaults(), resume=str(tmp_path / "checkpoint-2"))
+    assert "or set resume: {mode: fix} in your trainer_guard YAML; resume: {mode: warn} in your" in str(e.value)
+    assert "ResumeGuard(mode=" not in str(e.value)

@@ -168,7 +168,9 @@ def callbacks_from_dict(cfg: Mapping[str, Any] | None, source: str = "config", *
         opts = dict(opts) if isinstance(opts, Mapping) else {}
         if not opts.pop("enabled", True):
             continue
-        callbacks.append(cls(**coerce_options(cls, opts)))
+        guard = cls(**coerce_options(cls, opts))
+        guard.from_config = source  # its advice names the YAML key
+        callbacks.append(guard)
     return callbacks
 
 

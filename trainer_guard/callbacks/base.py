@@ -18,11 +18,12 @@ Example:
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 from transformers import TrainerCallback
 
@@ -135,6 +136,23 @@ def option_problems(cls: type, options: dict[str, Any], where: str) -> list[str]
     return problems
 
 
+def _py(value: Any) -> str:
+    return "..." if value is Ellipsis else repr(value)  # ... stands for "a value of yours"
+
+
+def _yaml(value: Any) -> str:
+    """``value`` as a YAML flow scalar or list (what a user types after ``key:``); ``...`` for a value of yours."""
+    if value is Ellipsis:
+        return "..."
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", value) else json.dumps(value)
+    return repr(value)
+
+
 class Guard(hooks.GuardHooks, TrainerCallback):
     """A ``TrainerCallback`` with validated options and a short human report of what it did.
 
@@ -148,6 +166,9 @@ class Guard(hooks.GuardHooks, TrainerCallback):
     """
 
     name: ClassVar[str] = "guard"
+    #: set by :func:`trainer_guard.callbacks_from_dict` / ``callbacks_from_yaml`` (the config's description): the
+    #: user configured this guard in YAML, so advice names the YAML key (:meth:`advise`)
+    from_config: Optional[str] = None
 
     def __init__(self, **options: Any) -> None:
         problems = option_problems(type(self), options, type(self).__name__)
@@ -160,6 +181,21 @@ class Guard(hooks.GuardHooks, TrainerCallback):
     def _check_options(cls, options: dict[str, Any]) -> list[str]:
         """Return messages ``"option: problem; what to do"`` for values of the right type but wrong value."""
         return []
+
+    def advise(self, **options: Any) -> str:
+        """How to set ``options`` on this guard, in the terms the user configured it in: ``ResumeGuard(mode='fix')``
+        in Python, ``resume: {mode: fix}`` in your trainer_guard YAML for a guard built from YAML.
+
+        Example:
+            >>> from trainer_guard import ResumeGuard, callbacks_from_dict
+            >>> ResumeGuard().advise(mode="fix")
+            "ResumeGuard(mode='fix')"
+            >>> callbacks_from_dict({"resume": True})[0].advise(mode="fix")
+            'resume: {mode: fix} in your trainer_guard YAML'
+        """
+        if self.from_config is None:
+            return f"{type(self).__name__}({', '.join(f'{k}={_py(v)}' for k, v in options.items())})"
+        return f"{self.name}: {{{', '.join(f'{k}: {_yaml(v)}' for k, v in options.items())}}} in your trainer_guard YAML"
 
     def note(self, message: str, level: str = "info") -> None:
         """Log ``message`` through transformers logging and keep it for :meth:`report`."""

@@ -99,7 +99,7 @@ class DtypeGuard(Guard):
         header = (f"{type(model).__name__}: the model's dominant dtype is {report.dominant} but "
                   f"{len(problems)} parameter(s) differ (found at {when})")
         advice = (f"Create the new module with dtype={report.dominant} (or call .to({report.dominant}) on it), "
-                  f"use DtypeGuard(mode='fix') to cast automatically, or list modules that must stay in their "
+                  f"use {self.advise(mode='fix')} to cast automatically, or list modules that must stay in their "
                   f"dtype in keep_fp32.")
         mode = o["mode"]
         if mode == "fix" and when == "train begin" and world_size() > 1:

@@ -124,7 +124,7 @@ class ResumeGuard(Guard):
                 f"or the saved {cfg_name} with its modules_to_save)"
                 if hasattr(model, "peft_config") else "set requires_grad as in the saved run")
         header = (f"ResumeGuard: the trainable set differs from {saved}; no training step ran. To continue as saved, "
-                  f"{redo}, or pass ResumeGuard(mode='fix'); mode='warn' goes on")
+                  f"{redo}, or set {self.advise(mode='fix')}; {self.advise(mode='warn')} goes on")
         if self.options["mode"] == "warn":
             for p in problems:
                 if p not in self._warned:  # the same line is not repeated at the optimizer load

@@ -120,7 +120,7 @@ class TiedWeightsGuard(Guard):
             cfg = getattr(model, "config", None)
             if cfg is not None and getattr(cfg, "tie_word_embeddings", True) is False:
                 self.note("embeddings are tied by identity but config.tie_word_embeddings=False: checkpoints will "
-                          "reload a random head; pass fix_config=True", "warning")
+                          f"reload a random head; set {self.advise(fix_config=True)}", "warning")
         for module in _plain_modules(model):
             if module in self._hooked:
                 continue

@@ -179,7 +179,7 @@ class UntrainedTokensGuard(Guard):
             elif scan.examples and scan.no_ids == scan.examples:
                 unscanned = True
                 lines.append(f"training data not scanned: its examples have no token ids in {o['column']!r} "
-                             f"(tokenized by the collator, or another field?); set UntrainedTokensGuard(column=...) "
+                             f"(tokenized by the collator, or another field?); set {self.advise(column=...)} "
                              f"or tokenize the dataset before training")
             else:
                 lines.append(f"training data ({extent} {scan.examples} examples, {scan.tokens} tokens) uses: "
@@ -199,7 +199,7 @@ class UntrainedTokensGuard(Guard):
         lines.extend(_cannot_train(tables, rows, used))
         if o["mode"] == "raise":
             msg = ("Training would use never-trained embedding rows (NaN/garbage losses):\n  - " + "\n  - ".join(lines)
-                   + "\nUse UntrainedTokensGuard(mode='fix') to set them to the mean of the trained rows, or remove "
+                   + f"\nUse {self.advise(mode='fix')} to set them to the mean of the trained rows, or remove "
                      "those tokens from the data/template.")
             agree([msg] if used or out_of_range else [], UntrainedTokensError)
         if o["mode"] == "fix":

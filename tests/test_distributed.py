@@ -202,16 +202,27 @@ def test_single_process_computes_nothing(tmp_path, monkeypatch):
     assert guard.report() == ["replica check skipped: a single process, no replicas to compare"]
 
 
-def test_guard_skips_fsdp_and_zero3_runs_without_a_collective(tmp_path, monkeypatch):
-    world = FakeWorld(monkeypatch, [((1, ""), {})])
+def test_guard_reads_sharding_from_the_model_not_from_args_fsdp(tmp_path, monkeypatch):
+    """``fsdp=...`` where accelerate fell back to plain DDP (a CPU host): whole replicas, compared (issue 18: the
+    guard skipped them, reading the arguments). Every rank holding only shards: skipped after the one gather."""
+    model = tiny_model("llama-tied")
+    fp = model_fingerprint(model_checksums(model))
+    world = FakeWorld(monkeypatch, [((fp, ""), None)])
     guard = ReplicaDivergenceGuard(every=1, at_train_end=True)
     args = make_args(tmp_path)
     args.fsdp = True  # what TrainingArguments normalises an FSDP config to
     state = type("S", (), {"global_step": 1})()
-    guard.on_step_end(args, state, None, model=tiny_model("llama-tied"))
-    guard.on_train_end(args, state, None, model=tiny_model("llama-tied"))
-    assert world.calls == 0 and guard.checks == 0
-    assert guard.report() == ["replica check skipped: FSDP/ZeRO-3 shard the parameters, no replicas to compare"]
+    guard.on_step_end(args, state, None, model=model)
+    assert world.calls == 1 and guard.checks == 1 and guard.last_fingerprint == fp
+    sharded = tiny_model("llama-tied")
+    for p in sharded.parameters():
+        p.ds_id = 0  # how DeepSpeed ZeRO-3 marks its partitioned parameters
+    world = FakeWorld(monkeypatch, [((None, None), None)])  # the other rank holds shards only too
+    guard = ReplicaDivergenceGuard(every=1, at_train_end=True)
+    guard.on_step_end(args, state, None, model=sharded)
+    guard.on_train_end(args, state, None, model=sharded)
+    assert world.calls == 2 and guard.checks == 0  # one gather per check point (step 1, train end), nothing more
+    assert guard.report() == ["replica check skipped: sharded parameters (FSDP/ZeRO-3), no replicas to compare"]
 
 
 def test_guard_agreeing_replicas_gather_one_value_per_check(monkeypatch):

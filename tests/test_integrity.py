@@ -318,15 +318,17 @@ def test_resume_without_manifest_warns_and_continues(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- options and core
-def test_sharded_runs_are_skipped_with_one_warning(tmp_path):
+def test_sharded_runs_are_skipped_with_one_note(tmp_path):
     from types import SimpleNamespace
 
     guard = IntegrityGuard()
     (tmp_path / "checkpoint-1").mkdir()
     args = SimpleNamespace(output_dir=str(tmp_path), fsdp="full_shard", deepspeed=None)
+    model = tiny_model("llama-tied")
+    model.get_parameter("lm_head.weight").ds_id = 7  # sharded as the model shows it (DeepSpeed ZeRO-3's mark)
     for step in (1, 1):
-        guard.on_save(args, SimpleNamespace(global_step=step), None, model=tiny_model("llama-tied"))
-    guard.on_train_begin(args, SimpleNamespace(global_step=1), None, model=tiny_model("llama-tied"))
+        guard.on_save(args, SimpleNamespace(global_step=step), None, model=model)
+    guard.on_train_begin(args, SimpleNamespace(global_step=1), None, model=model)
     assert os.listdir(tmp_path / "checkpoint-1") == []
     assert guard.report() == ["sharded model (FSDP/DeepSpeed): manifests and resume checks are not supported yet; "
                               "skipped"]

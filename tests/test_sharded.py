@@ -54,6 +54,12 @@ def test_default_guards_train_save_resume_a_tied_llama_under_fsdp2(tmp_path):
     assert r0["fingerprint"] == r1["fingerprint"] == r0["fingerprint_straight"] == r1["fingerprint_straight"]
     assert r0["reports"] == r1["reports"] and r0["reports_run1"] == r1["reports_run1"]  # one verdict per guard
     assert r0["reports"]["TiedWeightsGuard"] == ["tied groups: [['model.embed_tokens.weight', 'lm_head.weight']]"]
+    # skipped with one note each, decided from the DTensor parameters / the engine accelerate runs
+    assert r0["reports"]["ReplicaDivergenceGuard"] == [
+        "replica check skipped: sharded parameters (FSDP/ZeRO-3), no replicas to compare"]
+    assert r0["reports"]["IntegrityGuard"] == [
+        "sharded model (FSDP/DeepSpeed): manifests and resume checks are not supported yet; skipped"]
+    assert r0["reports"]["UpdateAuditGuard"] == []  # audited on the shards (was: "20 sharded ... not audited")
     assert {"pytorch_model_fsdp_0", "optimizer_0"} <= set(os.listdir(os.path.join(out, "checkpoint-2")))
 
 
@@ -71,3 +77,44 @@ def test_untrained_tokens_found_and_fixed_on_fsdp2_shards(tmp_path):
     ]
     assert r0["found"] == r1["found"] == {"input embedding": [5, 100]}  # the tied head is the same table
     assert r0["row100_is_mean"] and r0["row5_zero"] and r1["row100_is_mean"] and r1["row5_zero"]
+
+
+@pytest.mark.slow
+def test_fsdp_arguments_on_a_ddp_fallback_are_guarded_as_ddp(tmp_path):
+    """``fsdp=...`` without the harness patch: accelerate trains plain DDP on CPU. The guards read what wraps the
+    model, so they check this run as the DDP run it is (they used to skip it, or refuse it, "because fsdp=")."""
+    out, res = dirs(tmp_path)
+    r0, r1 = launch("fsdp2.py", out, res, "fallback", os.path.join(ROOT, "configs", "default.yaml"),
+                    tmp_path=tmp_path)
+    for r in (r0, r1):
+        assert r.get("hung") is None and r["error"] is None, r.get("traceback", r["error"])
+        assert r["args_fsdp"] and r["distributed_type"] == "DistributedType.MULTI_CPU" and r["n_dtensors"] == 0
+        assert r["divergence_checks"] == 2 and r["reports"]["ReplicaDivergenceGuard"] == []  # compared, not skipped
+        assert r["audit_steps"] == 2 and r["reports"]["UpdateAuditGuard"] == []  # every parameter audited
+        assert r["reports"]["EmbeddingLRGuard"] == [
+            "tied: model.embed_tokens.weight = lm_head.weight at 0.1 x the LR of param group 0 (peak lr 0.001)"]
+    assert r0["reports"]["IntegrityGuard"][0].startswith("checkpoint-2: checked, manifest of 20 tensors")
+    assert "trainer_guard_manifest.json" in r0["checkpoint"]
+
+
+@pytest.mark.slow
+def test_update_audit_on_fsdp2_shards_combines_the_ranks(tmp_path):
+    """Each rank checksums its shards; the full tensors' checksums and gradient states are combined across ranks,
+    so every rank reaches the same verdict: rank 1's embedding rows get no gradient and stay as they were while
+    the tensor trains (no finding: a per-shard verdict would stop this healthy run), and a norm weight left out of
+    the optimizer stops every rank with the same message."""
+    out, res = dirs(tmp_path)
+    r0, r1 = launch("fsdp2.py", out, res, "audit", tmp_path=tmp_path)
+    _ok([r0, r1])
+    h0, h1 = r0["healthy"], r1["healthy"]
+    assert (h0["embed_shard_changed"], h1["embed_shard_changed"]) == (True, False)  # the planted situation
+    for h in (h0, h1):
+        assert h["error"] is None and h["report"] == [] and h["step"] == h["steps"] == 3
+        assert h["audited"] == h["n_dtensors"] == 21  # every parameter audited, all of them DTensor shards
+    n0, n1 = r0["no_norm"], r1["no_norm"]
+    assert n0 == n1  # same error, same step, same message on both ranks
+    assert n0["error"] == "UpdateAuditError" and n0["step"] == 0 and n0["message"] == (
+        "UpdateAuditGuard at optimizer step 1: parameters that should train did not, or frozen ones changed\n"
+        "  - trainable but unchanged: 1 tensor (32 values) in model.norm - not in any optimizer group; build the "
+        "optimizer after setting requires_grad, add the tensors to a param group, or freeze them "
+        "(requires_grad=False) (all ranks)")

@@ -10,6 +10,12 @@ MODE:
   (max_steps=4) stops after checkpoint-2 (a preempted job); run 2 builds a fresh model and Trainer and resumes
   from checkpoint-2 to step 4; run 3 trains 4 steps uninterrupted into OUT/straight. Records each guard's report,
   the full-tensor checksums of the final models (combined from the shards) and any error.
+- ``fallback``: the same arguments WITHOUT the harness patch: accelerate falls back to plain DDP on CPU. Every
+  default guard plus EmbeddingLRGuard must treat the run as the DDP run it is (not skip it "because fsdp=").
+- ``audit``: UpdateAuditGuard(every=1) alone on an untied Llama whose data uses ids below 64 only, so rank 1's shard
+  of the input embedding (rows 64-127) gets no gradient and stays as it was while the tensor trains: no finding
+  (``healthy``). Then the same with ``model.norm.weight`` left out of the optimizer: every rank stops with the same
+  UpdateAuditError (``no_norm``).
 - ``tokens``: UntrainedTokensGuard(mode="fix") on a tied Llama whose embedding rows 5 and 100 are zero (one on
   each rank's shard) and whose data uses id 100 only. Records the guard's report and, right after the guard ran at
   train begin, rows 5 and 100 of the full embedding next to the mean of the trained rows of the unsharded weight.
@@ -33,7 +39,6 @@ from trainer_guard._dist import gather  # noqa: E402
 from trainer_guard.core.divergence import model_fingerprint, sharded_checksums  # noqa: E402
 from trainer_guard.tiny import tiny_dataset, tiny_model  # noqa: E402
 
-allow_fsdp_on_cpu()
 
 
 def build(out: str, seed: int, callbacks: list, max_steps: int = 4) -> Trainer:
@@ -74,6 +79,62 @@ def guards(out: str, result: dict, config: str) -> None:
     result["fingerprint_straight"] = full_fingerprint(t3.model)
 
 
+def fallback(out: str, result: dict, config: str) -> None:
+    callbacks = trainer_guard.callbacks_from_yaml(config, replica_divergence={"every": 1},
+                                                  embedding_lr={"enabled": True})
+    t = build(out, seed=0, callbacks=callbacks, max_steps=2)
+    t.train()
+    div = next(cb for cb in callbacks if type(cb).__name__ == "ReplicaDivergenceGuard")
+    audit = next(cb for cb in callbacks if type(cb).__name__ == "UpdateAuditGuard")
+    result.update(sharding_facts(t), args_fsdp=bool(t.args.fsdp), divergence_checks=div.checks,
+                  audit_steps=audit.audit.steps if audit.audit else 0,
+                  checkpoint=sorted(os.listdir(os.path.join(out, "checkpoint-2"))),
+                  reports={type(cb).__name__: cb.report() for cb in callbacks})
+
+
+def audit(out: str, result: dict) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from trainer_guard import UpdateAuditError, UpdateAuditGuard
+
+    ids = [[(5 * i + j) % 64 for j in range(16)] for i in range(16)]
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids, "attention_mask": [[1] * 16] * 16})
+
+    class Shard(TrainerCallback):  # this rank's rows of the input embedding: did they change? what was audited?
+        def __init__(self, rec, guard):
+            self.rec, self.guard = rec, guard
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.w = model.get_input_embeddings().weight
+            self.before = self.w.to_local().detach().clone()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.rec["audited"] = len(self.guard.audit.params)
+            self.rec["embed_shard_changed"] = not torch.equal(self.before, self.w.to_local())
+
+    class NoNorm(Trainer):
+        def create_optimizer(self, model=None):
+            params = [p for n, p in self.model.named_parameters() if n != "model.norm.weight"]
+            self.optimizer = torch.optim.AdamW(params, lr=self.args.learning_rate, weight_decay=0.0)
+            return self.optimizer
+
+    for name, cls in (("healthy", Trainer), ("no_norm", NoNorm)):
+        guard = UpdateAuditGuard(every=1)
+        rec = {"error": None, "message": None}
+        t = cls(model=tiny_model("llama-untied", seed=0), args=fsdp_args(os.path.join(out, name), max_steps=3,
+                save_steps=10), train_dataset=data, callbacks=[guard, Shard(rec, guard)])
+        try:
+            t.train()
+        except UpdateAuditError as e:
+            rec.update(error=type(e).__name__, message=str(e))
+        rec.update(step=t.state.global_step, report=guard.report(), steps=guard.audit.steps,
+                   n_dtensors=sharding_facts(t)["n_dtensors"])
+        result[name] = rec
+    result.update(sharding_facts(t))
+
+
 def tokens(out: str, result: dict) -> None:
     import torch
     from datasets import Dataset
@@ -103,10 +164,15 @@ def tokens(out: str, result: dict) -> None:
 
 def main(out: str, results: str, mode: str, config: str | None = None) -> None:
     record_writes(out)
+    if mode != "fallback":
+        allow_fsdp_on_cpu()
     result: dict = {"error": None, "mode": mode}
     try:
         with watchdog(results, result, mode, seconds=float(os.environ.get("TG_WATCHDOG_S", "240"))):
-            {"plain": plain, "tokens": tokens}.get(mode, lambda o, r: guards(o, r, config))(out, result)
+            if mode in ("plain", "tokens", "audit"):
+                {"plain": plain, "tokens": tokens, "audit": audit}[mode](out, result)
+            else:
+                {"guards": guards, "fallback": fallback}[mode](out, result, config)
     except Exception as e:  # reported to the test, which shows it
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()[-3000:]

@@ -14,7 +14,8 @@ from typing import Any, Literal
 from torch import nn
 
 from .._dist import gather, rank, world_size
-from ..core.divergence import divergence_message, is_sharded, model_checksums, model_fingerprint
+from ..core.divergence import divergence_message, model_checksums, model_fingerprint, model_tensors
+from ..core.sharding import is_sharded
 from ..errors import ChecksumError, ReplicaDivergenceError
 from .base import Guard
 
@@ -24,8 +25,10 @@ __all__ = ["ReplicaDivergenceGuard"]
 class ReplicaDivergenceGuard(Guard):
     """All-gather each replica's model fingerprint every ``every`` steps; raise on every rank when they differ.
 
-    Single-process runs compute nothing. Sharded runs (FSDP, DeepSpeed ZeRO-3) are skipped with a note: their
-    ranks hold different shards by design (see docs/DISTRIBUTED.md for the per-shard design).
+    Single-process runs compute nothing. Sharded runs (FSDP, DeepSpeed ZeRO-3), as the model's parameters show
+    them (not ``TrainingArguments.fsdp``: accelerate may fall back to plain DDP), compare only the tensors every
+    rank holds whole; with none (every parameter a shard) they are skipped with a note: their ranks hold
+    different shards by design (see docs/DISTRIBUTED.md).
 
     Args:
         every: check after every ``every``-th optimizer step (``on_step_end``, before that step's save);
@@ -85,27 +88,27 @@ class ReplicaDivergenceGuard(Guard):
         if world_size() == 1:
             self._skip("a single process")
             return None
-        # Whether this rank's model is sharded is local knowledge: it travels in the one gather below, so every
-        # rank decides to skip (or to gather the per-tensor checksums) from the same values and none is left waiting.
-        sums, fp, err = None, None, ""
-        if is_sharded(model):
-            err = None  # (None, None): this rank holds shards, nothing to compare
-        else:
+        # Whether this rank's model is sharded is local knowledge (read from what wraps it, not from the arguments):
+        # it travels in the one gather below (error None = "holds shards"), so every rank decides to skip (or to
+        # gather the per-tensor checksums) from the same values and none is left waiting. Sharded ranks compare the
+        # tensors they hold whole (model_checksums leaves shards out); with none, there is nothing to compare.
+        sums, fp, err = None, None, None if is_sharded(model) else ""
+        if err == "" or model_tensors(model, self.options["include_buffers"]):
             try:
                 sums = model_checksums(model, self.options["include_buffers"], self.options["backend"])
                 fp = model_fingerprint(sums)
             except Exception as e:  # any failure on one rank is agreed on below: no rank hangs in the gather
                 err = f"rank {rank()}: {type(e).__name__}: {e}"
         results = gather((fp, err))
-        sharded = [r for r, (f, e) in enumerate(results) if f is None and e is None]
-        if len(sharded) == len(results):
+        sharded = [r for r, (f, e) in enumerate(results) if e is None]
+        if len(sharded) == len(results) and all(f is None for f, _ in results):
             self._skip("sharded parameters (FSDP/ZeRO-3)")
             return None
         self.checks += 1
         self._last_step = step
         errors = [e for _, e in results if e]
-        if sharded:
-            plain = [r for r in range(len(results)) if r not in sharded]
+        plain = [r for r, (_, e) in enumerate(results) if e == ""]
+        if sharded and plain:
             errors.append(f"rank {', '.join(map(str, sharded))}: hold{'s' if len(sharded) == 1 else ''} sharded "
                           f"parameters (FSDP/ZeRO-3), rank {', '.join(map(str, plain))} "
                           f"do{'es' if len(plain) == 1 else ''} not: the ranks did not wrap the model alike")
@@ -134,23 +137,8 @@ class ReplicaDivergenceGuard(Guard):
     def on_train_begin(self, args, state, control, **kwargs: Any):
         self._last_step = None
 
-    def _sharded_args(self, args) -> bool:
-        """FSDP or DeepSpeed ZeRO-3 configured in the Trainer's arguments (the same answer on every rank)."""
-        if getattr(args, "fsdp", None):
-            return True
-        if getattr(args, "deepspeed", None):
-            from transformers.integrations import is_deepspeed_zero3_enabled
-
-            return bool(is_deepspeed_zero3_enabled())
-        return False
-
     def _run(self, args, model, step: int) -> None:
-        if self._sharded_args(args) and world_size() > 1:
-            if not self._skip_noted:
-                self.note("replica check skipped: FSDP/ZeRO-3 shard the parameters, no replicas to compare")
-                self._skip_noted = True
-            return
-        self.check(model, step)
+        self.check(model, step)  # sharded or not is read from the model in check(), never from args.fsdp
 
     def on_step_end(self, args, state, control, model=None, **kwargs: Any):
         every = self.options["every"]

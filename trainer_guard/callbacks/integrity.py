@@ -11,7 +11,7 @@ import time
 from typing import Any, Literal
 
 from .._dist import agree, gather, is_main_process
-from ..core.divergence import is_sharded
+from ..core.sharding import engine, is_sharded
 from ..core.checkpoint import Verified, conversion_hint, plan_manifests, verify_against
 from ..core.conversion import load_converted
 from ..checkpoint.choose import pick_checkpoint
@@ -118,13 +118,14 @@ class IntegrityGuard(Guard):
         return []
 
     def _sharded(self, model, args) -> bool:
-        """FSDP / DeepSpeed ranks hold shards, not the tensors the files hold: skipped, said once."""
-        if not (is_sharded(model) or getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):
+        """FSDP / DeepSpeed ranks hold shards, not the tensors the files hold: skipped, said once. Read from the
+        model and from the engine accelerate really runs (the same on every rank), not from ``args.fsdp``."""
+        if not (is_sharded(model) or engine()):
             return False
         if not self._said_sharded:
             self._said_sharded = True
             self.note("sharded model (FSDP/DeepSpeed): manifests and resume checks are not supported yet; skipped",
-                      "warning")
+                      "info")
         return True
 
     def _flush(self) -> None:

@@ -25,8 +25,8 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..names import module_of
@@ -52,6 +52,7 @@ __all__ = [
     "group_index",
     "group_lr",
     "grad_state",
+    "combine_grad_states",
     "auditable",
     "UpdateAudit",
 ]
@@ -391,22 +392,38 @@ def group_index(optimizer: Any) -> dict[int, GroupInfo]:
 
 
 def grad_state(p: torch.Tensor) -> GradState:
-    """``"none"`` when ``p.grad`` is None, ``"zero"`` when it is all zero, else ``"nonzero"`` (one reduction)."""
+    """``"none"`` when ``p.grad`` is None, ``"zero"`` when it is all zero, else ``"nonzero"`` (one reduction).
+    For a ``DTensor``, this rank's shard of the gradient (no collective; :class:`UpdateAudit` combines the ranks'
+    answers)."""
     g = p.grad
     if g is None:
         return "none"
+    g = g.to_local() if hasattr(g, "to_local") else g
     return "nonzero" if bool(g.detach().ne(0).any()) else "zero"
 
 
+def combine_grad_states(states: Iterable[GradState]) -> GradState:
+    """One tensor's gradient state from its shards' (one per rank): ``"nonzero"`` when any shard's is, else
+    ``"zero"`` when any shard had a gradient, else ``"none"`` (``"unknown"`` wins over ``"none"``).
+
+    Example:
+        >>> combine_grad_states(["zero", "nonzero"]), combine_grad_states(["none", "zero"])
+        ('nonzero', 'zero')
+    """
+    states = set(states)
+    for s in ("nonzero", "zero", "unknown"):
+        if s in states:
+            return s  # type: ignore[return-value]
+    return "none"
+
+
 def auditable(p: torch.Tensor) -> bool:
-    """True for a parameter whose whole value is local: not a shard (FSDP ``DTensor``/``FlatParameter``,
-    DeepSpeed ZeRO-3), not on the meta device, not empty."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        DTensor = ()
-    sharded = isinstance(p, DTensor) or hasattr(p, "ds_id") or type(p).__name__ == "FlatParameter"
-    return not sharded and p.device.type != "meta" and p.numel() > 0
+    """True for a parameter the audit can read: whole on this rank, or an FSDP2 ``DTensor`` (its checksum is
+    combined from the ranks' shards); not an FSDP1 ``FlatParameter`` or DeepSpeed ZeRO-3 partition, not on the meta
+    device, not empty. Which tensors are shards is :mod:`trainer_guard.core.sharding`'s to say."""
+    from .sharding import is_dtensor, is_shard  # lazy: torch (``trainer-guard diff`` imports this module without it)
+
+    return (is_dtensor(p) or not is_shard(p)) and p.device.type != "meta" and p.numel() > 0
 
 
 class UpdateAudit:
@@ -440,8 +457,14 @@ class UpdateAudit:
     """
 
     def __init__(self, params: Mapping[str, torch.Tensor], *, every: int = 100, min_grad_steps: int = 2,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", gather: Callable[[Any], list[Any]] | None = None) -> None:
+        from .sharding import is_dtensor  # lazy: torch
+
         self.params = dict(params)
+        # FSDP2 DTensors: checksums and gradient states are combined across ranks, through collectives that every
+        # rank runs at the same checks (the names checked are decided from combined values, so they agree)
+        self._dtensors = {n for n, p in self.params.items() if is_dtensor(p)}
+        self._gather = gather
         self._expert = {n: expert_of(n) for n in self.params}  # MoE expert container of each tensor, or None
         self._devices = {p.device for p in self.params.values()}
         self.every, self.min_grad_steps, self.backend = every, min_grad_steps, backend
@@ -462,14 +485,24 @@ class UpdateAudit:
         """Checksums of ``names``, one call per device (a model split over GPUs by ``device_map``)."""
         from ..checksum.tensors import checksums  # lazy: imports torch (diff uses this module without it)
 
+        names = list(names)
+        shards = [n for n in names if n in self._dtensors]
+        out: dict[str, int] = {}
+        if shards:  # the full tensors' checksums from each rank's shard: one small all-gather, no tensor gathered
+            from .divergence import sharded_checksums
+            from .sharding import resolve_gather
+
+            out.update(sharded_checksums({n: self.params[n] for n in shards}, resolve_gather(self._gather)))
+            names = [n for n in names if n not in self._dtensors]
         by_device: dict[Any, dict[str, torch.Tensor]] = {}
         if len(self._devices) == 1:  # the usual case: one device, no grouping per tensor
             by_device[next(iter(self._devices))] = {n: self.params[n] for n in names}
         else:
             for n in names:
                 by_device.setdefault(self.params[n].device, {})[n] = self.params[n]  # read only: no detach needed
-        out: dict[str, int] = {}
         for device, tensors in by_device.items():
+            if not tensors:
+                continue
             out.update(checksums(tensors, backend=self.backend, cache=self._plans.setdefault(device, {})))
         return out
 
@@ -522,15 +555,22 @@ class UpdateAudit:
         """True when gradients exist and every one of them is exactly zero (one reduction per tensor until the first
         non-zero one; walked from the output end, where a step with any signal shows it first). No gradient at all
         (every ``.grad`` None) is not this: the backward pass reached nothing, which is evidence."""
-        seen = False
+        seen = signal = False
         for p in reversed(self.params.values()):
             g = p.grad
             if g is None:
                 continue
-            if bool(g.detach().ne(0).any()):
-                return False
             seen = True
-        return seen
+            g = g.to_local() if hasattr(g, "to_local") else g  # a shard's gradient: this rank's part, no collective
+            if bool(g.detach().ne(0).any()):
+                signal = True
+                break
+        if self._dtensors:  # shards: the step had a signal when any rank's part had one (one small all-gather)
+            from .sharding import resolve_gather
+
+            votes = resolve_gather(self._gather)((seen, signal))
+            seen, signal = any(v[0] for v in votes), any(v[1] for v in votes)
+        return seen and not signal
 
     def _restart_flipped(self, optimizer: Any) -> None:
         """Tensors whose ``requires_grad`` changed since the last step (a schedule that un-freezes or freezes them
@@ -569,6 +609,13 @@ class UpdateAudit:
                 effective_steps=self._eff(n, gi),
                 grad=grad_state(p) if (status[n] == SAME) == self._trainable[n] else "unknown",
                 dtype=str(p.dtype).removeprefix("torch."), numel=p.numel(), expert=self._expert[n] in self._routed)
+        shards = [n for n in doubtful if n in self._dtensors]
+        if shards:  # a shard's gradient is one rank's part: the tensor's is what the ranks' parts say together
+            from .sharding import resolve_gather
+
+            per_rank = resolve_gather(self._gather)({n: facts[n].grad for n in shards})
+            for n in shards:
+                facts[n] = replace(facts[n], grad=combine_grad_states(r[n] for r in per_rank))
         for n in doubtful:  # AdaLoRA's rank allocator zeroes pruned singular values (lora_E) after each step: a fully
             # pruned lora_E stays all zero by design, not for want of a gradient or LR (still judged when in no group)
             if (status[n] == SAME and self._trainable[n] and ".lora_E." in f".{n}." and facts[n].group is not None

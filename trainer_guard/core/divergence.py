@@ -28,13 +28,14 @@ from torch import nn
 from ..checksum.cpu import word_sum
 from ..checksum.spec import CHECKSUM_ALGO, MASK64, finalize, fingerprint
 from ..checksum.tensors import checksums, dtype_name, tensor_bytes
+from .sharding import is_row_sharded, is_sharded, replicated
 
 __all__ = [
     "model_tensors",
     "model_checksums",
     "model_fingerprint",
     "checksum_algo",
-    "is_sharded",
+    "is_sharded",  # re-exported from trainer_guard.core.sharding, which owns the decision
     "divergent_ranks",
     "first_differences",
     "divergence_message",
@@ -46,36 +47,22 @@ def checksum_algo() -> str:
     return CHECKSUM_ALGO
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """True when parameters are shards (FSDP2 ``DTensor``, FSDP1 wrappers or flat parameters, DeepSpeed ZeRO-3).
-
-    Sharded ranks hold different pieces by design, so their fingerprints are not comparable.
-    """
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        DTensor = ()
-    wrappers = {"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"}
-    if any(c.__name__ in wrappers for m in model.modules() for c in type(m).__mro__):
-        return True  # FSDP1 with use_orig_params exposes plain Parameters that are views of the local shard
-    for p in model.parameters():
-        if isinstance(p, DTensor) or hasattr(p, "ds_id") or type(p).__name__ == "FlatParameter":
-            return True
-    return False
-
-
 def model_tensors(model: nn.Module, include_buffers: bool = False) -> dict[str, torch.Tensor]:
-    """The model's parameters (each shared storage once, under its first name), optionally its buffers."""
+    """The tensors every data-parallel rank holds whole: the model's parameters (each shared storage once, under
+    its first name), optionally its buffers, without shards (:func:`trainer_guard.core.sharding.replicated`: an
+    FSDP2 run's DTensors, ZeRO-3 partitions; nothing under FSDP1, whose Parameters are views of a flat shard).
+    Shards are checksummed by :func:`sharded_checksums`."""
     out = {name: p for name, p in model.named_parameters()}
     if include_buffers:
         out.update((name, b) for name, b in model.named_buffers() if name not in out)
-    return out
+    return replicated(model, out)
 
 
 def model_checksums(
     model: nn.Module, include_buffers: bool = False, backend: Literal["auto", "triton", "cpu"] = "auto"
 ) -> dict[str, int]:
-    """``{tensor name: unsigned 64-bit checksum}`` of the model's parameters (and buffers), in model order.
+    """``{tensor name: unsigned 64-bit checksum}`` of the model's replicated parameters (and buffers), in model
+    order (:func:`model_tensors`).
 
     Raises:
         ChecksumError: a tensor cannot be checksummed (meta device, unsupported layout or dtype).
@@ -153,16 +140,6 @@ def divergence_message(
 
 
 # --------------------------------------------------------------------------------------- sharded tensors (FSDP2)
-def _row_sharded(t: torch.Tensor) -> bool:
-    """A DTensor split along dim 0 over a 1-D mesh of the whole world (FSDP2's layout)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(t, DTensor) or t.device_mesh.ndim != 1 or len(t.placements) != 1:
-        return False
-    pl = t.placements[0]
-    return isinstance(pl, Shard) and pl.dim == 0 and t.device_mesh.size() == torch.distributed.get_world_size()
-
-
 def sharded_checksums(tensors: Mapping[str, torch.Tensor], gather: Callable[[Any], list[Any]]) -> dict[str, int]:
     """Checksums of the FULL tensors of a sharded model, equal to :func:`trainer_guard.checksum.checksums` of the
     unsharded tensors, computed from each rank's local shard without gathering any tensor.
@@ -182,7 +159,7 @@ def sharded_checksums(tensors: Mapping[str, torch.Tensor], gather: Callable[[Any
         ChecksumError: a tensor's dtype cannot be checksummed (named).
     """
     names = list(tensors)
-    sharded = [n for n in names if _row_sharded(tensors[n])]
+    sharded = [n for n in names if is_row_sharded(tensors[n])]
     rows = gather({n: int(tensors[n].to_local().shape[0]) for n in sharded})
     out: dict[str, int] = {}
     mine: dict[str, int] = {}

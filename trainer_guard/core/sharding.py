@@ -6,7 +6,9 @@ are whole replicas, and a guard that skipped "because FSDP" would skip a run it 
 
 - :func:`is_shard`: one parameter holds a piece of a tensor (FSDP2 ``DTensor``, FSDP1 ``FlatParameter``, DeepSpeed
   ZeRO-3 ``ds_id``).
+- :func:`engine`: the sharding engine accelerate really runs (before the model is wrapped).
 - :func:`is_sharded`: this rank's model is wrapped or holds shards (local knowledge, no collective).
+- :func:`replicated`: the tensors a rank holds whole (what data-parallel replicas can compare).
 - :func:`agreed_sharded`: the same answer on every rank: one collective vote; ranks that wrapped the model
   differently raise the same error on every rank instead of taking different code paths (a hang).
 - :func:`is_row_sharded`: FSDP2's layout (``Shard(0)`` over a 1-D mesh of the whole world).
@@ -27,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +38,7 @@ from torch import nn
 
 from ..errors import TrainerGuardError
 
-__all__ = ["WRAPPERS", "is_shard", "is_sharded", "agreed_sharded", "is_row_sharded", "RowLayout", "row_layout",
+__all__ = ["WRAPPERS", "is_shard", "is_dtensor", "engine", "is_sharded", "replicated", "agreed_sharded", "is_row_sharded", "RowLayout", "row_layout",
            "gather_rows", "local_part", "resolve_gather"]
 
 # Module classes (anywhere in the MRO) whose parameters are shards: FSDP1, FSDP2 (``fully_shard`` makes a subclass
@@ -63,6 +65,31 @@ def is_shard(t: torch.Tensor) -> bool:
     return isinstance(t, _dtensor_cls()) or hasattr(t, "ds_id") or type(t).__name__ == "FlatParameter"
 
 
+def is_dtensor(t: Any) -> bool:
+    """True for an FSDP2 / tensor-parallel ``DTensor``: the only shards whose pieces can be combined across ranks
+    (:func:`trainer_guard.core.divergence.sharded_checksums`, :func:`gather_rows`)."""
+    return isinstance(t, _dtensor_cls())
+
+
+def engine() -> str | None:
+    """``"fsdp"`` or ``"deepspeed"`` when accelerate's process state really runs that engine, else ``None``.
+
+    Read from the ``AcceleratorState`` the ``Trainer`` built (process-wide, the same on every rank, no collective),
+    not from ``TrainingArguments``: with ``fsdp=...`` on a host where accelerate falls back to plain DDP (CPU) this
+    is ``None``. For decisions taken before the model is wrapped (a resume's checkpoint check); once it is,
+    :func:`is_sharded` reads the model itself. ``None`` too before any Accelerator exists.
+    """
+    try:
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return None
+    if not AcceleratorState._shared_state:  # no Accelerator yet: nothing runs sharded
+        return None
+    kind = AcceleratorState._shared_state.get("distributed_type")
+    return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(kind)
+
+
 def is_sharded(model: nn.Module) -> bool:
     """True when this rank's ``model`` is wrapped by FSDP/DeepSpeed or holds shards (see :func:`is_shard`).
 
@@ -72,6 +99,20 @@ def is_sharded(model: nn.Module) -> bool:
     if any(c.__name__ in WRAPPERS for m in model.modules() for c in type(m).__mro__):
         return True
     return any(is_shard(p) for p in model.parameters())
+
+
+def replicated(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``tensors`` (``model``'s parameters/buffers) that this rank holds whole: not shards, and none
+    at all under FSDP1, whose plain-looking Parameters are views of the rank's flat shard (use_orig_params).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> list(replicated(lin, dict(lin.named_parameters())))
+        ['weight', 'bias']
+    """
+    if any(c.__name__ == "FullyShardedDataParallel" for m in model.modules() for c in type(m).__mro__):
+        return {}
+    return {n: t for n, t in tensors.items() if not is_shard(t)}
 
 
 def agreed_sharded(model: nn.Module, gather: Callable[[Any], list[Any]] | None = None, what: str = "") -> bool:

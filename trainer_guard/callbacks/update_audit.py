@@ -38,7 +38,9 @@ class UpdateAuditGuard(Guard):
     rewards) are not *effective*: a tensor is judged only after its group ran an effective step,
     gradient-based causes only after ``min_grad_steps`` of them (a LoRA A matrix has a zero gradient on its first
     step); until then it keeps its baseline and is re-checked alone once it has had them. Each tensor and cause is
-    reported once. Sharded (FSDP/ZeRO-3) and meta parameters are skipped, with a warning.
+    reported once. FSDP2 (DTensor) shards are audited as whole tensors: checksums and gradient states are
+    combined across ranks, so every rank reaches one verdict. FSDP1 flat, ZeRO-3 and meta parameters are skipped,
+    with a warning.
 
     Training dynamics that are not faults: a mixture-of-experts expert (``experts.3``, ``experts.expert_3``) with
     no gradient while another expert of its layer trained got no token from the router; it is judged only after

@@ -88,10 +88,7 @@ def test_one_info_line_at_train_begin_names_the_active_guards(shown, tmp_path):
     assert lines == [f"trainer_guard: {len(names)} guards active: {', '.join(names)}"]
 
 
-@pytest.mark.parametrize("kind", ["llama-tied", pytest.param("llama-untied+lora-mts", marks=pytest.mark.xfail(
-    strict=True, reason="AdapterSizeGuard repeats its size advice at WARNING when a new process resumes (its "
-                        "once-per-run memory is the guard instance's); preflight.py is another change's")),
-    "plain-gpt"])
+@pytest.mark.parametrize("kind", ["llama-tied", "llama-untied+lora-mts", "plain-gpt"])
 def test_a_healthy_resume_prints_no_guard_warning(shown, kind, tmp_path):
     def model():
         if kind.endswith("lora-mts"):

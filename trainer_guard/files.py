@@ -32,6 +32,7 @@ __all__ = [
     "TIES_FILE",
     "TRAINABLE_FILE",
     "SPLIT_FILE",
+    "ADAPTER_SIZE_FILE",
     "checkpoint_name",
     "checkpoint_dir",
     "checkpoint_step",
@@ -66,6 +67,8 @@ TRAINABLE_FILE = "trainer_guard_trainable.json"
 """ResumeGuard: what trained at the save (the trainable set)."""
 SPLIT_FILE = "trainer_guard_embedding_lr.json"
 """EmbeddingLRGuard: the split of the optimizer's parameter groups."""
+ADAPTER_SIZE_FILE = "trainer_guard_adapter_size.json"
+"""AdapterSizeGuard: the size report the run already gave (a resume repeats it at INFO only)."""
 
 _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}-(\d+)")
 

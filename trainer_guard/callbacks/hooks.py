@@ -33,14 +33,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 from ..log import logger
 
-__all__ = ["HOOKS", "GuardHooks", "fire", "guards_of", "is_wired", "set_order", "wire", "wire_calling_trainer"]
+__all__ = ["HOOKS", "auto_guard", "GuardHooks", "fire", "guards_of", "is_wired", "set_order", "wire", "wire_calling_trainer"]
 
 
 HOOKS = ("resolve_resume", "before_train", "before_weights_load", "after_weights_load", "before_optimizer_create",
@@ -202,3 +204,29 @@ def wire_calling_trainer(callback: GuardHooks) -> Any:
                        f"checks before the Trainer's checkpoint loads and of save_model() do not run; call "
                        f"trainer = trainer_guard.guard(trainer) after building the Trainer")
     return None
+
+
+_AUTO = "_trainer_guard_auto"
+
+
+def auto_guard(trainer_cls: type, make_callbacks: Callable[[], list]) -> None:
+    """Zero-code activation (:mod:`trainer_guard.startup`): every ``trainer_cls`` built from now on, subclasses
+    included, gets ``make_callbacks()`` added to its ``callbacks`` before its ``__init__`` runs (so the guards wire
+    it at ``on_init_end`` as if the user had passed them), unless one of its callbacks already is a guard. The one
+    class-level replacement: ``trainer_cls.__init__``, once (idempotent)."""
+    init = trainer_cls.__init__
+    if getattr(init, _AUTO, False):
+        return
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind_partial(self, *args, **kwargs)
+        given = list(bound.arguments.get("callbacks") or ())
+        if not any(isinstance(cb, GuardHooks) or (isinstance(cb, type) and issubclass(cb, GuardHooks))
+                   for cb in given):
+            bound.arguments["callbacks"] = given + list(make_callbacks())
+        init(*bound.args, **bound.kwargs)
+
+    setattr(__init__, _AUTO, True)
+    trainer_cls.__init__ = __init__

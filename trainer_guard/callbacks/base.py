@@ -195,7 +195,10 @@ class Guard(hooks.GuardHooks, TrainerCallback):
         """
         if self.from_config is None:
             return f"{type(self).__name__}({', '.join(f'{k}={_py(v)}' for k, v in options.items())})"
-        return f"{self.name}: {{{', '.join(f'{k}: {_yaml(v)}' for k, v in options.items())}}} in your trainer_guard YAML"
+        yaml = f"{self.name}: {{{', '.join(f'{k}: {_yaml(v)}' for k, v in options.items())}}}"
+        if self.from_config == "axolotl":  # trainer_guard.integrations.axolotl: one key of the axolotl config
+            return f"trainer_guard: {{{yaml}}} in your axolotl config"
+        return f"{yaml} in your trainer_guard YAML"
 
     def note(self, message: str, level: str = "info") -> None:
         """Log ``message`` through transformers logging and keep it for :meth:`report`."""

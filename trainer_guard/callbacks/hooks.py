@@ -22,7 +22,8 @@ Guards fire in the fixed order of :data:`trainer_guard.callbacks.GUARDS` (other 
 callback order), whatever the order of the Trainer's callback list; only guards that are callbacks of the Trainer
 at that moment fire (a ``remove_callback`` stops a guard's hooks). A guard wires its Trainer itself at
 ``on_init_end`` (:func:`wire_calling_trainer`); :func:`trainer_guard.guard` wires explicitly, for guards added with
-``add_callback`` after the Trainer was built.
+``add_callback`` after the Trainer was built. The one class-level replacement is :func:`auto_guard`'s
+``Trainer.__init__`` (zero-code activation, :mod:`trainer_guard.startup`): it only adds guards to ``callbacks``.
 
 Example:
     >>> from trainer_guard.callbacks import hooks

@@ -240,3 +240,15 @@ def test_advice_names_the_yaml_key_for_guards_from_yaml(tmp_path):
         run(tiny_lora(tiny_model("llama-untied")), _defaults(), resume=str(tmp_path / "checkpoint-2"))
     assert "or set resume: {mode: fix} in your trainer_guard YAML; resume: {mode: warn} in your" in str(e.value)
     assert "ResumeGuard(mode=" not in str(e.value)
+
+
+def test_tied_checkpoint_saved_without_guards_resumed_untied(tmp_path):
+    """No tie record (the first run had no guards): the checkpoint's config.json says tied and stores the embedding
+    only. Was: a random head loaded, then ResumeGuard's 'optimizer groups hold [16, 5] params now' with mode='fix'."""
+    _run("llama-tied", tmp_path, [])
+    guards = _defaults()
+    model = _run("llama-untied", tmp_path, guards, resume=str(tmp_path / "checkpoint-2"), max_steps=4)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    tied = next(g for g in guards if isinstance(g, trainer_guard.TiedWeightsGuard))
+    assert any(e.startswith("tie change at resume: checkpoint-2 was trained with lm_head.weight tied to "
+                            "model.embed_tokens.weight (stored once), this model is untied") for e in tied.report())

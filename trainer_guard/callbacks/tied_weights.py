@@ -26,12 +26,13 @@ from ..core.ties import (
     restore_ties,
     ties_record,
     tied_now_untied_then,
+    tied_then_untied_now,
 )
 from .base import Guard
 from .._dist import agree, world_size
 from ..core.head import stored_tensor_names
 from ..errors import TiedWeightsError, TrainerGuardError
-from ..files import checkpoint_dir
+from ..files import CONFIG, checkpoint_dir
 
 __all__ = ["TiedWeightsGuard"]
 
@@ -172,10 +173,18 @@ class TiedWeightsGuard(Guard):
                 self._retie_before_load(trainer.model, os.fspath(checkpoint))
 
     def _retie_before_load(self, model: nn.Module, ckpt: str) -> None:
-        if _is_peft(model) or not os.path.isfile(os.path.join(ckpt, TIES_FILE)):
+        if _is_peft(model):
             return
-        stored = stored_tensor_names(ckpt) or set()
-        recorded = read_json(os.path.join(ckpt, TIES_FILE)).get("groups", [])
+        if os.path.isfile(os.path.join(ckpt, TIES_FILE)):
+            stored = stored_tensor_names(ckpt) or set()
+            recorded = read_json(os.path.join(ckpt, TIES_FILE)).get("groups", [])
+        else:  # saved without this guard: its config.json says whether the embedding/head tie was stored once
+            config = os.path.join(ckpt, CONFIG)
+            try:
+                stored = stored_tensor_names(ckpt) or set()
+                recorded = tied_then_untied_now(model, stored, read_json(config) if os.path.isfile(config) else None)
+            except (OSError, TrainerGuardError):  # unreadable: IntegrityGuard's (or the Trainer's load) to report
+                return
         once = [g for g in broken_ties(model, recorded) if g[0] in stored and not stored.intersection(g[1:])]
         if once and self.options["restore"]:
             declared = declared_tie(model)  # False: the user's config says untied, and the re-tie overrides it

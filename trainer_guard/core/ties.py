@@ -32,6 +32,7 @@ __all__ = [
     "broken_ties",
     "declared_tie",
     "tied_now_untied_then",
+    "tied_then_untied_now",
     "describe_tie_change",
     "TIES_FILE",
 ]
@@ -270,6 +271,38 @@ def tied_now_untied_then(model: nn.Module, stored: Collection[str] | None) -> li
     if not stored:
         return []
     return [g for g in find_tied_groups(model) if all(n in stored for n in g)]
+
+
+def _embedding_pair(model: nn.Module) -> list[str] | None:
+    """``[input embedding weight, output head weight]`` names of a Hugging Face model, or ``None``."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    try:
+        emb, head = (get_in(), get_out()) if callable(get_in) and callable(get_out) else (None, None)
+    except (NotImplementedError, AttributeError):
+        return None
+    emb_w, head_w = getattr(emb, "weight", None), getattr(head, "weight", None)
+    if emb_w is None or head_w is None:
+        return None
+    names = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    emb_n = names.get(id(emb_w), [])
+    head_n = [n for n in names.get(id(head_w), []) if n not in emb_n] or names.get(id(head_w), [])
+    return [emb_n[0], head_n[-1]] if emb_n and head_n else None
+
+
+def tied_then_untied_now(model: nn.Module, stored: Collection[str] | None,
+                         saved_config: Mapping[str, Any] | None) -> list[list[str]]:
+    """The embedding/head tie a checkpoint without a tie record was saved with (its ``config.json`` says
+    ``tie_word_embeddings: true`` and it stores the embedding, not the head), as a tie group of ``model``'s names;
+    ``[]`` otherwise. :func:`broken_ties` then says whether ``model`` is untied now."""
+    if not stored or not isinstance(saved_config, Mapping):
+        return []
+    text = saved_config.get("text_config") if isinstance(saved_config.get("text_config"), Mapping) else {}
+    if saved_config.get("tie_word_embeddings", text.get("tie_word_embeddings")) is not True:
+        return []
+    pair = _embedding_pair(model)
+    return [pair] if pair and pair[0] in stored and pair[1] not in stored else []
 
 
 def describe_tie_change(group: list[str], where: str, tied_now: bool, declared: bool | None = None) -> str:

@@ -44,6 +44,7 @@ from .checkpoint.manifest import read_manifest
 from .checkpoint.verify import (PROGRESS_BYTES, Finding, Findings, adapter_config_problems, broken_links,
                                 snapshots_in, verify_directory)
 from .errors import UsageError
+from .text import human_bytes
 from .checkpoint.verify import read_json_finding as _read_json
 from .names import param_matches
 from .files import ADAPTER_CONFIG, CONFIG, TIES_FILE, adapter_subdirs, checkpoints_in
@@ -258,7 +259,7 @@ def _check_adapter(path: str, index: dict[str, TensorInfo], report: Report) -> N
     if full and full_share > 0.5:
         names = ", ".join(sorted({r["module"] for r in full}))
         report.warnings.append(Finding("adapter", f"{ADAPTER_FILE}: full copies of {names} are {full_share:.0%} of "
-                                                  f"its {_human(total)} (R4); train LoRA on q,k,v,o,gate,up,down and "
+                                                  f"its {human_bytes(total)} (R4); train LoRA on q,k,v,o,gate,up,down and "
                                                   f"add embeddings only if new tokens need them, at ~1/10 the LR"))
     cfg = _read_json(os.path.join(path, ADAPTER_CONFIG), report, "adapter") or {}
     to_save = cfg.get("modules_to_save") or []
@@ -316,12 +317,7 @@ def _check_dtypes(index: dict[str, TensorInfo], report: Report, config: dict | N
 
 
 # ------------------------------------------------------------------------------------------------ output
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)  # pragma: no cover
+
 
 
 def format_text(report: Report) -> str:
@@ -329,23 +325,23 @@ def format_text(report: Report) -> str:
     lines = [f"trainer-guard doctor: {report.path}"]
     s = report.summary
     if s.get("files"):
-        lines.append("  files:    " + ", ".join(f"{f} ({_human(n)})" for f, n in s["files"].items())
+        lines.append("  files:    " + ", ".join(f"{f} ({human_bytes(n)})" for f, n in s["files"].items())
                      + f"; {s.get('tensors', 0)} tensors")
     if s.get("manifest"):
         m = s["manifest"]
         lines.append(f"  manifest: step {m['global_step']}, {m['tensors']} tensors, {m['algo']}")
     if s.get("dtypes"):
-        lines.append("  dtypes:   " + ", ".join(f"{d} {_human(b)}" for d, b in sorted(s["dtypes"].items(),
+        lines.append("  dtypes:   " + ", ".join(f"{d} {human_bytes(b)}" for d, b in sorted(s["dtypes"].items(),
                                                                                        key=lambda x: -x[1])))
     if s.get("adapter"):
         a = s["adapter"]
-        lines.append(f"  adapter:  {_human(a['bytes'])}: " + ", ".join(
+        lines.append(f"  adapter:  {human_bytes(a['bytes'])}: " + ", ".join(
             f"{r['module']} ({r['kind']}) {r['share']:.0%}" for r in a["modules"][:6]))
     for name, a in s.get("adapters", {}).items():
         m = a.get("manifest")
         lines.append(f"  {name}/:" + " " * max(1, 8 - len(name)) + f"{a.get('tensors', 0)} tensors"
                      + (f", manifest of step {m['global_step']}" if m else "")
-                     + (f", adapter {_human(a['adapter']['bytes'])}" if a.get("adapter") else ""))
+                     + (f", adapter {human_bytes(a['adapter']['bytes'])}" if a.get("adapter") else ""))
     for title, items, mark in (("ok", report.passed, "ok "), ("unusable input", report.unusable, "!! "),
                                ("problems", report.problems, "XX "), ("warnings", report.warnings, "?? ")):
         for f in items:

@@ -37,6 +37,7 @@ from ..errors import ChecksumError, SafetensorsFormatError, UsageError
 from ..files import (MANIFEST_FILE, TRAINER_STATE, adapter_subdirs, checkpoint_name, checkpoint_step, checkpoints_in,
                      is_checkpoint_name)
 from ..formats.safetensors import file_problem, read_header
+from ..text import human_bytes
 from .manifest import WHOLE_VERSION, compare, entries, index_entries, read_manifest
 
 __all__ = [
@@ -55,7 +56,6 @@ __all__ = [
     "remove_stale",
     "interrupted_save",
     "committed_sibling",
-    "human_bytes",
 ]
 
 NOT_LISTED = ("README.md",)
@@ -72,13 +72,7 @@ class FileProblem(NamedTuple):
     message: str
 
 
-def human_bytes(n: float) -> str:
-    """``1234567`` -> ``"1.23 MB"`` (decimal units, as ``ls -h --si``)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)  # pragma: no cover
+
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:
@@ -180,17 +174,10 @@ def _read_step(path: str) -> Any:
 def _copied_from(directory: str, rel: str, info: Mapping[str, Any], size: int, checksum: int | None,
                  tensor_sums: Mapping[str, int] | None) -> str | None:
     """The sibling ``checkpoint-M`` whose manifest records this same file content under ``rel``, else ``None``."""
-    parent, me = os.path.split(os.path.normpath(directory))
-    if not is_checkpoint_name(me):
+    if not is_checkpoint_name(os.path.basename(os.path.normpath(directory))):
         return None
-    for other in reversed(checkpoints_in(parent)):
-        if other == me:
-            continue
-        try:
-            m = read_manifest(os.path.join(parent, other))
-        except UsageError:
-            continue
-        e = (m or {}).get("files", {}).get(rel) if is_whole(m) else None
+    for other, m in _committed_siblings(directory):
+        e = m.get("files", {}).get(rel)
         if not isinstance(e, dict) or e.get("size") != size:
             continue
         if checksum is not None and e.get("checksum") == f"{checksum:016x}":
@@ -393,8 +380,9 @@ def remove_stale(directory: str | os.PathLike, before: Mapping[str, tuple[int, i
     return stale
 
 
-def _reference(directory: str) -> tuple[str, dict[str, dict[str, Any]]] | None:
-    """The newest other committed checkpoint beside ``directory`` and its file list (what a complete save writes)."""
+def _committed_siblings(directory: str):
+    """``(name, manifest)`` of the other ``checkpoint-M`` beside ``directory`` that hold a whole-checkpoint manifest,
+    newest first (unreadable manifests passed over)."""
     parent, me = os.path.split(os.path.normpath(directory))
     for other in reversed(checkpoints_in(parent)):
         if other == me:
@@ -404,8 +392,12 @@ def _reference(directory: str) -> tuple[str, dict[str, dict[str, Any]]] | None:
         except UsageError:
             continue
         if is_whole(m):
-            return other, m["files"]
-    return None
+            yield other, m
+
+
+def _reference(directory: str) -> tuple[str, dict[str, dict[str, Any]]] | None:
+    """The newest other committed checkpoint beside ``directory`` and its file list (what a complete save writes)."""
+    return next(((other, m["files"]) for other, m in _committed_siblings(directory)), None)
 
 
 def committed_sibling(directory: str | os.PathLike) -> str | None:
@@ -445,7 +437,8 @@ def interrupted_save(directory: str | os.PathLike) -> str | None:
         other, files = ref
         for rel, info in files.items():
             if rel in have and have[rel] < info.get("size", 0) and not _whole_json(directory, rel):
-                parts.append(f"{rel} {human_bytes(have[rel])} of {human_bytes(info['size'])} as in {other}")
+                parts.append(f"{rel} {human_bytes(have[rel], digits=2)} of {human_bytes(info['size'], digits=2)} "
+                             f"as in {other}")
         missing = [rel for rel in files if rel not in have and rel != MANIFEST_FILE and "/" not in rel]
         if missing:
             parts.append("no " + ", ".join(missing))

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import UsageError
+from ..text import human_bytes
 from .lr_groups import embedding_modules
 
-__all__ = ["EmbeddingCost", "PreflightReport", "adapter_preflight", "optimizer_state_bytes", "human_bytes"]
+__all__ = ["EmbeddingCost", "PreflightReport", "adapter_preflight", "optimizer_state_bytes"]
 
 
 @dataclass
@@ -58,13 +59,14 @@ class PreflightReport:
     def message(self) -> str:
         """A multi-line warning: the numbers, then what to do."""
         mods = "; ".join(f"{c.module} [{' x '.join(map(str, c.shape))}] via {c.how}: {c.trainable:,} trainable, "
-                         f"{human_bytes(c.adapter_bytes)} in the adapter" for c in self.items)
+                         f"{human_bytes(c.adapter_bytes, binary=True)} in the adapter" for c in self.items)
         share = 100.0 * self.extra_trainable / max(self.total_trainable, 1)
         lines = [
             f"the embeddings / output head are trained inside the adapter: +{self.extra_trainable:,} trainable "
-            f"parameters ({share:.1f}% of {self.total_trainable:,}), +{human_bytes(self.extra_adapter_bytes)} of "
-            f"the {human_bytes(self.adapter_bytes)} adapter file, +{human_bytes(self.extra_grad_bytes)} gradients "
-            f"and +{human_bytes(self.extra_optimizer_bytes)} optimizer state ({self.optim}).",
+            f"parameters ({share:.1f}% of {self.total_trainable:,}), "
+            f"+{human_bytes(self.extra_adapter_bytes, binary=True)} of the {human_bytes(self.adapter_bytes, binary=True)} "
+            f"adapter file, +{human_bytes(self.extra_grad_bytes, binary=True)} gradients "
+            f"and +{human_bytes(self.extra_optimizer_bytes, binary=True)} optimizer state ({self.optim}).",
             f"  modules: {mods}.",
             "  What to do: leave embed_tokens/lm_head out of modules_to_save/target_modules if they need not change "
             "(default targets q,k,v,o,gate,up,down); to teach a few new tokens use PEFT trainable_token_indices "
@@ -72,15 +74,6 @@ class PreflightReport:
             "after reloading the adapter check the trainable count (load with is_trainable=True).",
         ]
         return "\n".join(lines)
-
-
-def human_bytes(n: float) -> str:
-    """``1536 -> '1.5 KiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def optimizer_state_bytes(param: nn.Parameter, optim: str, module: nn.Module | None = None) -> int:

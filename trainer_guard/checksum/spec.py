@@ -57,7 +57,7 @@ who wants a collision can build one.
 Example (the host-side fold, on plain integers; tensors and files: :mod:`trainer_guard.checksum.tensors`,
 :mod:`trainer_guard.checksum.disk`):
     >>> s = mix64(0x1234 ^ GAMMA)  # the word sum S of one 8-byte word 0x1234 at position 1 (key(1) = GAMMA)
-    >>> finalize(s, "U8", (8,), 8) != finalize(s, "I8", (8,), 8)  # the same bytes, another dtype
+    >>> finalize(s, "uint8", (8,), 8) != finalize(s, "int8", (8,), 8)  # the same bytes, another dtype name
     True
     >>> fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
     True
@@ -99,7 +99,7 @@ def meta_key(dtype: str, shape: tuple[int, ...] | list[int], nbytes: int) -> int
     """``M``: the first 8 bytes (little-endian) of BLAKE2b of ``"<algo>|<dtype>|<shape>|<nbytes>"``.
 
     Example:
-        >>> meta_key("F32", (2,), 8) != meta_key("F32", (1, 2), 8)
+        >>> meta_key("float32", (2,), 8) != meta_key("float32", (1, 2), 8)
         True
     """
     return _meta_key(str(dtype), tuple(int(s) for s in shape), int(nbytes))
@@ -116,7 +116,7 @@ def finalize(word_sum_: int, dtype: str, shape: tuple[int, ...] | list[int], nby
     """Fold dtype name, shape and byte count into a word sum ``S``: ``mix(S ^ M)`` (see the module docstring).
 
     Example:
-        >>> finalize(0, "F32", (2,), 8) != finalize(0, "I32", (2,), 8)
+        >>> finalize(0, "float32", (2,), 8) != finalize(0, "int32", (2,), 8)
         True
     """
     return mix64((int(word_sum_) & MASK64) ^ meta_key(dtype, shape, nbytes))

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ChecksumError
 from .spec import C1, C2, GAMMA, MASK64, meta_key, mix64
-from .tensors import DTYPE_NAMES, check_tensor, flat_bytes
+from .validate import DTYPE_NAMES, check_tensor, flat_bytes
 
 __all__ = ["ChecksumPlan", "cached_plan", "triton_available", "triton_checksums", "interpreting", "BLOCK", "ITERS", "NUM_WARPS"]
 

@@ -28,11 +28,11 @@ from ..core.lr_groups import (
     group_lrs,
     merge_param_groups,
     peak_lr,
+    sharded_optimizer_problems,
     split_param_groups,
     tied_rate_problems,
     unwrap_optimizer,
 )
-from ..core.sharding import engine
 from ..errors import EmbeddingLRError
 from ..files import OPTIMIZER, SCHEDULER, checkpoint_dir
 from .base import Guard
@@ -71,7 +71,8 @@ class EmbeddingLRGuard(Guard):
 
     Raises:
         ConfigError: invalid options (two rates for one part; a rate <= 0, infinite or NaN).
-        EmbeddingLRError: a tied embedding/head asked for two different rates; DeepSpeed/FSDP; an absolute LR
+        EmbeddingLRError: a tied embedding/head asked for two different rates; DeepSpeed or FSDP1 (FSDP2 is
+            supported: the groups hold its DTensor parameters); an absolute LR
             while the Trainer's ``learning_rate`` is 0; an Adafactor group with ``relative_step=True`` holding
             them; nothing trainable with ``when_absent="raise"``.
 
@@ -161,10 +162,7 @@ class EmbeddingLRGuard(Guard):
         self._plan, self._step_lrs = None, {}
         if model is None or optimizer is None:
             return
-        problems = []
-        if engine():  # what accelerate really runs (fsdp=... on a CPU host falls back to DDP, which is supported)
-            problems.append("DeepSpeed/FSDP own the optimizer's groups and checkpoint format; EmbeddingLRGuard "
-                            "supports single-process and DDP runs only: remove it, or set the groups yourself")
+        problems = sharded_optimizer_problems(model, optimizer)
         in_opt = {id(p) for g in unwrap_optimizer(optimizer).param_groups for p in g["params"]}
         roles = {r: [(n, p) for n, p in ps if id(p) in in_opt] for r, ps in embedding_parameters(model).items()}
         factors, how = self.rates(args.learning_rate)

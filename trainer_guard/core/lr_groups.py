@@ -56,6 +56,7 @@ __all__ = [
     "role_of_parameters",
     "tied_rate_problems",
     "peak_lr",
+    "sharded_optimizer_problems",
     "split_param_groups",
     "merge_param_groups",
     "base_layout_optimizer_state",
@@ -83,6 +84,37 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
         inner = inner.optimizer
     return inner
+
+
+def sharded_optimizer_problems(model: nn.Module, optimizer: Any) -> list[str]:
+    """Why the optimizer's groups cannot be split under the sharding engine accelerate runs (empty when they can).
+
+    - single process, DDP (also ``fsdp=...`` on a host where accelerate falls back to DDP): nothing.
+    - FSDP2 (``fully_shard``): the model's parameters are ``DTensor`` s and the optimizer holds those very objects
+      (the Trainer builds it over the model's parameters, accelerate's ``prepare`` switches it to the sharded ones),
+      so groups are split by identity as usual; optimizer state is keyed by parameter and torch.distributed.checkpoint
+      saves it by parameter name: nothing.
+    - FSDP1 (``FullyShardedDataParallel``): refused. Its optimizer holds ``FlatParameter`` s (many tensors in one),
+      and with ``use_orig_params`` its optimizer state dict is rebuilt by FSDP1 itself; neither is tested here.
+    - DeepSpeed: refused (see the message).
+    """
+    from .sharding import engine
+
+    kind = engine()
+    if kind == "fsdp":
+        fsdp1 = any(c.__name__ == "FullyShardedDataParallel" for m in model.modules() for c in type(m).__mro__)
+        flat = any(type(p).__name__ == "FlatParameter" for g in unwrap_optimizer(optimizer).param_groups
+                   for p in g["params"])
+        if fsdp1 or flat:
+            return ["FSDP1 (fsdp_config version 1) hands the optimizer flat parameters that hold many tensors "
+                    "each, so the embeddings cannot get a param group of their own; use FSDP2 (fsdp_config "
+                    "{'version': 2}), where EmbeddingLRGuard splits the groups of the DTensor parameters, or "
+                    "remove EmbeddingLRGuard"]
+        return []
+    if kind == "deepspeed":
+        return ["DeepSpeed owns the optimizer's groups and checkpoint format; EmbeddingLRGuard supports "
+                "single-process, DDP and FSDP2 runs: remove it, or set the groups yourself"]
+    return []
 
 
 def _hf_model(model: nn.Module) -> nn.Module:

@@ -158,8 +158,13 @@ class TiedWeightsGuard(Guard):
             except (OSError, TrainerGuardError):
                 stored = None
             where = os.path.basename(os.path.normpath(ckpt))
+            record = os.path.join(ckpt, TIES_FILE)
+            try:  # a tie recorded at save was a tie, even stored under each name (FSDP2's FULL_STATE_DICT)
+                recorded = read_json(record).get("groups", []) if os.path.isfile(record) else []
+            except (OSError, ValueError):
+                recorded = []
             problems = [describe_tie_change(g, where, True, declared_tie(model))
-                        for g in tied_now_untied_then(model, stored)]
+                        for g in tied_now_untied_then(model, stored, recorded)]
         agree(problems, TiedWeightsError, "TiedWeightsGuard: the tie of the model differs from the checkpoint's; "
                                           "nothing was loaded")
 

@@ -256,10 +256,15 @@ def declared_tie(model: nn.Module) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
-def tied_now_untied_then(model: nn.Module, stored: Collection[str] | None) -> list[list[str]]:
+def tied_now_untied_then(model: nn.Module, stored: Collection[str] | None,
+                         recorded: Iterable[Iterable[str]] | None = None) -> list[list[str]]:
     """Tie groups of ``model`` that a checkpoint storing the tensor names ``stored`` holds as separate tensors: the
     checkpoint was trained untied (a tie is stored once: safetensors cannot hold shared tensors, transformers and
     :class:`~trainer_guard.TiedWeightsGuard` keep one name), the model ties them now.
+
+    ``recorded``: the tie groups the checkpoint's tie record (``trainer_guard_ties.json``) says the model had when
+    it was saved. A group recorded as one tie was tied then, even with every name stored: FSDP2's FULL_STATE_DICT
+    save gathers each name's full tensor (one copy per name, so transformers sees no shared storage to drop).
 
     Example:
         >>> from trainer_guard.tiny import tiny_model
@@ -267,10 +272,15 @@ def tied_now_untied_then(model: nn.Module, stored: Collection[str] | None) -> li
         [['model.embed_tokens.weight', 'lm_head.weight']]
         >>> tied_now_untied_then(tiny_model("llama-tied"), {"model.embed_tokens.weight"})
         []
+        >>> tied_now_untied_then(tiny_model("llama-tied"), {"model.embed_tokens.weight", "lm_head.weight"},
+        ...                      recorded=[["model.embed_tokens.weight", "lm_head.weight"]])
+        []
     """
     if not stored:
         return []
-    return [g for g in find_tied_groups(model) if all(n in stored for n in g)]
+    tied_then = [set(g) for g in recorded or ()]
+    return [g for g in find_tied_groups(model)
+            if all(n in stored for n in g) and not any(set(g) <= r for r in tied_then)]
 
 
 def _embedding_pair(model: nn.Module) -> list[str] | None:

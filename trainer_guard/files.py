@@ -40,6 +40,11 @@ __all__ = [
     "checkpoints_in",
     "state_file",
     "adapter_subdirs",
+    "FSDP_MODEL_DIR",
+    "DEEPSPEED_STEP_DIR",
+    "ZERO_RANK_FILE",
+    "fsdp_model_dirs",
+    "deepspeed_step_dirs",
     "duplicate_hint",
     "stored_twice",
 ]
@@ -57,6 +62,15 @@ ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
 SINGLE_WEIGHT_FILES = (MODEL_WEIGHTS, ADAPTER_WEIGHTS)
 """The single weight files ``from_pretrained`` reads in preference to any shard index (transformers, PEFT)."""
+FSDP_MODEL_DIR = re.compile(r"pytorch_model_fsdp_\d+")
+"""FSDP ``SHARDED_STATE_DICT``: accelerate's ``save_fsdp_model`` writes the model through torch.distributed.checkpoint
+into ``pytorch_model_fsdp_<i>/`` (``.metadata`` + one ``__<rank>_0.distcp`` per rank), the optimizer into
+``optimizer_<i>/``."""
+DEEPSPEED_STEP_DIR = re.compile(r"global_step\d+")
+"""DeepSpeed ZeRO: ``engine.save_checkpoint(checkpoint)`` writes ``global_step<N>/`` (and a ``latest`` file naming it)."""
+ZERO_RANK_FILE = re.compile(r"(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_(model|optim)_states\.pt")
+"""The per-rank files DeepSpeed ZeRO writes into ``global_step<N>/`` (pickles: only ``torch.load(weights_only=True)``
+may read them)."""
 
 # --- written by trainer_guard's guards into a checkpoint -------------------------------------------------------
 MANIFEST_FILE = "trainer_guard_manifest.json"
@@ -130,6 +144,27 @@ def adapter_subdirs(directory: str | os.PathLike) -> list[str]:
     return sorted(d for d in os.listdir(directory) if any(
         os.path.isfile(os.path.join(directory, d, f)) for f in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN))
         and not os.path.isfile(os.path.join(directory, d, TRAINER_STATE)))
+
+
+def _subdirs(directory: str | os.PathLike, pattern: re.Pattern) -> list[str]:
+    directory = os.fspath(directory)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(d for d in names if pattern.fullmatch(d) and os.path.isdir(os.path.join(directory, d)))
+
+
+def fsdp_model_dirs(directory: str | os.PathLike) -> list[str]:
+    """The ``pytorch_model_fsdp_<i>`` sub-directories of a checkpoint (FSDP ``SHARDED_STATE_DICT``), sorted."""
+    return _subdirs(directory, FSDP_MODEL_DIR)
+
+
+def deepspeed_step_dirs(directory: str | os.PathLike) -> list[str]:
+    """The ``global_step<N>`` sub-directories of a checkpoint that hold DeepSpeed ZeRO rank files, sorted."""
+    directory = os.fspath(directory)
+    return [d for d in _subdirs(directory, DEEPSPEED_STEP_DIR)
+            if any(ZERO_RANK_FILE.fullmatch(f) for f in os.listdir(os.path.join(directory, d)))]
 
 
 def duplicate_hint(directory: str | os.PathLike, a: str, b: str) -> tuple[str, str | None, str] | None:

@@ -7,9 +7,14 @@ MODE:
 - ``plain``: no guards; 2 steps, one SHARDED_STATE_DICT checkpoint. Records what wraps the model (the run is really
   sharded: DTensor parameters on each rank) and the checkpoint's files.
 - ``guards``: every guard of CONFIG (configs/default.yaml), the replica check every step and at train end. Run 1
-  (max_steps=4) stops after checkpoint-2 (a preempted job); run 2 builds a fresh model and Trainer and resumes
-  from checkpoint-2 to step 4; run 3 trains 4 steps uninterrupted into OUT/straight. Records each guard's report,
-  the full-tensor checksums of the final models (combined from the shards) and any error.
+  (max_steps=4) stops after checkpoint-2 (a preempted job); rank 0 runs ``trainer-guard doctor``'s check on it
+  and on a copy with one bit flipped in rank 1's model shard file, and every rank resumes from that copy (it must
+  stop with a trainer_guard error before step 1); run 2 builds a fresh model and Trainer and resumes from
+  checkpoint-2 to step 4; run 3 trains 4 steps uninterrupted into OUT/straight. Records each guard's report, the
+  doctor verdicts, the manifest's tensor checksums next to the consolidated tensors' (gathered here, for the test
+  only), the full-tensor checksums of the final models (combined from the shards) and any error.
+- ``full``: the same train / stop / resume with ``state_dict_type="FULL_STATE_DICT"`` (the checkpoint holds a
+  gathered ``model.safetensors``), IntegrityGuard and TiedWeightsGuard only.
 - ``fallback``: the same arguments WITHOUT the harness patch: accelerate falls back to plain DDP on CPU. Every
   default guard plus EmbeddingLRGuard must treat the run as the DDP run it is (not skip it "because fsdp=").
 - ``audit``: UpdateAuditGuard(every=1) alone on an untied Llama whose data uses ids below 64 only, so rank 1's shard
@@ -59,6 +64,62 @@ def plain(out: str, result: dict) -> None:
                   checkpoint=sorted(os.listdir(os.path.join(out, "checkpoint-2"))))
 
 
+def flip_copy(src: str, dst: str, rel: str) -> None:
+    """``dst``: a copy of checkpoint ``src`` with one bit flipped in the middle of file ``rel`` (rank 0 only)."""
+    import shutil
+
+    from _common import RANK
+
+    if RANK == 0:
+        shutil.copytree(src, dst)
+        path = os.path.join(dst, rel)
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0x10]))
+    gather(None)  # a barrier: every rank sees the copy
+
+
+def integrity(out: str, result: dict, t1, cbs) -> None:
+    """After run 1: the manifest against the consolidated tensors, doctor on the healthy and the flipped copy, and a
+    resume from the flipped copy on every rank."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from trainer_guard.checksum import checksums
+    from trainer_guard.doctor import diagnose
+    from trainer_guard.errors import TrainerGuardError
+
+    from _common import RANK
+
+    ckpt = os.path.join(out, "checkpoint-2")
+    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p) for n, p in t1.model.state_dict().items()}
+    consolidated = {n: f"{v:016x}" for n, v in checksums(full, backend="cpu").items()}
+    if RANK == 0:
+        with open(os.path.join(ckpt, "trainer_guard_manifest.json"), encoding="utf-8") as f:
+            m = json.load(f)
+        result["manifest_sums"] = {n: e["checksum"] for n, e in m["tensors"].items()}
+        result["manifest_files"] = sorted(m["files"])
+        result["consolidated_sums"] = consolidated
+        healthy = diagnose(ckpt)
+        result["doctor_healthy"] = [healthy.exit_code, [f.message for f in healthy.problems + healthy.unusable]]
+    bad = os.path.join(out, "flipped", "checkpoint-2")
+    flip_copy(ckpt, bad, "pytorch_model_fsdp_0/__1_0.distcp")
+    if RANK == 0:
+        d = diagnose(bad)
+        result["doctor_flipped"] = [d.exit_code, [f.message for f in d.problems + d.unusable]]
+    t = build(os.path.join(out, "flipped"), seed=1, callbacks=cbs())
+    try:
+        t.train(resume_from_checkpoint=bad)
+        result["flipped_resume"] = None
+    except TrainerGuardError as e:
+        result["flipped_resume"] = [type(e).__name__, str(e), t.state.global_step]
+    dist.barrier()
+
+
 def guards(out: str, result: dict, config: str) -> None:
     def cbs():
         return trainer_guard.callbacks_from_yaml(config, replica_divergence={"every": 1, "at_train_end": True})
@@ -66,6 +127,7 @@ def guards(out: str, result: dict, config: str) -> None:
     t1 = build(out, seed=0, callbacks=cbs() + [stop_at(2)])
     t1.train()
     result.update(sharding_facts(t1), step_run1=t1.state.global_step)
+    integrity(out, result, t1, cbs)
     t2 = build(out, seed=1, callbacks=cbs())  # another init on purpose: the resume must load checkpoint-2
     t2.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
     result["step_run2"] = t2.state.global_step
@@ -77,6 +139,34 @@ def guards(out: str, result: dict, config: str) -> None:
     t3 = build(os.path.join(out, "straight"), seed=0, callbacks=cbs())
     t3.train()
     result["fingerprint_straight"] = full_fingerprint(t3.model)
+
+
+def full(out: str, result: dict) -> None:
+    from _fsdp import fsdp_args as args_for
+
+    def build_full(where: str, seed: int, extra: list) -> Trainer:
+        model = tiny_model("llama-tied", seed=seed)
+        return Trainer(model=model, args=args_for(where, max_steps=4, save_steps=2,
+                                                  state_dict_type="FULL_STATE_DICT"),
+                       train_dataset=tiny_dataset(32, 16, model.config.vocab_size),
+                       callbacks=[trainer_guard.IntegrityGuard(), trainer_guard.TiedWeightsGuard()] + extra)
+
+    t1 = build_full(out, 0, [stop_at(2)])
+    t1.train()
+    result.update(sharding_facts(t1), step_run1=t1.state.global_step,
+                  checkpoint=sorted(os.listdir(os.path.join(out, "checkpoint-2"))))
+    t2 = build_full(out, 1, [])
+    t2.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
+    result["step_run2"] = t2.state.global_step
+    result["reports"] = {type(cb).__name__: cb.report() for cb in t2.callback_handler.callbacks
+                         if hasattr(cb, "report")}
+    from trainer_guard.doctor import diagnose
+
+    from _common import RANK
+
+    if RANK == 0:
+        d = diagnose(os.path.join(out, "checkpoint-2"))
+        result["doctor"] = [d.exit_code, [f.message for f in d.problems + d.unusable]]
 
 
 def fallback(out: str, result: dict, config: str) -> None:
@@ -169,8 +259,8 @@ def main(out: str, results: str, mode: str, config: str | None = None) -> None:
     result: dict = {"error": None, "mode": mode}
     try:
         with watchdog(results, result, mode, seconds=float(os.environ.get("TG_WATCHDOG_S", "240"))):
-            if mode in ("plain", "tokens", "audit"):
-                {"plain": plain, "tokens": tokens, "audit": audit}[mode](out, result)
+            if mode in ("plain", "tokens", "audit", "full"):
+                {"plain": plain, "tokens": tokens, "audit": audit, "full": full}[mode](out, result)
             else:
                 {"guards": guards, "fallback": fallback}[mode](out, result, config)
     except Exception as e:  # reported to the test, which shows it

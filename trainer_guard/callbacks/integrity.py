@@ -11,8 +11,9 @@ import time
 from typing import Any, Literal
 
 from .._dist import agree, gather, is_main_process
-from ..core.sharding import engine, is_sharded
-from ..core.checkpoint import Verified, conversion_hint, plan_manifests, verify_against
+from ..core.sharding import agreed_sharded, is_dtensor, is_sharded
+from ..core.checkpoint import (Verified, conversion_hint, plan_files_manifest, plan_manifests, plan_sharded_manifest,
+                               sharded_model_sums, verify_against, verify_sharded)
 from ..core.conversion import load_converted
 from ..checkpoint.choose import pick_checkpoint
 from ..checkpoint.contents import remove_stale, uncommit
@@ -37,8 +38,17 @@ class IntegrityGuard(Guard):
     weight load (any checkpoint path), before the optimizer load, and ``trainer.save_model(dir)`` gets a manifest,
     through the hooks of the Trainer the guard was given to (:mod:`trainer_guard.callbacks.hooks`; a guard added
     with ``add_callback`` after the Trainer was built needs ``trainer_guard.guard(trainer)``, else train begin).
-    The manifest's write and fsync run on a background thread, joined (verdict agreed) at the next step. FSDP /
-    DeepSpeed runs are skipped with a warning.
+    The manifest's write and fsync run on a background thread, joined (verdict agreed) at the next step.
+
+    Sharded training (decided from the parameters, the same on every rank): under FSDP2 (DTensor parameters) every
+    rank checksums its shards and the full tensors' checksums are combined across ranks (no tensor gathered); the
+    writing rank checks them against the ``pytorch_model_fsdp_0/`` DCP metadata (``SHARDED_STATE_DICT``) or the
+    ``model.safetensors`` (``FULL_STATE_DICT``) and writes the whole-checkpoint manifest (every ``.distcp``,
+    ``.metadata``, ``optimizer_0/`` file by its bytes). A resume checks every file before anything loads (every rank
+    stops alike) and compares the loaded shards' combined checksums with the manifest. Under DeepSpeed ZeRO-2 the
+    parameters are whole on every rank: as without sharding, plus the ``global_step<N>/`` rank files by their
+    bytes. ZeRO-3 partitions (no rank holds a tensor): the files only, by their bytes (rank files are pickles;
+    nothing unpickles them), and the tensors of a gathered ``model.safetensors`` when the save wrote one.
 
     Args:
         verify: what a save checks before the manifest is written. ``"manifest"`` (default): the files' headers
@@ -83,23 +93,31 @@ class IntegrityGuard(Guard):
         self.timings: list[dict[str, Any]] = []
         self._verified = False  # set when the wired load already checked this resume
         self.writer = ManifestWriter()  # atomic + fsync in a background thread, joined at the next step
-        self._said_sharded = False
+        self._said = set()  # notes given once per run
         self._writing = False  # a save's manifest write may be pending
         self._pending: tuple[str, list] | None = None  # a save's manifests, written once every on_save has run
         self._before: dict[str, dict] = {}  # checkpoint dir saved into again -> its files before the save
 
     # -- save -----------------------------------------------------------------------------------------------
     def write_checkpoint_manifest(self, model, directory: str, global_step: int | None,
-                                  background: bool = False, defer: bool = False) -> list[str]:
+                                  background: bool = False, defer: bool = False, kind: str = "",
+                                  sums: dict[str, int] | None = None) -> list[str]:
         """Check ``directory`` against ``model`` and write its manifest; return the problems (none written then).
 
         With ``background`` the (atomic, fsynced) write runs in a thread, joined at the next step or train end;
         everything the manifest says of the tensors is computed before this returns. With ``defer`` the write
         waits for the guard's next event (every other callback's ``on_save`` files are written by then).
+        ``kind``/``sums``: a sharded model (:meth:`_kind`) and, for DTensors, its combined full-tensor checksums.
         """
         t0 = time.perf_counter()
-        plan = plan_manifests(model, directory, global_step=global_step, verify=self.options["verify"],
-                              backend=self.options["backend"])
+        if kind == "dtensor":
+            plan = plan_sharded_manifest(model, directory, sums or {}, global_step=global_step,
+                                         verify=self.options["verify"])
+        elif kind == "partitioned":
+            plan = plan_files_manifest(directory, global_step=global_step)
+        else:
+            plan = plan_manifests(model, directory, global_step=global_step, verify=self.options["verify"],
+                                  backend=self.options["backend"])
         for w in plan.warnings:
             self.note(w, "warning")
         if plan.problems or not plan.writes:  # all or nothing: no save gets manifests for some adapters only
@@ -117,16 +135,24 @@ class IntegrityGuard(Guard):
                   f"{timing['seconds'] * 1e3:.0f} ms")
         return []
 
-    def _sharded(self, model, args) -> bool:
-        """FSDP / DeepSpeed ranks hold shards, not the tensors the files hold: skipped, said once. Read from the
-        model and from the engine accelerate really runs (the same on every rank), not from ``args.fsdp``."""
-        if not (is_sharded(model) or engine()):
-            return False
-        if not self._said_sharded:
-            self._said_sharded = True
-            self.note("sharded model (FSDP/DeepSpeed): manifests and resume checks are not supported yet; skipped",
-                      "info")
-        return True
+    def _kind(self, model) -> str:
+        """How this run holds the model, the same on every rank (one all-gather of one bool; every rank calls it at
+        the same event): ``"dtensor"`` (FSDP2: shards whose checksums combine across ranks), ``"partitioned"``
+        (DeepSpeed ZeRO-3, FSDP1 flat parameters: no rank holds a tensor), ``""`` (whole tensors: one process, DDP,
+        ZeRO-1/2). Read from the parameters, not from ``args.fsdp``/``args.deepspeed``."""
+        if not agreed_sharded(model, what="IntegrityGuard"):
+            return ""
+        kind = "dtensor" if any(is_dtensor(p) for p in model.parameters()) else "partitioned"
+        if kind == "partitioned":
+            self._once("partitioned", "sharded parameters no rank holds whole (DeepSpeed ZeRO-3 / FSDP1): manifests "
+                                      "list every file by its bytes (rank files included); the loaded tensors are not "
+                                      "compared with the checkpoint (its files are checked before the load)")
+        return kind
+
+    def _once(self, key: str, message: str, level: str = "info") -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.note(message, level)
 
     def _flush(self) -> None:
         """Commit the pending save: remove the files an earlier save left in its directory (not written by this one:
@@ -160,13 +186,15 @@ class IntegrityGuard(Guard):
     def on_save(self, args, state, control, model=None, **kwargs: Any):
         self._flush()
         ckpt = checkpoint_dir(args.output_dir, state.global_step)
-        problems = []
-        if model is None or self._sharded(model, args):
+        problems: list[str] = []
+        if model is None:
             return
+        kind = self._kind(model)  # every rank: on_save runs on all of them
+        sums = sharded_model_sums(model, gather) if kind == "dtensor" else None  # a collective: every rank
         if args.should_save and os.path.isdir(ckpt):  # the Trainer's own writer(s): rank 0, or each node's first
             try:
                 problems = self.write_checkpoint_manifest(model, ckpt, state.global_step, background=True,
-                                                          defer=True)
+                                                          defer=True, kind=kind, sums=sums)
             except Exception as e:  # an EIO reading the files back, a full disk: agreed below, no rank left waiting
                 problems = [f"{type(e).__name__}: {e}"]
         agree(problems, IntegrityError,
@@ -205,7 +233,7 @@ class IntegrityGuard(Guard):
         self._flush()
         self._join_writer()
         best = state.best_model_checkpoint if args.load_best_model_at_end else None
-        if best and self._after_load() and model is not None and not self._sharded(model, args):
+        if best and self._after_load() and model is not None:
             self.verify_resume(model, best, what="best model")  # the Trainer's _load_best_model ran just before
 
     # -- resume ---------------------------------------------------------------------------------------------
@@ -243,9 +271,19 @@ class IntegrityGuard(Guard):
         """After the Trainer loaded ``ckpt`` into ``model`` (``what``: the resumed model, or the best model loaded at
         train end): load what it skipped (``repair_load``), then compare with ``ckpt``'s manifest (``check_resume``).
         Raises :class:`IntegrityError` on every rank on a difference."""
+        kind = self._kind(model)  # every rank calls this method at the same event
         if not os.path.isdir(ckpt):
             self.note(f"{what} loaded, but {ckpt} does not exist; weights not verified", "warning")
             result = None
+        elif kind == "partitioned":  # said once by _kind: nothing to compare on a rank
+            result = None
+        elif kind == "dtensor":  # the shards' combined checksums (a collective), compared with the manifest
+            sums = sharded_model_sums(model, gather)
+            result = verify_sharded(model, ckpt, sums) if self.options["check_resume"] else Verified([], [], [])
+            for w in result.warnings:
+                self.note(w, "warning")
+            if not result.problems and result.checked:
+                self.note(f"{what} matches {', '.join(result.checked)} (full tensors combined from the shards)")
         else:
             repaired = self._repair(model, ckpt, what) if self.options["repair_load"] else []
             if self.options["check_resume"]:
@@ -298,8 +336,7 @@ class IntegrityGuard(Guard):
     def resolve_resume(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
         """Before anything loads: check every file of the checkpoint against its manifest; for ``True``, resume from
         the newest complete, verified checkpoint (newer ones skipped with a warning; ``fallback=False`` stops)."""
-        if resume_from_checkpoint in (None, False) or not self.options["check_resume"] or self._sharded(
-                trainer.model, trainer.args):
+        if resume_from_checkpoint in (None, False) or not self.options["check_resume"]:
             return None
         args = trainer.args
         mine = None
@@ -320,7 +357,7 @@ class IntegrityGuard(Guard):
     def after_weights_load(self, trainer: Any, checkpoint: str, model: Any) -> None:
         """Check right after the Trainer loads the checkpoint's weights, before its optimizer load: catches a bad
         resume before the optimizer's own, less telling, errors, and works for any checkpoint path."""
-        if self._after_load() and not self._sharded(trainer.model, trainer.args):
+        if self._after_load():
             self.verify_resume(trainer.model, os.fspath(checkpoint))
             self._verified = True
 
@@ -328,7 +365,11 @@ class IntegrityGuard(Guard):
         """A final ``trainer.save_model(dir)`` (no ``on_save`` event) gets a manifest too; on the main process only
         and with no collective: scripts often call save_model from the main process alone, and a rank waiting for
         the others would hang."""
-        if is_main_process() and os.path.isdir(output_dir) and not self._sharded(trainer.model, trainer.args):
+        if is_sharded(trainer.model):  # its checksums need every rank, and scripts call save_model on one
+            self._once("save_model", f"{output_dir}: trainer.save_model() of a sharded model gets no manifest (the "
+                                     f"checkpoints do)")
+            return
+        if is_main_process() and os.path.isdir(output_dir):
             problems = self.write_checkpoint_manifest(trainer.model, output_dir, trainer.state.global_step)
             if problems:
                 raise IntegrityError(f"{output_dir} does not hold what the model holds; no manifest was written. "
@@ -337,8 +378,6 @@ class IntegrityGuard(Guard):
     def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
         verified, self._verified = self._verified, False
         if verified or not self._after_load() or state.global_step <= 0 or model is None:
-            return
-        if self._sharded(model, args):
             return
         self.verify_resume(model, checkpoint_dir(args.output_dir, state.global_step), state.global_step)
 

@@ -1,10 +1,10 @@
 """Every file a checkpoint holds: listed (size, checksum of its bytes) when a save is committed, checked before a
 resume and by ``trainer-guard doctor``. The manifest, written last and atomically, is the checkpoint's commit mark.
 
-A manifest of version 2 (:func:`commit`) lists every file of its directory, recursively (adapter sub-directories,
-shard index, ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth``, ``trainer_state.json``,
-``training_args.bin``, configs, trainer_guard's own records), except itself, hidden files (temp files of writes in
-progress) and ``README.md`` (a model card, never loaded). A ``.safetensors`` file whose tensors the manifest
+A manifest of version 2 (:func:`commit`) lists every file of its directory, recursively (adapter sub-directories, FSDP's
+``pytorch_model_fsdp_0/`` and ``optimizer_0/`` with their ``.metadata``, DeepSpeed's ``global_step<N>/``, shard index, ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth``, ``trainer_state.json``,
+``training_args.bin``, configs, trainer_guard's own records), except itself, hidden files other than a DCP
+``.metadata`` (temp files of writes in progress) and ``README.md`` (a model card, never loaded). A ``.safetensors`` file whose tensors the manifest
 records is listed with the checksum of its header (its data is covered by the per-tensor checksums: the tensors
 tile the data area); every other file with the checksum of all its bytes
 (:func:`trainer_guard.checksum.disk.bytes_checksums`, every core). A ``"digest"`` of the manifest's own content
@@ -36,6 +36,7 @@ from ..checksum.disk import bytes_checksums, file_checksums
 from ..errors import ChecksumError, SafetensorsFormatError, UsageError
 from ..files import (MANIFEST_FILE, TRAINER_STATE, adapter_subdirs, checkpoint_name, checkpoint_step, checkpoints_in,
                      is_checkpoint_name)
+from ..formats.dcp import DCP_METADATA
 from ..formats.safetensors import file_problem, read_header
 from ..text import human_bytes
 from .manifest import WHOLE_VERSION, compare, entries, index_entries, read_manifest
@@ -83,7 +84,8 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith(".")
+    """Temp files of writes in progress, editor and OS files; never a DCP directory's ``.metadata`` (its index)."""
+    return name.startswith(".") and name != DCP_METADATA
 
 
 def listing(directory: str | os.PathLike) -> list[str]:

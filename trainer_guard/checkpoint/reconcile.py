@@ -94,6 +94,7 @@ def checkpoint_manifest(
     global_step: int | None,
     verify: str = "manifest",
     backend: str = "auto",
+    sums: Mapping[str, int] | None = None,
 ) -> Checked:
     """Check what ``directory`` stores against ``expected`` (see :func:`saved_tensors`) and build its manifest.
 
@@ -110,7 +111,7 @@ def checkpoint_manifest(
         return Checked(None, [str(e)], [])
     rec = reconcile(expected, tie_groups, index)
     problems, warnings = list(rec.problems), list(rec.warnings)
-    sums = checksums(rec.from_model, backend=backend)
+    sums = ({k: sums[k] for k in rec.from_model} if sums is not None else checksums(rec.from_model, backend=backend))
     file_sums: dict[str, int] = {}
     if verify == "readback" or rec.from_file:
         try:
@@ -132,13 +133,15 @@ def checkpoint_manifest(
 
 
 def model_problems(
-    live: Mapping[str, torch.Tensor], manifest: Mapping[str, Any], backend: str = "auto"
+    live: Mapping[str, torch.Tensor], manifest: Mapping[str, Any], backend: str = "auto",
+    sums: Mapping[str, int] | None = None,
 ) -> tuple[list[str], list[str]]:
     """``(problems, warnings)``: how the ``live`` tensors (stored names) differ from a checkpoint's manifest.
 
     Every manifest tensor checksummed from the model at save time must be live with the same dtype, shape and
     checksum; a tie alias (stored once) must equal the stored member. Live tensors absent from the manifest are
-    not reported (a resumed model may hold more than its checkpoint).
+    not reported (a resumed model may hold more than its checkpoint). ``sums``: the live tensors' checksums, already
+    computed (a sharded model's, combined from the ranks' shards; ``live`` then only gives names, dtypes, shapes).
     """
     recorded = {k: e for k, e in entries(manifest).items() if manifest["tensors"][k].get("source", "model") == "model"}
     aliases = {a: k for a, k in manifest.get("aliases", {}).items() if k in recorded and a in live}
@@ -151,7 +154,12 @@ def model_problems(
     present = {k: live[k] for k in expected if k in live}
     comparable = {k: t for k, t in present.items()
                   if tuple(t.shape) == expected[k]["shape"] and dtype_name(t.dtype) == expected[k]["dtype"]}
-    sums = checksums(comparable, backend=backend) if same_algo else {}
+    if not same_algo:
+        sums = {}
+    elif sums is not None:
+        sums = {k: sums[k] for k in comparable if k in sums}
+    else:
+        sums = checksums(comparable, backend=backend)
     problems = []
     for m in compare(expected, tensor_entries(present, sums), expected_label="checkpoint manifest",
                      actual_label="resumed model", check_extra=False):

@@ -21,13 +21,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ..checksum.disk import file_checksums
+from ..checksum.disk import dcp_checksums, file_checksums
 from ..checksum.spec import CHECKSUM_ALGO, fingerprint
 from ..errors import ChecksumError, ForeignManifestError, IntegrityError, MalformedManifestError, UsageError
 from ..files import MANIFEST_FILE, TRAINER_STATE, checkpoints_in, duplicate_hint, is_checkpoint_name, state_file
 from ..formats.safetensors import INDEX_SUFFIX, TensorInfo, file_problem, index_files, is_uint, safetensors_files
 from .contents import check_files, committed_sibling, digest, interrupted_save, is_whole
+from ..formats.dcp import read_dcp_index, dcp_problems
 from .manifest import compare, entries, foreign_reason, index_entries, read_manifest
+from .sharded import dcp_dirs, sharded_index, sharded_layout
 from .stored import read_index
 
 __all__ = [
@@ -219,12 +221,32 @@ def broken_links(path: str) -> dict[str, str]:
 _SHARD = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.safetensors")
 
 
+def _check_sharded(path: str, report: Findings) -> dict[str, TensorInfo]:
+    """The tensors of an FSDP checkpoint's DCP model directories (``.metadata`` read safely), and what is wrong with
+    their files (a data file missing, a chunk past its end); a DeepSpeed ZeRO checkpoint's rank files are checked
+    by the manifest, by their bytes."""
+    for d in dcp_dirs(path):
+        try:
+            index = read_dcp_index(os.path.join(path, d))
+        except IntegrityError as e:
+            report.problems.append(Finding("files", str(e).replace(path + os.sep, "")))
+            continue
+        report.problems.extend(Finding("files", f"{d}/{p}") for p in dcp_problems(os.path.join(path, d), index))
+    try:
+        return sharded_index(path)
+    except IntegrityError:  # a damaged .metadata: named above
+        return {}
+
+
 def _check_files(path: str, report: Findings) -> tuple[dict[str, TensorInfo], dict[str, int]]:
     files = safetensors_files(path)
     sizes = {f: os.path.getsize(os.path.join(path, f)) for f in files}
     broken = broken_links(path)
     report.unusable.extend(Finding("files", msg) for msg in broken.values())
-    if not files and not any(b.endswith(".safetensors") for b in broken):  # else the link is the finding
+    sharded = sharded_layout(path)
+    if sharded:
+        report.summary["sharded"] = sharded
+    if not files and not sharded and not any(b.endswith(".safetensors") for b in broken):  # else the link is it
         other = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")) and "model" in f]
         hint = f" (found {', '.join(sorted(other))}: the doctor reads safetensors only)" if other else ""
         if not hint and checkpoints_in(path):
@@ -233,7 +255,7 @@ def _check_files(path: str, report: Findings) -> tuple[dict[str, TensorInfo], di
             hint = (f" (a Hugging Face cache entry: pass one of its snapshots, {', '.join(snapshots_in(path))})")
         report.unusable.append(Finding("files", f"{path}: no *.safetensors weights in this directory{hint}"))
     unusable_before = len(report.unusable)
-    index: dict[str, TensorInfo] = {}
+    index: dict[str, TensorInfo] = _check_sharded(path, report) if sharded == "fsdp" else {}
     twice: dict[tuple[str, str], list[str]] = {}  # (earlier file, later file) -> the tensors both hold
     for f in files:
         try:
@@ -353,7 +375,7 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Findings, p
     except UsageError as e:  # a newer version, unreadable: the message names the file and the fix
         report.unusable.append(Finding("manifest", str(e)))
         return None
-    if manifest is None and not index:  # no weights read: that finding is already there, and says what to pass
+    if manifest is None and not index and not sharded_layout(path):  # no weights read: already said, with what to pass
         return None
     if manifest is None:
         if os.path.isfile(os.path.join(path, TRAINER_STATE)):  # a Trainer checkpoint: on_save writes one
@@ -422,6 +444,12 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Findings, p
     sums: dict[str, int] = {}
     for fname in sorted(usable):
         fp = os.path.join(path, fname)
+        if os.path.isdir(fp):  # an FSDP DCP directory: tensors assembled from their chunks, one at a time
+            try:
+                sums.update(dcp_checksums(fp))
+            except ChecksumError as e:  # its metadata read: a chunk that does not load is damage, not foreign input
+                report.problems.append(Finding("tensors", str(e).replace(path + os.sep, "")))
+            continue
         try:
             sums.update(file_checksums(fp, progress=progress and os.path.getsize(fp) >= PROGRESS_BYTES))
         except ChecksumError as e:

@@ -23,10 +23,11 @@ import numpy as np
 from ..errors import ChecksumError, SafetensorsFormatError
 from ..files import stored_twice
 from ..formats import safetensors as st
+from ..formats.dcp import DcpFormatError, DcpIndex, read_dcp_index, read_dcp_tensor
 from .cpu import word_sums
 from .spec import finalize
 
-__all__ = ["file_checksums", "safetensors_entries", "index_weight_map"]
+__all__ = ["file_checksums", "dcp_checksums", "safetensors_entries", "index_weight_map"]
 
 def _header(path: str) -> st.Header:
     try:
@@ -201,3 +202,30 @@ def bytes_checksums(paths: Sequence[str | os.PathLike], *, lengths: Mapping[str,
     finally:
         del maps
     return {k: finalize(s, "U8", (n,), n) for k, s, n in zip(keys, sums, sizes)}
+
+
+def dcp_checksums(path: str | os.PathLike, index: DcpIndex | None = None, *,
+                  threads: int | None = None) -> dict[str, int]:
+    """Checksum every tensor of a torch.distributed.checkpoint directory (an FSDP ``pytorch_model_fsdp_0/``), keyed
+    by :class:`~trainer_guard.formats.dcp.DcpIndex` names: each tensor assembled from its chunks on the CPU, one at a
+    time, so the values equal :func:`trainer_guard.checksum.checksums` of the consolidated tensors (and the sums
+    IntegrityGuard combines from the ranks' shards at save time).
+
+    Raises:
+        ChecksumError: the directory's metadata or a chunk is unreadable or damaged (names the file and tensor).
+
+    Example:
+        >>> import tempfile
+        >>> dcp_checksums(tempfile.mkdtemp())  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        trainer_guard.errors.ChecksumError: ...: missing (DCP writes it last: the save did not finish)
+    """
+    from .tensors import checksums  # lazy: torch, only for DCP directories
+
+    path = os.fspath(path)
+    try:
+        index = read_dcp_index(path) if index is None else index
+        return {name: checksums({name: read_dcp_tensor(path, t)}, backend="cpu", threads=threads)[name]
+                for name, t in index.tensors.items()}
+    except DcpFormatError as e:
+        raise ChecksumError(str(e)) from None

@@ -15,12 +15,18 @@ import torch
 
 from ..checkpoint.manifest import read_manifest
 from ..checkpoint.reconcile import checkpoint_manifest, model_problems
-from ..checkpoint.saved import converted_names, saved_layout
+from ..checkpoint.saved import converted_names, saved_layout, saved_tensors
+from ..checkpoint.sharded import dcp_dirs, dcp_manifest, files_manifest
 from ..checkpoint.verify import file_changes
 from ..errors import UsageError
 from ..files import MANIFEST_FILE
+from ..formats.safetensors import safetensors_files
+from .divergence import sharded_checksums
+from .ties import find_tied_groups
 
-__all__ = ["Planned", "Verified", "plan_manifests", "verify_against", "conversion_hint", "rewritten_since"]
+__all__ = ["Planned", "Verified", "plan_manifests", "verify_against", "conversion_hint", "rewritten_since",
+           "sharded_state", "sharded_model_sums", "plan_sharded_manifest", "plan_files_manifest",
+           "verify_sharded"]
 
 
 class Planned(NamedTuple):
@@ -114,6 +120,78 @@ def verify_against(model: torch.nn.Module, directory: str | os.PathLike, *, back
                             f"modified after the save: check them with `trainer-guard doctor {where}`")
         checked.append(os.path.join(where, MANIFEST_FILE))
     return Verified(problems, warnings, checked)
+
+
+def sharded_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    """A sharded (FSDP2) model's state-dict tensors as the save sees them (DTensors: global dtype and shape), every
+    name of a tie included (DCP stores each), and its tie groups."""
+    keys = set(model.state_dict())
+    live = {n: p for n, p in model.named_parameters(remove_duplicate=False) if n in keys}
+    live.update({n: b for n, b in model.named_buffers(remove_duplicate=False) if n in keys})
+    return live, find_tied_groups(model)
+
+
+def sharded_model_sums(model: torch.nn.Module, gather: Any) -> dict[str, int]:
+    """Checksums of the full tensors of a sharded model's state dict (:func:`sharded_state`), combined from every
+    rank's shards without gathering a tensor (:func:`~trainer_guard.core.divergence.sharded_checksums`). A collective:
+    every rank calls it at the same point. Tied names share one computation."""
+    live, _ = sharded_state(model)
+    first: dict[int, str] = {}
+    for n, t in live.items():
+        first.setdefault(id(t), n)
+    unique = {n: live[n] for n in first.values()}
+    sums = sharded_checksums(unique, gather)
+    return {n: sums[first[id(t)]] for n, t in live.items()}
+
+
+def plan_sharded_manifest(model: torch.nn.Module, directory: str | os.PathLike, sums: dict[str, int], *,
+                          global_step: int | None, verify: str = "manifest") -> Planned:
+    """:func:`plan_manifests` for a sharded (FSDP2) model whose full-tensor checksums ``sums`` were combined from the
+    shards: DCP model directories (``SHARDED_STATE_DICT``) against their ``.metadata``; a ``model.safetensors``
+    written from the gathered state dict (``FULL_STATE_DICT``) against its header, as for any model."""
+    directory = os.fspath(directory)
+    live, groups = sharded_state(model)
+    if dcp_dirs(directory):
+        result = dcp_manifest(directory, live, sums, global_step=global_step, tie_groups=groups, verify=verify)
+    elif safetensors_files(directory):
+        expected, stored_groups = saved_tensors(model)
+        result = checkpoint_manifest(expected, stored_groups, directory, global_step=global_step, verify=verify,
+                                     sums=sums)
+    else:
+        result = files_manifest(directory, global_step=global_step, tie_groups=groups)
+    label = os.path.basename(directory)
+    warnings = [f"{label}: {w}" for w in result.warnings]
+    if result.problems or result.manifest is None:
+        return Planned([], list(result.problems), warnings, 0)
+    unique = {id(t): t for t in live.values()}.values()  # the bytes checksummed, over all ranks (ties once)
+    return Planned([(directory, result.manifest)], [], warnings, sum(t.numel() * t.element_size() for t in unique))
+
+
+def plan_files_manifest(directory: str | os.PathLike, *, global_step: int | None) -> Planned:
+    """The plan for a checkpoint of partitioned parameters no rank holds whole (DeepSpeed ZeRO-3): every file by its
+    bytes, and the tensors of any ``.safetensors`` file read back (:func:`~trainer_guard.checkpoint.sharded.files_manifest`)."""
+    directory = os.fspath(directory)
+    result = files_manifest(directory, global_step=global_step, tie_groups=[])
+    if result.problems or result.manifest is None:
+        return Planned([], list(result.problems), list(result.warnings), 0)
+    return Planned([(directory, result.manifest)], [], list(result.warnings), 0)
+
+
+def verify_sharded(model: torch.nn.Module, directory: str | os.PathLike, sums: dict[str, int]) -> Verified:
+    """:func:`verify_against` for a sharded (FSDP2) model whose full-tensor checksums ``sums`` were combined from the
+    shards (:func:`sharded_model_sums`): the loaded model against the checkpoint's manifest."""
+    directory = os.fspath(directory)
+    try:
+        manifest = read_manifest(directory)
+    except UsageError as e:
+        return Verified([str(e)], [], [])
+    if manifest is None:
+        return Verified([], [f"{directory} has no {MANIFEST_FILE}; the loaded weights were not verified"], [])
+    if not manifest.get("tensors"):
+        return Verified([], [], [])  # a files-only manifest: its files were checked before the load
+    live, _ = sharded_state(model)
+    found, said = model_problems(live, manifest, sums=sums)
+    return Verified(found, said, [os.path.join(directory, MANIFEST_FILE)])
 
 
 def rewritten_since(directory: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:

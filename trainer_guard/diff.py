@@ -4,7 +4,9 @@ Per tensor: same / changed / only in A / only in B (a dtype or shape change coun
 summarised by module with layer indices folded: ``model.embed_tokens: unchanged over 1000 steps`` is the line that
 shows a module that silently never trained. Checksums come from each directory's ``trainer_guard_manifest.json``
 when both have one with the same checksum algorithm (instant), else from the ``*.safetensors`` files
-(:func:`~trainer_guard.checksum.disk.file_checksums`, sharded models included); a malformed or stale manifest is
+(:func:`~trainer_guard.checksum.disk.file_checksums`, sharded models included) or an FSDP checkpoint's DCP
+``.distcp`` files (consolidated tensors: a sharded checkpoint and its ``model.safetensors`` export compare equal);
+a malformed or stale manifest is
 passed over for the files, with a note saying why. Exit code 0: identical, 1: different, 2: unusable input
 (missing path, no safetensors, a file without tensors, a symbolic link that cannot be followed, corrupted file, foreign
 manifest; with ``--source manifest``, a malformed or stale one).
@@ -28,10 +30,11 @@ import numpy as np
 
 from .core.audit import CHANGED, ONLY_A, ONLY_B, SAME, classify, module_summary
 from .checkpoint.manifest import MANIFEST_FILE, entries, read_manifest
+from .checkpoint.sharded import dcp_dirs, sharded_index, sharded_sums
 from .checkpoint.verify import broken_links, files_changed, snapshots_in
 from .checksum.disk import file_checksums
 from .checksum.spec import CHECKSUM_ALGO, fingerprint
-from .errors import ChecksumError, MalformedManifestError, SafetensorsFormatError, UsageError
+from .errors import ChecksumError, IntegrityError, MalformedManifestError, SafetensorsFormatError, UsageError
 from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_subdirs, checkpoint_step, checkpoints_in, state_file
 from .formats.safetensors import read_header, safetensors_files, torch_name
 from .names import module_of
@@ -129,6 +132,15 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
                 "tensors": {n: {"checksum": e["checksum"], "dtype": e["dtype"], "shape": list(e["shape"])}
                             for n, e in entries(manifest).items()}, "notes": []}
     files = _files(path)
+    if not files and os.path.isdir(path) and dcp_dirs(path):  # FSDP SHARDED_STATE_DICT: tensors from the .distcp files
+        try:
+            index = sharded_index(path)
+        except IntegrityError as e:
+            raise ChecksumError(str(e)) from None
+        sums = sharded_sums(path)
+        tensors = {n: {"checksum": sums[n], "dtype": i.dtype, "shape": list(i.shape)} for n, i in index.items()}
+        return {"path": path, "source": "files", "global_step": step, "algo": CHECKSUM_ALGO, "tensors": tensors,
+                "notes": [_note(passed_over)] if passed_over else []}
     subdirs = adapter_subdirs(path)
     if not files and subdirs:
         raise UsageError(f"{path}: holds PEFT adapters in sub-directories ({', '.join(d + '/' for d in subdirs)}), "

@@ -2,7 +2,8 @@
 
 :func:`reconcile` matches the tensors a save should have written with the files' headers; :func:`checkpoint_manifest`
 checks a weight directory after a save and builds its manifest; :func:`model_problems` compares live tensors with a
-manifest (the resume check). Pure functions, no Trainer.
+manifest (the resume check); :func:`dcp_manifest` and :func:`files_manifest` build the manifests of sharded
+checkpoints (:mod:`trainer_guard.checkpoint.sharded`). Pure functions, no Trainer.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from ..checksum.tensors import checksums
 from ..errors import ChecksumError, IntegrityError, UsageError
 from ..formats.safetensors import TensorInfo, safetensors_files
 from .manifest import build_manifest, compare, dtype_name, entries, index_entries, tensor_entries
+from .sharded import sharded_index, sharded_sums
 from .stored import read_index
 
-__all__ = ["Reconciled", "reconcile", "Checked", "checkpoint_manifest", "model_problems"]
+__all__ = ["Reconciled", "reconcile", "Checked", "checkpoint_manifest", "model_problems", "dcp_manifest",
+           "files_manifest"]
 
 
 class Reconciled(NamedTuple):
@@ -170,3 +173,66 @@ def model_problems(
                     f"initialised at random: declare the tie, e.g. config.tie_word_embeddings=True, TiedWeightsGuard)")
         problems.append(msg)
     return problems, warnings
+
+
+def dcp_manifest(directory: str | os.PathLike, live: Mapping[str, Any], sums: Mapping[str, int], *,
+                 global_step: int | None, tie_groups: list[list[str]], verify: str = "manifest") -> Checked:
+    """Check the DCP model directories of ``directory`` against the ``live`` tensors (state-dict name -> tensor or
+    anything with ``dtype`` and ``shape``: DTensors give their global ones) and build the manifest, taking the
+    checksums from ``sums`` (the full tensors', combined from the shards).
+
+    ``verify``: ``"manifest"`` compares names, dtypes and shapes with ``.metadata``; ``"readback"`` also reads every
+    tensor back from the ``.distcp`` files and compares checksums; ``"off"`` turns problems into warnings.
+    """
+    directory = os.fspath(directory)
+    try:
+        index = sharded_index(directory)
+    except IntegrityError as e:
+        return Checked(None, [str(e)], [])
+    problems: list[str] = []
+    stored: dict[str, TensorInfo] = {}
+    for name, info in index.items():
+        t = live.get(name)
+        if t is None or name not in sums:
+            problems.append(f"{info.file}/: holds {name}, which the model does not have")
+            continue
+        now = (dtype_name(t.dtype), tuple(int(s) for s in t.shape))
+        if now != (info.dtype, info.shape):
+            problems.append(f"{info.file}/: {name} is stored as {info.dtype} {list(info.shape)}, the model holds "
+                            f"{now[0]} {list(now[1])}")
+        stored[name] = info
+    aliases = {n for g in tie_groups for n in g[1:]}
+    for name in sorted(set(live) - set(index) - aliases):
+        problems.append(f"{name}: not saved (no DCP model directory holds it)")
+    if verify == "readback":
+        try:
+            back = sharded_sums(directory)
+        except ChecksumError as e:
+            return Checked(None, problems + [str(e)], [])
+        problems += [m.message for m in compare(
+            index_entries(stored, {k: sums[k] for k in stored}), index_entries(stored, back),
+            expected_label="model", actual_label="files", check_extra=False)]
+    if problems and verify != "off":
+        return Checked(None, problems, [])
+    manifest = build_manifest(stored, global_step=global_step, tie_groups=tie_groups,
+                              files={k: i.file for k, i in stored.items()}, sums={k: sums[k] for k in stored})
+    return Checked(manifest, [], problems)
+
+
+def files_manifest(directory: str | os.PathLike, *, global_step: int | None,
+                   tie_groups: list[list[str]]) -> Checked:
+    """The manifest of a checkpoint whose tensors the ranks hold as partitions no rank can checksum alone (DeepSpeed
+    ZeRO-3): every file by its bytes (added at commit), and the tensors of its ``.safetensors`` files, if any (a ZeRO-3
+    save with ``stage3_gather_16bit_weights_on_model_save``), read back from the files (``source: file``)."""
+    directory = os.fspath(directory)
+    if not safetensors_files(directory):
+        return Checked(build_manifest({}, global_step=global_step, tie_groups=[]), [], [])
+    try:
+        index = read_index(directory)
+        sums = file_checksums(directory)
+    except (IntegrityError, ChecksumError) as e:
+        return Checked(None, [str(e)], [])
+    manifest = build_manifest(index, global_step=global_step, tie_groups=tie_groups,
+                              files={k: i.file for k, i in index.items()}, sums=sums,
+                              sources={k: "file" for k in index}, directory=directory)
+    return Checked(manifest, [], [])

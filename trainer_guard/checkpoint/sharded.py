@@ -10,7 +10,9 @@ gathered) and :func:`trainer_guard.checksum.disk.dcp_checksums` recomputes from 
 and its consolidated export (``model.safetensors``) carry the same values. ZeRO rank files are pickles: they are
 covered by their file checksums only (reading their tensors would need unsafe unpickling).
 
-Pure functions: no Trainer, no ranks.
+Pure functions: no Trainer, no ranks, no torch at import (``trainer-guard doctor`` and ``diff``). The manifests of
+such checkpoints are built by :func:`trainer_guard.checkpoint.reconcile.dcp_manifest` and
+:func:`~trainer_guard.checkpoint.reconcile.files_manifest`.
 
 Example:
     >>> import tempfile
@@ -21,19 +23,13 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any
-
-from ..checksum.disk import dcp_checksums, file_checksums
-from ..errors import ChecksumError, IntegrityError
+from ..checksum.disk import dcp_checksums
+from ..errors import IntegrityError
 from ..files import deepspeed_step_dirs, fsdp_model_dirs
-from ..formats.dcp import DcpFormatError, is_dcp_dir, read_dcp_index
-from ..formats.safetensors import TensorInfo, safetensors_files
-from .manifest import build_manifest, compare, dtype_name, index_entries
-from .reconcile import Checked
-from .stored import read_index
+from ..formats.dcp import is_dcp_dir, read_dcp_index
+from ..formats.safetensors import TensorInfo
 
-__all__ = ["sharded_layout", "dcp_dirs", "sharded_index", "sharded_sums", "dcp_manifest", "files_manifest"]
+__all__ = ["sharded_layout", "dcp_dirs", "sharded_index", "sharded_sums"]
 
 
 def dcp_dirs(directory: str | os.PathLike) -> list[str]:
@@ -80,66 +76,3 @@ def sharded_sums(directory: str | os.PathLike, *, threads: int | None = None) ->
     for d in fsdp_model_dirs(directory):
         out.update(dcp_checksums(os.path.join(directory, d), threads=threads))
     return out
-
-
-def dcp_manifest(directory: str | os.PathLike, live: Mapping[str, Any], sums: Mapping[str, int], *,
-                 global_step: int | None, tie_groups: list[list[str]], verify: str = "manifest") -> Checked:
-    """Check the DCP model directories of ``directory`` against the ``live`` tensors (state-dict name -> tensor or
-    anything with ``dtype`` and ``shape``: DTensors give their global ones) and build the manifest, taking the
-    checksums from ``sums`` (the full tensors', combined from the shards).
-
-    ``verify``: ``"manifest"`` compares names, dtypes and shapes with ``.metadata``; ``"readback"`` also reads every
-    tensor back from the ``.distcp`` files and compares checksums; ``"off"`` turns problems into warnings.
-    """
-    directory = os.fspath(directory)
-    try:
-        index = sharded_index(directory)
-    except IntegrityError as e:
-        return Checked(None, [str(e)], [])
-    problems: list[str] = []
-    stored: dict[str, TensorInfo] = {}
-    for name, info in index.items():
-        t = live.get(name)
-        if t is None or name not in sums:
-            problems.append(f"{info.file}/: holds {name}, which the model does not have")
-            continue
-        now = (dtype_name(t.dtype), tuple(int(s) for s in t.shape))
-        if now != (info.dtype, info.shape):
-            problems.append(f"{info.file}/: {name} is stored as {info.dtype} {list(info.shape)}, the model holds "
-                            f"{now[0]} {list(now[1])}")
-        stored[name] = info
-    aliases = {n for g in tie_groups for n in g[1:]}
-    for name in sorted(set(live) - set(index) - aliases):
-        problems.append(f"{name}: not saved (no DCP model directory holds it)")
-    if verify == "readback":
-        try:
-            back = sharded_sums(directory)
-        except ChecksumError as e:
-            return Checked(None, problems + [str(e)], [])
-        problems += [m.message for m in compare(
-            index_entries(stored, {k: sums[k] for k in stored}), index_entries(stored, back),
-            expected_label="model", actual_label="files", check_extra=False)]
-    if problems and verify != "off":
-        return Checked(None, problems, [])
-    manifest = build_manifest(stored, global_step=global_step, tie_groups=tie_groups,
-                              files={k: i.file for k, i in stored.items()}, sums={k: sums[k] for k in stored})
-    return Checked(manifest, [], problems)
-
-
-def files_manifest(directory: str | os.PathLike, *, global_step: int | None,
-                   tie_groups: list[list[str]]) -> Checked:
-    """The manifest of a checkpoint whose tensors the ranks hold as partitions no rank can checksum alone (DeepSpeed
-    ZeRO-3): every file by its bytes (added at commit), and the tensors of its ``.safetensors`` files, if any (a ZeRO-3
-    save with ``stage3_gather_16bit_weights_on_model_save``), read back from the files (``source: file``)."""
-    directory = os.fspath(directory)
-    if not safetensors_files(directory):
-        return Checked(build_manifest({}, global_step=global_step, tie_groups=[]), [], [])
-    try:
-        index = read_index(directory)
-        sums = file_checksums(directory)
-    except (IntegrityError, ChecksumError, DcpFormatError) as e:
-        return Checked(None, [str(e)], [])
-    manifest = build_manifest(index, global_step=global_step, tie_groups=tie_groups,
-                              files={k: i.file for k, i in index.items()}, sums=sums,
-                              sources={k: "file" for k in index}, directory=directory)
-    return Checked(manifest, [], [])

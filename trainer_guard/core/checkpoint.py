@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 import torch
 
 from ..checkpoint.manifest import read_manifest
-from ..checkpoint.reconcile import checkpoint_manifest, model_problems
+from ..checkpoint.reconcile import checkpoint_manifest, dcp_manifest, files_manifest, model_problems
 from ..checkpoint.saved import converted_names, saved_layout, saved_tensors
-from ..checkpoint.sharded import dcp_dirs, dcp_manifest, files_manifest
+from ..checkpoint.sharded import dcp_dirs
 from ..checkpoint.verify import file_changes
 from ..errors import UsageError
 from ..files import MANIFEST_FILE

@@ -1,0 +1,144 @@
+"""FSDP SHARDED_STATE_DICT checkpoints (torch.distributed.checkpoint directories) read on CPU, in one process:
+``.metadata`` through a restricted unpickler, tensors from their ``.distcp`` chunks with ``weights_only=True``,
+checksums equal to the consolidated tensors', and ``doctor`` / ``diff`` on them (issue 18). The 2-process runs
+that write such checkpoints through the Trainer are in tests/test_sharded.py."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from trainer_guard.checkpoint.contents import commit
+from trainer_guard.checkpoint.manifest import write_manifest
+from trainer_guard.checkpoint.reconcile import dcp_manifest
+from trainer_guard.checksum import checksums
+from trainer_guard.checksum.disk import dcp_checksums
+from trainer_guard.diff import diff
+from trainer_guard.doctor import diagnose
+from trainer_guard.errors import ChecksumError, IntegrityError
+from trainer_guard.formats.dcp import DcpFormatError, dcp_problems, read_dcp_index, read_dcp_tensor
+from trainer_guard.tiny import tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+
+def _save_dcp(directory: str, sd: dict) -> str:
+    """What accelerate's save_fsdp_model writes for SHARDED_STATE_DICT: ``{"model": state_dict}`` through DCP."""
+    where = os.path.join(directory, "pytorch_model_fsdp_0")
+    dcp.save({"model": sd}, storage_writer=dcp.FileSystemWriter(where), no_dist=True)
+    return where
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama-untied", seed=0)
+
+
+@pytest.fixture
+def ckpt(tmp_path, model):
+    """A committed ``checkpoint-2`` holding a DCP model directory, a trainer_state.json and its manifest."""
+    d = tmp_path / "checkpoint-2"
+    d.mkdir()
+    sd = model.state_dict()
+    _save_dcp(str(d), sd)
+    (d / "trainer_state.json").write_text('{"global_step": 2}')
+    checked = dcp_manifest(str(d), sd, checksums(sd, backend="cpu"), global_step=2, tie_groups=[])
+    assert checked.problems == [] and checked.manifest is not None
+    write_manifest(str(d), commit(str(d), checked.manifest))
+    return str(d)
+
+
+def test_index_and_checksums_equal_the_consolidated_tensors(tmp_path, model):
+    sd = model.state_dict()
+    where = _save_dcp(str(tmp_path), sd)
+    index = read_dcp_index(where)
+    assert set(index.tensors) == set(sd)  # accelerate's "model" key dropped: the state dict's own names
+    for name, t in index.tensors.items():
+        assert (t.dtype, t.shape) == (str(sd[name].dtype).removeprefix("torch."), tuple(sd[name].shape))
+    assert dcp_problems(where, index) == []
+    name = "model.embed_tokens.weight"
+    assert torch.equal(read_dcp_tensor(where, index.tensors[name]), sd[name])
+    assert dcp_checksums(where) == checksums(sd, backend="cpu")
+
+
+def test_doctor_passes_a_committed_dcp_checkpoint_and_fails_one_flipped_bit(ckpt, tmp_path, model):
+    report = diagnose(ckpt)
+    assert report.exit_code == 0, [f.message for f in report.problems + report.unusable]
+    assert report.summary["sharded"] == "fsdp" and report.summary["tensors"] == len(model.state_dict())
+    bad = str(tmp_path / "bad" / "checkpoint-2")
+    shutil.copytree(ckpt, bad)
+    path = os.path.join(bad, "pytorch_model_fsdp_0", "__0_0.distcp")
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) - 4096)  # inside the data of the last chunks
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 1]))
+    report = diagnose(bad)
+    found = [f.message for f in report.problems]
+    assert report.exit_code == 1
+    assert any(m.startswith("pytorch_model_fsdp_0/__0_0.distcp changed since the checkpoint was saved") for m in found)
+
+
+def test_a_sharded_checkpoint_and_its_consolidated_export_compare_equal(ckpt, tmp_path, model):
+    export = str(tmp_path / "export")
+    model.save_pretrained(export)  # what accelerate merge-weights / save_model(FULL_STATE_DICT) produce
+    report = diff(ckpt, export, source="files")
+    assert report["identical"], report
+    report = diff(ckpt, export)  # A from its manifest, B from its files: the same values
+    assert report["identical"], report
+
+
+def test_a_malicious_metadata_pickle_is_refused_without_running_it(ckpt, tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    meta = os.path.join(ckpt, "pytorch_model_fsdp_0", ".metadata")
+    with open(meta, "wb") as f:
+        pickle.dump(Evil(), f)
+    with pytest.raises(DcpFormatError, match=r"\.metadata: not a readable torch.distributed.checkpoint metadata file"):
+        read_dcp_index(os.path.dirname(meta))
+    report = diagnose(ckpt)
+    assert not marker.exists()
+    assert report.exit_code == 1
+    assert any("pytorch_model_fsdp_0/.metadata" in f.message for f in report.problems)
+
+
+def test_damaged_metadata_and_truncated_shard_are_named_without_a_traceback(ckpt):
+    shard = os.path.join(ckpt, "pytorch_model_fsdp_0", "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    report = diagnose(ckpt)
+    messages = [f.message for f in report.problems]
+    assert report.exit_code == 1
+    assert any(m.startswith("pytorch_model_fsdp_0/__0_0.distcp: ") and "(truncated)" in m for m in messages), messages
+    with pytest.raises(ChecksumError, match="__0_0.distcp"):
+        dcp_checksums(os.path.dirname(shard))
+    with open(os.path.join(ckpt, "pytorch_model_fsdp_0", ".metadata"), "wb") as f:
+        f.write(b"\x80\x04garbage")
+    proc = subprocess.run([sys.executable, "-m", "trainer_guard", "doctor", ckpt], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "pytorch_model_fsdp_0/.metadata: not a readable torch.distributed.checkpoint metadata file" in proc.stdout
+
+
+def test_a_dcp_directory_that_holds_another_model_is_no_manifest(tmp_path, model):
+    sd = model.state_dict()
+    _save_dcp(str(tmp_path), sd)
+    other = dict(sd)
+    other["model.norm.weight"] = torch.ones(7)
+    checked = dcp_manifest(str(tmp_path), other, checksums(other, backend="cpu"), global_step=1, tie_groups=[])
+    assert checked.manifest is None
+    assert checked.problems == ["pytorch_model_fsdp_0/: model.norm.weight is stored as float32 [32], the model holds "
+                                "float32 [7]"]
+    with pytest.raises(IntegrityError):
+        read_dcp_index(str(tmp_path))  # not a DCP directory itself: its .metadata is missing

@@ -11,7 +11,7 @@ import os
 from typing import Any, Literal, Optional
 
 from .._dist import agree
-from ..core.io import replace_json
+from ..core.io import read_json, replace_json
 from ..core.head import stored_tensor_names
 from ..core.ties import declared_tie, describe_tie_change, tied_now_untied_then
 from ..core.trainable import (TRAINABLE_FILE, adapter_dir, adapter_load_gaps, add_modules_to_save,
@@ -20,7 +20,7 @@ from ..core.trainable import (TRAINABLE_FILE, adapter_dir, adapter_load_gaps, ad
                               frozen_adapter_params, hyperparameter_changes, mark_adapter_training, missing_copies,
                               optimizer_layout, read_adapter_config, trainable_record)
 from ..errors import ResumeMismatchError
-from ..files import OPTIMIZER, checkpoint_dir
+from ..files import OPTIMIZER, TIES_FILE, checkpoint_dir
 from .base import Guard
 
 __all__ = ["ResumeGuard"]
@@ -138,8 +138,17 @@ class ResumeGuard(Guard):
         """Tie groups of ``model`` that ``checkpoint`` stores untied (adapter checkpoints hold no base weights)."""
         if not checkpoint or hasattr(model, "peft_config") or not os.path.isdir(checkpoint):
             return []
+        # A group the checkpoint's tie record (TiedWeightsGuard, at save) lists as one tie was tied then, even when
+        # each name is stored: DeepSpeed's save (accelerate's get_state_dict clones every tensor) and FSDP2's
+        # FULL_STATE_DICT leave transformers no shared storage to store once. Was a false 'tie change at resume'
+        # on every DeepSpeed resume of a tied model.
         try:
-            return tied_now_untied_then(model, stored_tensor_names(checkpoint))
+            record = os.path.join(checkpoint, TIES_FILE)
+            recorded = read_json(record).get("groups", []) if os.path.isfile(record) else []
+        except (OSError, ValueError, AttributeError):
+            recorded = []
+        try:
+            return tied_now_untied_then(model, stored_tensor_names(checkpoint), recorded)
         except Exception:  # an unreadable checkpoint is IntegrityGuard's to report, not a tie change
             return []
 

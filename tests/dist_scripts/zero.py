@@ -1,0 +1,149 @@
+"""A real Trainer under DeepSpeed ZeRO-2 / ZeRO-3 on N CPU processes (gloo), with trainer_guard's default guards.
+
+Usage (from tests/test_deepspeed.py, with DS_ACCELERATOR=cpu and TORCH_EXTENSIONS_DIR in the environment):
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_scripts/zero.py OUT RESULTS STAGE CONFIG
+
+One launch per ZeRO stage runs every phase, each under a watchdog (a rank left waiting in a collective writes
+``hung`` into its results and exits) and each catching its own error, so one broken phase does not hide the others:
+
+- ``guards``: every guard of CONFIG (configs/default.yaml), the replica check every step and at train end. Run 1
+  (max_steps=4) stops after checkpoint-2 (a preempted job); run 2 builds a fresh model (another seed) and Trainer and
+  resumes from checkpoint-2 to step 4; run 3 trains 4 steps uninterrupted into OUT/straight. Records what wraps the
+  model (DeepSpeedEngine, ZeRO stage, partitions), the checkpoint's files, each guard's report, the replica checks
+  counted, and the fingerprints of the final full models (ZeRO-3 partitions gathered).
+- ``diverge`` (stage 2 only): ReplicaDivergenceGuard(every=1) and rank 1 nudging one element of one weight after
+  step 2 (as tests/dist_scripts/diverge.py does under DDP): every rank must raise ReplicaDivergenceError at step 2.
+- ``flipped``: rank 0 copies checkpoint-2 to OUT/flipped/checkpoint-2 and flips one bit in the tensor data of
+  ``global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt``; every rank then resumes from the copy with the default
+  guards: records the error each rank raised and how many optimizer steps ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import traceback
+
+from _common import RANK, dump, finish, record_writes, stop_at
+from _deepspeed import ds_args, flip_bit, gathered_fingerprint, watchdog, zero_facts
+
+import torch  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
+
+import trainer_guard  # noqa: E402
+from trainer_guard._dist import barrier  # noqa: E402
+from trainer_guard.errors import TrainerGuardError  # noqa: E402
+from trainer_guard.tiny import tiny_dataset, tiny_model  # noqa: E402
+
+TARGET = "model.layers.1.mlp.down_proj.weight"
+WATCHDOG_S = float(os.environ.get("TG_WATCHDOG_S", "240"))
+
+
+def build(out: str, stage: int, seed: int, callbacks: list, max_steps: int = 4) -> Trainer:
+    model = tiny_model("llama-tied", seed=seed)
+    return Trainer(model=model, args=ds_args(out, stage, max_steps=max_steps, save_steps=2),
+                   train_dataset=tiny_dataset(32, 16, model.config.vocab_size), callbacks=callbacks)
+
+
+def reports(trainer: Trainer) -> dict:
+    return {type(cb).__name__: cb.report() for cb in trainer.callback_handler.callbacks if hasattr(cb, "report")}
+
+
+def replica_checks(trainer: Trainer) -> int:
+    return sum(cb.checks for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "ReplicaDivergenceGuard")
+
+
+class Steps(TrainerCallback):
+    """Counts the optimizer steps this Trainer ran."""
+
+    def __init__(self):
+        self.n = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.n += 1
+
+
+class Nudge(TrainerCallback):
+    """On rank 1 only, add 1e-3 to one element of TARGET after optimizer step ``at`` (before the guard's check)."""
+
+    def __init__(self, at: int = 2):
+        self.at = at
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if RANK == 1 and state.global_step == self.at:
+            with torch.no_grad():
+                model.get_parameter(TARGET)[0, 0] += 1e-3
+
+
+def guards(out: str, stage: int, config: str, rec: dict) -> None:
+    def cbs():
+        return trainer_guard.callbacks_from_yaml(config, replica_divergence={"every": 1, "at_train_end": True})
+
+    t1 = build(out, stage, seed=0, callbacks=cbs() + [stop_at(2)])
+    t1.train()
+    rec.update(zero_facts(t1), step_run1=t1.state.global_step, reports_run1=reports(t1),
+               checks_run1=replica_checks(t1),
+               checkpoint=sorted(os.listdir(os.path.join(out, "checkpoint-2"))),
+               global_step2=sorted(os.listdir(os.path.join(out, "checkpoint-2", "global_step2"))))
+    t2 = build(out, stage, seed=1, callbacks=cbs())  # another init on purpose: the resume must load checkpoint-2
+    t2.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
+    rec.update(step_run2=t2.state.global_step, reports=reports(t2), checks_run2=replica_checks(t2),
+               fingerprint=gathered_fingerprint(t2.model))
+    t3 = build(os.path.join(out, "straight"), stage, seed=0, callbacks=cbs())
+    t3.train()
+    rec.update(step_straight=t3.state.global_step, reports_straight=reports(t3), checks_straight=replica_checks(t3),
+               fingerprint_straight=gathered_fingerprint(t3.model))
+
+
+def diverge(out: str, stage: int, rec: dict) -> None:
+    guard = trainer_guard.ReplicaDivergenceGuard(every=1)
+    t = build(os.path.join(out, "diverge"), stage, seed=0, callbacks=[Nudge(), guard])
+    try:
+        t.train()
+    except trainer_guard.ReplicaDivergenceError as e:
+        rec.update(error=type(e).__name__, message=str(e))
+    rec.update(step=t.state.global_step, checks=guard.checks,
+               saved=sorted(os.listdir(os.path.join(out, "diverge"))))
+
+
+def flipped(out: str, stage: int, config: str, rec: dict) -> None:
+    copy = os.path.join(out, "flipped", "checkpoint-2")
+    if RANK == 0:
+        shutil.copytree(os.path.join(out, "checkpoint-2"), copy)
+        rec["flipped_file"] = os.path.join("global_step2", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+        rec["offset"] = flip_bit(os.path.join(copy, rec["flipped_file"]))
+    barrier()
+    steps = Steps()
+    t = build(os.path.join(out, "flipped_run"), stage, seed=1,
+              callbacks=trainer_guard.callbacks_from_yaml(config) + [steps])
+    try:
+        t.train(resume_from_checkpoint=copy)
+    except Exception as e:  # which error, raised where: the test asserts it is trainer_guard's, on every rank
+        rec.update(error=type(e).__name__, guard_error=isinstance(e, TrainerGuardError), message=str(e)[:2000])
+    rec["steps_run"] = steps.n
+
+
+def main(out: str, results: str, stage: str, config: str) -> None:
+    record_writes(out)
+    stage_n = int(stage)
+    result: dict = {"stage": stage_n}
+    phases = [("guards", lambda rec: guards(out, stage_n, config, rec))]
+    if stage_n == 2:
+        phases.append(("diverge", lambda rec: diverge(out, stage_n, rec)))
+    phases.append(("flipped", lambda rec: flipped(out, stage_n, config, rec)))
+    for name, phase in phases:
+        rec = result[name] = {"error": None}
+        with watchdog(results, result, name, seconds=WATCHDOG_S):
+            try:
+                phase(rec)
+            except Exception as e:  # reported to the test, which shows it
+                rec["error"] = rec.get("error") or f"{type(e).__name__}: {e}"
+                rec["traceback"] = traceback.format_exc()[-3000:]
+            barrier()
+    dump(results, result)
+    finish()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])

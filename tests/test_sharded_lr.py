@@ -192,3 +192,86 @@ def test_embedding_lr_guard_refuses_fsdp1_before_changing_anything(monkeypatch):
         guard.on_train_begin(make_args("unused"), TrainerState(), TrainerControl(), model=model, optimizer=opt,
                              lr_scheduler=None)
     assert len(opt.param_groups) == 1 and guard.split is None
+
+
+# -- DeepSpeed ZeRO (tests/dist_scripts/zero_lr.py, one launch per stage) ------------------------------------------
+@pytest.fixture(scope="module", params=[(2, "lr", "dsopt"), (3, "lr", "noguard")], ids=["zero2", "zero3"])
+def zero(request, tmp_path_factory):
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    from test_distributed import ROOT
+
+    stage, *phases = request.param
+    tmp = tmp_path_factory.mktemp(f"zero_lr{stage}")
+    out, res = dirs(tmp)
+    with pytest.MonkeyPatch.context() as mp:  # only the launched processes see these (as tests/test_deepspeed.py)
+        mp.setenv("DS_ACCELERATOR", "cpu")
+        mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR")
+                  or os.path.join(ROOT, ".torch_extensions"))
+        r0, r1 = launch("zero_lr.py", out, res, str(stage), *phases, tmp_path=tmp)
+    for r in (r0, r1):
+        assert r.get("hung") is None, f"rank {r['rank']} hung in {r['hung']}:\n{r.get('hung_stack')}"
+    return stage, out, r0, r1
+
+
+@pytest.mark.slow
+def test_embedding_lr_under_deepspeed_zero_splits_at_creation_and_resumes(zero):
+    """The guard splits the Trainer's optimizer as it is created; ZeRO flattens each group and steps it at its own
+    LR. Run 1 stops after checkpoint-2, run 2 resumes it (another init), run 3 trains straight."""
+    stage, out, r0, r1 = zero
+    for r in (r0, r1):
+        rec = r["lr"]
+        assert rec["error"] is None, rec.get("traceback", rec["error"])
+        assert rec["distributed_type"] == "DistributedType.DEEPSPEED" and rec["zero_stage"] == stage
+        assert rec["optimizer_class"] == ("DeepSpeedZeroOptimizer" if stage == 2 else "DeepSpeedZeroOptimizer_Stage3")
+        assert (rec["run1"]["step"], rec["run2"]["step"], rec["straight"]["step"]) == (2, 4, 4)
+        for name, first in (("run1", 1), ("run2", 3), ("straight", 1)):
+            run = rec[name]
+            assert [s["step"] for s in run["steps"]] == list(range(first, 5 if name != "run1" else 3))
+            for s in run["steps"]:  # DeepSpeed's own groups: the Trainer's two, then the guard's two
+                roles = [g["role"] for g in s["groups"]]
+                assert roles == [None, None, "embeddings", "lm_head"], s
+                base, emb, head = s["groups"][0], s["groups"][2], s["groups"][3]
+                assert math.isclose(base["lr"], _lr_at(s["step"], 4), rel_tol=1e-9)
+                assert math.isclose(emb["lr"], 0.1 * base["lr"], rel_tol=1e-9)
+                assert math.isclose(head["lr"], 0.5 * base["lr"], rel_tol=1e-9)
+                assert 0.07 < s["delta"]["embed"] / s["delta"]["layer"] < 0.13, s["delta"]
+                if s["step"] == 1:  # Adam's first step: every element with a gradient moves by its group's lr
+                    assert math.isclose(s["delta"]["embed"], 1e-3, rel_tol=0.01), s["delta"]
+                    assert math.isclose(s["delta"]["head"], 5e-3, rel_tol=0.01), s["delta"]
+                    assert math.isclose(s["delta"]["layer"], 1e-2, rel_tol=0.01), s["delta"]
+            assert run["report"] == [
+                f"embeddings: {EMB} at 0.1 x the LR of param group 0 (peak lr 0.001)",
+                f"lm_head: {HEAD} at 0.5 x the LR of param group 0 (peak lr 0.005)"]
+            for e in run["logged"]:
+                assert math.isclose(e["learning_rate/embeddings"], 0.1 * e["learning_rate"], rel_tol=1e-9)
+        # the resumed run (DeepSpeed's optimizer state loaded into the same split groups) equals the straight one
+        assert rec["run2"]["fingerprint"] == rec["straight"]["fingerprint"] != rec["run1"]["fingerprint"]
+    assert r0["lr"]["run2"]["fingerprint"] == r1["lr"]["run2"]["fingerprint"]
+    assert "global_step2" in r0["lr"]["checkpoint"] and "trainer_guard_embedding_lr.json" in r0["lr"]["checkpoint"]
+    side = json.load(open(os.path.join(out, "lr", "checkpoint-2", "trainer_guard_embedding_lr.json"), encoding="utf-8"))
+    assert [(g["role"], g["factor"], g["names"]) for g in side["groups"]] == [
+        ("embeddings", 0.1, [EMB]), ("lm_head", 0.5, [HEAD])]
+    assert not any("trainer_guard" in w for w in r1["writes"])
+
+
+@pytest.mark.slow
+def test_embedding_lr_under_deepspeed_refuses_what_it_cannot_split(zero):
+    """ZeRO-2: a DeepSpeed "optimizer" section (DeepSpeed builds the optimizer, the Trainer's is never created).
+    ZeRO-3: resuming a checkpoint trained without the guard (its optimizer state has the Trainer's groups).
+    The same EmbeddingLRError on both ranks, before any step of that run."""
+    stage, _, r0, r1 = zero
+    phase = "dsopt" if stage == 2 else "noguard"
+    assert r0[phase] == r1[phase]
+    rec = r0[phase]
+    assert rec["error"] == "EmbeddingLRError", rec.get("traceback", rec["error"])
+    assert rec["message"].endswith("(all ranks)")
+    if stage == 2:
+        assert rec["step"] == 0
+        assert 'the DeepSpeed config has an "optimizer" section' in rec["message"]
+        assert "remove that section" in rec["message"]
+    else:
+        assert rec["step"] == 2  # checkpoint-2's state, not one step further
+        assert "checkpoint-2 was trained without EmbeddingLRGuard's groups" in rec["message"]

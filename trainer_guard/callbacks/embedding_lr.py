@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 from .._dist import agree
 from ..core.io import atomic_write_json, read_json, replace_json
 from ..core.lr_groups import (
+    ROLE_KEY,
     SPLIT_FILE,
     Split,
     atomic_torch_save,
@@ -33,6 +34,7 @@ from ..core.lr_groups import (
     tied_rate_problems,
     unwrap_optimizer,
 )
+from ..core.sharding import engine
 from ..errors import EmbeddingLRError
 from ..files import OPTIMIZER, SCHEDULER, checkpoint_dir
 from .base import Guard
@@ -95,6 +97,8 @@ class EmbeddingLRGuard(Guard):
         self._scheduler: Any = None
         self._step_lrs: dict[str, float] = {}
         self._plan: tuple[dict, dict, dict] | None = None
+        self._fixed: Split | None = None  # DeepSpeed: the split made once, at the optimizer's creation
+        self._resume: str | None = None
         self.record: dict[str, Any] = {}  # the split in force, as written to each checkpoint's sidecar
 
     @classmethod
@@ -146,6 +150,37 @@ class EmbeddingLRGuard(Guard):
         fails with "loaded state dict has a different number of parameter groups" and a new scheduler would be built
         over the split groups. No event fires before either, so the merge happens here."""
         self._merge()
+        self._fixed, ckpt = None, resume_from_checkpoint
+        if ckpt is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            ckpt = get_last_checkpoint(trainer.args.output_dir)
+        self._resume = os.fspath(ckpt) if isinstance(ckpt, (str, os.PathLike)) else None
+
+    def before_optimizer_create(self, trainer: Any) -> None:
+        """DeepSpeed: split the groups once, as the Trainer creates its optimizer.
+
+        ZeRO (stages 1-3) flattens each of the optimizer's param groups into one fp32 partition when
+        ``deepspeed.initialize`` wraps it (right after the Trainer created the optimizer and its scheduler), and
+        steps each group at that group's ``lr``: it keeps the groups and their LRs, but they cannot change per step
+        any more. So under DeepSpeed the Trainer's own optimizer is built here (``create_optimizer`` of its class,
+        which the wrapped call then returns) and split for the whole run; the scheduler is then built over every
+        group, and DeepSpeed's checkpoints hold that layout (a resume with the guard splits the same way)."""
+        if engine() != "deepspeed" or trainer.optimizer is not None or trainer.model is None:
+            return
+        optimizer = type(trainer).create_optimizer(trainer)  # the Trainer's (or its subclass's) own, unwired
+        roles, factors, problems = self._problems(trainer.args, trainer.model, optimizer)
+        ckpt = self._resume
+        if (any(roles.values()) and ckpt and os.path.isdir(ckpt) and not os.path.isfile(os.path.join(ckpt, SPLIT_FILE))
+                and any(n.startswith("global_step") for n in os.listdir(ckpt))):
+            problems.append(f"{os.path.basename(os.path.normpath(ckpt))} was trained without EmbeddingLRGuard's "
+                            f"groups, and DeepSpeed restores its optimizer state per param group, so it cannot load "
+                            f"into the split groups; resume it without EmbeddingLRGuard, or start a new run from its "
+                            f"weights with the guard")
+        agree(problems, EmbeddingLRError, "EmbeddingLRGuard cannot run; nothing was changed:")
+        if any(roles.values()):
+            self._fixed = split_param_groups(optimizer, None, roles, factors, self.targets())
+            self.record = self._fixed.record()
 
     # -- events -----------------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs: Any):
@@ -155,43 +190,91 @@ class EmbeddingLRGuard(Guard):
             agree(tied_rate_problems(embedding_parameters(model), factors, how), EmbeddingLRError,
                   "EmbeddingLRGuard options conflict with the model:")
 
+    def _problems(self, args: Any, model: Any, optimizer: Any) -> tuple[dict, dict, list[str]]:
+        """``(roles, factors, problems)``: the trainable embedding/head parameters the optimizer holds, their
+        factors, and why they cannot be split (this rank's view; the caller agrees on it)."""
+        inner = unwrap_optimizer(optimizer)
+        in_opt = {id(p) for g in inner.param_groups for p in g["params"]}
+        roles = {r: [(n, p) for n, p in ps if id(p) in in_opt] for r, ps in embedding_parameters(model).items()}
+        factors, how = self.rates(args.learning_rate)
+        problems = tied_rate_problems(roles, factors, how)
+        mine = {id(p) for ps in roles.values() for _, p in ps}
+        problems += [f"optimizer group {i} ({type(inner).__name__} with relative_step=True) "
+                     f"computes its own step size and ignores the group's lr, so the embeddings' LR would have no "
+                     f"effect; create it with relative_step=False and an lr (the Trainer's optim='adafactor' does), "
+                     f"or remove EmbeddingLRGuard"
+                     for i, g in enumerate(inner.param_groups)
+                     if g.get("relative_step") and any(id(p) in mine for p in g["params"])]
+        return roles, factors, problems
+
+    def _absent(self, roles: dict) -> bool:
+        """Handle ``when_absent`` when no embedding/head parameter is trained; True then."""
+        if any(roles.values()):
+            return False
+        msg = ("no embedding or output-head parameter is being trained, so there is nothing to give its own LR; "
+               "if you meant to train them, add them to the trainable modules (modules_to_save, "
+               "target_modules or trainable_token_indices) and load adapters with is_trainable=True")
+        if self.options["when_absent"] == "raise":
+            agree([msg], EmbeddingLRError)
+        if self.options["when_absent"] == "warn":
+            self.note(msg, "warning")
+        return True
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs: Any):
         """Check everything and plan the split; the groups change at the first step (other guards see the
-        Trainer's own layout at train begin)."""
+        Trainer's own layout at train begin). DeepSpeed: check the split made at the optimizer's creation."""
         self._merge()
         self._plan, self._step_lrs = None, {}
         if model is None or optimizer is None:
             return
+        if engine() == "deepspeed":
+            self._deepspeed_train_begin(args, state, model, optimizer, lr_scheduler)
+            return
         problems = sharded_optimizer_problems(model, optimizer)
-        in_opt = {id(p) for g in unwrap_optimizer(optimizer).param_groups for p in g["params"]}
-        roles = {r: [(n, p) for n, p in ps if id(p) in in_opt] for r, ps in embedding_parameters(model).items()}
-        factors, how = self.rates(args.learning_rate)
-        problems += tied_rate_problems(roles, factors, how)
-        mine = {id(p) for ps in roles.values() for _, p in ps}
-        problems += [f"optimizer group {i} ({type(unwrap_optimizer(optimizer)).__name__} with relative_step=True) "
-                     f"computes its own step size and ignores the group's lr, so the embeddings' LR would have no "
-                     f"effect; create it with relative_step=False and an lr (the Trainer's optim='adafactor' does), "
-                     f"or remove EmbeddingLRGuard"
-                     for i, g in enumerate(unwrap_optimizer(optimizer).param_groups)
-                     if g.get("relative_step") and any(id(p) in mine for p in g["params"])]
-        agree(problems, EmbeddingLRError, "EmbeddingLRGuard cannot run; nothing was changed:")
-        if not any(roles.values()):
-            msg = ("no embedding or output-head parameter is being trained, so there is nothing to give its own LR; "
-                   "if you meant to train them, add them to the trainable modules (modules_to_save, "
-                   "target_modules or trainable_token_indices) and load adapters with is_trainable=True")
-            if self.options["when_absent"] == "raise":
-                agree([msg], EmbeddingLRError)
-            if self.options["when_absent"] == "warn":
-                self.note(msg, "warning")
+        roles, factors, more = self._problems(args, model, optimizer)
+        agree(problems + more, EmbeddingLRError, "EmbeddingLRGuard cannot run; nothing was changed:")
+        if self._absent(roles):
             return
         self._optimizer, self._scheduler = optimizer, lr_scheduler
         self._plan = (roles, factors, self.targets())
         self._ensure_split()  # validates the scheduler too; undone at once so train begin sees the usual layout
         self._check_recorded(args, state, self.split.groups)
-        added = unwrap_optimizer(optimizer).param_groups[self.split.base_groups:]
-        base = unwrap_optimizer(optimizer).param_groups
+        self._describe(args, self.split, unwrap_optimizer(optimizer).param_groups)
+        self._merge()
+
+    def _deepspeed_train_begin(self, args, state, model, optimizer, lr_scheduler) -> None:
+        live = unwrap_optimizer(optimizer).param_groups  # DeepSpeed's: the Trainer's group dicts, flat params
+        if self._fixed is None:
+            if self._absent(embedding_parameters(model)):
+                return
+            cfg = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+            why = ("the DeepSpeed config has an \"optimizer\" section: DeepSpeed builds its own optimizer from it "
+                   "and the Trainer's optimizer, where this guard adds the groups, is never created; remove that "
+                   "section (the Trainer then creates the optimizer from optim/learning_rate/weight_decay and "
+                   "DeepSpeed keeps its groups and their LRs), or remove EmbeddingLRGuard"
+                   if "optimizer" in cfg else
+                   "this optimizer was not created by the Trainer's create_optimizer() during train() (passed in "
+                   "with optimizers=, or left from an earlier train()); let the Trainer create it, or remove "
+                   "EmbeddingLRGuard")
+            agree([f"DeepSpeed flattens each optimizer param group into one partition when it wraps the optimizer, "
+                   f"so the embeddings can only get their own group when the optimizer is created, but {why}"],
+                  EmbeddingLRError, "EmbeddingLRGuard cannot run; nothing was changed:")
+        roles = [g.get(ROLE_KEY) for g in live[self._fixed.base_groups:]]
+        agree([] if roles == [g["role"] for g in self._fixed.groups] else
+              [f"DeepSpeed's optimizer has the param groups {[g.get(ROLE_KEY) for g in live]}, not the Trainer's "
+               f"{self._fixed.base_groups} plus {[g['role'] for g in self._fixed.groups]} made at its creation (a "
+               f"create_optimizer() that builds a new optimizer each call?); let create_optimizer() return "
+               f"self.optimizer when it is set, or remove EmbeddingLRGuard"],
+              EmbeddingLRError, "EmbeddingLRGuard cannot run:")
+        self._optimizer, self._scheduler = optimizer, lr_scheduler
+        self._check_recorded(args, state, self._fixed.groups)
+        self._describe(args, self._fixed, live)
+
+    def _describe(self, args: Any, split: Split, live: list) -> None:
+        """One note per added group; a warning where a ratio compounds with a source group's own LR."""
+        added, base = live[split.base_groups:], live
         absolute = self.targets()
-        for g, pg in zip(self.split.groups, added):
+        for g, pg in zip(split.groups, added):
             self.note(f"{g['role']}: {', '.join(g['names'])} at {g['factor']:g} x the LR of param group "
                       f"{g['source']} (peak lr {peak_lr(pg):g})")
             source_lr = peak_lr(base[g["source"]])
@@ -202,7 +285,6 @@ class EmbeddingLRGuard(Guard):
                           f"embedding_lr_scale / embedding_lr?); the ratio {g['factor']:g} compounds with it: effective "
                           f"peak lr {peak_lr(pg):g} ({g['factor']:g} x {source_lr:g}). To keep one of them, drop "
                           f"the other, or give EmbeddingLRGuard an absolute lr", "warning")
-        self._merge()
 
     def _ensure_split(self) -> None:
         if self.split is None and self._plan is not None:
@@ -245,7 +327,7 @@ class EmbeddingLRGuard(Guard):
         ckpt = checkpoint_dir(args.output_dir, state.global_step)
 
         def write() -> None:
-            if self._plan is None:  # no split this run: a record here is an earlier run's in a reused checkpoint dir
+            if self._plan is None and self._fixed is None:  # no split this run: a record here is an earlier run's in a reused checkpoint dir
                 replace_json(os.path.join(ckpt, SPLIT_FILE), None)
                 return
             if self.split is not None:  # saved while split (should_save set after on_step_end): rewrite the files
@@ -266,10 +348,10 @@ class EmbeddingLRGuard(Guard):
     def on_train_end(self, args, state, control, **kwargs: Any):
         self._merge()
         # the run is over: keep no reference to its optimizer (parameters and their moments) or scheduler
-        self._plan, self._optimizer, self._scheduler = None, None, None
+        self._plan, self._fixed, self._optimizer, self._scheduler = None, None, None, None
 
     def on_optimizer_step(self, args, state, control, **kwargs: Any):
-        if self.split is not None:  # before the scheduler steps: the LRs this step used, as the Trainer logs
+        if self.split is not None or self._fixed is not None:  # before the scheduler steps: this step's LRs
             self._step_lrs = group_lrs(self._optimizer)
 
     def on_log(self, args, state, control, logs=None, **kwargs: Any):

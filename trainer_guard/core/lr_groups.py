@@ -96,7 +96,9 @@ def sharded_optimizer_problems(model: nn.Module, optimizer: Any) -> list[str]:
       saves it by parameter name: nothing.
     - FSDP1 (``FullyShardedDataParallel``): refused. Its optimizer holds ``FlatParameter`` s (many tensors in one),
       and with ``use_orig_params`` its optimizer state dict is rebuilt by FSDP1 itself; neither is tested here.
-    - DeepSpeed: refused (see the message).
+    - DeepSpeed: nothing here. ZeRO flattens each param group into one partition when it wraps the optimizer and
+      steps each group at its own ``lr``, so the groups cannot change per step; ``EmbeddingLRGuard`` splits them
+      once, as the Trainer creates its optimizer, before DeepSpeed wraps it.
     """
     from .sharding import engine
 
@@ -111,9 +113,6 @@ def sharded_optimizer_problems(model: nn.Module, optimizer: Any) -> list[str]:
                     "{'version': 2}), where EmbeddingLRGuard splits the groups of the DTensor parameters, or "
                     "remove EmbeddingLRGuard"]
         return []
-    if kind == "deepspeed":
-        return ["DeepSpeed owns the optimizer's groups and checkpoint format; EmbeddingLRGuard supports "
-                "single-process, DDP and FSDP2 runs: remove it, or set the groups yourself"]
     return []
 
 

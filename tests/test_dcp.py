@@ -142,3 +142,29 @@ def test_a_dcp_directory_that_holds_another_model_is_no_manifest(tmp_path, model
                                 "float32 [7]"]
     with pytest.raises(IntegrityError):
         read_dcp_index(str(tmp_path))  # not a DCP directory itself: its .metadata is missing
+
+
+def test_each_rank_names_the_files_it_wrote_and_the_writer_takes_their_checksums(ckpt):
+    from trainer_guard.checksum.disk import bytes_checksums
+    from trainer_guard.checkpoint.contents import describe_files
+    from trainer_guard.files import rank_files
+
+    for name in ("rng_state_0.pth", "rng_state_1.pth"):
+        open(os.path.join(ckpt, name), "wb").write(b"rng")
+    os.makedirs(os.path.join(ckpt, "optimizer_0"))
+    for name in ("__0_0.distcp", "__1_0.distcp", ".metadata"):
+        open(os.path.join(ckpt, "optimizer_0", name), "wb").write(b"state")
+    assert rank_files(ckpt, 1) == ["rng_state_1.pth", "optimizer_0/__1_0.distcp"]
+    assert rank_files(ckpt, 0) == ["rng_state_0.pth", "optimizer_0/__0_0.distcp", "pytorch_model_fsdp_0/__0_0.distcp"]
+    manifest = {"tensors": {}}
+    plain = describe_files(ckpt, manifest)
+    assert plain["optimizer_0/.metadata"]["checksum"]  # DCP's index is listed, though its name starts with a dot
+    # a checksum the rank that wrote the file computed is taken as it is (here a marker value, to see it used) ...
+    used = describe_files(ckpt, manifest, known={"rng_state_1.pth": (3, 0xABC)})
+    assert used["rng_state_1.pth"]["checksum"] == f"{0xABC:016x}"
+    assert {k: v for k, v in used.items() if k != "rng_state_1.pth"} == {
+        k: v for k, v in plain.items() if k != "rng_state_1.pth"}
+    # ... unless the file has another size by now: then it is read here
+    again = describe_files(ckpt, manifest, known={"rng_state_1.pth": (4, 0xABC)})
+    path = os.path.join(ckpt, "rng_state_1.pth")
+    assert again["rng_state_1.pth"]["checksum"] == f"{bytes_checksums([path])[path]:016x}"

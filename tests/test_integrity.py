@@ -318,20 +318,37 @@ def test_resume_without_manifest_warns_and_continues(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- options and core
-def test_sharded_runs_are_skipped_with_one_note(tmp_path):
+def test_partitioned_parameters_get_a_manifest_of_every_file(tmp_path):
+    """DeepSpeed ZeRO-3 (parameters marked with ds_id: no rank holds a tensor): the manifest lists every file by its
+    bytes, the rank files included, and a changed rank file stops a resume before anything loads."""
     from types import SimpleNamespace
 
+    from trainer_guard.checkpoint.choose import resume_problems
+
     guard = IntegrityGuard()
-    (tmp_path / "checkpoint-1").mkdir()
-    args = SimpleNamespace(output_dir=str(tmp_path), fsdp="full_shard", deepspeed=None)
+    ckpt = tmp_path / "checkpoint-1"
+    (ckpt / "global_step1").mkdir(parents=True)
+    rank_file = ckpt / "global_step1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    rank_file.write_bytes(bytes(range(64)))
+    (ckpt / "trainer_state.json").write_text('{"global_step": 1}')
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=True, process_index=0)
     model = tiny_model("llama-tied")
     model.get_parameter("lm_head.weight").ds_id = 7  # sharded as the model shows it (DeepSpeed ZeRO-3's mark)
-    for step in (1, 1):
-        guard.on_save(args, SimpleNamespace(global_step=step), None, model=model)
-    guard.on_train_begin(args, SimpleNamespace(global_step=1), None, model=model)
-    assert os.listdir(tmp_path / "checkpoint-1") == []
-    assert guard.report() == ["sharded model (FSDP/DeepSpeed): manifests and resume checks are not supported yet; "
-                              "skipped"]
+    guard.on_save(args, SimpleNamespace(global_step=1), SimpleNamespace(should_save=True), model=model)
+    guard.on_step_begin(args, SimpleNamespace(global_step=1), None)  # the deferred write, on the writer thread
+    guard.writer.join()
+    m = read_manifest(ckpt)
+    assert m["tensors"] == {} and set(m["files"]) == {"global_step1/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                      "trainer_state.json"}
+    guard.on_train_begin(args, SimpleNamespace(global_step=1), None, model=model)  # nothing to compare: no error
+    assert guard.report()[0].startswith("sharded parameters no rank holds whole (DeepSpeed ZeRO-3 / FSDP1)")
+    assert resume_problems(ckpt) == ([], [])
+    data = bytearray(rank_file.read_bytes())
+    data[10] ^= 1
+    rank_file.write_bytes(bytes(data))
+    problems, _ = resume_problems(ckpt)
+    assert problems == ["global_step1/zero_pp_rank_0_mp_rank_00_optim_states.pt changed since the checkpoint was "
+                        "saved (same size, 64 bytes, other bytes)"]
 
 
 def test_options_are_validated_with_the_valid_choices():

@@ -45,6 +45,7 @@ __all__ = [
     "ZERO_RANK_FILE",
     "fsdp_model_dirs",
     "deepspeed_step_dirs",
+    "rank_files",
     "duplicate_hint",
     "stored_twice",
 ]
@@ -165,6 +166,26 @@ def deepspeed_step_dirs(directory: str | os.PathLike) -> list[str]:
     directory = os.fspath(directory)
     return [d for d in _subdirs(directory, DEEPSPEED_STEP_DIR)
             if any(ZERO_RANK_FILE.fullmatch(f) for f in os.listdir(os.path.join(directory, d)))]
+
+
+_FSDP_STATE_DIR = re.compile(r"(pytorch_model_fsdp|optimizer)_\d+")
+
+
+def rank_files(directory: str | os.PathLike, rank: int) -> list[str]:
+    """The files of checkpoint ``directory`` that process ``rank`` wrote itself (``/``-separated, relative): its DCP
+    shards ``__<rank>_<n>.distcp`` (FSDP ``SHARDED_STATE_DICT``), its ZeRO ``zero_pp_rank_<rank>_*`` files, its
+    ``rng_state_<rank>.pth``. Each rank can checksum its own files, so that no rank reads what all of them wrote."""
+    directory = os.fspath(directory)
+    out = []
+    if os.path.isfile(os.path.join(directory, f"rng_state_{rank}.pth")):
+        out.append(f"rng_state_{rank}.pth")
+    for d in _subdirs(directory, _FSDP_STATE_DIR):
+        out += [f"{d}/{f}" for f in sorted(os.listdir(os.path.join(directory, d)))
+                if f.startswith(f"__{rank}_") and f.endswith(".distcp")]
+    for d in deepspeed_step_dirs(directory):
+        out += [f"{d}/{f}" for f in sorted(os.listdir(os.path.join(directory, d)))
+                if ZERO_RANK_FILE.fullmatch(f) and f"zero_pp_rank_{rank}_" in f]
+    return out
 
 
 def duplicate_hint(directory: str | os.PathLike, a: str, b: str) -> tuple[str, str | None, str] | None:

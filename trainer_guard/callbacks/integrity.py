@@ -11,6 +11,7 @@ import time
 from typing import Any, Literal
 
 from .._dist import agree, gather, is_main_process
+from ..checksum.disk import bytes_checksums
 from ..core.sharding import agreed_sharded, is_dtensor, is_sharded
 from ..core.checkpoint import (Verified, conversion_hint, plan_files_manifest, plan_manifests, plan_sharded_manifest,
                                sharded_model_sums, verify_against, verify_sharded)
@@ -20,7 +21,7 @@ from ..checkpoint.contents import remove_stale, uncommit
 from ..checkpoint.manifest import MANIFEST_FILE, read_manifest
 from ..checkpoint.writer import ManifestWriter
 from ..errors import IntegrityError, TrainerGuardError
-from ..files import checkpoint_dir
+from ..files import checkpoint_dir, rank_files
 from .base import Guard
 
 __all__ = ["IntegrityGuard"]
@@ -95,19 +96,22 @@ class IntegrityGuard(Guard):
         self.writer = ManifestWriter()  # atomic + fsync in a background thread, joined at the next step
         self._said = set()  # notes given once per run
         self._writing = False  # a save's manifest write may be pending
-        self._pending: tuple[str, list] | None = None  # a save's manifests, written once every on_save has run
+        self._pending: tuple[str, list, dict] | None = None  # a save's manifests (+ files checksummed by their
+        # ranks), written once every on_save has run
         self._before: dict[str, dict] = {}  # checkpoint dir saved into again -> its files before the save
 
     # -- save -----------------------------------------------------------------------------------------------
     def write_checkpoint_manifest(self, model, directory: str, global_step: int | None,
                                   background: bool = False, defer: bool = False, kind: str = "",
-                                  sums: dict[str, int] | None = None) -> list[str]:
+                                  sums: dict[str, int] | None = None,
+                                  known: dict[str, tuple[int, int]] | None = None) -> list[str]:
         """Check ``directory`` against ``model`` and write its manifest; return the problems (none written then).
 
         With ``background`` the (atomic, fsynced) write runs in a thread, joined at the next step or train end;
         everything the manifest says of the tensors is computed before this returns. With ``defer`` the write
         waits for the guard's next event (every other callback's ``on_save`` files are written by then).
-        ``kind``/``sums``: a sharded model (:meth:`_kind`) and, for DTensors, its combined full-tensor checksums.
+        ``kind``/``sums``: a sharded model (:meth:`_kind`) and, for DTensors, its combined full-tensor checksums;
+        ``known``: files already checksummed by the ranks that wrote them (relative path -> ``(size, checksum)``).
         """
         t0 = time.perf_counter()
         if kind == "dtensor":
@@ -123,9 +127,9 @@ class IntegrityGuard(Guard):
         if plan.problems or not plan.writes:  # all or nothing: no save gets manifests for some adapters only
             return plan.problems
         if defer:
-            self._pending = (directory, plan.writes)
+            self._pending = (directory, plan.writes, known or {})
         else:
-            self.writer.submit_many(plan.writes, background=background)
+            self.writer.submit_many(plan.writes, background=background, known=known)
         timing = {"step": global_step, "bytes": plan.nbytes, "seconds": time.perf_counter() - t0}
         self.timings.append(timing)
         count = sum(len(m["tensors"]) for _, m in plan.writes)
@@ -159,12 +163,12 @@ class IntegrityGuard(Guard):
         they would be loaded with it), then list every file and write the manifest, last, on the writer thread."""
         if self._pending is None:
             return
-        (ckpt, writes), self._pending = self._pending, None
+        (ckpt, writes, known), self._pending = self._pending, None
         stale = remove_stale(ckpt, self._before.pop(ckpt, {}))
         if stale:
             self.note(f"{os.path.basename(ckpt)}: removed {', '.join(stale)}: left in this directory by an earlier "
                       f"save (interrupted?) and not written by this one, they would have been resumed from", "warning")
-        self.writer.submit_many(writes, background=True)
+        self.writer.submit_many(writes, background=True, known=known)
 
     def _before_save(self, args, state, control) -> None:
         """A save into a checkpoint directory that already exists: note its files (to find those the save does not
@@ -191,16 +195,36 @@ class IntegrityGuard(Guard):
             return
         kind = self._kind(model)  # every rank: on_save runs on all of them
         sums = sharded_model_sums(model, gather) if kind == "dtensor" else None  # a collective: every rank
+        known = self._own_files(ckpt, args) if kind else None  # a collective: every rank
         if args.should_save and os.path.isdir(ckpt):  # the Trainer's own writer(s): rank 0, or each node's first
             try:
                 problems = self.write_checkpoint_manifest(model, ckpt, state.global_step, background=True,
-                                                          defer=True, kind=kind, sums=sums)
+                                                          defer=True, kind=kind, sums=sums, known=known)
             except Exception as e:  # an EIO reading the files back, a full disk: agreed below, no rank left waiting
                 problems = [f"{type(e).__name__}: {e}"]
         agree(problems, IntegrityError,
               header=f"{ckpt} does not hold what the model holds; no manifest was written. Check the disk and the "
                      f"save path, then save again. Problems:")
         self._writing = True  # on every rank, so that every rank takes part in the join's verdict
+
+    def _own_files(self, ckpt: str, args) -> dict[str, tuple[int, int]]:
+        """Every rank checksums the shard files it wrote itself (``__<rank>_0.distcp``, ``zero_pp_rank_<rank>_*``,
+        ``rng_state_<rank>.pth``), one all-gather: the writing rank then hashes only the rest, not what N ranks
+        wrote. A file that cannot be read here is left to the writing rank (which names it if it fails there too)."""
+        mine: dict[str, tuple[int, int]] = {}
+        rank = args.process_index
+        if os.path.isdir(ckpt):
+            rels = rank_files(ckpt, rank)
+            paths = [os.path.join(ckpt, *r.split("/")) for r in rels]
+            try:
+                sums = bytes_checksums(paths)
+                mine = {r: (os.path.getsize(p), sums[p]) for r, p in zip(rels, paths)}
+            except (OSError, TrainerGuardError):
+                mine = {}
+        known: dict[str, tuple[int, int]] = {}
+        for part in gather(mine):
+            known.update(part or {})
+        return known
 
     def _join_writer(self) -> None:
         """Wait for the background write (before the next save's rotation may delete its directory); all agree."""

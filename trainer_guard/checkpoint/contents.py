@@ -111,10 +111,13 @@ def listing(directory: str | os.PathLike) -> list[str]:
 
 
 def describe_files(directory: str | os.PathLike, manifest: Mapping[str, Any], *,
-                   threads: int | None = None) -> dict[str, dict[str, Any]]:
+                   threads: int | None = None,
+                   known: Mapping[str, tuple[int, int]] | None = None) -> dict[str, dict[str, Any]]:
     """``files`` of a version 2 manifest for ``directory``: each file of :func:`listing` with its ``size`` and
     ``checksum`` (all its bytes), or, for a ``.safetensors`` file whose tensors ``manifest`` records, ``tensors``
     (their count) and ``header`` (the checksum of its header: the tensors' own checksums cover the data).
+    ``known``: relative path -> ``(size, checksum)`` already computed (each rank's own shard files, checksummed by
+    that rank), taken as they are when the file still has that size.
 
     Raises:
         ChecksumError: a file vanished or is unreadable while it was read (naming it).
@@ -126,6 +129,7 @@ def describe_files(directory: str | os.PathLike, manifest: Mapping[str, Any], *,
     out: dict[str, dict[str, Any]] = {}
     lengths: dict[str, int] = {}
     paths: dict[str, str] = {}
+    known = known or {}
     for rel in listing(directory):
         path = os.path.join(directory, *rel.split("/"))
         try:
@@ -135,6 +139,9 @@ def describe_files(directory: str | os.PathLike, manifest: Mapping[str, Any], *,
                 out[rel]["tensors"] = counts[rel]
         except (OSError, SafetensorsFormatError) as e:
             raise ChecksumError(f"{path}: unreadable while the manifest was written ({e})") from None
+        if rel not in counts and rel in known and known[rel][0] == out[rel]["size"]:
+            out[rel]["checksum"] = f"{known[rel][1]:016x}"
+            continue
         paths[rel] = path
     sums = bytes_checksums(list(paths.values()), lengths=lengths, threads=threads)
     for rel, path in paths.items():
@@ -148,13 +155,15 @@ def digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.blake2b(body.encode("utf-8"), digest_size=8).hexdigest()
 
 
-def commit(directory: str | os.PathLike, manifest: Mapping[str, Any], *, threads: int | None = None) -> dict:
+def commit(directory: str | os.PathLike, manifest: Mapping[str, Any], *, threads: int | None = None,
+           known: Mapping[str, tuple[int, int]] | None = None) -> dict:
     """``manifest`` (tensors, ties, step: :func:`~trainer_guard.checkpoint.manifest.build_manifest`) made a version 2
-    manifest of the whole of ``directory`` as it is now: every file listed (:func:`describe_files`), and its
-    ``digest``. Call it when everything else of the save is written; write the result last."""
+    manifest of the whole of ``directory`` as it is now: every file listed (:func:`describe_files`; ``known``: the
+    checksums of files already computed, e.g. by the ranks that wrote them), and its ``digest``. Call it when
+    everything else of the save is written; write the result last."""
     m = dict(manifest)
     m["version"] = WHOLE_VERSION
-    m["files"] = describe_files(directory, manifest, threads=threads)
+    m["files"] = describe_files(directory, manifest, threads=threads, known=known)
     m["digest"] = digest(m)
     return m
 

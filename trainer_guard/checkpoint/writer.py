@@ -49,15 +49,18 @@ class ManifestWriter:
         self._error: tuple[str, Exception] | None = None
         self.last_seconds: float | None = None
 
-    def _run(self, items: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    def _run(self, items: Sequence[tuple[str, Mapping[str, Any]]],
+             known: Mapping[str, tuple[int, int]] | None = None) -> None:
         from .._dist import is_main_process  # lazy: imports accelerate and torch
 
         if not is_main_process():  # write_manifest writes on the main process only: list nothing elsewhere
             return
         t0 = time.perf_counter()
+        top = os.path.normpath(items[0][0]) if items else None  # the checkpoint itself: what ``known`` is relative to
         for directory, manifest in sorted(items, key=lambda item: -os.path.normpath(item[0]).count(os.sep)):
             try:
-                write_manifest(directory, commit(directory, manifest))
+                mine = known if os.path.normpath(directory) == top else None
+                write_manifest(directory, commit(directory, manifest, known=mine))
             except Exception as e:  # re-raised by join() in the caller's thread
                 self._error = (directory, e)
                 break
@@ -68,16 +71,17 @@ class ManifestWriter:
         self.submit_many([(directory, manifest)], background=background)
 
     def submit_many(self, items: Sequence[tuple[str | os.PathLike, Mapping[str, Any]]],
-                    background: bool = True) -> None:
-        """Write several ``(directory, manifest)`` pairs in order (one save of several PEFT adapters)."""
+                    background: bool = True, known: Mapping[str, tuple[int, int]] | None = None) -> None:
+        """Write several ``(directory, manifest)`` pairs in order (one save of several PEFT adapters). ``known``:
+        files of the first directory already checksummed (relative path -> ``(size, checksum)``)."""
         self.join()
         items = [(os.fspath(d), m) for d, m in items]
         if background:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer_guard-manifest")
-            self._pending = self._pool.submit(self._run, items)
+            self._pending = self._pool.submit(self._run, items, known)
         else:
-            self._run(items)
+            self._run(items, known)
             self.join()
 
     def join(self) -> None:

@@ -98,6 +98,7 @@ class EmbeddingLRGuard(Guard):
         self._step_lrs: dict[str, float] = {}
         self._plan: tuple[dict, dict, dict] | None = None
         self._fixed: Split | None = None  # DeepSpeed: the split made once, at the optimizer's creation
+        self._created = False  # DeepSpeed: the Trainer's optimizer was created (and checked) in this train()
         self._resume: str | None = None
         self.record: dict[str, Any] = {}  # the split in force, as written to each checkpoint's sidecar
 
@@ -150,7 +151,7 @@ class EmbeddingLRGuard(Guard):
         fails with "loaded state dict has a different number of parameter groups" and a new scheduler would be built
         over the split groups. No event fires before either, so the merge happens here."""
         self._merge()
-        self._fixed, ckpt = None, resume_from_checkpoint
+        self._fixed, self._created, ckpt = None, False, resume_from_checkpoint
         if ckpt is True:
             from transformers.trainer_utils import get_last_checkpoint
 
@@ -178,6 +179,7 @@ class EmbeddingLRGuard(Guard):
                             f"into the split groups; resume it without EmbeddingLRGuard, or start a new run from its "
                             f"weights with the guard")
         agree(problems, EmbeddingLRError, "EmbeddingLRGuard cannot run; nothing was changed:")
+        self._created = True
         if any(roles.values()):
             self._fixed = split_param_groups(optimizer, None, roles, factors, self.targets())
             self.record = self._fixed.record()
@@ -245,6 +247,9 @@ class EmbeddingLRGuard(Guard):
     def _deepspeed_train_begin(self, args, state, model, optimizer, lr_scheduler) -> None:
         live = unwrap_optimizer(optimizer).param_groups  # DeepSpeed's: the Trainer's group dicts, flat params
         if self._fixed is None:
+            if self._created:  # the Trainer's optimizer holds no trainable embedding/head parameter
+                self._absent({})
+                return
             if self._absent(embedding_parameters(model)):
                 return
             cfg = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}

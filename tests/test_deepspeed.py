@@ -143,3 +143,22 @@ def test_integrity_doctor_and_resume_see_a_flipped_bit_in_a_rank_file(zero):
         assert f["guard_error"] and f["steps_run"] == 0, f
         assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in f["message"]
     assert r0["flipped"]["error"] == r1["flipped"]["error"]
+
+
+def test_untrained_tokens_found_and_fixed_under_zero(zero):
+    """Rows 5, 63 and 100 are zero (under ZeRO-3 row 63 is split between the ranks' flat partitions), the data uses
+    63 and 100: every rank finds all three from its partition's row peaks (ZeRO-3: was nothing found, the local data
+    being empty), fixes 63 and 100 to the mean of the 124 trained rows and leaves 5, in the weight AND in the
+    optimizer's fp32 copy (else the first step writes the zero rows back: ZeRO-1/2's fp32 master is a copy too)."""
+    stage, out, (r0, r1) = zero
+    for r in (r0, r1):
+        k = r["tokens"]
+        _ok(k)
+        assert k["step"] == 1 and k["found"] == {"input embedding": [5, 63, 100]}
+        assert k["weight_fixed_are_mean"] == k["fp32_fixed_are_mean"] == [True, True]
+        assert k["weight_row5_zero"] and k["fp32_row5_zero"]
+    assert r0["tokens"]["report"] == r1["tokens"]["report"] == [
+        "input embedding: 3 row(s) look never trained (~0): ids [5, 63, 100]",
+        "training data (all 16 examples, 256 tokens) uses: id 63 x3, id 100 x16",
+        "fixed: input embedding rows [63, 100] set to the mean of 124 trained rows",
+    ]

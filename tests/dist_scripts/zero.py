@@ -13,6 +13,11 @@ One launch per ZeRO stage runs every phase, each under a watchdog (a rank left w
   counted, and the fingerprints of the final full models (ZeRO-3 partitions gathered).
 - ``diverge`` (stage 2 only): ReplicaDivergenceGuard(every=1) and rank 1 nudging one element of one weight after
   step 2 (as tests/dist_scripts/diverge.py does under DDP): every rank must raise ReplicaDivergenceError at step 2.
+- ``tokens``: UntrainedTokensGuard(mode="fix") on a tied Llama (vocab 127, hidden 36: under ZeRO-3 row 63 is split
+  between the two ranks' flat partitions) whose embedding rows 5, 63 and 100 are zero and whose data uses 63 and
+  100. Records the guard's report and, right after the guard ran at train begin, rows 5, 63, 100 of the full
+  embedding (ZeRO-3: gathered) and of the optimizer's fp32 copy (``deepspeed.utils.safe_get_full_fp32_param``),
+  next to the mean of the trained rows of the unwrapped weight; then one training step.
 - ``flipped``: rank 0 copies checkpoint-2 to OUT/flipped/checkpoint-2 and flips one bit in the tensor data of
   ``global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt``; every rank then resumes from the copy with the default
   guards: records the error each rank raised and how many optimizer steps ran.
@@ -107,6 +112,42 @@ def diverge(out: str, stage: int, rec: dict) -> None:
                saved=sorted(os.listdir(os.path.join(out, "diverge"))))
 
 
+def tokens(out: str, stage: int, rec: dict) -> None:
+    import contextlib
+
+    import deepspeed
+    from datasets import Dataset
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    model = tiny_model("llama-tied", seed=0, vocab_size=127, hidden=36)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[[5, 63, 100]] = 0
+    keep = [i for i in range(emb.shape[0]) if i not in (5, 63, 100)]
+    expected = emb[keep].float().mean(dim=0)
+    ids = [[100 if j == 3 else 6 + (7 * i + j) % 90 for j in range(16)] for i in range(16)]  # 63, 100 used; 5 not
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids, "attention_mask": [[1] * 16] * 16})
+
+    class Rows(TrainerCallback):  # after the guard, on every rank at the same point (the gathers are collectives)
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            w = model.get_input_embeddings().weight
+            hp = safe_get_full_fp32_param(w).detach().cpu().float()
+            ctx = deepspeed.zero.GatheredParameters([w]) if hasattr(w, "ds_id") else contextlib.nullcontext()
+            with ctx:
+                lp = w.data.detach().cpu().float().clone()
+            for name, full in (("weight", lp), ("fp32", hp)):
+                rec[f"{name}_shape"] = list(full.shape)
+                rec[f"{name}_fixed_are_mean"] = [bool(torch.allclose(full[i], expected, rtol=1e-5, atol=1e-7))
+                                                 for i in (63, 100)]
+                rec[f"{name}_row5_zero"] = bool(full[5].abs().max() == 0)
+
+    guard = trainer_guard.UntrainedTokensGuard(mode="fix")
+    t = Trainer(model=model, args=ds_args(os.path.join(out, "tokens"), stage, max_steps=1, save_steps=10),
+                train_dataset=data, callbacks=[guard, Rows()])
+    t.train()
+    rec.update(report=guard.report(), found=guard.found["untrained"], step=t.state.global_step)
+
+
 def flipped(out: str, stage: int, config: str, rec: dict) -> None:
     copy = os.path.join(out, "flipped", "checkpoint-2")
     if RANK == 0:
@@ -131,6 +172,7 @@ def main(out: str, results: str, stage: str, config: str) -> None:
     phases = [("guards", lambda rec: guards(out, stage_n, config, rec))]
     if stage_n == 2:
         phases.append(("diverge", lambda rec: diverge(out, stage_n, rec)))
+    phases.append(("tokens", lambda rec: tokens(out, stage_n, rec)))
     phases.append(("flipped", lambda rec: flipped(out, stage_n, config, rec)))
     for name, phase in phases:
         rec = result[name] = {"error": None}

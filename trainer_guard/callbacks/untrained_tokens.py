@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .._dist import agree, gather, world_size
+from ..core.sharding import full_shape
 from ..core.tokens import count_token_ids, set_rows_to_trained_mean, template_token_ids, untrained_rows
 from ..errors import UntrainedTokensError
 from .base import Guard
@@ -141,7 +142,7 @@ class UntrainedTokensGuard(Guard):
                 for label, module, w, _, _, used_rows in tables}
         ids = sorted({i for r in rows.values() for i in r})
         self.found = {"untrained": rows, "data": {}, "template": {}}
-        n_rows = next((w.shape[0] for label, _, w, _, _, _ in tables if label == "input embedding"), None)
+        n_rows = next((full_shape(w)[0] for label, _, w, _, _, _ in tables if label == "input embedding"), None)
         overflow = _tokenizer_overflow(tokenizer, n_rows)
         if o["mode"] == "raise":  # every rank (the same tokenizer and model): none is left in a gather
             agree([overflow] if overflow else [], UntrainedTokensError)

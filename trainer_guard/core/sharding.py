@@ -15,6 +15,10 @@ are whole replicas, and a guard that skipped "because FSDP" would skip a run it 
 - :func:`row_layout`: where this rank's rows of an FSDP2 ``Shard(0)`` tensor sit in the full tensor.
 - :func:`gather_rows`: the full per-row vector of a row-sharded tensor from each rank's values for its own rows
   (an all-gather of one small value per row, never of the tensor).
+- :func:`is_zero3`, :func:`zero3_span`, :func:`full_shape`: a DeepSpeed ZeRO-3 parameter, this rank's contiguous
+  range of its flattened elements, and its full shape (its ``.shape`` is empty outside forward/backward).
+  ZeRO-1/2 parameters are whole tensors on every rank (only optimizer state and gradients are partitioned):
+  nothing here treats them as shards.
 
 Every function that takes ``gather`` runs a collective through it (default :func:`trainer_guard._dist.gather`):
 every rank must call it at the same point, with the same tensors in the same order.
@@ -39,7 +43,7 @@ from torch import nn
 from ..errors import TrainerGuardError
 
 __all__ = ["WRAPPERS", "is_shard", "is_dtensor", "engine", "is_sharded", "replicated", "agreed_sharded", "is_row_sharded", "RowLayout", "row_layout",
-           "gather_rows", "local_part", "resolve_gather"]
+           "gather_rows", "local_part", "resolve_gather", "is_zero3", "zero3_span", "full_shape"]
 
 # Module classes (anywhere in the MRO) whose parameters are shards: FSDP1, FSDP2 (``fully_shard`` makes a subclass
 # of FSDPModule), DeepSpeed's engine. FSDP1 with use_orig_params exposes plain Parameters that are views of the shard.
@@ -90,13 +94,28 @@ def engine() -> str | None:
     return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(kind)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """True when this rank's ``model`` is wrapped by FSDP/DeepSpeed or holds shards (see :func:`is_shard`).
+def _wraps_shards(module: nn.Module) -> bool:
+    """``module`` is one of :data:`WRAPPERS`; a ``DeepSpeedEngine`` only when it partitions the parameters (ZeRO-3):
+    under ZeRO-1/2 every rank holds every parameter whole, a replica like DDP's."""
+    names = {c.__name__ for c in type(module).__mro__}
+    if not names & WRAPPERS:
+        return False
+    if names & WRAPPERS == {"DeepSpeedEngine"}:
+        try:
+            return bool(module.zero_optimization_partition_weights())
+        except Exception:  # an engine without ZeRO's API: count it as sharding, as before
+            return True
+    return True
 
-    Local knowledge: ranks may disagree (a model wrapped on some ranks only); a decision that leads to a
-    collective must go through :func:`agreed_sharded`.
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when this rank's ``model`` is wrapped by FSDP / DeepSpeed ZeRO-3 or holds shards (see :func:`is_shard`).
+
+    A DeepSpeed ZeRO-1/2 engine is not sharding: its parameters are whole on every rank. Local knowledge: ranks may
+    disagree (a model wrapped on some ranks only); a decision that leads to a collective must go through
+    :func:`agreed_sharded`.
     """
-    if any(c.__name__ in WRAPPERS for m in model.modules() for c in type(m).__mro__):
+    if any(_wraps_shards(m) for m in model.modules()):
         return True
     return any(is_shard(p) for p in model.parameters())
 
@@ -203,3 +222,34 @@ def gather_rows(local: torch.Tensor, t: Any, gather: Callable[[Any], list[Any]] 
         raise TrainerGuardError(f"the ranks' shards hold {full.shape[0]} rows of a tensor of {t.shape[0]}: not a "
                                 f"row split of it")
     return full
+
+
+def is_zero3(t: Any) -> bool:
+    """A DeepSpeed ZeRO-3 parameter: ``ds_id`` and its local partition ``ds_tensor`` (the parameter's own data is
+    empty outside forward/backward)."""
+    return hasattr(t, "ds_id") and getattr(t, "ds_tensor", None) is not None
+
+
+def full_shape(t: Any) -> torch.Size:
+    """The shape of the whole tensor: ``ds_shape`` for a ZeRO-3 parameter, else ``t.shape`` (a DTensor's is whole).
+
+    Example:
+        >>> full_shape(torch.zeros(3, 2))
+        torch.Size([3, 2])
+    """
+    return torch.Size(t.ds_shape) if is_zero3(t) else t.shape
+
+
+def zero3_span(t: Any) -> tuple[torch.Tensor, int] | None:
+    """``(values, first)`` for a DeepSpeed ZeRO-3 parameter: this rank's elements of the flattened full tensor (a
+    view of its partition, the padding of the last one cut off) and the index of the first of them. Rank ``r`` of
+    the parameter's partition group holds elements ``[r*P, (r+1)*P)``, ``P`` the partition size. ``None`` (no
+    collective) for any other tensor."""
+    if not is_zero3(t):
+        return None
+    part = t.ds_tensor.detach().view(-1)
+    group = getattr(t, "ds_process_group", None)
+    pos = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
+    first = pos * part.numel()
+    n = max(0, min(part.numel(), int(t.ds_numel) - first))
+    return part[:n], first

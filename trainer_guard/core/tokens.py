@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from ..errors import TrainerGuardError
-from .sharding import gather_rows, is_row_sharded, is_shard, local_part, resolve_gather, row_layout
+from .sharding import (full_shape, gather_rows, is_row_sharded, is_shard, local_part, resolve_gather, row_layout,
+                       zero3_span)
 
 __all__ = ["untrained_rows", "TokenScan", "count_token_ids", "template_token_ids", "set_rows_to_trained_mean"]
 
@@ -55,26 +56,60 @@ def untrained_rows(weight: torch.Tensor, rtol: float = 1e-3, atol: float = 0.0,
     Sharded weights (FSDP2 ``Shard(0)`` DTensor): each rank takes the peaks of its own rows and the ranks exchange
     them (one all-gather of one float per row, through ``gather``, default :func:`trainer_guard._dist.gather`), so
     every rank returns the same rows; every rank must call this at the same point. A DTensor split another way is
-    gathered whole first. DeepSpeed ZeRO-3 parameters (no local rows) give ``[]``.
+    gathered whole first. DeepSpeed ZeRO-3 parameters: each rank takes the peaks of the (whole or partial) rows of
+    its flat partition and the ranks exchange them (one all-gather of about ``rows / N + 1`` floats per rank), so
+    every rank returns the same rows without gathering the table.
 
     Example:
         >>> w = torch.randn(6, 4); w[[2, 5]] = 0
         >>> untrained_rows(w, overrides=([5], torch.ones(1, 4)))
         [2]
     """
-    if weight.dim() != 2 or weight.shape[0] == 0 or weight.device.type == "meta":
+    shape = full_shape(weight)
+    if len(shape) != 2 or shape[0] == 0 or weight.device.type == "meta":
         return []
-    if is_shard(weight) and not is_row_sharded(weight):
-        if not hasattr(weight, "full_tensor"):  # ZeRO-3 / FSDP1 flat parameters: no rows here
-            return []
-        weight = weight.full_tensor()  # a placement other than FSDP2's (same on every rank): the whole table
-    peaks = gather_rows(_row_peaks(local_part(weight)), weight, gather)
+    span = zero3_span(weight)
+    if span is not None:  # DeepSpeed ZeRO-3: rows of a flat partition
+        peaks = _zero3_row_peaks(*span, shape, gather)
+    else:
+        if is_shard(weight) and not is_row_sharded(weight):
+            if not hasattr(weight, "full_tensor"):  # FSDP1 flat parameters: no rows here
+                return []
+            weight = weight.full_tensor()  # a placement other than FSDP2's (same on every rank): the whole table
+        peaks = gather_rows(_row_peaks(local_part(weight)), weight, gather)
     if overrides is not None and len(overrides[0]):
         ids, rows = overrides
         rows = rows.full_tensor() if hasattr(rows, "full_tensor") else rows
         peaks[torch.as_tensor(list(ids), dtype=torch.long)] = rows.detach().abs().amax(dim=1).float().cpu()
     threshold = max(atol, rtol * float(peaks.median()))
     return torch.nonzero(peaks <= threshold).flatten().tolist()
+
+
+def _zero3_row_peaks(values: torch.Tensor, first: int, shape: torch.Size,
+                     gather: Callable[[Any], list[Any]] | None) -> torch.Tensor:
+    """Max ``|w|`` of every row of a ZeRO-3 parameter of ``shape`` from each rank's flat elements ``values``
+    starting at element ``first``: each rank sends ``(first row, peaks of the rows it touches)``, a row split
+    between two ranks takes the larger of their peaks."""
+    n_rows, n_cols = int(shape[0]), int(shape[1])
+    mine: tuple[int, torch.Tensor] = (0, torch.zeros(0))
+    if values.numel():
+        row0, last = first // n_cols, (first + values.numel() - 1) // n_cols
+        peaks = torch.zeros(last - row0 + 1)
+        head = min((-first) % n_cols, values.numel())  # the end of a row begun on the rank before
+        if head:
+            peaks[0] = values[:head].abs().max().float().cpu()
+        whole = (values.numel() - head) // n_cols
+        if whole:
+            at = 1 if head else 0
+            peaks[at:at + whole] = _row_peaks(values[head:head + whole * n_cols].view(whole, n_cols))
+        tail = values[head + whole * n_cols:]  # the start of a row the next rank ends
+        if tail.numel():
+            peaks[-1] = torch.maximum(peaks[-1], tail.abs().max().float().cpu())
+        mine = (row0, peaks)
+    full = torch.zeros(n_rows)
+    for row0, peaks in resolve_gather(gather)(mine):
+        full[row0:row0 + len(peaks)] = torch.maximum(full[row0:row0 + len(peaks)], peaks)
+    return full
 
 
 def _row_peaks(weight: torch.Tensor) -> torch.Tensor:
@@ -296,9 +331,17 @@ def set_rows_to_trained_mean(weight: torch.Tensor, rows: Sequence[int], untraine
     (one all-gather of a row-sized vector and the row counts, through ``gather``) and each rank writes the rows it
     holds; every rank must call this at the same point with the same rows.
 
+    DeepSpeed: a ZeRO-3 parameter's rows are written where each rank's flat partition holds them (the trained
+    rows' sums combined like FSDP2's, one all-gather of a row-sized vector); the optimizer's fp32 copy (ZeRO-1/2's
+    fragment of a whole parameter, ZeRO-3's partition) gets the same rows, else the optimizer's next step would
+    write the old rows back.
+
     Raises:
         TrainerGuardError: a sharded weight split another way than FSDP2's rows (nothing written).
     """
+    span = zero3_span(weight)
+    if span is not None:
+        return _zero3_set_rows(weight, *span, rows, untrained, gather)
     layout = None
     if is_shard(weight):
         layout = row_layout(weight, gather)
@@ -327,4 +370,48 @@ def set_rows_to_trained_mean(weight: torch.Tensor, rows: Sequence[int], untraine
     mine = [r - start for r in idx if start <= r < start + n_local]
     if n and mine:
         local[torch.tensor(mine, device=local.device)] = (total / n).to(local.dtype)
+    mapping = getattr(weight, "_hp_mapping", None)
+    if n and idx and mapping is not None:  # DeepSpeed ZeRO-1/2: this rank's fragment of the optimizer's fp32 copy
+        _write_rows(mapping.get_hp_fragment().view(-1), mapping.lp_fragment_address.start, weight.shape[1], idx,
+                    total.cpu() / n)
+    return n
+
+
+def _write_rows(flat: torch.Tensor, first: int, n_cols: int, rows: Sequence[int], value: torch.Tensor) -> None:
+    """Set the elements of ``rows`` (of a row-major table with ``n_cols`` columns) that the flat range ``flat``,
+    starting at element ``first``, holds to the matching columns of ``value``."""
+    end = first + flat.numel()
+    for r in rows:
+        a, b = max(r * n_cols, first), min((r + 1) * n_cols, end)
+        if a < b:
+            flat[a - first:b - first] = value[a - r * n_cols:b - r * n_cols].to(flat.device, flat.dtype)
+
+
+def _zero3_set_rows(weight: Any, values: torch.Tensor, first: int, rows: Sequence[int], untrained: Sequence[int],
+                    gather: Callable[[Any], list[Any]] | None) -> int:
+    """:func:`set_rows_to_trained_mean` for a DeepSpeed ZeRO-3 parameter (``values``: this rank's flat elements
+    from element ``first``)."""
+    n_rows, n_cols = (int(d) for d in weight.ds_shape)
+    idx = sorted({int(r) for r in rows})
+    skip = torch.zeros(n_rows, dtype=torch.bool)
+    skip[idx] = True
+    skip[list(untrained)] = True
+    total = torch.zeros(n_cols, dtype=torch.float32)
+    block = _ROW_BLOCK * n_cols
+    for a in range(0, values.numel(), block):
+        elems = torch.arange(first + a, first + min(a + block, values.numel()))
+        keep = ~skip[elems // n_cols]
+        total.index_add_(0, (elems % n_cols)[keep], values[a:a + block].float().cpu()[keep])
+    total = sum(resolve_gather(gather)(total), torch.zeros(n_cols))
+    n = int((~skip).sum())
+    if n and idx:
+        mean = total / n
+        _write_rows(values, first, n_cols, idx, mean)
+        optimizer = getattr(weight, "_z3_optimizer", None)
+        if optimizer is not None and weight.requires_grad:  # the fp32 partition the optimizer steps
+            hp = optimizer.get_local_fp32_param(weight)
+            if hp is not None:
+                hp = hp.detach().clone().view(-1)
+                _write_rows(hp[:values.numel()], first, n_cols, idx, mean)
+                optimizer.set_local_hp_param(hp, weight)
     return n

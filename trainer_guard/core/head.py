@@ -30,7 +30,8 @@ import json
 import os
 from typing import Any
 
-from ..errors import SafetensorsFormatError, UsageError
+from ..checkpoint.sharded import dcp_dirs, sharded_index
+from ..errors import IntegrityError, SafetensorsFormatError, UsageError
 from ..formats.safetensors import as_path, read_header, read_weight_map, safetensors_files
 
 __all__ = ["missing_head_problems", "stored_tensor_names", "head_tensor_names", "model_class"]
@@ -40,8 +41,8 @@ _COMMON_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
 
 
 def stored_tensor_names(directory: str | os.PathLike) -> set[str] | None:
-    """Names of the tensors a model directory stores (headers and index files only), or ``None`` if it has no
-    weight files.
+    """Names of the tensors a model directory stores (headers, index files, an FSDP checkpoint's DCP metadata), or
+    ``None`` if it has no weight files.
 
     Raises:
         UsageError: a weight file or shard index is unreadable or malformed (names it).
@@ -59,6 +60,12 @@ def stored_tensor_names(directory: str | os.PathLike) -> set[str] | None:
         except SafetensorsFormatError as e:
             raise UsageError(f"{fname} in {directory} is not a readable safetensors file ({e.brief}); re-save the "
                              f"checkpoint or check it with `trainer-guard doctor`") from None
+        found = True
+    if not found and dcp_dirs(directory):  # FSDP SHARDED_STATE_DICT: the names in the DCP metadata
+        try:
+            names.update(sharded_index(directory))
+        except IntegrityError as e:
+            raise UsageError(str(e)) from None
         found = True
     if not found:
         for fname in (f for f in files if f.endswith(".bin") and "model" in f):

@@ -6,6 +6,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# With DeepSpeed installed (the test extra, .ci/run), transformers' save/load paths import it, and on a host without
+# a GPU it prints "Setting accelerator to CPU ..." to stdout unless told which accelerator to use: tests that read a
+# command's output would see it. CI has no GPU; the DeepSpeed tests set the same.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest
 import torch

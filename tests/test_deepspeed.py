@@ -103,13 +103,29 @@ def test_default_guards_train_stop_resume_bit_identically(zero):
     assert rep["DtypeGuard"] == [] and rep["HeadGuard"] == [] and rep["UntrainedTokensGuard"] == []
     assert rep["UpdateAuditGuard"] == [] if stage == 2 else rep["UpdateAuditGuard"] == [
         "20 sharded (FSDP/ZeRO-3), meta or empty parameters are not audited"]
+    skipped = ["replica check skipped: sharded parameters (FSDP/ZeRO-3), no replicas to compare"]
+    for g in (g0, g1):
+        # ZeRO-2's engine is no shard: checked like the bare model (was: any DeepSpeedEngine counted as sharding)
+        assert g["engine_is_sharded"] is (stage == 3)
+        assert g["audited"] == (20 if stage == 2 else 0)  # every parameter audited under ZeRO-2
     if stage == 2:  # whole replicas: compared at every step (train end: the last step was just checked)
         assert rep["ReplicaDivergenceGuard"] == []
         assert (g0["checks_run1"], g0["checks_run2"], g0["checks_straight"]) == (2, 2, 4)
+        assert g0["engine_check"] == g1["engine_check"] is not None and g0["engine_report"] == []
     else:
-        assert rep["ReplicaDivergenceGuard"] == [
-            "replica check skipped: sharded parameters (FSDP/ZeRO-3), no replicas to compare"]
+        assert rep["ReplicaDivergenceGuard"] == skipped
         assert g0["checks_run2"] == g0["checks_straight"] == 0
+        assert g0["engine_check"] is None and g0["engine_report"] == skipped
+
+
+def test_zero2_update_audit_stops_every_rank_for_a_norm_left_out_of_the_optimizer(zero):
+    stage, out, (r0, r1) = zero
+    if stage != 2:
+        pytest.skip("ZeRO-3 parameters are not audited (one note, asserted above)")
+    a0, a1 = r0["audit"], r1["audit"]
+    assert a0 == a1  # same error, same step, same message on both ranks
+    assert a0["error"] == "UpdateAuditError" and a0["step"] == 0
+    assert "trainable but unchanged: 1 tensor (32 values) in model.norm - not in any optimizer group" in a0["message"]
 
 
 def test_zero2_replica_check_catches_a_nudged_rank(zero):

@@ -10,9 +10,13 @@ One launch per ZeRO stage runs every phase, each under a watchdog (a rank left w
   (max_steps=4) stops after checkpoint-2 (a preempted job); run 2 builds a fresh model (another seed) and Trainer and
   resumes from checkpoint-2 to step 4; run 3 trains 4 steps uninterrupted into OUT/straight. Records what wraps the
   model (DeepSpeedEngine, ZeRO stage, partitions), the checkpoint's files, each guard's report, the replica checks
-  counted, and the fingerprints of the final full models (ZeRO-3 partitions gathered).
+  counted, how many parameters UpdateAuditGuard audits, and the fingerprints of the final full models (ZeRO-3
+  partitions gathered). Then ReplicaDivergenceGuard.check on the DeepSpeedEngine itself (what the Trainer calls
+  ``model_wrapped``): ZeRO-2's engine holds whole replicas, compared like the bare model.
 - ``diverge`` (stage 2 only): ReplicaDivergenceGuard(every=1) and rank 1 nudging one element of one weight after
   step 2 (as tests/dist_scripts/diverge.py does under DDP): every rank must raise ReplicaDivergenceError at step 2.
+- ``audit`` (stage 2 only): UpdateAuditGuard(every=1) with ``model.norm.weight`` left out of the optimizer the Trainer
+  hands to DeepSpeed: every rank must stop with the same UpdateAuditError at the first step.
 - ``tokens``: UntrainedTokensGuard(mode="fix") on a tied Llama (vocab 127, hidden 36: under ZeRO-3 row 63 is split
   between the two ranks' flat partitions) whose embedding rows 5, 63 and 100 are zero and whose data uses 63 and
   100. Records the guard's report and, right after the guard ran at train begin, rows 5, 63, 100 of the full
@@ -38,6 +42,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 import trainer_guard  # noqa: E402
 from trainer_guard._dist import barrier  # noqa: E402
+from trainer_guard.core.sharding import is_sharded  # noqa: E402
 from trainer_guard.errors import TrainerGuardError  # noqa: E402
 from trainer_guard.tiny import tiny_dataset, tiny_model  # noqa: E402
 
@@ -69,6 +74,18 @@ class Steps(TrainerCallback):
         self.n += 1
 
 
+class Audited(TrainerCallback):
+    """Records how many parameters the Trainer's UpdateAuditGuard audits (after its first step)."""
+
+    def __init__(self, rec: dict, guards: list):
+        self.rec = rec
+        self.guard = next(cb for cb in guards if type(cb).__name__ == "UpdateAuditGuard")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.guard.audit is not None:
+            self.rec["audited"] = len(self.guard.audit.params)
+
+
 class Nudge(TrainerCallback):
     """On rank 1 only, add 1e-3 to one element of TARGET after optimizer step ``at`` (before the guard's check)."""
 
@@ -95,10 +112,32 @@ def guards(out: str, stage: int, config: str, rec: dict) -> None:
     t2.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
     rec.update(step_run2=t2.state.global_step, reports=reports(t2), checks_run2=replica_checks(t2),
                fingerprint=gathered_fingerprint(t2.model))
-    t3 = build(os.path.join(out, "straight"), stage, seed=0, callbacks=cbs())
+    cb3 = cbs()
+    t3 = build(os.path.join(out, "straight"), stage, seed=0, callbacks=cb3 + [Audited(rec, cb3)])
     t3.train()
     rec.update(step_straight=t3.state.global_step, reports_straight=reports(t3), checks_straight=replica_checks(t3),
                fingerprint_straight=gathered_fingerprint(t3.model))
+    engine_guard = trainer_guard.ReplicaDivergenceGuard()
+    rec.update(engine_is_sharded=is_sharded(t3.model_wrapped),
+               engine_check=engine_guard.check(t3.model_wrapped, t3.state.global_step), engine_report=engine_guard.report())
+
+
+def audit(out: str, stage: int, rec: dict) -> None:
+    class NoNorm(Trainer):
+        def create_optimizer(self, model=None):
+            params = [p for n, p in self.model.named_parameters() if n != "model.norm.weight"]
+            self.optimizer = torch.optim.AdamW(params, lr=self.args.learning_rate, weight_decay=0.0)
+            return self.optimizer
+
+    guard = trainer_guard.UpdateAuditGuard(every=1)
+    model = tiny_model("llama-tied", seed=0)
+    t = NoNorm(model=model, args=ds_args(os.path.join(out, "audit"), stage, max_steps=3, save_steps=10),
+               train_dataset=tiny_dataset(32, 16, model.config.vocab_size), callbacks=[guard])
+    try:
+        t.train()
+    except trainer_guard.UpdateAuditError as e:
+        rec.update(error=type(e).__name__, message=str(e))
+    rec.update(step=t.state.global_step)
 
 
 def diverge(out: str, stage: int, rec: dict) -> None:
@@ -172,6 +211,7 @@ def main(out: str, results: str, stage: str, config: str) -> None:
     phases = [("guards", lambda rec: guards(out, stage_n, config, rec))]
     if stage_n == 2:
         phases.append(("diverge", lambda rec: diverge(out, stage_n, rec)))
+        phases.append(("audit", lambda rec: audit(out, stage_n, rec)))
     phases.append(("tokens", lambda rec: tokens(out, stage_n, rec)))
     phases.append(("flipped", lambda rec: flipped(out, stage_n, config, rec)))
     for name, phase in phases:

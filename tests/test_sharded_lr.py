@@ -133,7 +133,8 @@ def test_tied_embedding_is_one_dtensor_in_one_group_under_fsdp2(ranks):
 def test_tie_guards_train_save_resume_a_full_state_dict_checkpoint_under_fsdp2(ranks):
     """FULL_STATE_DICT: the Trainer gathers each name's full tensor, so model.safetensors holds the tied weight
     under both names. TiedWeightsGuard's tie record says it was tied: the resume is not refused as 'trained
-    untied' (it was, on every rank), and the resumed model is still tied."""
+    untied' (it was, on every rank), and the resumed model is still tied. Without the record (saved without the
+    guard) the values decide: equal under both names, one tie."""
     _, r0, r1 = ranks
     _no_error(ranks, "full")
     f0, f1 = r0["full"], r1["full"]
@@ -147,6 +148,14 @@ def test_tie_guards_train_save_resume_a_full_state_dict_checkpoint_under_fsdp2(r
             assert rep["HeadGuard"] == []
             assert rep["EmbeddingLRGuard"] == [f"tied: {EMB} = {HEAD} at 0.1 x the LR of param group 0 (peak lr 0.001)"]
     assert f0["fingerprint"] == f1["fingerprint"]
+    # saved without TiedWeightsGuard (no tie record): the same values under both names make it one tie saved twice
+    for f in (f0, f1):
+        n = f["norecord"]
+        assert n["step"] == 4 and n["tied"] and n["fingerprint"] == f0["fingerprint"]  # = the resume with a record
+        assert n["reports"]["TiedWeightsGuard"] == [
+            f"checkpoint-2 stores the tie ['{EMB}', '{HEAD}'] under each name with the same values (a gathered "
+            f"save, e.g. FSDP's FULL_STATE_DICT): resumed tied", f"tied groups: [['{EMB}', '{HEAD}']]"]
+        assert n["reports"]["HeadGuard"] == []
     for key in ("reports_run1", "reports"):
         assert {k: v for k, v in f0[key].items() if k != "IntegrityGuard"} == \
                {k: v for k, v in f1[key].items() if k != "IntegrityGuard"}

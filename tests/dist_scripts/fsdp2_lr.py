@@ -16,7 +16,8 @@ Phases, each under a watchdog (a rank left waiting in a collective writes ``hung
   same model asked for two rates (``embed_ratio=0.1, head_ratio=0.5``): the error, on every rank.
 - ``full``: a tied Llama with TiedWeightsGuard, HeadGuard and IntegrityGuard (and EmbeddingLRGuard), with
   ``state_dict_type="FULL_STATE_DICT"``: train to checkpoint-2 (stop), resume in a fresh Trainer to step 4; records
-  the checkpoint's files and safetensors keys, each guard's report, any error.
+  the checkpoint's files and safetensors keys, each guard's report, any error. Then the same checkpoint without
+  TiedWeightsGuard's tie record (``norecord``: as saved without the guard), resumed with it.
 """
 
 from __future__ import annotations
@@ -166,6 +167,23 @@ def full(out: str, result: dict) -> None:
     rec["reports"] = {type(cb).__name__: cb.report() for cb in c2}
     rec["fingerprint"] = full_fingerprint(t2.model)
     rec["tied_after_resume"] = t2.model.get_input_embeddings().weight is t2.model.get_output_embeddings().weight
+    # the same checkpoint saved without TiedWeightsGuard (no tie record): the values under both names decide
+    import shutil
+
+    from _common import RANK
+    from trainer_guard._dist import barrier
+
+    copy = os.path.join(out, "norecord", "checkpoint-2")
+    if RANK == 0:
+        shutil.copytree(ck, copy)
+        os.remove(os.path.join(copy, "trainer_guard_ties.json"))
+    barrier()
+    c3 = [trainer_guard.TiedWeightsGuard(), trainer_guard.HeadGuard(), EmbeddingLRGuard(ratio=0.1)]
+    t3 = build(1, c3)
+    t3.train(resume_from_checkpoint=copy)
+    rec["norecord"] = {"step": t3.state.global_step, "reports": {type(cb).__name__: cb.report() for cb in c3},
+                       "fingerprint": full_fingerprint(t3.model),
+                       "tied": t3.model.get_input_embeddings().weight is t3.model.get_output_embeddings().weight}
 
 
 PHASES = {"untied": untied, "tied": tied, "full": full}

@@ -24,6 +24,7 @@ from ..core.ties import (
     dedupe_state_dict,
     find_tied_groups,
     restore_ties,
+    stored_alike,
     ties_record,
     tied_now_untied_then,
     tied_then_untied_now,
@@ -163,8 +164,18 @@ class TiedWeightsGuard(Guard):
                 recorded = read_json(record).get("groups", []) if os.path.isfile(record) else []
             except (OSError, ValueError):
                 recorded = []
-            problems = [describe_tie_change(g, where, True, declared_tie(model))
-                        for g in tied_now_untied_then(model, stored, recorded)]
+            changed = []
+            for g in tied_now_untied_then(model, stored, recorded):
+                try:  # no record of how it was saved: the same values under each name are one tie saved twice
+                    alike = stored_alike(ckpt, g)
+                except Exception:  # unreadable weights: the Trainer's load (or IntegrityGuard) reports them
+                    alike = False
+                if alike:
+                    self.note(f"{where} stores the tie {g} under each name with the same values (a gathered save, "
+                              f"e.g. FSDP's FULL_STATE_DICT): resumed tied")
+                else:
+                    changed.append(g)
+            problems = [describe_tie_change(g, where, True, declared_tie(model)) for g in changed]
         agree(problems, TiedWeightsError, "TiedWeightsGuard: the tie of the model differs from the checkpoint's; "
                                           "nothing was loaded")
 

@@ -32,6 +32,7 @@ __all__ = [
     "broken_ties",
     "declared_tie",
     "tied_now_untied_then",
+    "stored_alike",
     "tied_then_untied_now",
     "describe_tie_change",
     "TIES_FILE",
@@ -281,6 +282,36 @@ def tied_now_untied_then(model: nn.Module, stored: Collection[str] | None,
     tied_then = [set(g) for g in recorded or ()]
     return [g for g in find_tied_groups(model)
             if all(n in stored for n in g) and not any(set(g) <= r for r in tied_then)]
+
+
+def stored_alike(directory: str, names: list[str]) -> bool:
+    """Whether the safetensors weights of ``directory`` store every name of ``names`` with one dtype, shape and the
+    same values: one tie saved under each name (FSDP2's FULL_STATE_DICT save gathers a full copy per name), not
+    tensors trained apart. Reads those tensors (only asked when every name of a tie is stored and no tie record
+    says how it was saved). ``False`` when a name is not in a safetensors file.
+
+    Raises:
+        LoadError, OSError: the directory's safetensors files cannot be listed or read.
+    """
+    from safetensors import safe_open
+
+    from .loading import safetensors_files_of
+
+    where: dict[str, str] = {}
+    for f in safetensors_files_of(directory):
+        with safe_open(f, "pt") as h:
+            where.update({n: f for n in names if n in h.keys()})
+    if set(where) != set(names):
+        return False
+    first = None
+    for n in names:
+        with safe_open(where[n], "pt") as h:
+            t = h.get_tensor(n)
+        if first is None:
+            first = t
+        elif t.dtype != first.dtype or t.shape != first.shape or not torch.equal(t, first):
+            return False
+    return True
 
 
 def _embedding_pair(model: nn.Module) -> list[str] | None:

@@ -204,7 +204,7 @@ def test_embedding_lr_guard_refuses_fsdp1_before_changing_anything(monkeypatch):
 
 
 # -- DeepSpeed ZeRO (tests/dist_scripts/zero_lr.py, one launch per stage) ------------------------------------------
-@pytest.fixture(scope="module", params=[(2, "lr", "dsopt"), (3, "lr", "noguard")], ids=["zero2", "zero3"])
+@pytest.fixture(scope="module", params=[(2, "lr", "dsopt"), (3, "lr", "noguard", "tied")], ids=["zero2", "zero3"])
 def zero(request, tmp_path_factory):
     import importlib.util
 
@@ -284,3 +284,20 @@ def test_embedding_lr_under_deepspeed_refuses_what_it_cannot_split(zero):
     else:
         assert rec["step"] == 2  # checkpoint-2's state, not one step further
         assert "checkpoint-2 was trained without EmbeddingLRGuard's groups" in rec["message"]
+
+
+@pytest.mark.slow
+def test_tied_embedding_is_one_group_under_deepspeed_zero3(zero):
+    stage, _, r0, r1 = zero
+    if stage != 3:
+        pytest.skip("the tied run is in the ZeRO-3 launch")
+    for r in (r0, r1):
+        t = r["tied"]
+        assert t["error"] is None, t.get("traceback", t["error"])
+        assert t["tied"] and t["n_params"] == 20
+        assert t["report"] == [f"tied: {EMB} = {HEAD} at 0.1 x the LR of param group 0 (peak lr 0.001)"]
+        for s in t["steps"]:
+            assert [g["role"] for g in s["groups"]] == [None, None, "tied"]
+            assert math.isclose(s["groups"][2]["lr"], 0.1 * s["groups"][0]["lr"], rel_tol=1e-9)
+        assert math.isclose(t["steps"][0]["delta"]["embed"], 1e-3, rel_tol=0.01), t["steps"][0]["delta"]
+        assert math.isclose(t["steps"][0]["delta"]["layer"], 1e-2, rel_tol=0.01), t["steps"][0]["delta"]

@@ -14,6 +14,7 @@ Phases, each under a watchdog (the helpers of ``_deepspeed.py``):
 - ``dsopt``: the same guard with an "optimizer" section in the DeepSpeed config (DeepSpeed builds the optimizer):
   the error, on every rank.
 - ``noguard``: 2 steps and checkpoint-2 without the guard, then a resume of it with the guard: the error.
+- ``tied``: a tied Llama with ``EmbeddingLRGuard(ratio=0.1)``, 2 steps: one parameter, one ``tied`` group.
 """
 
 from __future__ import annotations
@@ -112,7 +113,16 @@ def noguard(out: str, stage: int, rec: dict) -> None:
     rec["step"] = t.state.global_step
 
 
-PHASES = {"lr": lr, "dsopt": dsopt, "noguard": noguard}
+def tied(out: str, stage: int, rec: dict) -> None:
+    guard, r = EmbeddingLRGuard(ratio=0.1), rec
+    t = Trainer(model=tiny_model("llama-tied", seed=0), args=ds_args(out, stage, max_steps=2, save_steps=10),
+                train_dataset=tiny_dataset(32, 16), callbacks=[guard, Probe(r)])
+    t.train()
+    r.update(report=guard.report(), n_params=len(list(t.model.parameters())),
+             tied=t.model.get_input_embeddings().weight is t.model.get_output_embeddings().weight)
+
+
+PHASES = {"lr": lr, "dsopt": dsopt, "noguard": noguard, "tied": tied}
 
 
 def main(out: str, results: str, stage: str, *phases: str) -> None:

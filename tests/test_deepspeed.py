@@ -69,7 +69,9 @@ def test_the_run_really_is_zero2_or_zero3(zero):
                        for n in g["partition_numel"])
             assert g["global_step2"] == [f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1)
                                          for k in ("model", "optim")]
-        assert {"global_step2", "latest", "trainer_state.json", "zero_to_fp32.py"} <= set(g["checkpoint"])
+        # ZeRO-3 too: stage3_gather_16bit_weights_on_model_save gathers the weights into model.safetensors
+        assert {"global_step2", "latest", "trainer_state.json", "zero_to_fp32.py", "model.safetensors"} <= set(
+            g["checkpoint"])
     for f in ranks[0]["guards"]["global_step2"]:
         assert os.path.isfile(os.path.join(out, "checkpoint-2", "global_step2", f))
     # each rank writes its own optimizer partition (and, under ZeRO-3, its model partition); rank 1 nothing else

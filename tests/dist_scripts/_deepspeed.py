@@ -23,11 +23,13 @@ from _fsdp import watchdog  # noqa: F401  (the same watchdog)
 
 
 def ds_config(stage: int) -> dict:
-    """fp32 ZeRO-``stage`` config; no ``optimizer``/``scheduler`` entry: the Trainer creates its own."""
+    """fp32 ZeRO-``stage`` config; no ``optimizer``/``scheduler`` entry: the Trainer creates its own. ZeRO-3 gathers
+    the weights into ``model.safetensors`` at each save (``stage3_gather_16bit_weights_on_model_save``, as the
+    Hugging Face docs advise), besides the rank files of ``global_stepN/``."""
     zero: dict = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
                   "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
     if stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0,
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=0,
                     stage3_prefetch_bucket_size=1e6)
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "train_batch_size": "auto", "zero_optimization": zero,

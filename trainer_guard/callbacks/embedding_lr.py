@@ -8,7 +8,14 @@ them back (every parameter to its place, moments untouched) at ``on_step_end``, 
 layout everywhere but inside the optimizer and scheduler steps, and the Trainer itself writes ``optimizer.pt``/
 ``scheduler.pt`` in it. A save found with the groups split anyway makes ``on_save`` rewrite both files atomically
 into that layout. Each checkpoint gets ``trainer_guard_embedding_lr.json`` describing the split; on resume the split
-is simply made again."""
+is simply made again.
+
+Sharded runs: under FSDP2 the optimizer holds the model's DTensor parameters (accelerate's ``prepare`` switches the
+Trainer's optimizer to them), so the split above works unchanged and ``optimizer_0/`` is written in the Trainer's
+layout. DeepSpeed ZeRO flattens each param group into one partition when it wraps the optimizer, so there the groups
+are split once, as the Trainer creates its optimizer (``before_optimizer_create``), and stay split for the run and in
+its checkpoints. FSDP1 (flat parameters) and a DeepSpeed-built optimizer (an "optimizer" section in its config) are
+refused with the reason."""
 
 from __future__ import annotations
 

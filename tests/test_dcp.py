@@ -168,3 +168,23 @@ def test_each_rank_names_the_files_it_wrote_and_the_writer_takes_their_checksums
     again = describe_files(ckpt, manifest, known={"rng_state_1.pth": (4, 0xABC)})
     path = os.path.join(ckpt, "rng_state_1.pth")
     assert again["rng_state_1.pth"]["checksum"] == f"{bytes_checksums([path])[path]:016x}"
+
+
+def test_a_resume_check_takes_the_checksums_each_rank_read_of_its_own_files(ckpt):
+    """At a resume every rank checksums the shard files it wrote (rank_files) and the writing rank compares those
+    values with the manifest instead of reading every rank's files itself: a flipped bit is found either way."""
+    from trainer_guard.checksum.disk import bytes_checksums
+    from trainer_guard.checkpoint.choose import pick_checkpoint
+
+    rel = "pytorch_model_fsdp_0/__0_0.distcp"
+    path = os.path.join(ckpt, *rel.split("/"))
+    with open(path, "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 4]))
+    size = os.path.getsize(path)
+    read_there = bytes_checksums([path])[path]  # what the rank that wrote it reads now
+    for known in (None, {rel: (size, read_there)}, {rel: (size + 1, 0)}):  # (a stale size is read here again)
+        picked = pick_checkpoint(os.path.dirname(ckpt), ckpt, known=known)
+        assert picked.error and picked.error.startswith(f"{path} changed since the checkpoint was saved"), known

@@ -16,7 +16,7 @@ from ..core.sharding import agreed_sharded, is_dtensor, is_sharded
 from ..core.checkpoint import (Verified, conversion_hint, plan_files_manifest, plan_manifests, plan_sharded_manifest,
                                sharded_model_sums, verify_against, verify_sharded)
 from ..core.conversion import load_converted
-from ..checkpoint.choose import pick_checkpoint
+from ..checkpoint.choose import candidate, pick_checkpoint
 from ..checkpoint.contents import remove_stale, uncommit
 from ..checkpoint.manifest import MANIFEST_FILE, read_manifest
 from ..checkpoint.writer import ManifestWriter
@@ -210,7 +210,8 @@ class IntegrityGuard(Guard):
     def _own_files(self, ckpt: str, args) -> dict[str, tuple[int, int]]:
         """Every rank checksums the shard files it wrote itself (``__<rank>_0.distcp``, ``zero_pp_rank_<rank>_*``,
         ``rng_state_<rank>.pth``), one all-gather: the writing rank then hashes only the rest, not what N ranks
-        wrote. A file that cannot be read here is left to the writing rank (which names it if it fails there too)."""
+        wrote (at a save, and at a resume before anything loads). A file that cannot be read here is left to the
+        writing rank (which names it if it fails there too)."""
         mine: dict[str, tuple[int, int]] = {}
         rank = args.process_index
         if os.path.isdir(ckpt):
@@ -363,9 +364,12 @@ class IntegrityGuard(Guard):
         if resume_from_checkpoint in (None, False) or not self.options["check_resume"]:
             return None
         args = trainer.args
+        first = candidate(args.output_dir, resume_from_checkpoint)
+        known = self._own_files(first, args) if first else {}  # every rank reads what it wrote: a collective
         mine = None
-        if args.should_save:  # the ranks that write checkpoints read them: one verdict per copy
-            mine = pick_checkpoint(args.output_dir, resume_from_checkpoint, fallback=self.options["fallback"])
+        if args.should_save:  # the ranks that write checkpoints read the rest: one verdict per copy
+            mine = pick_checkpoint(args.output_dir, resume_from_checkpoint, fallback=self.options["fallback"],
+                                   known=known)
             for w in mine.warnings:
                 self.note(w, "warning")
         seen = [v for v in gather(mine) if v is not None]

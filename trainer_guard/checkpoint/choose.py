@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from ..errors import DamagedFileError, UsageError
@@ -28,7 +29,7 @@ from .manifest import read_manifest
 from .verify import file_changes
 
 __all__ = ["Choice", "Picked", "resume_problems", "newest_complete", "resume_error", "any_committed",
-           "pick_checkpoint"]
+           "candidate", "pick_checkpoint"]
 
 
 class Choice(NamedTuple):
@@ -77,12 +78,14 @@ def _readable(ckpt: str) -> list[str]:
     return out
 
 
-def resume_problems(ckpt: str | os.PathLike, *, committed: bool | None = None) -> tuple[list[str], list[str]]:
+def resume_problems(ckpt: str | os.PathLike, *, committed: bool | None = None,
+                    known: Mapping[str, tuple[int, int]] | None = None) -> tuple[list[str], list[str]]:
     """``(problems, warnings)`` of checkpoint ``ckpt`` before a resume loads anything from it.
 
     ``committed``: whether the run saved its checkpoints with IntegrityGuard (default: whether any checkpoint beside
     ``ckpt`` has a manifest); a checkpoint without a manifest whose files say its save was interrupted is a problem
-    either way, one without a manifest only a warning (its files are checked for readability).
+    either way, one without a manifest only a warning (its files are checked for readability). ``known``: files of
+    ``ckpt`` already checksummed by the ranks that read them (:func:`~trainer_guard.checkpoint.contents.check_files`).
     """
     ckpt = os.fspath(ckpt)
     if not os.path.isdir(ckpt):
@@ -110,13 +113,15 @@ def resume_problems(ckpt: str | os.PathLike, *, committed: bool | None = None) -
     if digest(manifest) != manifest["digest"].lower().zfill(16):
         return [f"{MANIFEST_FILE} does not match its own digest: it was edited or corrupted after the save, so it "
                 f"cannot vouch for the files"], []
-    return [p.message for p in check_files(ckpt, manifest)], []
+    return [p.message for p in check_files(ckpt, manifest, known=known)], []
 
 
-def newest_complete(output_dir: str | os.PathLike, *, fallback: bool = True) -> Choice:
+def newest_complete(output_dir: str | os.PathLike, *, fallback: bool = True,
+                    known: Mapping[str, Mapping[str, tuple[int, int]]] | None = None) -> Choice:
     """The newest ``checkpoint-N`` of ``output_dir`` that :func:`resume_problems` finds nothing wrong with; each newer
     one is skipped, with why. With ``fallback=False`` the newest is the only candidate. ``Choice(None, [], [])``
-    when there is no checkpoint at all (the Trainer says so itself)."""
+    when there is no checkpoint at all (the Trainer says so itself). ``known``: checkpoint path -> its files already
+    checksummed elsewhere."""
     output_dir = os.fspath(output_dir)
     names = list(reversed(checkpoints_in(output_dir)))
     committed = any(os.path.isfile(os.path.join(output_dir, d, MANIFEST_FILE)) for d in names)
@@ -124,7 +129,7 @@ def newest_complete(output_dir: str | os.PathLike, *, fallback: bool = True) -> 
     tried: list[tuple[str, list[str]]] = []
     for name in names:
         ckpt = os.path.join(output_dir, name)
-        problems, _ = resume_problems(ckpt, committed=committed)
+        problems, _ = resume_problems(ckpt, committed=committed, known=(known or {}).get(ckpt))
         if not problems:
             return Choice(ckpt, skipped, [])
         tried.append((ckpt, problems))
@@ -183,14 +188,26 @@ class Picked(NamedTuple):
     warnings: list[str]
 
 
-def pick_checkpoint(output_dir: str | os.PathLike, resume: object, *, fallback: bool = True) -> Picked:
+def candidate(output_dir: str | os.PathLike, resume: object) -> str | None:
+    """The checkpoint ``train(resume_from_checkpoint=resume)`` tries first: the path given, or for ``True`` the
+    newest ``checkpoint-N`` of ``output_dir`` (``None``: there is none)."""
+    if resume is True:
+        names = checkpoints_in(output_dir)
+        return os.path.join(os.fspath(output_dir), names[-1]) if names else None
+    return os.fspath(resume)
+
+
+def pick_checkpoint(output_dir: str | os.PathLike, resume: object, *, fallback: bool = True,
+                    known: Mapping[str, tuple[int, int]] | None = None) -> Picked:
     """The checkpoint ``train(resume_from_checkpoint=resume)`` may load, checked before anything loads: for
-    ``True`` the newest complete one of ``output_dir`` (:func:`newest_complete`), for a path that one."""
+    ``True`` the newest complete one of ``output_dir`` (:func:`newest_complete`), for a path that one. ``known``:
+    files of the :func:`candidate` checkpoint already checksummed by the ranks that wrote them."""
     output_dir = os.fspath(output_dir)
+    first = candidate(output_dir, resume)
     if resume is True:
         if not checkpoints_in(output_dir):
             return Picked(None, None, [])  # the Trainer's own "No valid checkpoint found"
-        c = newest_complete(output_dir, fallback=fallback)
+        c = newest_complete(output_dir, fallback=fallback, known={first: known} if first and known else None)
         if c.path:
             note = " (IntegrityGuard(fallback=False) stops instead)"
             return Picked(c.path, None, [f"{ck} skipped: {why}; resuming from {c.path}, the newest complete, "
@@ -205,5 +222,5 @@ def pick_checkpoint(output_dir: str | os.PathLike, resume: object, *, fallback: 
                             f"without resume_from_checkpoint; `trainer-guard doctor <checkpoint>` lists everything.",
                       [])
     ckpt = os.fspath(resume)
-    problems, warnings = resume_problems(ckpt, committed=False)  # asked for by name: a missing mark alone is no stop
+    problems, warnings = resume_problems(ckpt, committed=False, known=known)  # by name: a missing mark is no stop
     return Picked(None, resume_error(ckpt, problems) if problems else None, warnings)

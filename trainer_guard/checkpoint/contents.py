@@ -236,12 +236,15 @@ def _changed(rel: str, why: str, copied: str | None) -> str:
 
 
 def check_files(directory: str | os.PathLike, manifest: Mapping[str, Any], *, data: bool = True,
-                extras: bool = True, threads: int | None = None) -> list[FileProblem]:
+                extras: bool = True, threads: int | None = None,
+                known: Mapping[str, tuple[int, int]] | None = None) -> list[FileProblem]:
     """Every file of ``directory`` that is not what the version 2 ``manifest`` lists: missing, another size, other
     bytes (a safetensors file: its header, and with ``data`` its tensors against the manifest's checksums), and with
     ``extras`` a file the manifest does not list (written after the save, or copied in). A changed file that a
     sibling ``checkpoint-M`` records is named as its copy. ``trainer_state.json`` must be at the manifest's step.
-    Empty for a version 1 manifest (weights only: :func:`~trainer_guard.checkpoint.verify.file_changes`)."""
+    ``known``: relative path -> ``(size, checksum)`` of files already read elsewhere (each rank its own shard
+    files), used as they are when the file still has that size. Empty for a version 1 manifest (weights only:
+    :func:`~trainer_guard.checkpoint.verify.file_changes`)."""
     if not is_whole(manifest):
         return []
     directory = os.fspath(directory)
@@ -279,9 +282,11 @@ def check_files(directory: str | os.PathLike, manifest: Mapping[str, Any], *, da
                 out.append(FileProblem(rel, "changed", _changed(rel, f"its header is damaged: "
                                                                      f"{getattr(e, 'brief', e)}", None)))
                 header_todo.pop(rel)
-    todo = {**whole_todo, **header_todo}
+    done = {path: known[rel][1] for rel, path in whole_todo.items()
+            if known and rel in known and known[rel][0] == sizes[rel]}
+    todo = [p for p in {**whole_todo, **header_todo}.values() if p not in done]
     try:
-        sums = bytes_checksums(list(todo.values()), lengths=lengths, threads=threads)
+        sums = {**bytes_checksums(todo, lengths=lengths, threads=threads), **done}
     except ChecksumError as e:
         return out + [FileProblem("?", "unreadable", str(e))]
     for rel, path in whole_todo.items():

@@ -147,7 +147,6 @@ def _doctor(path: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
-@pytest.mark.xfail(strict=False, reason="IntegrityGuard on DeepSpeed checkpoints: in progress")
 def test_integrity_doctor_and_resume_see_a_flipped_bit_in_a_rank_file(zero):
     stage, out, (r0, r1) = zero
     healthy = _doctor(os.path.join(out, "checkpoint-2"))

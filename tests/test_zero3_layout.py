@@ -23,8 +23,12 @@ from trainer_guard.core.tokens import set_rows_to_trained_mean, untrained_rows
 class World:
     """``n`` ranks as threads; :meth:`gather` is an all-gather (every thread must call it at the same point)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, group_size: int | None = None):
         self.n, self.slots, self.barrier, self.local = n, [None] * n, threading.Barrier(n), threading.local()
+        self.group_size = group_size  # ranks r, r + group_size, ... hold the same partition (group "part")
+
+    def rank_in(self, group=None) -> int:
+        return self.local.rank % self.group_size if group == "part" else self.local.rank
 
     def gather(self, obj):
         self.slots[self.local.rank] = obj
@@ -35,7 +39,7 @@ class World:
 
     def run(self, fn, monkeypatch):
         monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: self.local.rank)
+        monkeypatch.setattr(torch.distributed, "get_rank", self.rank_in)
         results, errors = [None] * self.n, []
 
         def body(r):
@@ -125,6 +129,26 @@ def test_fix_writes_each_partition_and_the_optimizer_copy_like_the_whole_table(w
     torch.testing.assert_close(reassemble([p.ds_tensor for p in params], w.shape), whole, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(reassemble([opt.hp[id(p)] for p in params], w.shape), whole, rtol=1e-6, atol=1e-7)
     assert torch.equal(reassemble([p.ds_tensor for p in params], w.shape)[5], torch.zeros(36))
+
+
+def test_fix_counts_each_partition_once_when_partition_groups_repeat(monkeypatch):
+    """4 ranks in 2 partition groups of 2 (ZeRO-3 with a partition group smaller than the world, as MiCS / hpZ):
+    ranks 0 and 2 hold the same partition, 1 and 3 the other. Each partition's sums count once."""
+    w = table()
+    whole = w.clone()
+    set_rows_to_trained_mean(whole, [63, 100], [5, 63, 100])
+    w_ = World(4, group_size=2)
+    params = [None] * 4
+
+    def fix(r):
+        params[r] = p = zero3_param(w, r % 2, 2)
+        p.ds_process_group = "part"
+        return set_rows_to_trained_mean(p, [63, 100], [5, 63, 100], gather=w_.gather)
+
+    assert w_.run(fix, monkeypatch) == [122] * 4
+    for pair in ((0, 1), (2, 3)):
+        got = reassemble([params[r].ds_tensor for r in pair], w.shape)
+        torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-7)
 
 
 def test_zero12_fix_also_writes_this_ranks_fp32_fragment():

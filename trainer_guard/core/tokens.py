@@ -402,7 +402,9 @@ def _zero3_set_rows(weight: Any, values: torch.Tensor, first: int, rows: Sequenc
         elems = torch.arange(first + a, first + min(a + block, values.numel()))
         keep = ~skip[elems // n_cols]
         total.index_add_(0, (elems % n_cols)[keep], values[a:a + block].float().cpu()[keep])
-    total = sum(resolve_gather(gather)(total), torch.zeros(n_cols))
+    # keyed by the partition's first element: ranks holding the same partition (ZeRO-3 partition groups smaller
+    # than the world, MiCS/hpZ replicas) count it once
+    total = sum(dict(resolve_gather(gather)((first, total))).values(), torch.zeros(n_cols))
     n = int((~skip).sum())
     if n and idx:
         mean = total / n

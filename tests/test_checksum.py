@@ -124,8 +124,40 @@ z = zoo()
 # chunks of 512 words: big tensors span full chunks (unmasked path) and a partial one (masked path)
 out = {"chunked": triton_checksums(z, block=256, iters=2),
        "defaults": checksums({n: z[n] for n in ("float32_3", "bfloat16_1023", "misaligned")}, backend="triton")}
+# a sharded tensor's parts at their word offsets (FSDP2 shards; the second bf16 part ends in a partial word)
+from trainer_guard.checksum.tensors import partial_sums
+g = torch.Generator().manual_seed(0)
+parts = {"f32_a": (torch.randn(37, 5, generator=g)[:10], 0), "f32_b": (torch.randn(37, 5, generator=g)[10:], 25),
+         "bf16_b": (torch.randn(9, 3, generator=g).to(torch.bfloat16)[4:], 3)}
+out["partial"] = partial_sums({n: t for n, (t, _) in parts.items()}, {n: w for n, (_, w) in parts.items()},
+                              backend="triton")
 print("RESULT" + json.dumps({k: {n: str(v) for n, v in d.items()} for k, d in out.items()}))
 """
+
+
+def _partial_cpu() -> dict[str, str]:
+    from trainer_guard.checksum.tensors import partial_sums
+
+    g = torch.Generator().manual_seed(0)
+    parts = {"f32_a": (torch.randn(37, 5, generator=g)[:10], 0), "f32_b": (torch.randn(37, 5, generator=g)[10:], 25),
+             "bf16_b": (torch.randn(9, 3, generator=g).to(torch.bfloat16)[4:], 3)}
+    got = partial_sums({n: t for n, (t, _) in parts.items()}, {n: w for n, (_, w) in parts.items()}, backend="cpu")
+    return {n: str(v) for n, v in got.items()}
+
+
+def test_partial_sums_of_row_shards_add_up_to_the_whole_tensor():
+    from trainer_guard.checksum.spec import MASK64, finalize
+    from trainer_guard.checksum.tensors import dtype_name, partial_sums
+
+    for dtype, rows, cols, cut in ((torch.float32, 37, 5, 10), (torch.bfloat16, 9, 3, 4), (torch.float64, 6, 1, 5)):
+        w = torch.randn(rows, cols).to(dtype)
+        row_words = w.element_size() * cols / 8
+        a = partial_sums({"w": w[:cut]}, {"w": 0}, backend="cpu")["w"]
+        b = partial_sums({"w": w[cut:]}, {"w": int(cut * row_words)}, backend="cpu")["w"]
+        whole = finalize((a + b) & MASK64, dtype_name(dtype), (rows, cols), w.numel() * w.element_size())
+        assert whole == checksums({"w": w}, backend="cpu")["w"], dtype
+        wrong = partial_sums({"w": w[cut:]}, {"w": int(cut * row_words) + 1}, backend="cpu")["w"]  # misplaced
+        assert finalize((a + wrong) & MASK64, dtype_name(dtype), (rows, cols), w.numel() * w.element_size()) != whole
 
 
 @pytest.mark.slow
@@ -133,6 +165,7 @@ def test_triton_kernel_matches_cpu_path_under_interpreter():
     got = triton_interpreter_result(_TRITON_CHILD)
     want = {n: str(v) for n, v in checksums(zoo(), backend="cpu").items()}
     assert len(got["chunked"]) == len(want) and len(got["defaults"]) == 3
+    assert got.pop("partial") == _partial_cpu()  # shards at word offsets: the kernel's parts equal the CPU's
     for run, sums in got.items():
         bad = [n for n in sums if sums[n] != want[n]]
         assert not bad, f"{run}: triton differs from cpu on {bad}"

@@ -29,7 +29,7 @@ from .validate import DTYPE_NAMES, check_tensor, dtype_name, flat_bytes  # noqa:
 
 logger = logging.getLogger("trainer_guard")
 
-__all__ = ["DTYPE_NAMES", "dtype_name", "check_tensor", "tensor_bytes", "tensor_checksum", "checksums"]
+__all__ = ["DTYPE_NAMES", "dtype_name", "check_tensor", "tensor_bytes", "tensor_checksum", "checksums", "partial_sums"]
 
 def tensor_bytes(name: str, t: torch.Tensor) -> np.ndarray:
     """``t``'s row-major bytes as a flat ``uint8`` numpy array on the host (checked with :func:`check_tensor`)."""
@@ -120,6 +120,45 @@ def checksums(
 
         return kernel.triton_checksums(tensors, checked=True, cache=cache)
     return _cpu_checksums(tensors, threads)
+
+
+def partial_sums(tensors: Mapping[str, torch.Tensor], first_words: Mapping[str, int], *,
+                 backend: Literal["auto", "triton", "cpu"] = "auto", threads: int | None = None) -> dict[str, int]:
+    """The word sums ``S`` (not finalised) of each tensor's bytes, placed at word ``first_words[name]`` of its whole
+    tensor: one rank's part of a sharded tensor's checksum (the parts of all ranks add up, mod 2**64, to the whole
+    tensor's ``S``; :func:`trainer_guard.core.divergence.sharded_checksums` finalises it with the full dtype and
+    shape). CUDA shards are summed by the Triton kernel in one launch (no copy to the host), host shards on every
+    core; ``backend`` as for :func:`checksums`.
+
+    Example:
+        >>> from trainer_guard.checksum.spec import MASK64, finalize
+        >>> w = torch.arange(8.0).reshape(4, 2)  # two shards of 2 rows: 2 words each
+        >>> a, b = partial_sums({"w": w[:2]}, {"w": 0})["w"], partial_sums({"w": w[2:]}, {"w": 2})["w"]
+        >>> finalize((a + b) & MASK64, dtype_name(w.dtype), (4, 2), 32) == checksums({"w": w}, backend="cpu")["w"]
+        True
+    """
+    for name, t in tensors.items():
+        check_tensor(str(name), t)
+    if not tensors:
+        return {}
+    on_cuda = all(t.device.type == "cuda" for t in tensors.values())
+    if backend == "triton" or (backend == "auto" and on_cuda and _triton_importable()):
+        from . import triton as kernel  # lazy: imports triton, which only CUDA tensors need
+
+        try:
+            plan = kernel.ChecksumPlan(tensors, checked=True, first_words=first_words)
+            return plan.word_sums(plan.run())
+        except ChecksumError:
+            raise
+        except Exception as e:  # a GPU triton cannot compile for: the same values from the CPU path
+            if backend == "triton":
+                raise
+            logger.warning(f"trainer_guard: the triton checksum kernel failed ({type(e).__name__}: {e}); using the "
+                           f"CPU path (same values, slower).")
+    names = list(tensors)
+    bufs = [tensor_bytes(str(n), tensors[n]) for n in names]
+    sums = word_sums(bufs, threads=threads, first_words=[int(first_words.get(n, 0)) for n in names])
+    return dict(zip(names, sums))
 
 
 def _triton_importable() -> bool:

@@ -124,7 +124,7 @@ class ChecksumPlan:
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, block: int = BLOCK, iters: int = ITERS,
-                 num_warps: int = NUM_WARPS, checked: bool = False):
+                 num_warps: int = NUM_WARPS, checked: bool = False, first_words: Mapping[str, int] | None = None):
         if triton is None:
             raise ChecksumError(f"backend 'triton' needs triton, which failed to import ({_IMPORT_ERROR}); use "
                                 f"backend='cpu'")
@@ -162,13 +162,14 @@ class ChecksumPlan:
                     t = t.clone()  # realign: the kernel reads 8-byte words
                 self._keep.append(t)
             nfull = nbytes // 8
+            first = int((first_words or {}).get(name, 0))  # a shard's word position in its whole tensor
             if nfull:
-                rows.append((t.data_ptr(), nfull, 0, slot))
+                rows.append((t.data_ptr(), nfull, first, slot))
                 if base is None or t.data_ptr() < base[0]:
                     base = (t.data_ptr(), t, nfull)
             if nbytes % 8:
                 self._tail_src.append(t.reshape(-1).view(torch.uint8)[8 * nfull :])
-                tails.append((slot, nfull))
+                tails.append((slot, first + nfull))
         self._tail_pieces: list[torch.Tensor] = []
         self._tail_buf = None
         if tails:  # every partial last word, zero-padded, in one small buffer that the same launch reads
@@ -180,7 +181,7 @@ class ChecksumPlan:
                 rows.append((self._tail_buf.data_ptr() + 8 * k, 1, pos0, slot))
             if base is None or self._tail_buf.data_ptr() < base[0]:
                 base = (self._tail_buf.data_ptr(), self._tail_buf, len(tails))
-        self.key = _plan_key(tensors) if not self._keep else None  # copies would go stale: not reusable
+        self.key = _plan_key(tensors) if not self._keep and not first_words else None  # copies would go stale
         self.n_rows = len(rows)
         self.n_chunks = 0
         self.table = None
@@ -207,6 +208,11 @@ class ChecksumPlan:
             _checksum_kernel[(self.n_chunks,)](self.base, self.table, out, self.n_rows, BLOCK=self.block,
                                                ITERS=self.iters, ALIGNED=self.aligned, num_warps=self.num_warps)
         return out
+
+    def word_sums(self, out: torch.Tensor) -> dict[str, int]:
+        """The per-tensor word sums ``S`` of :meth:`run` as unsigned ints, not finalised: a shard's part of its whole
+        tensor's sum (plans built with ``first_words``), to be added up across ranks."""
+        return {name: s & MASK64 for name, s in zip(self.names, out.tolist())}
 
     def finish(self, out: torch.Tensor) -> dict[str, int]:
         """Fold dtype/shape/size into the word sums on the host (one device-to-host copy)."""

@@ -25,9 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..checksum.cpu import word_sum
 from ..checksum.spec import CHECKSUM_ALGO, MASK64, finalize, fingerprint
-from ..checksum.tensors import checksums, dtype_name, tensor_bytes
+from ..checksum.tensors import checksums, dtype_name, partial_sums
 from .sharding import is_row_sharded, is_sharded, replicated
 
 __all__ = [
@@ -162,7 +161,8 @@ def sharded_checksums(tensors: Mapping[str, torch.Tensor], gather: Callable[[Any
     sharded = [n for n in names if is_row_sharded(tensors[n])]
     rows = gather({n: int(tensors[n].to_local().shape[0]) for n in sharded})
     out: dict[str, int] = {}
-    mine: dict[str, int] = {}
+    local: dict[str, torch.Tensor] = {}
+    first: dict[str, int] = {}
     exact: dict[str, tuple[int, ...]] = {}
     for n in names:
         t = tensors[n]
@@ -178,8 +178,9 @@ def sharded_checksums(tensors: Mapping[str, torch.Tensor], gather: Callable[[Any
             out[n] = int(checksums({n: t.full_tensor()}, backend="cpu")[n])
             continue
         pos = order.index(torch.distributed.get_rank())
-        mine[n] = word_sum(tensor_bytes(n, t.to_local()), threads=1, first_word=offsets[pos] // 8)
+        local[n], first[n] = t.to_local(), offsets[pos] // 8
         exact[n] = tuple(t.shape)
+    mine = partial_sums(local, first)  # every local shard at once: the kernel on CUDA, every core on the host
     partials = gather(mine)
     for n in names:
         if n in exact:

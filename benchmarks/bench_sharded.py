@@ -26,14 +26,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _multiproc import relaunch  # noqa: E402
 
 
 def _parse(argv=None):
@@ -49,16 +51,7 @@ def _parse(argv=None):
 
 
 def _launch(argv) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = _parse(argv)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.nproc),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), os.path.abspath(__file__), *argv]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_VERBOSITY="error", TG_BENCH_WORKER="1")
-    return subprocess.call(cmd, env=env)
+    return relaunch(__file__, _parse(argv).nproc, argv)
 
 
 def _worker(args) -> None:
@@ -148,7 +141,7 @@ def _worker(args) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if os.environ.get("TG_BENCH_WORKER") != "1":
+    if "WORLD_SIZE" not in os.environ:
         print("| cpu | versions | rank | params | checkpoint | save | guard on_save | manifest write (rank 0) | "
               "resume: files (before load) | resume: tensors (after load) | load |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -101,3 +101,20 @@ def stop_at(step: int):
                 control.should_training_stop = True
 
     return StopAt()
+
+
+NUDGED = "model.layers.1.mlp.down_proj.weight"
+
+
+def nudge(at: int = 2, target: str = NUDGED):
+    """A ``TrainerCallback`` that, on rank 1 only, adds 1e-3 to one element of ``target`` after optimizer step ``at``
+    (at ``on_step_end``, before a replica check placed after it): the replicas silently drift apart."""
+    from transformers import TrainerCallback
+
+    class Nudge(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if RANK == 1 and state.global_step == at:
+                with torch.no_grad():
+                    model.get_parameter(target)[0, 0] += 1e-3
+
+    return Nudge()

@@ -21,11 +21,11 @@ from __future__ import annotations
 import os
 import sys
 
-from _common import RANK, dump, finish
+from _common import RANK, dump, finish, nudge
 
 import torch  # noqa: E402
 from conftest import make_args  # noqa: E402
-from transformers import Trainer, TrainerCallback  # noqa: E402
+from transformers import Trainer  # noqa: E402
 
 import trainer_guard.callbacks.divergence as div_mod  # noqa: E402
 from trainer_guard import ChecksumError, ReplicaDivergenceGuard  # noqa: E402
@@ -34,19 +34,6 @@ from trainer_guard.checksum import checksums  # noqa: E402
 from trainer_guard.core.divergence import model_checksums, model_fingerprint, sharded_checksums  # noqa: E402
 from trainer_guard.tiny import tiny_dataset, tiny_model  # noqa: E402
 
-TARGET = "model.layers.1.mlp.down_proj.weight"
-
-
-class Nudge(TrainerCallback):
-    """On rank 1 only, add 1e-3 to one element of TARGET after optimizer step ``at``."""
-
-    def __init__(self, at: int = 2):
-        self.at = at
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if RANK == 1 and state.global_step == self.at:
-            with torch.no_grad():
-                model.get_parameter(TARGET)[0, 0] += 1e-3
 
 
 def run(out: str, callbacks: list) -> tuple[Trainer, str | None, str | None]:
@@ -63,13 +50,13 @@ def run(out: str, callbacks: list) -> tuple[Trainer, str | None, str | None]:
 def main(out: str, results: str) -> None:
     result: dict = {}
 
-    trainer, err, _ = run(os.path.join(out, "silent"), [Nudge()])
+    trainer, err, _ = run(os.path.join(out, "silent"), [nudge()])
     fps = gather(f"{model_fingerprint(model_checksums(trainer.model)):016x}")
     result["silent"] = {"error": err, "step": trainer.state.global_step, "fingerprints": fps}
     barrier()
 
     guard = ReplicaDivergenceGuard(every=1)
-    trainer, err, msg = run(os.path.join(out, "guarded"), [Nudge(), guard])
+    trainer, err, msg = run(os.path.join(out, "guarded"), [nudge(), guard])
     result["guarded"] = {"error": err, "message": msg, "step": trainer.state.global_step, "checks": guard.checks,
                          "saved": sorted(os.listdir(os.path.join(out, "guarded")))
                          if os.path.isdir(os.path.join(out, "guarded")) else []}

@@ -34,7 +34,7 @@ import shutil
 import sys
 import traceback
 
-from _common import RANK, dump, finish, record_writes, stop_at
+from _common import RANK, dump, finish, nudge, record_writes, stop_at
 from _deepspeed import ds_args, flip_bit, gathered_fingerprint, watchdog, zero_facts
 
 import torch  # noqa: E402
@@ -46,7 +46,6 @@ from trainer_guard.core.sharding import is_sharded  # noqa: E402
 from trainer_guard.errors import TrainerGuardError  # noqa: E402
 from trainer_guard.tiny import tiny_dataset, tiny_model  # noqa: E402
 
-TARGET = "model.layers.1.mlp.down_proj.weight"
 WATCHDOG_S = float(os.environ.get("TG_WATCHDOG_S", "240"))
 
 
@@ -84,18 +83,6 @@ class Audited(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.guard.audit is not None:
             self.rec["audited"] = len(self.guard.audit.params)
-
-
-class Nudge(TrainerCallback):
-    """On rank 1 only, add 1e-3 to one element of TARGET after optimizer step ``at`` (before the guard's check)."""
-
-    def __init__(self, at: int = 2):
-        self.at = at
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if RANK == 1 and state.global_step == self.at:
-            with torch.no_grad():
-                model.get_parameter(TARGET)[0, 0] += 1e-3
 
 
 def guards(out: str, stage: int, config: str, rec: dict) -> None:
@@ -142,7 +129,7 @@ def audit(out: str, stage: int, rec: dict) -> None:
 
 def diverge(out: str, stage: int, rec: dict) -> None:
     guard = trainer_guard.ReplicaDivergenceGuard(every=1)
-    t = build(os.path.join(out, "diverge"), stage, seed=0, callbacks=[Nudge(), guard])
+    t = build(os.path.join(out, "diverge"), stage, seed=0, callbacks=[nudge(), guard])
     try:
         t.train()
     except trainer_guard.ReplicaDivergenceError as e:

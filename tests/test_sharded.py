@@ -157,3 +157,19 @@ def test_integrity_on_a_full_state_dict_fsdp2_checkpoint(tmp_path):
         assert r["reports"]["TiedWeightsGuard"] == ["tied groups: [['model.embed_tokens.weight', 'lm_head.weight']]"]
     assert any(x.startswith("checkpoint-4: checked, manifest of") for x in r0["reports"]["IntegrityGuard"])
     assert r0["doctor"] == [0, []]
+
+
+@pytest.mark.slow
+def test_default_guards_on_a_lora_adapter_under_fsdp2(tmp_path):
+    """PEFT under FSDP2: accelerate saves the adapter only (DCP, ``adapter_only``), under get_peft_model_state_dict's
+    names. Every default guard trains, saves and resumes it; IntegrityGuard's manifest records the adapter's tensors
+    (checksummed from the files) and every file; doctor passes the checkpoint."""
+    out, res = dirs(tmp_path)
+    r0, r1 = launch("fsdp2.py", out, res, "peft", os.path.join(ROOT, "configs", "default.yaml"), tmp_path=tmp_path)
+    _ok([r0, r1])
+    assert {"pytorch_model_fsdp_0", "optimizer_0", "trainer_guard_manifest.json"} <= set(r0["checkpoint"])
+    for r in (r0, r1):
+        assert (r["step_run1"], r["step_run2"]) == (2, 4)
+        assert r["reports"]["ResumeGuard"][-1] == "trainable set matches checkpoint-2"
+    assert r0["reports"]["IntegrityGuard"][0].startswith("checkpoint-4: checked, manifest of 8 tensors")
+    assert r0["doctor"] == [0, []]

@@ -169,6 +169,34 @@ def full(out: str, result: dict) -> None:
         result["doctor"] = [d.exit_code, [f.message for f in d.problems + d.unusable]]
 
 
+def peft(out: str, result: dict, config: str) -> None:
+    """A LoRA adapter under FSDP2 with every default guard: accelerate saves the adapter only (DCP, adapter_only)."""
+    from peft import LoraConfig, get_peft_model
+
+    from _common import RANK
+    from trainer_guard.doctor import diagnose
+
+    def build_peft(where: str, seed: int, extra: list) -> Trainer:
+        model = get_peft_model(tiny_model("llama-untied", seed=seed),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        return Trainer(model=model, args=fsdp_args(where, max_steps=4, save_steps=2),
+                       train_dataset=tiny_dataset(32, 16, 128), callbacks=trainer_guard.callbacks_from_yaml(config)
+                       + extra)
+
+    t1 = build_peft(out, 0, [stop_at(2)])
+    t1.train()
+    result.update(sharding_facts(t1), step_run1=t1.state.global_step,
+                  checkpoint=sorted(os.listdir(os.path.join(out, "checkpoint-2"))))
+    t2 = build_peft(out, 1, [])
+    t2.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
+    result["step_run2"] = t2.state.global_step
+    result["reports"] = {type(cb).__name__: cb.report() for cb in t2.callback_handler.callbacks
+                         if hasattr(cb, "report")}
+    if RANK == 0:
+        d = diagnose(os.path.join(out, "checkpoint-2"))
+        result["doctor"] = [d.exit_code, [f.message for f in d.problems + d.unusable]]
+
+
 def fallback(out: str, result: dict, config: str) -> None:
     callbacks = trainer_guard.callbacks_from_yaml(config, replica_divergence={"every": 1},
                                                   embedding_lr={"enabled": True})
@@ -262,7 +290,7 @@ def main(out: str, results: str, mode: str, config: str | None = None) -> None:
             if mode in ("plain", "tokens", "audit", "full"):
                 {"plain": plain, "tokens": tokens, "audit": audit, "full": full}[mode](out, result)
             else:
-                {"guards": guards, "fallback": fallback}[mode](out, result, config)
+                {"guards": guards, "fallback": fallback, "peft": peft}[mode](out, result, config)
     except Exception as e:  # reported to the test, which shows it
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()[-3000:]

@@ -18,6 +18,7 @@ from ..core.checkpoint import (Verified, conversion_hint, plan_files_manifest, p
 from ..core.conversion import load_converted
 from ..checkpoint.choose import candidate, pick_checkpoint
 from ..checkpoint.contents import remove_stale, uncommit
+from ..checkpoint.saved import peft_adapter_names
 from ..checkpoint.manifest import MANIFEST_FILE, read_manifest
 from ..checkpoint.writer import ManifestWriter
 from ..errors import IntegrityError, TrainerGuardError
@@ -194,7 +195,8 @@ class IntegrityGuard(Guard):
         if model is None:
             return
         kind = self._kind(model)  # every rank: on_save runs on all of them
-        sums = sharded_model_sums(model, gather) if kind == "dtensor" else None  # a collective: every rank
+        sums = (sharded_model_sums(model, gather)  # a collective: every rank; a PEFT adapter is read from the files
+                if kind == "dtensor" and not peft_adapter_names(model) else None)
         known = self._own_files(ckpt, args) if kind else None  # a collective: every rank
         if args.should_save and os.path.isdir(ckpt):  # the Trainer's own writer(s): rank 0, or each node's first
             try:
@@ -303,7 +305,7 @@ class IntegrityGuard(Guard):
         elif kind == "partitioned":  # said once by _kind: nothing to compare on a rank
             result = None
         elif kind == "dtensor":  # the shards' combined checksums (a collective), compared with the manifest
-            sums = sharded_model_sums(model, gather)
+            sums = sharded_model_sums(model, gather) if not peft_adapter_names(model) else {}
             result = verify_sharded(model, ckpt, sums) if self.options["check_resume"] else Verified([], [], [])
             for w in result.warnings:
                 self.note(w, "warning")

@@ -179,7 +179,9 @@ def dcp_manifest(directory: str | os.PathLike, live: Mapping[str, Any], sums: Ma
                  global_step: int | None, tie_groups: list[list[str]], verify: str = "manifest") -> Checked:
     """Check the DCP model directories of ``directory`` against the ``live`` tensors (state-dict name -> tensor or
     anything with ``dtype`` and ``shape``: DTensors give their global ones) and build the manifest, taking the
-    checksums from ``sums`` (the full tensors', combined from the shards).
+    checksums from ``sums`` (the full tensors', combined from the shards). A stored tensor of ``live`` with no entry
+    in ``sums`` (a PEFT adapter, stored under ``get_peft_model_state_dict``'s names) is read back from the files and
+    recorded with ``source: file``.
 
     ``verify``: ``"manifest"`` compares names, dtypes and shapes with ``.metadata``; ``"readback"`` also reads every
     tensor back from the ``.distcp`` files and compares checksums; ``"off"`` turns problems into warnings.
@@ -193,7 +195,7 @@ def dcp_manifest(directory: str | os.PathLike, live: Mapping[str, Any], sums: Ma
     stored: dict[str, TensorInfo] = {}
     for name, info in index.items():
         t = live.get(name)
-        if t is None or name not in sums:
+        if t is None:
             problems.append(f"{info.file}/: holds {name}, which the model does not have")
             continue
         now = (dtype_name(t.dtype), tuple(int(s) for s in t.shape))
@@ -204,18 +206,24 @@ def dcp_manifest(directory: str | os.PathLike, live: Mapping[str, Any], sums: Ma
     aliases = {n for g in tie_groups for n in g[1:]}
     for name in sorted(set(live) - set(index) - aliases):
         problems.append(f"{name}: not saved (no DCP model directory holds it)")
-    if verify == "readback":
+    from_file = sorted(k for k in stored if k not in sums)
+    back: dict[str, int] = {}
+    if verify == "readback" or from_file:
         try:
             back = sharded_sums(directory)
         except ChecksumError as e:
             return Checked(None, problems + [str(e)], [])
+    if verify == "readback":
+        mine = {k: i for k, i in stored.items() if k in sums}
         problems += [m.message for m in compare(
-            index_entries(stored, {k: sums[k] for k in stored}), index_entries(stored, back),
+            index_entries(mine, {k: sums[k] for k in mine}), index_entries(mine, back),
             expected_label="model", actual_label="files", check_extra=False)]
     if problems and verify != "off":
         return Checked(None, problems, [])
     manifest = build_manifest(stored, global_step=global_step, tie_groups=tie_groups,
-                              files={k: i.file for k, i in stored.items()}, sums={k: sums[k] for k in stored})
+                              files={k: i.file for k, i in stored.items()},
+                              sums={k: sums[k] if k in sums else back[k] for k in stored},
+                              sources={k: "file" for k in from_file})
     return Checked(manifest, [], problems)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoint.manifest import read_manifest
 from ..checkpoint.reconcile import checkpoint_manifest, dcp_manifest, files_manifest, model_problems
-from ..checkpoint.saved import converted_names, saved_layout, saved_tensors
+from ..checkpoint.saved import converted_names, peft_adapter_names, saved_layout, saved_tensors
 from ..checkpoint.sharded import dcp_dirs
 from ..checkpoint.verify import file_changes
 from ..errors import UsageError
@@ -148,10 +148,18 @@ def plan_sharded_manifest(model: torch.nn.Module, directory: str | os.PathLike, 
                           global_step: int | None, verify: str = "manifest") -> Planned:
     """:func:`plan_manifests` for a sharded (FSDP2) model whose full-tensor checksums ``sums`` were combined from the
     shards: DCP model directories (``SHARDED_STATE_DICT``) against their ``.metadata``; a ``model.safetensors``
-    written from the gathered state dict (``FULL_STATE_DICT``) against its header, as for any model."""
+    written from the gathered state dict (``FULL_STATE_DICT``) against its header, as for any model. A PEFT model's
+    adapter (what accelerate saves of it) is checked by name, dtype and shape and checksummed from the files
+    (``sums`` is not needed)."""
     directory = os.fspath(directory)
     live, groups = sharded_state(model)
-    if dcp_dirs(directory):
+    if peft_adapter_names(model):  # the adapter only, under get_peft_model_state_dict's names: read from the files
+        if dcp_dirs(directory):  # accelerate's adapter_only=True DCP save
+            adapter, _ = saved_tensors(model)
+            result = dcp_manifest(directory, adapter, {}, global_step=global_step, tie_groups=[], verify=verify)
+        else:
+            result = files_manifest(directory, global_step=global_step, tie_groups=[])
+    elif dcp_dirs(directory):
         result = dcp_manifest(directory, live, sums, global_step=global_step, tie_groups=groups, verify=verify)
     elif safetensors_files(directory):
         expected, stored_groups = saved_tensors(model)
@@ -189,6 +197,8 @@ def verify_sharded(model: torch.nn.Module, directory: str | os.PathLike, sums: d
         return Verified([], [f"{directory} has no {MANIFEST_FILE}; the loaded weights were not verified"], [])
     if not manifest.get("tensors"):
         return Verified([], [], [])  # a files-only manifest: its files were checked before the load
+    if not any(e.get("source", "model") == "model" for e in manifest["tensors"].values()):
+        return Verified([], [], [])  # a PEFT adapter's DCP save: its files were checked before the load
     live, _ = sharded_state(model)
     found, said = model_problems(live, manifest, sums=sums)
     return Verified(found, said, [os.path.join(directory, MANIFEST_FILE)])

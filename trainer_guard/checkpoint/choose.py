@@ -19,13 +19,15 @@ import os
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from ..errors import DamagedFileError, UsageError
+from ..errors import DamagedFileError, IntegrityError, UsageError
 from ..files import (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, MANIFEST_FILE, TRAINER_STATE, adapter_subdirs,
                      checkpoints_in)
 from ..core.io import read_json
+from ..formats.dcp import dcp_problems, read_dcp_index
 from ..formats.safetensors import file_problem, safetensors_files
 from .contents import check_files, digest, interrupted_save, is_whole, listing
 from .manifest import read_manifest
+from .sharded import dcp_dirs
 from .verify import file_changes
 
 __all__ = ["Choice", "Picked", "resume_problems", "newest_complete", "resume_error", "any_committed",
@@ -56,12 +58,18 @@ def _weights_in(ckpt: str) -> bool:
 
 def _readable(ckpt: str) -> list[str]:
     """The checks that need no manifest: ``trainer_state.json`` is there, every JSON file parses, every
-    ``.safetensors`` header reads, there are weights."""
+    ``.safetensors`` header reads, an FSDP checkpoint's DCP metadata reads and its chunks lie in their files, there
+    are weights."""
     out = []
     if not os.path.isfile(os.path.join(ckpt, TRAINER_STATE)):
         out.append(f"{TRAINER_STATE} is missing (the Trainer writes it last: the save did not finish)")
     if not _weights_in(ckpt):
         out.append(f"the model weights are missing: no model.safetensors, {ADAPTER_WEIGHTS} or shard of them")
+    for d in dcp_dirs(ckpt):  # FSDP SHARDED_STATE_DICT: its .metadata reads (safely) and every chunk is in its file
+        try:
+            out += [f"{d}/{p}" for p in dcp_problems(os.path.join(ckpt, d), read_dcp_index(os.path.join(ckpt, d)))]
+        except IntegrityError as e:
+            out.append(str(e).replace(ckpt + os.sep, ""))
     for rel in listing(ckpt):
         path = os.path.join(ckpt, *rel.split("/"))
         if rel.endswith(".safetensors"):

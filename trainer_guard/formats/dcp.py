@@ -186,8 +186,8 @@ def read_dcp_index(path: str | os.PathLike) -> DcpIndex:
 
 def dcp_problems(path: str | os.PathLike, index: DcpIndex) -> list[str]:
     """What is wrong with the files of DCP directory ``path`` as ``index`` describes them, without reading tensor
-    data: a data file missing, a chunk past the end of its file, chunks that do not cover their tensor. Each problem
-    names the file (relative to ``path``)."""
+    data: a data file missing, a file shorter than its chunks need (truncated), chunks that do not cover their
+    tensor. Each problem starts with the file it names (relative to ``path``)."""
     path = os.fspath(path)
     out = []
     sizes: dict[str, int | None] = {}
@@ -196,7 +196,8 @@ def dcp_problems(path: str | os.PathLike, index: DcpIndex) -> list[str]:
             sizes[f] = os.path.getsize(os.path.join(path, f))
         except OSError:
             sizes[f] = None
-            out.append(f"{f}: missing (its .metadata lists chunks in it)")
+            out.append(f"{f} is missing (its {DCP_METADATA} places chunks in it)")
+    cut: dict[str, tuple[int, list[str]]] = {}  # file -> (the furthest chunk end, tensors cut)
     for name, t in sorted(index.tensors.items()):
         covered = 0
         for c in t.chunks:
@@ -206,13 +207,16 @@ def dcp_problems(path: str | os.PathLike, index: DcpIndex) -> list[str]:
             covered += n
             size = sizes.get(c.file)
             if size is not None and c.offset + c.length > size:
-                out.append(f"{c.file}: {size} bytes, but {name}'s chunk at {list(c.offsets)} ends at byte "
-                           f"{c.offset + c.length} (truncated)")
+                end, names = cut.get(c.file, (0, []))
+                cut[c.file] = (max(end, c.offset + c.length), names + [name])
         total = 1
         for s in t.shape:
             total *= s
         if covered != total:
             out.append(f"{DCP_METADATA}: {name}'s chunks hold {covered} of its {total} values")
+    for f, (end, names) in sorted(cut.items()):
+        out.append(f"{f} is truncated: {sizes[f]:,} bytes, its {DCP_METADATA} places chunks up to byte {end:,} "
+                   f"({len(names)} tensor(s) cut, e.g. {names[0]})")
     return out
 
 

@@ -103,6 +103,12 @@ def test_default_guards_train_stop_resume_bit_identically(zero):
     for key in ("reports", "reports_run1", "reports_straight"):
         assert _shared(g0[key]) == _shared(g1[key]), key  # one verdict per guard
     rep = g0["reports"]
+    # the resumed model compared with checkpoint-2's manifest after DeepSpeed's load (ZeRO-3: with the tensors of
+    # its gathered model.safetensors, each partitioned parameter gathered in turn)
+    for g in (g0, g1):
+        matched = [x for x in g["reports"]["IntegrityGuard"] if x.startswith("resumed model matches ")]
+        assert len(matched) == 1, g["reports"]["IntegrityGuard"]
+        assert matched[0].endswith("(ZeRO-3 parameters gathered one at a time)") is (stage == 3), matched
     assert rep["TiedWeightsGuard"] == ["tied groups: [['model.embed_tokens.weight', 'lm_head.weight']]"]
     assert rep["DtypeGuard"] == [] and rep["HeadGuard"] == [] and rep["UntrainedTokensGuard"] == []
     assert rep["UpdateAuditGuard"] == [] if stage == 2 else rep["UpdateAuditGuard"] == [
@@ -181,3 +187,18 @@ def test_untrained_tokens_found_and_fixed_under_zero(zero):
         "training data (all 16 examples, 256 tokens) uses: id 63 x3, id 100 x16",
         "fixed: input embedding rows [63, 100] set to the mean of 124 trained rows",
     ]
+
+
+def test_a_zero3_model_that_differs_from_its_checkpoint_after_the_load_stops_every_rank(zero):
+    """ZeRO-3: after DeepSpeed's load, one element of a partitioned weight differs from checkpoint-2 (changed by a
+    callback before IntegrityGuard's train-begin check): each parameter gathered in turn is compared with the
+    tensors the manifest recorded from the gathered model.safetensors, and every rank stops alike."""
+    stage, out, (r0, r1) = zero
+    if stage != 3:
+        pytest.skip("ZeRO-2 holds whole parameters: compared as in DDP (tests/test_integrity.py)")
+    for r in (r0, r1):
+        t = r["tampered"]
+        assert t["guard_error"] and t["error"] == "IntegrityError" and t["step"] == 2, t
+        assert "model.layers.0.mlp.up_proj.weight" in t["message"] and "not restored from the checkpoint" in t[
+            "message"], t["message"]
+    assert r0["tampered"]["message"] == r1["tampered"]["message"]

@@ -191,6 +191,29 @@ def flipped(out: str, stage: int, config: str, rec: dict) -> None:
     rec["steps_run"] = steps.n
 
 
+def tampered(out: str, stage: int, rec: dict) -> None:
+    """ZeRO-3: resume from checkpoint-2, then (a callback placed before IntegrityGuard, at train begin, after
+    DeepSpeed's load) change one element of one partitioned weight, as a load that restored something else would:
+    IntegrityGuard compares each gathered parameter with the manifest and every rank stops with the same error."""
+    import deepspeed
+    from transformers import TrainerCallback
+
+    class Tamper(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            w = model.get_parameter("model.layers.0.mlp.up_proj.weight")
+            with deepspeed.zero.GatheredParameters([w], modifier_rank=0):
+                if RANK == 0:
+                    with torch.no_grad():
+                        w[0, 0] += 1.0
+
+    t = build(os.path.join(out, "tampered_run"), stage, seed=1, callbacks=[Tamper(), trainer_guard.IntegrityGuard()])
+    try:
+        t.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
+    except Exception as e:  # the test asserts it is trainer_guard's, on every rank
+        rec.update(error=type(e).__name__, guard_error=isinstance(e, TrainerGuardError), message=str(e)[:2000])
+    rec["step"] = t.state.global_step
+
+
 def main(out: str, results: str, stage: str, config: str) -> None:
     record_writes(out)
     stage_n = int(stage)
@@ -201,6 +224,8 @@ def main(out: str, results: str, stage: str, config: str) -> None:
         phases.append(("audit", lambda rec: audit(out, stage_n, rec)))
     phases.append(("tokens", lambda rec: tokens(out, stage_n, rec)))
     phases.append(("flipped", lambda rec: flipped(out, stage_n, config, rec)))
+    if stage_n == 3:
+        phases.append(("tampered", lambda rec: tampered(out, stage_n, rec)))
     for name, phase in phases:
         rec = result[name] = {"error": None}
         with watchdog(results, result, name, seconds=WATCHDOG_S):

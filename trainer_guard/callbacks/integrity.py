@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from .._dist import agree, gather, is_main_process
 from ..checksum.disk import bytes_checksums
-from ..core.sharding import agreed_sharded, is_dtensor, is_sharded
+from ..core.sharding import agreed_sharded, is_dtensor, is_sharded, is_zero3
 from ..core.checkpoint import (Verified, conversion_hint, plan_files_manifest, plan_manifests, plan_sharded_manifest,
-                               sharded_model_sums, verify_against, verify_sharded)
+                               sharded_model_sums, verify_against, verify_sharded, verify_zero3, zero3_model_sums)
 from ..core.conversion import load_converted
 from ..checkpoint.choose import candidate, pick_checkpoint
 from ..checkpoint.contents import remove_stale, uncommit
@@ -49,8 +49,9 @@ class IntegrityGuard(Guard):
     ``.metadata``, ``optimizer_0/`` file by its bytes). A resume checks every file before anything loads (every rank
     stops alike) and compares the loaded shards' combined checksums with the manifest. Under DeepSpeed ZeRO-2 the
     parameters are whole on every rank: as without sharding, plus the ``global_step<N>/`` rank files by their
-    bytes. ZeRO-3 partitions (no rank holds a tensor): the files only, by their bytes (rank files are pickles;
-    nothing unpickles them), and the tensors of a gathered ``model.safetensors`` when the save wrote one.
+    bytes. ZeRO-3 partitions (no rank holds a tensor): the files by their bytes (rank files are pickles; nothing
+    unpickles them) and the tensors of a gathered ``model.safetensors`` when the save wrote one, with which a
+    resumed model is compared, each parameter gathered in turn.
 
     Args:
         verify: what a save checks before the manifest is written. ``"manifest"`` (default): the files' headers
@@ -94,6 +95,7 @@ class IntegrityGuard(Guard):
                          fallback=fallback)
         self.timings: list[dict[str, Any]] = []
         self._verified = False  # set when the wired load already checked this resume
+        self._resume_path: str | None = None  # the checkpoint train() resumes from (for the train-begin check)
         self.writer = ManifestWriter()  # atomic + fsync in a background thread, joined at the next step
         self._said = set()  # notes given once per run
         self._writing = False  # a save's manifest write may be pending
@@ -150,8 +152,9 @@ class IntegrityGuard(Guard):
         kind = "dtensor" if any(is_dtensor(p) for p in model.parameters()) else "partitioned"
         if kind == "partitioned":
             self._once("partitioned", "sharded parameters no rank holds whole (DeepSpeed ZeRO-3 / FSDP1): manifests "
-                                      "list every file by its bytes (rank files included); the loaded tensors are not "
-                                      "compared with the checkpoint (its files are checked before the load)")
+                                      "list every file by its bytes (rank files included) and the tensors of a "
+                                      "gathered model.safetensors; a resumed ZeRO-3 model is compared with those, one "
+                                      "gathered parameter at a time")
         return kind
 
     def _once(self, key: str, message: str, level: str = "info") -> None:
@@ -302,8 +305,15 @@ class IntegrityGuard(Guard):
         if not os.path.isdir(ckpt):
             self.note(f"{what} loaded, but {ckpt} does not exist; weights not verified", "warning")
             result = None
-        elif kind == "partitioned":  # said once by _kind: nothing to compare on a rank
-            result = None
+        elif kind == "partitioned":  # ZeRO-3: each parameter gathered in turn (a collective), compared with the
+            # tensors of the checkpoint's gathered model.safetensors; FSDP1 flat parameters: nothing to compare
+            zero3 = any(is_zero3(p) for p in model.parameters())
+            result = (verify_zero3(model, ckpt, zero3_model_sums(model)) if zero3 and self.options["check_resume"]
+                      else None)
+            for w in (result.warnings if result else []):
+                self.note(w, "warning")
+            if result and not result.problems and result.checked:
+                self.note(f"{what} matches {', '.join(result.checked)} (ZeRO-3 parameters gathered one at a time)")
         elif kind == "dtensor":  # the shards' combined checksums (a collective), compared with the manifest
             sums = sharded_model_sums(model, gather) if not peft_adapter_names(model) else {}
             result = verify_sharded(model, ckpt, sums) if self.options["check_resume"] else Verified([], [], [])
@@ -363,6 +373,8 @@ class IntegrityGuard(Guard):
     def resolve_resume(self, trainer: Any, resume_from_checkpoint: Any) -> Any:
         """Before anything loads: check every file of the checkpoint against its manifest; for ``True``, resume from
         the newest complete, verified checkpoint (newer ones skipped with a warning; ``fallback=False`` stops)."""
+        given = resume_from_checkpoint if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
+        self._resume_path = os.fspath(given) if given is not None else None
         if resume_from_checkpoint in (None, False) or not self.options["check_resume"]:
             return None
         args = trainer.args
@@ -382,6 +394,8 @@ class IntegrityGuard(Guard):
         if len(paths) > 1:
             raise IntegrityError(f"the ranks that save checkpoints would resume from different ones ({', '.join(paths)}"
                                  f"): their copies of {args.output_dir} differ; pass resume_from_checkpoint=<path>")
+        if paths:
+            self._resume_path = paths[0]
         return paths[0] if paths else None
 
     def after_weights_load(self, trainer: Any, checkpoint: str, model: Any) -> None:
@@ -408,6 +422,9 @@ class IntegrityGuard(Guard):
     def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
         verified, self._verified = self._verified, False
         if verified or not self._after_load() or state.global_step <= 0 or model is None:
+            return
+        if self._resume_path:  # a load the hooks do not see (DeepSpeed's own): the checkpoint train() was given
+            self.verify_resume(model, self._resume_path, state.global_step)
             return
         self.verify_resume(model, checkpoint_dir(args.output_dir, state.global_step), state.global_step)
 

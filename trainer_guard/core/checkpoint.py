@@ -20,13 +20,15 @@ from ..checkpoint.sharded import dcp_dirs
 from ..checkpoint.verify import file_changes
 from ..errors import UsageError
 from ..files import MANIFEST_FILE
+from ..checksum.tensors import checksums
 from ..formats.safetensors import safetensors_files
 from .divergence import sharded_checksums
+from .sharding import full_shape, is_zero3
 from .ties import find_tied_groups
 
 __all__ = ["Planned", "Verified", "plan_manifests", "verify_against", "conversion_hint", "rewritten_since",
            "sharded_state", "sharded_model_sums", "plan_sharded_manifest", "plan_files_manifest",
-           "verify_sharded"]
+           "verify_sharded", "zero3_model_sums", "verify_zero3"]
 
 
 class Planned(NamedTuple):
@@ -201,6 +203,50 @@ def verify_sharded(model: torch.nn.Module, directory: str | os.PathLike, sums: d
         return Verified([], [], [])  # a PEFT adapter's DCP save: its files were checked before the load
     live, _ = sharded_state(model)
     found, said = model_problems(live, manifest, sums=sums)
+    return Verified(found, said, [os.path.join(directory, MANIFEST_FILE)])
+
+
+def zero3_model_sums(model: torch.nn.Module) -> dict[str, int]:
+    """Checksums of the full parameters of a DeepSpeed ZeRO-3 model, each gathered in turn
+    (``deepspeed.zero.GatheredParameters``, read-only): one full parameter in memory at a time. A collective: every
+    rank calls it at the same point and gathers the same parameters in the same order. Tied names share one gather.
+    Parameters that are not partitioned are checksummed as they are."""
+    import deepspeed  # lazy: only ZeRO-3 models get here
+
+    out: dict[str, int] = {}
+    done: dict[int, int] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in done:
+            if is_zero3(p):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    done[id(p)] = checksums({n: p.data})[n]
+            else:
+                done[id(p)] = checksums({n: p})[n]
+        out[n] = done[id(p)]
+    return out
+
+
+class _Shape(NamedTuple):
+    dtype: torch.dtype
+    shape: torch.Size
+
+
+def verify_zero3(model: torch.nn.Module, directory: str | os.PathLike, sums: dict[str, int]) -> Verified:
+    """The loaded DeepSpeed ZeRO-3 model (full-parameter checksums ``sums``, :func:`zero3_model_sums`) against the
+    tensors the checkpoint's manifest records from its gathered ``model.safetensors`` (a save with
+    ``stage3_gather_16bit_weights_on_model_save``); nothing to compare without one (its files were checked before the
+    load)."""
+    directory = os.fspath(directory)
+    try:
+        manifest = read_manifest(directory)
+    except UsageError as e:
+        return Verified([str(e)], [], [])
+    live = {n: _Shape(p.dtype, full_shape(p)) for n, p in model.named_parameters(remove_duplicate=False)}
+    if manifest is None or not any(k in live for k in manifest.get("tensors") or {}):
+        return Verified([], [], [])
+    # recorded from the gathered file at the save: the loaded parameters must hold exactly that
+    as_model = {**manifest, "tensors": {k: {**e, "source": "model"} for k, e in manifest["tensors"].items()}}
+    found, said = model_problems(live, as_model, sums=sums)
     return Verified(found, said, [os.path.join(directory, MANIFEST_FILE)])
 
 

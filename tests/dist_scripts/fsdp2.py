@@ -141,60 +141,49 @@ def guards(out: str, result: dict, config: str) -> None:
     result["fingerprint_straight"] = full_fingerprint(t3.model)
 
 
-def full(out: str, result: dict) -> None:
-    from _fsdp import fsdp_args as args_for
+def stop_resume_doctor(out: str, result: dict, build_one) -> None:
+    """``build_one(seed, extra_callbacks)`` trains 4 steps into ``out`` saving every 2: stop after checkpoint-2,
+    resume from it in a fresh Trainer (another seed), record both runs' steps, the resumed run's reports and, on
+    rank 0, the doctor's verdict on checkpoint-2."""
+    from _common import RANK
+    from trainer_guard.doctor import diagnose
 
-    def build_full(where: str, seed: int, extra: list) -> Trainer:
-        model = tiny_model("llama-tied", seed=seed)
-        return Trainer(model=model, args=args_for(where, max_steps=4, save_steps=2,
-                                                  state_dict_type="FULL_STATE_DICT"),
-                       train_dataset=tiny_dataset(32, 16, model.config.vocab_size),
-                       callbacks=[trainer_guard.IntegrityGuard(), trainer_guard.TiedWeightsGuard()] + extra)
-
-    t1 = build_full(out, 0, [stop_at(2)])
+    t1 = build_one(0, [stop_at(2)])
     t1.train()
     result.update(sharding_facts(t1), step_run1=t1.state.global_step,
                   checkpoint=sorted(os.listdir(os.path.join(out, "checkpoint-2"))))
-    t2 = build_full(out, 1, [])
+    t2 = build_one(1, [])
     t2.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
     result["step_run2"] = t2.state.global_step
     result["reports"] = {type(cb).__name__: cb.report() for cb in t2.callback_handler.callbacks
                          if hasattr(cb, "report")}
-    from trainer_guard.doctor import diagnose
-
-    from _common import RANK
-
     if RANK == 0:
         d = diagnose(os.path.join(out, "checkpoint-2"))
         result["doctor"] = [d.exit_code, [f.message for f in d.problems + d.unusable]]
+
+
+def full(out: str, result: dict) -> None:
+    def build_full(seed: int, extra: list) -> Trainer:
+        model = tiny_model("llama-tied", seed=seed)
+        return Trainer(model=model, args=fsdp_args(out, max_steps=4, save_steps=2, state_dict_type="FULL_STATE_DICT"),
+                       train_dataset=tiny_dataset(32, 16, model.config.vocab_size),
+                       callbacks=[trainer_guard.IntegrityGuard(), trainer_guard.TiedWeightsGuard()] + extra)
+
+    stop_resume_doctor(out, result, build_full)
 
 
 def peft(out: str, result: dict, config: str) -> None:
     """A LoRA adapter under FSDP2 with every default guard: accelerate saves the adapter only (DCP, adapter_only)."""
     from peft import LoraConfig, get_peft_model
 
-    from _common import RANK
-    from trainer_guard.doctor import diagnose
-
-    def build_peft(where: str, seed: int, extra: list) -> Trainer:
+    def build_peft(seed: int, extra: list) -> Trainer:
         model = get_peft_model(tiny_model("llama-untied", seed=seed),
                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-        return Trainer(model=model, args=fsdp_args(where, max_steps=4, save_steps=2),
-                       train_dataset=tiny_dataset(32, 16, 128), callbacks=trainer_guard.callbacks_from_yaml(config)
-                       + extra)
+        return Trainer(model=model, args=fsdp_args(out, max_steps=4, save_steps=2),
+                       train_dataset=tiny_dataset(32, 16, 128),
+                       callbacks=trainer_guard.callbacks_from_yaml(config) + extra)
 
-    t1 = build_peft(out, 0, [stop_at(2)])
-    t1.train()
-    result.update(sharding_facts(t1), step_run1=t1.state.global_step,
-                  checkpoint=sorted(os.listdir(os.path.join(out, "checkpoint-2"))))
-    t2 = build_peft(out, 1, [])
-    t2.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
-    result["step_run2"] = t2.state.global_step
-    result["reports"] = {type(cb).__name__: cb.report() for cb in t2.callback_handler.callbacks
-                         if hasattr(cb, "report")}
-    if RANK == 0:
-        d = diagnose(os.path.join(out, "checkpoint-2"))
-        result["doctor"] = [d.exit_code, [f.message for f in d.problems + d.unusable]]
+    stop_resume_doctor(out, result, build_peft)
 
 
 def fallback(out: str, result: dict, config: str) -> None:

@@ -208,3 +208,14 @@ def test_a_checkpoint_without_manifest_is_stopped_on_a_damaged_metadata_before_t
     (d / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"not a pickle")
     error = pick_checkpoint(str(tmp_path), str(d)).error
     assert "pytorch_model_fsdp_0/.metadata: not a readable torch.distributed.checkpoint metadata file" in error
+
+
+def test_diff_says_why_a_deepspeed_checkpoint_without_safetensors_has_nothing_to_compare(tmp_path):
+    from trainer_guard.diff import load_side
+    from trainer_guard.errors import UsageError
+
+    ckpt = tmp_path / "checkpoint-1"
+    (ckpt / "global_step1").mkdir(parents=True)
+    (ckpt / "global_step1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"pickle")
+    with pytest.raises(UsageError, match=r"a DeepSpeed ZeRO checkpoint: its global_step\*/ rank files are pickles"):
+        load_side(str(ckpt))

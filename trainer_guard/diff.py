@@ -35,7 +35,8 @@ from .checkpoint.verify import broken_links, files_changed, snapshots_in
 from .checksum.disk import file_checksums
 from .checksum.spec import CHECKSUM_ALGO, fingerprint
 from .errors import ChecksumError, IntegrityError, MalformedManifestError, SafetensorsFormatError, UsageError
-from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_subdirs, checkpoint_step, checkpoints_in, state_file
+from .files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_subdirs, checkpoint_step, checkpoints_in,
+                    deepspeed_step_dirs, state_file)
 from .formats.safetensors import read_header, safetensors_files, torch_name
 from .names import module_of
 
@@ -150,7 +151,11 @@ def load_side(path: str | os.PathLike, source: str = "auto", manifest: Mapping |
     if not files:
         hint = (f"(it holds {', '.join(checkpoints_in(path))}: pass one of those)" if checkpoints_in(path) else
                 f"(a Hugging Face cache entry: pass one of its snapshots, {', '.join(snapshots_in(path))})"
-                if snapshots_in(path) else "(a checkpoint saved with save_safetensors=False holds only .bin files)")
+                if snapshots_in(path) else
+                "(a DeepSpeed ZeRO checkpoint: its global_step*/ rank files are pickles that only unsafe unpickling "
+                "could read; save with stage3_gather_16bit_weights_on_model_save to get a model.safetensors, or run "
+                "DeepSpeed's zero_to_fp32.py on a copy you trust)" if deepspeed_step_dirs(path) else
+                "(a checkpoint saved with save_safetensors=False holds only .bin files)")
         manifest_too = "" if os.path.isfile(os.path.join(path, MANIFEST_FILE)) else f" and no {MANIFEST_FILE}"
         raise UsageError(f"{path}: no *.safetensors file{manifest_too}; nothing to compare {hint}")
     meta = {}

@@ -36,7 +36,7 @@ from ..checkpoint.manifest import compare, dtype_name, entries, read_manifest
 from ..checkpoint.saved import stored_names
 from ..errors import LoadError, SafetensorsFormatError
 from ..files import ADAPTER_CONFIG, stored_twice
-from ..formats.safetensors import as_path, index_files, read_header, read_weight_map, torch_dtype
+from ..formats.safetensors import as_path, read_header, torch_dtype, weight_files
 from ..checksum.cpu import word_sum
 from ..checksum.disk import file_checksums
 from .ties import find_tied_groups
@@ -76,30 +76,12 @@ class LoadResult:
 
 
 def safetensors_files_of(path: str | os.PathLike) -> list[str]:
-    """The ``.safetensors`` files behind ``path``: the file itself, the shards of a directory's
-    ``*.safetensors.index.json``, or every ``*.safetensors`` directly in the directory.
+    """The ``.safetensors`` files behind ``path`` (:func:`trainer_guard.formats.safetensors.weight_files`).
 
     Raises:
         LoadError: the path does not exist, holds no safetensors file, or its index names a missing shard.
     """
-    path = as_path(path, LoadError)
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise LoadError(f"{path}: no such file or directory; pass a .safetensors file or a directory of them")
-    indexes = index_files(path)
-    if indexes:
-        shards = sorted(set(read_weight_map(os.path.join(path, indexes[0]), LoadError).values()))
-        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
-        if missing:
-            raise LoadError(f"{path}: {indexes[0]} lists shard(s) that are missing: {', '.join(missing)}; "
-                            f"copy the complete checkpoint")
-        if shards:
-            return [os.path.join(path, s) for s in shards]
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise LoadError(f"{path}: no *.safetensors file in this directory; save with safe_serialization=True")
-    return files
+    return weight_files(path, LoadError)
 
 
 def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import TiedWeightsError
+from ..errors import LoadError, TiedWeightsError
 from ..files import TIES_FILE
+from ..formats.safetensors import weight_files
 
 __all__ = [
     "find_tied_groups",
@@ -295,10 +296,8 @@ def stored_alike(directory: str, names: list[str]) -> bool:
     """
     from safetensors import safe_open
 
-    from .loading import safetensors_files_of
-
     where: dict[str, str] = {}
-    for f in safetensors_files_of(directory):
+    for f in weight_files(directory, LoadError):
         with safe_open(f, "pt") as h:
             where.update({n: f for n in names if n in h.keys()})
     if set(where) != set(names):

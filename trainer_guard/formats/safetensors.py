@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "weight_files",
     "HEADER_LIMIT",
     "INDEX_SUFFIX",
     "DTYPES",
@@ -345,6 +346,34 @@ def safetensors_paths(path: str | os.PathLike, error: type[Exception] = Safetens
     files = [os.path.join(path, f) for f in safetensors_files(path)]
     if not files:
         raise fail(f"{path}: no *.safetensors file in this directory")
+    return files
+
+
+def weight_files(path: str | os.PathLike, error: type[Exception] = SafetensorsFormatError) -> list[str]:
+    """The ``.safetensors`` files a load of ``path`` reads: the file itself, the shards of a directory's
+    ``*.safetensors.index.json``, or every ``*.safetensors`` directly in the directory; ``error`` (with the path in
+    the message) when the path does not exist, holds no safetensors file, or its index names a missing shard."""
+    path = as_path(path, error)
+
+    def fail(message: str) -> Exception:
+        return SafetensorsFormatError(path, "path", message) if error is SafetensorsFormatError else error(message)
+
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise fail(f"{path}: no such file or directory; pass a .safetensors file or a directory of them")
+    indexes = index_files(path)
+    if indexes:
+        shards = sorted(set(read_weight_map(os.path.join(path, indexes[0]), error).values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise fail(f"{path}: {indexes[0]} lists shard(s) that are missing: {', '.join(missing)}; copy the "
+                       f"complete checkpoint")
+        if shards:
+            return [os.path.join(path, s) for s in shards]
+    files = [os.path.join(path, f) for f in safetensors_files(path)]
+    if not files:
+        raise fail(f"{path}: no *.safetensors file in this directory; save with safe_serialization=True")
     return files
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -102,24 +102,29 @@ def checksums(
         check_tensor(str(name), t)
     if not tensors:
         return {}
-    if backend == "auto":
-        on_cuda = all(t.device.type == "cuda" for t in tensors.values())
-        if on_cuda and _triton_importable():
-            from . import triton as kernel  # lazy: imports triton, which only CUDA tensors need
+    out = _by_kernel(tensors, backend, lambda kernel: kernel.triton_checksums(tensors, checked=True, cache=cache))
+    return out if out is not None else _cpu_checksums(tensors, threads)
 
-            try:
-                return kernel.triton_checksums(tensors, checked=True, cache=cache)
-            except ChecksumError:
-                raise
-            except Exception as e:  # e.g. a GPU triton cannot compile for: same values from the CPU path
-                logger.warning(f"trainer_guard: the triton checksum kernel failed ({type(e).__name__}: {e}); "
-                               f"using the CPU path (same values, slower). Pass backend='cpu' to skip the kernel.")
-        backend = "cpu"
+
+def _by_kernel(tensors: Mapping[str, torch.Tensor], backend: str, run: Any) -> dict[str, int] | None:
+    """``run(trainer_guard.checksum.triton)`` where the kernel is to run: ``backend="triton"``, or ``"auto"`` with
+    every tensor on CUDA and triton importable; ``None`` where the CPU path is to run instead. Under ``"auto"`` a
+    kernel that fails (a GPU triton cannot compile for) falls back to the CPU path (same values) with a warning."""
+    if backend == "cpu" or (backend == "auto" and not (
+            all(t.device.type == "cuda" for t in tensors.values()) and _triton_importable())):
+        return None
+    from . import triton as kernel  # lazy: imports triton, which only CUDA tensors need
+
     if backend == "triton":
-        from . import triton as kernel  # lazy: imports triton
-
-        return kernel.triton_checksums(tensors, checked=True, cache=cache)
-    return _cpu_checksums(tensors, threads)
+        return run(kernel)
+    try:
+        return run(kernel)
+    except ChecksumError:
+        raise
+    except Exception as e:  # e.g. a GPU triton cannot compile for: same values from the CPU path
+        logger.warning(f"trainer_guard: the triton checksum kernel failed ({type(e).__name__}: {e}); "
+                       f"using the CPU path (same values, slower). Pass backend='cpu' to skip the kernel.")
+        return None
 
 
 def partial_sums(tensors: Mapping[str, torch.Tensor], first_words: Mapping[str, int], *,
@@ -141,20 +146,14 @@ def partial_sums(tensors: Mapping[str, torch.Tensor], first_words: Mapping[str, 
         check_tensor(str(name), t)
     if not tensors:
         return {}
-    on_cuda = all(t.device.type == "cuda" for t in tensors.values())
-    if backend == "triton" or (backend == "auto" and on_cuda and _triton_importable()):
-        from . import triton as kernel  # lazy: imports triton, which only CUDA tensors need
 
-        try:
-            plan = kernel.ChecksumPlan(tensors, checked=True, first_words=first_words)
-            return plan.word_sums(plan.run())
-        except ChecksumError:
-            raise
-        except Exception as e:  # a GPU triton cannot compile for: the same values from the CPU path
-            if backend == "triton":
-                raise
-            logger.warning(f"trainer_guard: the triton checksum kernel failed ({type(e).__name__}: {e}); using the "
-                           f"CPU path (same values, slower).")
+    def launch(kernel: Any) -> dict[str, int]:
+        plan = kernel.ChecksumPlan(tensors, checked=True, first_words=first_words)
+        return plan.word_sums(plan.run())
+
+    out = _by_kernel(tensors, backend, launch)
+    if out is not None:
+        return out
     names = list(tensors)
     bufs = [tensor_bytes(str(n), tensors[n]) for n in names]
     sums = word_sums(bufs, threads=threads, first_words=[int(first_words.get(n, 0)) for n in names])

@@ -169,22 +169,24 @@ def plan_sharded_manifest(model: torch.nn.Module, directory: str | os.PathLike, 
                                      sums=sums)
     else:
         result = files_manifest(directory, global_step=global_step, tie_groups=groups)
-    label = os.path.basename(directory)
-    warnings = [f"{label}: {w}" for w in result.warnings]
-    if result.problems or result.manifest is None:
-        return Planned([], list(result.problems), warnings, 0)
     unique = {id(t): t for t in live.values()}.values()  # the bytes checksummed, over all ranks (ties once)
-    return Planned([(directory, result.manifest)], [], warnings, sum(t.numel() * t.element_size() for t in unique))
+    return _planned(directory, result, sum(t.numel() * t.element_size() for t in unique))
 
 
 def plan_files_manifest(directory: str | os.PathLike, *, global_step: int | None) -> Planned:
     """The plan for a checkpoint of partitioned parameters no rank holds whole (DeepSpeed ZeRO-3): every file by its
-    bytes, and the tensors of any ``.safetensors`` file read back (:func:`~trainer_guard.checkpoint.sharded.files_manifest`)."""
+    bytes, and the tensors of any ``.safetensors`` file read back (:func:`~trainer_guard.checkpoint.reconcile.files_manifest`)."""
     directory = os.fspath(directory)
-    result = files_manifest(directory, global_step=global_step, tie_groups=[])
+    return _planned(directory, files_manifest(directory, global_step=global_step, tie_groups=[]), 0)
+
+
+def _planned(directory: str, result: Any, nbytes: int) -> Planned:
+    """One directory's :class:`~trainer_guard.checkpoint.reconcile.Checked` as a :class:`Planned` (its warnings
+    prefixed with the directory's name)."""
+    warnings = [f"{os.path.basename(directory)}: {w}" for w in result.warnings]
     if result.problems or result.manifest is None:
-        return Planned([], list(result.problems), list(result.warnings), 0)
-    return Planned([(directory, result.manifest)], [], list(result.warnings), 0)
+        return Planned([], list(result.problems), warnings, 0)
+    return Planned([(directory, result.manifest)], [], warnings, nbytes)
 
 
 def verify_sharded(model: torch.nn.Module, directory: str | os.PathLike, sums: dict[str, int]) -> Verified:
@@ -197,10 +199,8 @@ def verify_sharded(model: torch.nn.Module, directory: str | os.PathLike, sums: d
         return Verified([str(e)], [], [])
     if manifest is None:
         return Verified([], [f"{directory} has no {MANIFEST_FILE}; the loaded weights were not verified"], [])
-    if not manifest.get("tensors"):
-        return Verified([], [], [])  # a files-only manifest: its files were checked before the load
-    if not any(e.get("source", "model") == "model" for e in manifest["tensors"].values()):
-        return Verified([], [], [])  # a PEFT adapter's DCP save: its files were checked before the load
+    if not any(e.get("source", "model") == "model" for e in (manifest.get("tensors") or {}).values()):
+        return Verified([], [], [])  # files only, or a PEFT adapter read from them: checked before the load
     live, _ = sharded_state(model)
     found, said = model_problems(live, manifest, sums=sums)
     return Verified(found, said, [os.path.join(directory, MANIFEST_FILE)])

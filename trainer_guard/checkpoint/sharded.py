@@ -23,13 +23,15 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+
 from ..checksum.disk import dcp_checksums
 from ..errors import IntegrityError
 from ..files import deepspeed_step_dirs, fsdp_model_dirs
-from ..formats.dcp import is_dcp_dir, read_dcp_index
+from ..formats.dcp import DcpIndex, is_dcp_dir, read_dcp_index
 from ..formats.safetensors import TensorInfo
 
-__all__ = ["sharded_layout", "dcp_dirs", "sharded_index", "sharded_sums"]
+__all__ = ["sharded_layout", "dcp_dirs", "sharded_index", "tensor_infos", "sharded_sums"]
 
 
 def dcp_dirs(directory: str | os.PathLike) -> list[str]:
@@ -55,9 +57,18 @@ def sharded_index(directory: str | os.PathLike) -> dict[str, TensorInfo]:
         IntegrityError: a ``.metadata`` is missing, damaged or foreign, or two directories hold the same name.
     """
     directory = os.fspath(directory)
+    return tensor_infos({d: read_dcp_index(os.path.join(directory, d))  # DcpFormatError is an IntegrityError
+                         for d in fsdp_model_dirs(directory)})
+
+
+def tensor_infos(indexes: Mapping[str, DcpIndex]) -> dict[str, TensorInfo]:
+    """Name -> :class:`TensorInfo` of the tensors of DCP directories already read (directory name -> its index).
+
+    Raises:
+        IntegrityError: two directories hold the same name.
+    """
     out: dict[str, TensorInfo] = {}
-    for d in fsdp_model_dirs(directory):
-        index = read_dcp_index(os.path.join(directory, d))  # DcpFormatError is an IntegrityError
+    for d, index in indexes.items():
         for name, t in index.tensors.items():
             if name in out:
                 raise IntegrityError(f"{name} is stored in both {out[name].file}/ and {d}/")

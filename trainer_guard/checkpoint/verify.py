@@ -24,12 +24,13 @@ from typing import Any, NamedTuple
 from ..checksum.disk import dcp_checksums, file_checksums
 from ..checksum.spec import CHECKSUM_ALGO, fingerprint
 from ..errors import ChecksumError, ForeignManifestError, IntegrityError, MalformedManifestError, UsageError
-from ..files import MANIFEST_FILE, TRAINER_STATE, checkpoints_in, duplicate_hint, is_checkpoint_name, state_file
+from ..files import (MANIFEST_FILE, TRAINER_STATE, checkpoints_in, duplicate_hint, fsdp_model_dirs,
+                     is_checkpoint_name, state_file)
 from ..formats.safetensors import INDEX_SUFFIX, TensorInfo, file_problem, index_files, is_uint, safetensors_files
 from .contents import check_files, committed_sibling, digest, interrupted_save, is_whole
 from ..formats.dcp import read_dcp_index, dcp_problems
 from .manifest import compare, entries, foreign_reason, index_entries, read_manifest
-from .sharded import dcp_dirs, sharded_index, sharded_layout
+from .sharded import dcp_dirs, sharded_layout, tensor_infos
 from .stored import read_index
 
 __all__ = [
@@ -225,16 +226,19 @@ def _check_sharded(path: str, report: Findings) -> dict[str, TensorInfo]:
     """The tensors of an FSDP checkpoint's DCP model directories (``.metadata`` read safely), and what is wrong with
     their files (a data file missing, a chunk past its end); a DeepSpeed ZeRO checkpoint's rank files are checked
     by the manifest, by their bytes."""
+    indexes = {}
     for d in dcp_dirs(path):
         try:
-            index = read_dcp_index(os.path.join(path, d))
+            indexes[d] = read_dcp_index(os.path.join(path, d))
         except IntegrityError as e:
             report.problems.append(Finding("files", str(e).replace(path + os.sep, "")))
             continue
-        report.problems.extend(Finding("files", f"{d}/{p}") for p in dcp_problems(os.path.join(path, d), index))
+        report.problems.extend(Finding("files", f"{d}/{p}") for p in dcp_problems(os.path.join(path, d), indexes[d]))
+    if len(indexes) < len(fsdp_model_dirs(path)):  # a damaged or missing .metadata: no index to trust
+        return {}
     try:
-        return sharded_index(path)
-    except IntegrityError:  # a damaged .metadata: named above
+        return tensor_infos(indexes)
+    except IntegrityError:  # one name in two directories: no index to trust
         return {}
 
 

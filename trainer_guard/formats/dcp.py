@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -201,17 +202,12 @@ def dcp_problems(path: str | os.PathLike, index: DcpIndex) -> list[str]:
     for name, t in sorted(index.tensors.items()):
         covered = 0
         for c in t.chunks:
-            n = 1
-            for s in c.sizes:
-                n *= s
-            covered += n
+            covered += math.prod(c.sizes)
             size = sizes.get(c.file)
             if size is not None and c.offset + c.length > size:
                 end, names = cut.get(c.file, (0, []))
                 cut[c.file] = (max(end, c.offset + c.length), names + [name])
-        total = 1
-        for s in t.shape:
-            total *= s
+        total = math.prod(t.shape)
         if covered != total:
             out.append(f"{DCP_METADATA}: {name}'s chunks hold {covered} of its {total} values")
     for f, (end, names) in sorted(cut.items()):

@@ -104,20 +104,21 @@ def test_default_guards_train_stop_resume_bit_identically(zero):
         assert _shared(g0[key]) == _shared(g1[key]), key  # one verdict per guard
     rep = g0["reports"]
     # the resumed model compared with checkpoint-2's manifest after DeepSpeed's load (ZeRO-3: with the tensors of
-    # its gathered model.safetensors, each partitioned parameter gathered in turn)
+    # its gathered model.safetensors, each parameter's checksum combined from the ranks' partitions, none gathered)
     for g in (g0, g1):
         matched = [x for x in g["reports"]["IntegrityGuard"] if x.startswith("resumed model matches ")]
         assert len(matched) == 1, g["reports"]["IntegrityGuard"]
-        assert matched[0].endswith("(ZeRO-3 parameters gathered one at a time)") is (stage == 3), matched
+        assert matched[0].endswith("(ZeRO-3 checksums combined from the ranks' partitions)") is (stage == 3), matched
     assert rep["TiedWeightsGuard"] == ["tied groups: [['model.embed_tokens.weight', 'lm_head.weight']]"]
     assert rep["DtypeGuard"] == [] and rep["HeadGuard"] == [] and rep["UntrainedTokensGuard"] == []
-    assert rep["UpdateAuditGuard"] == [] if stage == 2 else rep["UpdateAuditGuard"] == [
-        "20 sharded (FSDP/ZeRO-3), meta or empty parameters are not audited"]
+    assert rep["UpdateAuditGuard"] == []  # audited, nothing found (ZeRO-3: was "20 sharded ... not audited")
     skipped = ["replica check skipped: sharded parameters (FSDP/ZeRO-3), no replicas to compare"]
     for g in (g0, g1):
         # ZeRO-2's engine is no shard: checked like the bare model (was: any DeepSpeedEngine counted as sharding)
         assert g["engine_is_sharded"] is (stage == 3)
-        assert g["audited"] == (20 if stage == 2 else 0)  # every parameter audited under ZeRO-2
+        assert g["audited"] == 20  # every parameter audited (ZeRO-3: its partitions, combined across ranks)
+        # the full model's checksums combined from the partitions equal those of the gathered parameters
+        assert g["combined_fingerprint"] == g["fingerprint_straight"]
     if stage == 2:  # whole replicas: compared at every step (train end: the last step was just checked)
         assert rep["ReplicaDivergenceGuard"] == []
         assert (g0["checks_run1"], g0["checks_run2"], g0["checks_straight"]) == (2, 2, 4)
@@ -128,14 +129,64 @@ def test_default_guards_train_stop_resume_bit_identically(zero):
         assert g0["engine_check"] is None and g0["engine_report"] == skipped
 
 
-def test_zero2_update_audit_stops_every_rank_for_a_norm_left_out_of_the_optimizer(zero):
+def test_update_audit_stops_every_rank_for_a_norm_left_out_of_the_optimizer(zero):
+    """The optimizer the Trainer hands DeepSpeed lacks model.norm.weight: found from DeepSpeed's own parameter lists
+    (its param_groups hold flat fp32 partitions), at the first step, on every rank alike."""
     stage, out, (r0, r1) = zero
-    if stage != 2:
-        pytest.skip("ZeRO-3 parameters are not audited (one note, asserted above)")
     a0, a1 = r0["audit"], r1["audit"]
     assert a0 == a1  # same error, same step, same message on both ranks
     assert a0["error"] == "UpdateAuditError" and a0["step"] == 0
+    assert a0["findings"] == ["model.norm.weight: not_in_optimizer"]
     assert "trainable but unchanged: 1 tensor (32 values) in model.norm - not in any optimizer group" in a0["message"]
+
+
+def test_update_audit_counts_steps_without_gradient_signal_and_reports_nothing(zero):
+    """Loss times 0 from the first step (an RL run whose rewards are all zero): AdamW leaves every weight as it was.
+    DeepSpeed keeps no .grad after its step; its global gradient norm (0) says the steps had no signal, so nothing is
+    reported (was, under ZeRO-2: all 20 tensors "not in any optimizer group", a stop at step 1)."""
+    stage, out, (r0, r1) = zero
+    for r in (r0, r1):
+        s = r["silent"]
+        assert s["error"] is None and s["step"] == 4 and s["findings"] == [] and s["silent_steps"] == 4, s
+        assert len(s["report"]) == 1 and "every gradient was exactly zero" in s["report"][0]
+
+
+def test_update_audit_stops_every_rank_for_a_frozen_weight_changed_on_one_rank(zero):
+    """Rank 1 alone scales its copy (ZeRO-2) or its partition (ZeRO-3) of a frozen weight: every rank stops at step 1
+    with one error naming it."""
+    stage, out, (r0, r1) = zero
+    d0, d1 = r0["drift"], r1["drift"]
+    assert d0["error"] == d1["error"] == "UpdateAuditError" and d0["step"] == d1["step"] == 0
+    assert d0["message"] == d1["message"]
+    assert ("frozen but changed: 1 tensor (1,024 values) in model.layers.0.self_attn.o_proj - frozen and in no "
+            "optimizer group: modified outside the optimizer") in d0["message"]
+    # ZeRO-3: the partitions' checksums are combined, so both ranks see the change; ZeRO-2: rank 1's own replica
+    assert d0["message"].endswith("(all ranks)" if stage == 3 else "(rank 1)"), d0["message"]
+
+
+def test_update_audit_on_a_detached_module(zero):
+    """Layer 1's MLP output is detached: its three weights and the norm before it get no gradient. ZeRO-3: each
+    rank's gradient partitions are read from DeepSpeed's optimizer (all zero) and every rank stops at step 2 (after
+    min_grad_steps) with the same error. ZeRO-2 frees the gradients in its step: a warning that names both possible
+    causes, and training goes on."""
+    stage, out, (r0, r1) = zero
+    names = [f"model.layers.1.{m}.weight" for m in ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                     "post_attention_layernorm")]
+    d0, d1 = r0["detached"], r1["detached"]
+    cause = "grad_empty" if stage == 3 else "no_update"
+    for d in (d0, d1):
+        assert d["findings"] == [f"{n}: {cause}" for n in names], d
+    if stage == 3:
+        assert d0["error"] == d1["error"] == "UpdateAuditError" and d0["step"] == d1["step"] == 1
+        assert d0["message"] == d1["message"]
+        assert "trainable but unchanged: 4 tensors (6,176 values) in model.layers.1.mlp.down_proj" in d0["message"]
+        assert "no gradient reached it (its gradient partition in DeepSpeed ZeRO-3's optimizer is all zero)" in d0[
+            "message"]
+    else:
+        assert d0["error"] is d1["error"] is None and d0["step"] == d1["step"] == 3
+        assert len(d0["report"]) == 1 and "(warning only)" in d0["report"][0]
+        assert "the optimizer keeps no per-tensor gradient after its step (DeepSpeed ZeRO-1/2)" in d0["report"][0]
+        assert d1["report"] == []  # the warning is the main process's
 
 
 def test_zero2_replica_check_catches_a_nudged_rank(zero):

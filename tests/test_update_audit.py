@@ -382,3 +382,91 @@ def test_lora_on_multihead_attention_out_proj_never_trains(tmp_path):
         train(model, tmp_path / "guarded", UpdateAuditGuard())
     assert "self_attn.out_proj.lora_A.default" in str(e.value) and "no gradient reached it" in str(e.value)
     assert "linear1" not in str(e.value)
+
+
+# -- DeepSpeed's optimizers, as the audit reads them (the real ones: tests/test_deepspeed.py) ------------------
+class _ZeroLike:
+    """What the audit reads of a DeepSpeed ZeRO optimizer: ``param_groups`` hold flat fp32 partitions (not the model's
+    parameters); the model's parameters per group are in ``bit16_groups`` (ZeRO-1/2) or in ``fp16_groups`` sub-groups
+    mapped to their group by ``sub_group_to_group_id`` (ZeRO-3); ``_global_grad_norm`` is the step's gradient norm.
+    The step is SGD on the flat copies, written back, like DeepSpeed's, and it frees every ``.grad`` as ZeRO-1/2 do."""
+
+    def __init__(self, groups, lrs, stage3=False):
+        self.flat = [torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in g])) for g in groups]
+        self.param_groups = [{"params": [f], "lr": lr, "weight_decay": 0.0} for f, lr in zip(self.flat, lrs)]
+        if stage3:  # one sub-group per parameter, mapped back to its group
+            self.fp16_groups = [[p] for g in groups for p in g]
+            self.sub_group_to_group_id = {i: gi for i, (gi, _) in enumerate((gi, p) for gi, g in enumerate(groups)
+                                                                              for p in g)}
+        else:
+            self.bit16_groups = [list(g) for g in groups]
+        self.groups, self._global_grad_norm = groups, None
+
+    def step(self):
+        grads = [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in g])
+                 for g in self.groups]
+        self._global_grad_norm = float(torch.cat(grads).norm())
+        for g, flat, grad, pg in zip(self.groups, self.flat, grads, self.param_groups):
+            with torch.no_grad():
+                flat -= pg["lr"] * grad
+                offset = 0
+                for p in g:
+                    p.copy_(flat[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+                    p.grad = None
+
+
+class _Wrapped:
+    """accelerate's DeepSpeedOptimizerWrapper: the ZeRO optimizer as ``.optimizer``, its param_groups passed through."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+
+@pytest.mark.parametrize("stage3", [False, True], ids=["zero12", "zero3"])
+def test_group_index_reads_deepspeed_zero_groups_through_accelerate_wrapper(stage3):
+    from trainer_guard.core.audit import group_index
+
+    lin = torch.nn.Linear(3, 2)
+    ds = _ZeroLike([[lin.weight], [lin.bias]], lrs=[0.1, 0.0], stage3=stage3)
+    index = group_index(_Wrapped(ds))
+    assert index[id(lin.weight)].index == 0 and index[id(lin.weight)].lr == 0.1
+    assert index[id(lin.bias)].index == 1 and index[id(lin.bias)].lr == 0.0
+    assert all(id(f) not in index for f in ds.flat)  # the flat fp32 copies are not model parameters
+
+
+def _zero_run(model, ds, steps, loss_scale=1.0, every=1):
+    run = UpdateAudit(dict(model.named_parameters()), every=every)
+    run.baseline()
+    found = []
+    for _ in range(steps):
+        (model(torch.ones(4, 3)).sum() * loss_scale).backward()
+        ds.step()
+        found += run.step(_Wrapped(ds))
+    return run, found
+
+
+def test_deepspeed_steps_without_signal_are_not_effective():
+    """DeepSpeed ZeRO-1/2 free every .grad in their step: a zero global gradient norm (loss times 0: RL rewards all
+    zero) is what says the step had no signal. Was: 2 tensors 'not in any optimizer group' at step 1."""
+    model = torch.nn.Linear(3, 2)
+    ds = _ZeroLike([[model.weight, model.bias]], lrs=[0.1])
+    run, found = _zero_run(model, ds, steps=3, loss_scale=0.0)
+    assert found == [] and run.silent_steps == 3
+
+
+def test_deepspeed_zero12_membership_and_unknown_gradient():
+    """A ZeRO-1/2 optimizer missing the bias: 'not_in_optimizer' at once. A tensor in a group that does not change
+    while the step had signal: its gradient is gone, so the cause is 'no_update' (never 'grad_none': .grad is None
+    for every tensor after a ZeRO-1/2 step), after min_grad_steps effective steps."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    model[1].weight.register_hook(lambda g: torch.zeros_like(g))  # this one never gets a gradient that moves it
+    ds = _ZeroLike([[model[0].weight, model[0].bias, model[1].weight]], lrs=[0.1])
+    run, found = _zero_run(model, ds, steps=3)
+    causes = [(f.name, f.cause) for f in found]
+    assert causes == [("1.bias", "not_in_optimizer"), ("1.weight", "no_update")], causes
+    assert "keeps no per-tensor gradient after its step (DeepSpeed ZeRO-1/2)" in found[1].detail

@@ -14,6 +14,7 @@ next launches.
   so a test can assert that the run really is ZeRO-2 / ZeRO-3.
 - :func:`gathered_fingerprint`: the fingerprint of the full model; ZeRO-3 parameters are gathered first
   (``deepspeed.zero.GatheredParameters``, a collective: every rank calls it at the same point).
+- :func:`combined_fingerprint`: the same from the ranks' partition checksums, combined without a gather.
 """
 
 from __future__ import annotations
@@ -80,6 +81,16 @@ def gathered_fingerprint(model) -> str:
     with ctx:
         sums = checksums({n: p.data.detach() for n, p in named.items()}, backend="cpu")
     return f"{model_fingerprint(sums):016x}"
+
+
+def combined_fingerprint(model) -> str:
+    """The fingerprint :func:`gathered_fingerprint` computes, from checksums combined from each rank's partitions
+    (:func:`trainer_guard.core.checkpoint.zero3_model_sums`: no parameter gathered; a collective)."""
+    from trainer_guard.core.checkpoint import zero3_model_sums
+    from trainer_guard.core.divergence import model_fingerprint
+
+    sums = zero3_model_sums(model)
+    return f"{model_fingerprint({n: sums[n] for n, _ in model.named_parameters()}):016x}"
 
 
 def flip_bit(path: str) -> int:

@@ -11,12 +11,20 @@ One launch per ZeRO stage runs every phase, each under a watchdog (a rank left w
   resumes from checkpoint-2 to step 4; run 3 trains 4 steps uninterrupted into OUT/straight. Records what wraps the
   model (DeepSpeedEngine, ZeRO stage, partitions), the checkpoint's files, each guard's report, the replica checks
   counted, how many parameters UpdateAuditGuard audits, and the fingerprints of the final full models (ZeRO-3
-  partitions gathered). Then ReplicaDivergenceGuard.check on the DeepSpeedEngine itself (what the Trainer calls
+  partitions gathered; and, for the straight run, combined from the partitions' checksums without a gather). Then ReplicaDivergenceGuard.check on the DeepSpeedEngine itself (what the Trainer calls
   ``model_wrapped``): ZeRO-2's engine holds whole replicas, compared like the bare model.
 - ``diverge`` (stage 2 only): ReplicaDivergenceGuard(every=1) and rank 1 nudging one element of one weight after
   step 2 (as tests/dist_scripts/diverge.py does under DDP): every rank must raise ReplicaDivergenceError at step 2.
-- ``audit`` (stage 2 only): UpdateAuditGuard(every=1) with ``model.norm.weight`` left out of the optimizer the Trainer
-  hands to DeepSpeed: every rank must stop with the same UpdateAuditError at the first step.
+- ``audit``: UpdateAuditGuard(every=1) with ``model.norm.weight`` left out of the optimizer the Trainer hands to
+  DeepSpeed: every rank must stop with the same UpdateAuditError at the first step (ZeRO-3: the norm's partitions).
+- ``silent``: UpdateAuditGuard(every=1) on a run whose loss is multiplied by 0 from the first step (an RL run whose
+  rewards are all zero): AdamW leaves every weight as it was, DeepSpeed's global gradient norm is 0, and the guard
+  must count the steps as without signal, not report 20 tensors "not in any optimizer group" (it did under ZeRO-2).
+- ``drift``: ``o_proj`` of layer 0 frozen; on rank 1 only, a callback scales its local values (ZeRO-3: rank 1's
+  partition) before the first step: every rank must stop with the same UpdateAuditError at step 1.
+- ``detached``: layer 1's MLP output is detached in forward (its three weights get no gradient). ZeRO-3: every rank
+  stops at step 2 with the same UpdateAuditError naming the MLP (its gradient partitions all zero). ZeRO-2 keeps no
+  gradient after its step: the guard warns ("no_update") and training goes on.
 - ``tokens``: UntrainedTokensGuard(mode="fix") on a tied Llama (vocab 127, hidden 36: under ZeRO-3 row 63 is split
   between the two ranks' flat partitions) whose embedding rows 5, 63 and 100 are zero and whose data uses 63 and
   100. Records the guard's report and, right after the guard ran at train begin, rows 5, 63, 100 of the full
@@ -35,7 +43,7 @@ import sys
 import traceback
 
 from _common import RANK, dump, finish, nudge, record_writes, stop_at
-from _deepspeed import ds_args, flip_bit, gathered_fingerprint, watchdog, zero_facts
+from _deepspeed import combined_fingerprint, ds_args, flip_bit, gathered_fingerprint, watchdog, zero_facts
 
 import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
@@ -103,10 +111,27 @@ def guards(out: str, stage: int, config: str, rec: dict) -> None:
     t3 = build(os.path.join(out, "straight"), stage, seed=0, callbacks=cb3 + [Audited(rec, cb3)])
     t3.train()
     rec.update(step_straight=t3.state.global_step, reports_straight=reports(t3), checks_straight=replica_checks(t3),
-               fingerprint_straight=gathered_fingerprint(t3.model))
+               fingerprint_straight=gathered_fingerprint(t3.model),
+               combined_fingerprint=combined_fingerprint(t3.model))
     engine_guard = trainer_guard.ReplicaDivergenceGuard()
     rec.update(engine_is_sharded=is_sharded(t3.model_wrapped),
                engine_check=engine_guard.check(t3.model_wrapped, t3.state.global_step), engine_report=engine_guard.report())
+
+
+def _audit_run(out: str, stage: int, rec: dict, *, max_steps: int, trainer_cls=Trainer, callbacks=(),
+               model=None) -> trainer_guard.UpdateAuditGuard:
+    guard = trainer_guard.UpdateAuditGuard(every=1)
+    model = model if model is not None else tiny_model("llama-tied", seed=0)
+    t = trainer_cls(model=model, args=ds_args(out, stage, max_steps=max_steps, save_steps=10),
+                    train_dataset=tiny_dataset(32, 16, model.config.vocab_size), callbacks=[guard, *callbacks])
+    try:
+        t.train()
+    except trainer_guard.UpdateAuditError as e:
+        rec.update(error=type(e).__name__, message=str(e))
+    rec.update(step=t.state.global_step, report=guard.report(),
+               findings=sorted(f"{f.name}: {f.cause}" for f in guard.findings),
+               silent_steps=guard.audit.silent_steps if guard.audit is not None else None)
+    return guard
 
 
 def audit(out: str, stage: int, rec: dict) -> None:
@@ -116,15 +141,35 @@ def audit(out: str, stage: int, rec: dict) -> None:
             self.optimizer = torch.optim.AdamW(params, lr=self.args.learning_rate, weight_decay=0.0)
             return self.optimizer
 
-    guard = trainer_guard.UpdateAuditGuard(every=1)
+    _audit_run(os.path.join(out, "audit"), stage, rec, max_steps=3, trainer_cls=NoNorm)
+
+
+def silent(out: str, stage: int, rec: dict) -> None:
+    class NoSignal(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            return super().compute_loss(model, inputs, return_outputs, **kwargs) * 0.0
+
+    _audit_run(os.path.join(out, "silent"), stage, rec, max_steps=4, trainer_cls=NoSignal)
+
+
+def drift(out: str, stage: int, rec: dict) -> None:
     model = tiny_model("llama-tied", seed=0)
-    t = NoNorm(model=model, args=ds_args(os.path.join(out, "audit"), stage, max_steps=3, save_steps=10),
-               train_dataset=tiny_dataset(32, 16, model.config.vocab_size), callbacks=[guard])
-    try:
-        t.train()
-    except trainer_guard.UpdateAuditError as e:
-        rec.update(error=type(e).__name__, message=str(e))
-    rec.update(step=t.state.global_step)
+    model.model.layers[0].self_attn.o_proj.weight.requires_grad_(False)
+
+    class Drift(TrainerCallback):  # rank 1 only: a buggy in-place edit of a frozen weight (its own copy/partition)
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if RANK == 1 and state.global_step == 0:
+                w = model.model.layers[0].self_attn.o_proj.weight
+                with torch.no_grad():
+                    (w.ds_tensor if hasattr(w, "ds_id") else w).mul_(0.99)
+
+    _audit_run(os.path.join(out, "drift"), stage, rec, max_steps=2, callbacks=[Drift()], model=model)
+
+
+def detached(out: str, stage: int, rec: dict) -> None:
+    model = tiny_model("llama-tied", seed=0)
+    model.model.layers[1].mlp.register_forward_hook(lambda m, args, output: output.detach())
+    _audit_run(os.path.join(out, "detached"), stage, rec, max_steps=3, model=model)
 
 
 def diverge(out: str, stage: int, rec: dict) -> None:
@@ -221,12 +266,18 @@ def main(out: str, results: str, stage: str, config: str) -> None:
     phases = [("guards", lambda rec: guards(out, stage_n, config, rec))]
     if stage_n == 2:
         phases.append(("diverge", lambda rec: diverge(out, stage_n, rec)))
-        phases.append(("audit", lambda rec: audit(out, stage_n, rec)))
+    phases.append(("audit", lambda rec: audit(out, stage_n, rec)))
+    phases.append(("silent", lambda rec: silent(out, stage_n, rec)))
+    phases.append(("drift", lambda rec: drift(out, stage_n, rec)))
+    phases.append(("detached", lambda rec: detached(out, stage_n, rec)))
     phases.append(("tokens", lambda rec: tokens(out, stage_n, rec)))
     phases.append(("flipped", lambda rec: flipped(out, stage_n, config, rec)))
     if stage_n == 3:
         phases.append(("tampered", lambda rec: tampered(out, stage_n, rec)))
+    only = os.environ.get("TG_PHASES")  # a comma-separated subset, when working on one phase by hand
     for name, phase in phases:
+        if only and name not in only.split(","):
+            continue
         rec = result[name] = {"error": None}
         with watchdog(results, result, name, seconds=WATCHDOG_S):
             try:

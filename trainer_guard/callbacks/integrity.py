@@ -305,7 +305,7 @@ class IntegrityGuard(Guard):
         if not os.path.isdir(ckpt):
             self.note(f"{what} loaded, but {ckpt} does not exist; weights not verified", "warning")
             result = None
-        elif kind == "partitioned":  # ZeRO-3: each parameter gathered in turn (a collective), compared with the
+        elif kind == "partitioned":  # ZeRO-3: the partitions' checksums combined (a collective), compared with the
             # tensors of the checkpoint's gathered model.safetensors; FSDP1 flat parameters: nothing to compare
             zero3 = any(is_zero3(p) for p in model.parameters())
             result = (verify_zero3(model, ckpt, zero3_model_sums(model)) if zero3 and self.options["check_resume"]
@@ -313,7 +313,7 @@ class IntegrityGuard(Guard):
             for w in (result.warnings if result else []):
                 self.note(w, "warning")
             if result and not result.problems and result.checked:
-                self.note(f"{what} matches {', '.join(result.checked)} (ZeRO-3 parameters gathered one at a time)")
+                self.note(f"{what} matches {', '.join(result.checked)} (ZeRO-3 checksums combined from the ranks' partitions)")
         elif kind == "dtensor":  # the shards' combined checksums (a collective), compared with the manifest
             sums = sharded_model_sums(model, gather) if not peft_adapter_names(model) else {}
             result = verify_sharded(model, ckpt, sums) if self.options["check_resume"] else Verified([], [], [])

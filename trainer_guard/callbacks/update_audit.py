@@ -20,7 +20,7 @@ from .base import Guard
 __all__ = ["UpdateAuditGuard"]
 
 
-WARN_ONLY_CAUSES = frozenset({"stalled", "unrouted"})
+WARN_ONLY_CAUSES = frozenset({"stalled", "unrouted", "no_update"})
 
 
 class UpdateAuditGuard(Guard):
@@ -38,9 +38,12 @@ class UpdateAuditGuard(Guard):
     rewards) are not *effective*: a tensor is judged only after its group ran an effective step,
     gradient-based causes only after ``min_grad_steps`` of them (a LoRA A matrix has a zero gradient on its first
     step); until then it keeps its baseline and is re-checked alone once it has had them. Each tensor and cause is
-    reported once. FSDP2 (DTensor) shards are audited as whole tensors: checksums and gradient states are
-    combined across ranks, so every rank reaches one verdict. FSDP1 flat, ZeRO-3 and meta parameters are skipped,
-    with a warning.
+    reported once. FSDP2 (DTensor) shards and DeepSpeed ZeRO-3 partitions are audited as whole tensors: checksums
+    and gradient states are combined across ranks, so every rank reaches one verdict; DeepSpeed's optimizer says
+    which parameters each group trains and whether a step had any gradient (its global norm). DeepSpeed ZeRO-1/2
+    free the gradients in their step: a tensor that should have trained and did not is reported without its
+    gradient's cause ("no_update", a warning: it may be a precision limit). FSDP1 flat and meta parameters are
+    skipped, with a warning.
 
     Training dynamics that are not faults: a mixture-of-experts expert (``experts.3``, ``experts.expert_3``) with
     no gradient while another expert of its layer trained got no token from the router; it is judged only after
@@ -97,8 +100,7 @@ class UpdateAuditGuard(Guard):
         named = [(n, p) for n, p in model.named_parameters() if not any(fnmatch.fnmatch(n, s) for s in skip)]
         params = {n: p for n, p in named if auditable(p)}
         if len(params) < len(named):
-            self.note(f"{len(named) - len(params)} sharded (FSDP/ZeRO-3), meta or empty parameters are not "
-                      f"audited", "warning")
+            self.note(f"{len(named) - len(params)} FSDP1 flat, meta or empty parameters are not audited", "warning")
         self.audit = UpdateAudit(params, every=self.options["every"], min_grad_steps=self.options["min_grad_steps"],
                                  backend=self.options["backend"])
         self.audit.baseline()
@@ -114,7 +116,8 @@ class UpdateAuditGuard(Guard):
             self.note(f"optimizer step {state.global_step + 1}: every gradient was exactly zero (no learning signal, "
                       f"e.g. RL rewards all zero so far); steps like it are not counted against any tensor")
         # "stalled" (gradient and LR present, updates below the dtype's resolution) is a precision limit, not a
-        # wiring bug: common in pure-bf16 runs at small LRs, so it warns even in raise mode instead of stopping.
+        # wiring bug: common in pure-bf16 runs at small LRs, so it warns even in raise mode instead of stopping;
+        # "no_update" may be one (ZeRO-1/2 keep no gradient to tell), and so does a dead expert ("unrouted").
         soft = [f for f in new if f.cause in WARN_ONLY_CAUSES]
         if soft and is_main_process():
             self.note(f"UpdateAuditGuard at optimizer step {state.global_step + 1} (warning only):\n  - "

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -59,7 +60,7 @@ __all__ = [
 
 SAME, CHANGED, ONLY_A, ONLY_B = "same", "changed", "only_a", "only_b"
 
-GradState = Literal["none", "zero", "nonzero", "unknown"]
+GradState = Literal["none", "zero", "empty", "nonzero", "unknown"]
 
 # cause code -> explanation (``{group}``, ``{lr}``, ``{wd}``, ``{dtype}``, ``{advice}`` are filled in per finding).
 CAUSES: dict[str, str] = {
@@ -76,12 +77,19 @@ CAUSES: dict[str, str] = {
                  "UpdateAuditGuard(ignore=[...])",
     "grad_zero": "no gradient reached it (.grad is all zero): its output is multiplied by zero or masked out of "
                  "the loss; check the forward pass, or freeze it",
+    "grad_empty": "no gradient reached it (its gradient partition in DeepSpeed ZeRO-3's optimizer is all zero): its "
+                  "output is detached, unused by the loss, multiplied by zero or masked out of it; check forward "
+                  "hooks, .detach() calls and the loss, or freeze it",
     "unrouted": "a mixture-of-experts expert that no token was routed to in {steps} optimizer steps (no gradient) "
                 "while other experts of its layer trained: a dead expert if it lasts; balance the router (e.g. "
                 "output_router_logits=True with router_aux_loss_coef > 0), or stop auditing experts with "
                 "UpdateAuditGuard(ignore=['*.experts.*'])",
     "stalled": "it had a non-zero gradient and {lr}, yet no value changed: updates too small for {dtype}, or the "
                "optimizer skips it; {advice}",
+    "no_update": "its group ran {steps} effective optimizer steps at {lr}, yet no value changed; the optimizer keeps "
+                 "no per-tensor gradient after its step (DeepSpeed ZeRO-1/2), so the guard cannot tell which of two "
+                 "causes it is: no gradient reached it (its output detached or unused by the loss: fix the forward "
+                 "pass or freeze it), or updates too small for {dtype} ({advice})",
     "unfrozen": "frozen at the baseline but requires_grad=True now: something un-froze it (a wrapper, a later "
                 "requires_grad_ call); freeze it again after wrapping",
     "frozen_in_optimizer": "frozen, yet in optimizer group {group} (weight_decay {wd:g}) which updated it; build the "
@@ -107,7 +115,9 @@ class ParamFacts:
         initial_lr: the group's scheduled base LR (``initial_lr``); 0 means the group never trains.
         weight_decay: the group's weight decay.
         effective_steps: optimizer steps in the window that were not skipped and ran with the group's LR > 0.
-        grad: ``.grad`` at the last step: ``"none"``, ``"zero"`` (all zero), ``"nonzero"``, or ``"unknown"``.
+        grad: ``.grad`` at the last step: ``"none"``, ``"zero"`` (all zero), ``"nonzero"``, ``"empty"`` (a DeepSpeed
+            ZeRO-3 gradient partition all zero: none reached it, or a zero one) or ``"unknown"`` (the optimizer keeps
+            no per-tensor gradient: DeepSpeed ZeRO-1/2).
         dtype: the tensor's dtype, for messages.
         numel: number of values, for messages.
         expert: a numbered expert of a mixture-of-experts layer (see :func:`expert_of`) while another expert of the
@@ -201,8 +211,9 @@ def audit(
       nothing to step it with: torch optimizers skip a tensor whose ``.grad`` is None).
     - Trainable and unchanged: ``not_in_optimizer`` and ``lr_zero`` (``initial_lr`` 0) at once; otherwise only
       once its group ran at least one effective step (LR warmup from 0 and skipped inf/nan steps do not count),
-      and the gradient-based causes (``grad_none``, ``grad_zero``, ``stalled``) only after ``min_grad_steps``
-      effective steps, since e.g. a LoRA A matrix has a zero gradient on its first step (B starts at zero).
+      and the gradient-based causes (``grad_none``, ``grad_zero``, ``stalled``; ``no_update`` when the gradient is
+      ``"unknown"``) only after ``min_grad_steps`` effective steps, since e.g. a LoRA A matrix has a zero gradient on
+      its first step (B starts at zero).
       ``all_lr_zero`` (every optimizer group has LR 0) turns ``lr_zero`` into ``lr_zero_all``.
     - A MoE expert without gradient while a sibling trained (``facts.expert``): ``unrouted``, only after
       ``min_expert_steps`` effective steps (default ``min_grad_steps``): the router may simply not have picked it.
@@ -233,15 +244,17 @@ def audit(
             findings.append(_finding(name, "unchanged", "not_in_optimizer", f))
         elif f.initial_lr is not None and f.initial_lr == 0 and not f.effective_steps:
             findings.append(_finding(name, "unchanged", "lr_zero_all" if all_lr_zero else "lr_zero", f))
-        elif f.expert and f.grad in ("none", "zero", "unknown"):
+        elif f.expert and f.grad in ("none", "zero", "empty", "unknown"):
             if f.effective_steps < max(min_grad_steps, min_expert_steps or 0):
                 pending.append(name)
             else:
                 findings.append(_finding(name, "unchanged", "unrouted", f))
-        elif f.effective_steps < 1 or (f.effective_steps < min_grad_steps and f.grad in ("none", "zero", "unknown")):
+        elif f.effective_steps < 1 or (f.effective_steps < min_grad_steps
+                                       and f.grad in ("none", "zero", "empty", "unknown")):
             pending.append(name)
         else:
-            cause = {"none": "grad_none", "zero": "grad_zero"}.get(f.grad, "stalled")
+            cause = {"none": "grad_none", "zero": "grad_zero", "empty": "grad_empty",
+                     "unknown": "no_update"}.get(f.grad, "stalled")
             findings.append(_finding(name, "unchanged", cause, f))
     return sorted(findings, key=lambda x: x.name), pending
 
@@ -371,8 +384,10 @@ def group_lr(group: Mapping[str, Any]) -> float | None:
 def group_index(optimizer: Any) -> dict[int, GroupInfo]:
     """Map ``id(parameter)`` -> :class:`GroupInfo` for every parameter in ``optimizer.param_groups``.
 
-    Works for any torch optimizer and for wrappers that expose ``param_groups`` (accelerate's). ``initial_lr`` is
-    the value an LR scheduler recorded (``group["initial_lr"]``), else the group's LR.
+    Works for any torch optimizer and for wrappers that expose ``param_groups`` (accelerate's). A DeepSpeed ZeRO
+    optimizer's groups hold flat fp32 partitions: its model parameters come from its own lists
+    (:func:`trainer_guard.core.sharding.zero_param_groups`), the LRs from its ``param_groups``. ``initial_lr`` is the
+    value an LR scheduler recorded (``group["initial_lr"]``), else the group's LR.
 
     Example:
         >>> import torch
@@ -381,49 +396,65 @@ def group_index(optimizer: Any) -> dict[int, GroupInfo]:
         >>> group_index(opt)[id(w)]
         GroupInfo(index=0, lr=0.0, initial_lr=0.0, weight_decay=0.0)
     """
+    from .sharding import zero_optimizer, zero_param_groups  # lazy: torch
+
+    members = zero_param_groups(optimizer)
+    groups = getattr(zero_optimizer(optimizer) if members is not None else optimizer, "param_groups", None) or []
+    if members is None:
+        members = [(i, g["params"]) for i, g in enumerate(groups)]
     out = {}
-    for i, group in enumerate(getattr(optimizer, "param_groups", None) or []):
+    for i, params in members:
+        if i >= len(groups):
+            continue
+        group = groups[i]
         lr = group_lr(group)
         initial = lr if lr is None or "initial_lr" not in group else float(group["initial_lr"])
         info = GroupInfo(i, lr, initial, float(group.get("weight_decay", 0.0) or 0.0))
-        for p in group["params"]:
+        for p in params:
             out.setdefault(id(p), info)
     return out
 
 
 def grad_state(p: torch.Tensor) -> GradState:
     """``"none"`` when ``p.grad`` is None, ``"zero"`` when it is all zero, else ``"nonzero"`` (one reduction).
-    For a ``DTensor``, this rank's shard of the gradient (no collective; :class:`UpdateAudit` combines the ranks'
-    answers)."""
-    g = p.grad
+    For a ``DTensor`` or a DeepSpeed ZeRO-3 partition, this rank's part of the gradient
+    (:func:`trainer_guard.core.sharding.local_grad`; no collective: :class:`UpdateAudit` combines the ranks'
+    answers). A ZeRO-3 partition all zero is ``"empty"``: DeepSpeed's buffer reads zero where no gradient was ever
+    written, so "none" and "zero" look alike there."""
+    from .sharding import is_zero3, local_grad  # lazy: torch
+
+    g = local_grad(p)
     if g is None:
         return "none"
-    g = g.to_local() if hasattr(g, "to_local") else g
-    return "nonzero" if bool(g.detach().ne(0).any()) else "zero"
+    if bool(g.ne(0).any()):
+        return "nonzero"
+    return "empty" if is_zero3(p) else "zero"
 
 
 def combine_grad_states(states: Iterable[GradState]) -> GradState:
     """One tensor's gradient state from its shards' (one per rank): ``"nonzero"`` when any shard's is, else
-    ``"zero"`` when any shard had a gradient, else ``"none"`` (``"unknown"`` wins over ``"none"``).
+    ``"zero"`` when any shard had a gradient, else ``"empty"`` (ZeRO-3 partitions all zero), else ``"none"``
+    (``"unknown"`` wins over ``"none"``).
 
     Example:
         >>> combine_grad_states(["zero", "nonzero"]), combine_grad_states(["none", "zero"])
         ('nonzero', 'zero')
     """
     states = set(states)
-    for s in ("nonzero", "zero", "unknown"):
+    for s in ("nonzero", "zero", "empty", "unknown"):
         if s in states:
             return s  # type: ignore[return-value]
     return "none"
 
 
 def auditable(p: torch.Tensor) -> bool:
-    """True for a parameter the audit can read: whole on this rank, or an FSDP2 ``DTensor`` (its checksum is
-    combined from the ranks' shards); not an FSDP1 ``FlatParameter`` or DeepSpeed ZeRO-3 partition, not on the meta
+    """True for a parameter the audit can read: whole on this rank, an FSDP2 ``DTensor`` or a DeepSpeed ZeRO-3
+    partition (their checksums are combined from the ranks' parts); not an FSDP1 ``FlatParameter``, not on the meta
     device, not empty. Which tensors are shards is :mod:`trainer_guard.core.sharding`'s to say."""
-    from .sharding import is_dtensor, is_shard  # lazy: torch (``trainer-guard diff`` imports this module without it)
+    from .sharding import full_shape, is_dtensor, is_shard, is_zero3  # lazy: torch (``diff`` imports this module)
 
-    return (is_dtensor(p) or not is_shard(p)) and p.device.type != "meta" and p.numel() > 0
+    return ((is_dtensor(p) or is_zero3(p) or not is_shard(p)) and p.device.type != "meta"
+            and math.prod(full_shape(p)) > 0)
 
 
 class UpdateAudit:
@@ -458,12 +489,13 @@ class UpdateAudit:
 
     def __init__(self, params: Mapping[str, torch.Tensor], *, every: int = 100, min_grad_steps: int = 2,
                  backend: str = "auto", gather: Callable[[Any], list[Any]] | None = None) -> None:
-        from .sharding import is_dtensor  # lazy: torch
+        from .sharding import is_dtensor, is_zero3  # lazy: torch
 
         self.params = dict(params)
-        # FSDP2 DTensors: checksums and gradient states are combined across ranks, through collectives that every
-        # rank runs at the same checks (the names checked are decided from combined values, so they agree)
-        self._dtensors = {n for n, p in self.params.items() if is_dtensor(p)}
+        # FSDP2 DTensors and DeepSpeed ZeRO-3 partitions: checksums and gradient states are combined across ranks,
+        # through collectives that every rank runs at the same checks (the names checked are decided from combined
+        # values, so they agree)
+        self._parts = {n for n, p in self.params.items() if is_dtensor(p) or is_zero3(p)}
         self._gather = gather
         self._expert = {n: expert_of(n) for n in self.params}  # MoE expert container of each tensor, or None
         self._devices = {p.device for p in self.params.values()}
@@ -486,14 +518,14 @@ class UpdateAudit:
         from ..checksum.tensors import checksums  # lazy: imports torch (diff uses this module without it)
 
         names = list(names)
-        shards = [n for n in names if n in self._dtensors]
+        shards = [n for n in names if n in self._parts]
         out: dict[str, int] = {}
         if shards:  # the full tensors' checksums from each rank's shard: one small all-gather, no tensor gathered
             from .divergence import sharded_checksums
             from .sharding import resolve_gather
 
             out.update(sharded_checksums({n: self.params[n] for n in shards}, resolve_gather(self._gather)))
-            names = [n for n in names if n not in self._dtensors]
+            names = [n for n in names if n not in self._parts]
         by_device: dict[Any, dict[str, torch.Tensor]] = {}
         if len(self._devices) == 1:  # the usual case: one device, no grouping per tensor
             by_device[next(iter(self._devices))] = {n: self.params[n] for n in names}
@@ -536,7 +568,7 @@ class UpdateAudit:
         if skipped is None:
             skipped = bool(getattr(optimizer, "step_was_skipped", False))
         if no_signal is None:
-            no_signal = not skipped and self.no_signal()
+            no_signal = not skipped and self.no_signal(optimizer)
         self.silent_steps += bool(no_signal)
         if not skipped and not no_signal:
             for i, g in enumerate(groups):
@@ -551,21 +583,27 @@ class UpdateAudit:
             names = [n for n, (g, need) in self._pending.items() if self._eff(n, g) >= need]
         return self.check(names, optimizer) if names else []
 
-    def no_signal(self) -> bool:
+    def no_signal(self, optimizer: Any = None) -> bool:
         """True when gradients exist and every one of them is exactly zero (one reduction per tensor until the first
         non-zero one; walked from the output end, where a step with any signal shows it first). No gradient at all
-        (every ``.grad`` None) is not this: the backward pass reached nothing, which is evidence."""
+        (every ``.grad`` None) is not this: the backward pass reached nothing, which is evidence. Under a DeepSpeed
+        ZeRO ``optimizer``, whose gradients live in its own partitions (ZeRO-1/2 free them in the step): its global
+        gradient norm of the step is exactly 0 (already the same on every rank)."""
+        from .sharding import local_grad, zero_optimizer  # lazy: torch
+
+        norm = getattr(zero_optimizer(optimizer), "_global_grad_norm", None)
+        if norm is not None:
+            return float(norm) == 0.0
         seen = signal = False
         for p in reversed(self.params.values()):
-            g = p.grad
+            g = local_grad(p)  # a shard's gradient: this rank's part, no collective
             if g is None:
                 continue
             seen = True
-            g = g.to_local() if hasattr(g, "to_local") else g  # a shard's gradient: this rank's part, no collective
-            if bool(g.detach().ne(0).any()):
+            if bool(g.ne(0).any()):
                 signal = True
                 break
-        if self._dtensors:  # shards: the step had a signal when any rank's part had one (one small all-gather)
+        if self._parts:  # shards: the step had a signal when any rank's part had one (one small all-gather)
             from .sharding import resolve_gather
 
             votes = resolve_gather(self._gather)((seen, signal))
@@ -587,6 +625,8 @@ class UpdateAudit:
 
     def check(self, names: list[str], optimizer: Any) -> list[Finding]:
         """Compare ``names`` with their baselines now; rebase the judged ones; return new findings."""
+        from .sharding import full_shape, is_zero3, zero_optimizer  # lazy: torch
+
         now = self.checksums(names)
         base = self._base
         status = {n: SAME if base[n] == now[n] else CHANGED for n in names}  # classify() of two full sets
@@ -599,6 +639,8 @@ class UpdateAudit:
         index = group_index(optimizer) if doubtful else {}
         infos = {g.index: g for g in index.values()}
         all_lr_zero = bool(infos) and all(g.initial_lr == 0 for g in infos.values())
+        # DeepSpeed ZeRO-1/2 free every gradient in their step and keep none per tensor: "unknown", never "none"
+        grads_gone = bool(doubtful) and zero_optimizer(optimizer) is not None
         facts = {}
         for n in doubtful:
             p, g = self.params[n], index.get(id(self.params[n]))
@@ -607,9 +649,10 @@ class UpdateAudit:
                 trainable=self._trainable[n], trainable_now=p.requires_grad, group=gi, lr=g.lr if g else None,
                 initial_lr=g.initial_lr if g else None, weight_decay=g.weight_decay if g else 0.0,
                 effective_steps=self._eff(n, gi),
-                grad=grad_state(p) if (status[n] == SAME) == self._trainable[n] else "unknown",
-                dtype=str(p.dtype).removeprefix("torch."), numel=p.numel(), expert=self._expert[n] in self._routed)
-        shards = [n for n in doubtful if n in self._dtensors]
+                grad="unknown" if grads_gone and n not in self._parts else grad_state(p),
+                dtype=str(p.dtype).removeprefix("torch."), numel=math.prod(full_shape(p)),
+                expert=self._expert[n] in self._routed)
+        shards = [n for n in doubtful if n in self._parts]
         if shards:  # a shard's gradient is one rank's part: the tensor's is what the ranks' parts say together
             from .sharding import resolve_gather
 
@@ -619,7 +662,7 @@ class UpdateAudit:
         for n in doubtful:  # AdaLoRA's rank allocator zeroes pruned singular values (lora_E) after each step: a fully
             # pruned lora_E stays all zero by design, not for want of a gradient or LR (still judged when in no group)
             if (status[n] == SAME and self._trainable[n] and ".lora_E." in f".{n}." and facts[n].group is not None
-                    and not bool(self.params[n].detach().any())):
+                    and not is_zero3(self.params[n]) and not bool(self.params[n].detach().any())):
                 status[n] = "pruned"  # audit() judges only SAME/CHANGED
         expert_steps = max(self.min_grad_steps, self.every)
         found, pending = audit(status, facts, self.min_grad_steps, min_expert_steps=expert_steps,

@@ -9,6 +9,7 @@ them; they know nothing of the ``Trainer``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -20,10 +21,9 @@ from ..checkpoint.sharded import dcp_dirs
 from ..checkpoint.verify import file_changes
 from ..errors import UsageError
 from ..files import MANIFEST_FILE
-from ..checksum.tensors import checksums
 from ..formats.safetensors import safetensors_files
 from .divergence import sharded_checksums
-from .sharding import full_shape, is_zero3
+from .sharding import full_shape, resolve_gather
 from .ties import find_tied_groups
 
 __all__ = ["Planned", "Verified", "plan_manifests", "verify_against", "conversion_hint", "rewritten_since",
@@ -206,24 +206,17 @@ def verify_sharded(model: torch.nn.Module, directory: str | os.PathLike, sums: d
     return Verified(found, said, [os.path.join(directory, MANIFEST_FILE)])
 
 
-def zero3_model_sums(model: torch.nn.Module) -> dict[str, int]:
-    """Checksums of the full parameters of a DeepSpeed ZeRO-3 model, each gathered in turn
-    (``deepspeed.zero.GatheredParameters``, read-only): one full parameter in memory at a time. A collective: every
-    rank calls it at the same point and gathers the same parameters in the same order. Tied names share one gather.
-    Parameters that are not partitioned are checksummed as they are."""
-    import deepspeed  # lazy: only ZeRO-3 models get here
-
-    out: dict[str, int] = {}
-    done: dict[int, int] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        if id(p) not in done:
-            if is_zero3(p):
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                    done[id(p)] = checksums({n: p.data})[n]
-            else:
-                done[id(p)] = checksums({n: p})[n]
-        out[n] = done[id(p)]
-    return out
+def zero3_model_sums(model: torch.nn.Module, gather: Callable[[Any], list[Any]] | None = None) -> dict[str, int]:
+    """Checksums of the full parameters of a DeepSpeed ZeRO-3 model, combined from the ranks' partitions
+    (:func:`~trainer_guard.core.divergence.sharded_checksums`: no parameter gathered, except one whose partition is
+    not a whole number of 8-byte words). A collective: every rank calls it at the same point. Tied names share one
+    checksum; parameters that are not partitioned are checksummed as they are."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    first: dict[int, str] = {}
+    for n, p in named:
+        first.setdefault(id(p), n)
+    sums = sharded_checksums({n: p for n, p in named if first[id(p)] == n}, resolve_gather(gather))
+    return {n: sums[first[id(p)]] for n, p in named}
 
 
 class _Shape(NamedTuple):

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..checksum.spec import CHECKSUM_ALGO, MASK64, finalize, fingerprint
 from ..checksum.tensors import checksums, dtype_name, partial_sums
-from .sharding import is_row_sharded, is_sharded, replicated
+from .sharding import is_row_sharded, is_sharded, replicated, zero3_span
 
 __all__ = [
     "model_tensors",
@@ -145,11 +145,13 @@ def sharded_checksums(tensors: Mapping[str, torch.Tensor], gather: Callable[[Any
 
     The checksum is a sum over 64-bit words keyed by their position, so a shard that is a contiguous,
     8-byte-aligned byte range of the full tensor contributes a partial sum at its word offset, and the partial
-    sums add up (mod 2^64) to the full one. Each rank: (1) reports its local row count per tensor; (2) computes
+    sums add up (mod 2^64) to the full one. Each rank: (1) reports its local row count per FSDP2 tensor; (2) computes
     its partial sums at the offsets that follow; (3) the partials are summed and finalised with the full dtype,
-    shape and size. Tensors split any other way (2-D meshes, other dims, offsets not a multiple of 8 bytes) are
-    materialised with ``full_tensor()`` and checksummed whole (correct, but costs an all-gather of that tensor).
-    Plain tensors are taken as replicated.
+    shape and size. A DeepSpeed ZeRO-3 parameter's partition is the same kind of range (rank ``r`` holds elements
+    ``[r*P, (r+1)*P)``, :func:`~trainer_guard.core.sharding.zero3_span`): no count to exchange. Tensors split any
+    other way (2-D meshes, other dims, offsets not a multiple of 8 bytes) are materialised (``full_tensor()``, or
+    ``deepspeed.zero.GatheredParameters`` for a ZeRO-3 partition size that is not) and checksummed whole (correct,
+    but costs an all-gather of that tensor). Plain tensors are taken as replicated.
 
     Every rank must call this with the same names in the same order (it runs collectives through ``gather``,
     e.g. :func:`trainer_guard._dist.gather`).
@@ -163,9 +165,20 @@ def sharded_checksums(tensors: Mapping[str, torch.Tensor], gather: Callable[[Any
     out: dict[str, int] = {}
     local: dict[str, torch.Tensor] = {}
     first: dict[str, int] = {}
-    exact: dict[str, tuple[int, ...]] = {}
+    exact: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     for n in names:
         t = tensors[n]
+        span = zero3_span(t)
+        if span is not None:
+            values, start = span
+            group = getattr(t, "ds_process_group", None)
+            if ((t.ds_tensor.numel() * t.ds_tensor.element_size()) % 8  # the same partition size on every rank
+                    or torch.distributed.get_world_size(group) != torch.distributed.get_world_size()):  # replicas
+                out[n] = _gathered_zero3_checksum(n, t)
+                continue
+            local[n], first[n] = values, start * values.element_size() // 8
+            exact[n] = (t.ds_tensor.dtype, tuple(t.ds_shape))
+            continue
         if n not in sharded:
             full = t.full_tensor() if hasattr(t, "full_tensor") else t
             out[n] = int(checksums({n: full}, backend="cpu")[n])
@@ -179,12 +192,21 @@ def sharded_checksums(tensors: Mapping[str, torch.Tensor], gather: Callable[[Any
             continue
         pos = order.index(torch.distributed.get_rank())
         local[n], first[n] = t.to_local(), offsets[pos] // 8
-        exact[n] = tuple(t.shape)
+        exact[n] = (t.dtype, tuple(t.shape))
     mine = partial_sums(local, first)  # every local shard at once: the kernel on CUDA, every core on the host
     partials = gather(mine)
     for n in names:
         if n in exact:
-            t = tensors[n]
+            dtype, shape = exact[n]
             s = sum(p.get(n, 0) for p in partials) & MASK64
-            out[n] = finalize(s, dtype_name(t.dtype, n), exact[n], t.numel() * t.element_size())
+            esize = torch.empty((), dtype=dtype).element_size()
+            out[n] = finalize(s, dtype_name(dtype, n), shape, math.prod(shape) * esize)
     return {n: out[n] for n in names}
+
+
+def _gathered_zero3_checksum(name: str, t: torch.Tensor) -> int:
+    """One ZeRO-3 parameter gathered whole (read-only, a collective) and checksummed."""
+    import deepspeed  # lazy: only ZeRO-3 parameters get here
+
+    with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+        return int(checksums({name: t.data}, backend="cpu")[name])

@@ -19,6 +19,11 @@ are whole replicas, and a guard that skipped "because FSDP" would skip a run it 
   range of its flattened elements, and its full shape (its ``.shape`` is empty outside forward/backward).
   ZeRO-1/2 parameters are whole tensors on every rank (only optimizer state and gradients are partitioned):
   nothing here treats them as shards.
+- :func:`local_grad`: this rank's part of a parameter's gradient after the step (a DTensor's local shard, a ZeRO-3
+  partition kept by DeepSpeed's optimizer), without a collective.
+- :func:`zero_optimizer`, :func:`zero_param_groups`: DeepSpeed's ZeRO optimizer behind the Trainer's (accelerate's
+  wrapper), and which model parameters each of its param groups trains (its ``param_groups`` hold flat fp32
+  partitions, not the parameters).
 
 Every function that takes ``gather`` runs a collective through it (default :func:`trainer_guard._dist.gather`):
 every rank must call it at the same point, with the same tensors in the same order.
@@ -43,7 +48,8 @@ from torch import nn
 from ..errors import TrainerGuardError
 
 __all__ = ["WRAPPERS", "is_shard", "is_dtensor", "engine", "is_sharded", "replicated", "agreed_sharded", "is_row_sharded", "RowLayout", "row_layout",
-           "gather_rows", "local_part", "resolve_gather", "is_zero3", "zero3_span", "full_shape"]
+           "gather_rows", "local_part", "resolve_gather", "is_zero3", "zero3_span", "full_shape", "local_grad",
+           "zero_optimizer", "zero_param_groups"]
 
 # Module classes (anywhere in the MRO) whose parameters are shards: FSDP1, FSDP2 (``fully_shard`` makes a subclass
 # of FSDPModule), DeepSpeed's engine. FSDP1 with use_orig_params exposes plain Parameters that are views of the shard.
@@ -253,3 +259,65 @@ def zero3_span(t: Any) -> tuple[torch.Tensor, int] | None:
     first = pos * part.numel()
     n = max(0, min(part.numel(), int(t.ds_numel) - first))
     return part[:n], first
+
+
+def local_grad(p: Any) -> torch.Tensor | None:
+    """This rank's part of ``p``'s gradient, read after the optimizer step (no collective): a DTensor's local shard of
+    ``p.grad``; for a DeepSpeed ZeRO-3 parameter, whose ``.grad`` is always ``None``, the gradient partition its
+    optimizer keeps until the next backward overwrites it (``deepspeed.utils.safe_get_local_grad``); else ``p.grad``.
+    ``None`` when there is none (DeepSpeed ZeRO-1/2 free theirs in the step).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2)); (w * 3).sum().backward()
+        >>> local_grad(w)
+        tensor([3., 3.])
+    """
+    if is_zero3(p):
+        if not getattr(p, "requires_grad", False) or getattr(p, "_z3_optimizer", None) is None:
+            return None
+        from deepspeed.utils import safe_get_local_grad  # lazy: only ZeRO-3 parameters get here
+
+        try:
+            return safe_get_local_grad(p)
+        except KeyError:  # trainable, yet in none of the optimizer's groups: it keeps no partition for it
+            return None
+    g = p.grad
+    if g is None:
+        return None
+    return (g.to_local() if hasattr(g, "to_local") else g).detach()
+
+
+def zero_optimizer(optimizer: Any) -> Any | None:
+    """DeepSpeed's ZeRO optimizer (stage 1/2 ``DeepSpeedZeroOptimizer``, ``BF16_Optimizer``, stage 3
+    ``DeepSpeedZeroOptimizer_Stage3``) that ``optimizer`` is or wraps (accelerate's ``DeepSpeedOptimizerWrapper``
+    holds it as ``.optimizer``), else ``None``.
+
+    Example:
+        >>> zero_optimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)) is None
+        True
+    """
+    seen = 0
+    while optimizer is not None and seen < 4:  # a wrapper of a wrapper at most; never a loop
+        if any(hasattr(optimizer, a) for a in ("fp16_groups", "bit16_groups", "bf16_groups")) and hasattr(
+                optimizer, "param_groups"):
+            return optimizer
+        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
+    return None
+
+
+def zero_param_groups(optimizer: Any) -> list[tuple[int, list[torch.nn.Parameter]]] | None:
+    """``(param group index, model parameters)`` per group a DeepSpeed ZeRO optimizer steps (ZeRO-3 splits a group
+    into sub-groups: each is listed with its group's index), or ``None`` when ``optimizer`` is not one
+    (:func:`zero_optimizer`): its ``param_groups`` then hold the parameters themselves.
+
+    Example:
+        >>> zero_param_groups(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)) is None
+        True
+    """
+    ds = zero_optimizer(optimizer)
+    if ds is None:
+        return None
+    if hasattr(ds, "fp16_groups") and hasattr(ds, "sub_group_to_group_id"):  # ZeRO-3
+        return [(int(ds.sub_group_to_group_id[i]), list(g)) for i, g in enumerate(ds.fp16_groups)]
+    groups = getattr(ds, "bit16_groups", None) or getattr(ds, "bf16_groups", None) or getattr(ds, "fp16_groups", [])
+    return [(i, list(g)) for i, g in enumerate(groups)]

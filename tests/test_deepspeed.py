@@ -242,7 +242,7 @@ def test_untrained_tokens_found_and_fixed_under_zero(zero):
 
 def test_a_zero3_model_that_differs_from_its_checkpoint_after_the_load_stops_every_rank(zero):
     """ZeRO-3: after DeepSpeed's load, one element of a partitioned weight differs from checkpoint-2 (changed by a
-    callback before IntegrityGuard's train-begin check): each parameter gathered in turn is compared with the
+    callback before IntegrityGuard's train-begin check): each parameter's combined checksum is compared with the
     tensors the manifest recorded from the gathered model.safetensors, and every rank stops alike."""
     stage, out, (r0, r1) = zero
     if stage != 3:

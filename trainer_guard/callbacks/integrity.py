@@ -51,7 +51,7 @@ class IntegrityGuard(Guard):
     parameters are whole on every rank: as without sharding, plus the ``global_step<N>/`` rank files by their
     bytes. ZeRO-3 partitions (no rank holds a tensor): the files by their bytes (rank files are pickles; nothing
     unpickles them) and the tensors of a gathered ``model.safetensors`` when the save wrote one, with which a
-    resumed model is compared, each parameter gathered in turn.
+    resumed model is compared, each parameter's checksum combined from the ranks' partitions.
 
     Args:
         verify: what a save checks before the manifest is written. ``"manifest"`` (default): the files' headers
@@ -153,8 +153,8 @@ class IntegrityGuard(Guard):
         if kind == "partitioned":
             self._once("partitioned", "sharded parameters no rank holds whole (DeepSpeed ZeRO-3 / FSDP1): manifests "
                                       "list every file by its bytes (rank files included) and the tensors of a "
-                                      "gathered model.safetensors; a resumed ZeRO-3 model is compared with those, one "
-                                      "gathered parameter at a time")
+                                      "gathered model.safetensors; a resumed ZeRO-3 model is compared with those, its "
+                                      "checksums combined from the ranks' partitions")
         return kind
 
     def _once(self, key: str, message: str, level: str = "info") -> None:
@@ -313,7 +313,8 @@ class IntegrityGuard(Guard):
             for w in (result.warnings if result else []):
                 self.note(w, "warning")
             if result and not result.problems and result.checked:
-                self.note(f"{what} matches {', '.join(result.checked)} (ZeRO-3 checksums combined from the ranks' partitions)")
+                self.note(f"{what} matches {', '.join(result.checked)} (ZeRO-3 checksums combined from the ranks' "
+                          f"partitions)")
         elif kind == "dtensor":  # the shards' combined checksums (a collective), compared with the manifest
             sums = sharded_model_sums(model, gather) if not peft_adapter_names(model) else {}
             result = verify_sharded(model, ckpt, sums) if self.options["check_resume"] else Verified([], [], [])

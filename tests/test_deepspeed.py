@@ -3,8 +3,8 @@
 No patch: ``DS_ACCELERATOR=cpu`` makes DeepSpeed's CPU accelerator talk gloo and ``TrainingArguments(deepspeed=...,
 use_cpu=True)`` runs ``DistributedType.DEEPSPEED``. The first launch JIT-builds DeepSpeed's shared-memory comm op
 (about 90 s on 2 cores); ``TORCH_EXTENSIONS_DIR`` (``.ci/run`` exports a git-ignored folder of the checkout; the
-same folder is the default here) keeps it for later launches. One launch per ZeRO stage (module fixture) runs every
-phase of ``tests/dist_scripts/zero.py``: train with the default guards and stop after checkpoint-2, resume from it in
+same folder is the default here) keeps it for later launches. One launch per ZeRO stage (module fixture: ZeRO-2,
+ZeRO-3, and ZeRO-3 in bf16 mixed precision) runs every phase of ``tests/dist_scripts/zero.py``: train with the default guards and stop after checkpoint-2, resume from it in
 a fresh Trainer (another seed), train straight; ZeRO-2 also plants a replica divergence; both resume from a copy of
 checkpoint-2 with one bit flipped. Each launch has a subprocess timeout and each phase a watchdog, so a rank left
 waiting in a collective fails the test instead of hanging CI.
@@ -26,14 +26,19 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow,
                                  reason="needs DeepSpeed: pip install --no-build-isolation deepspeed")]
 
 CONFIG = os.path.join(ROOT, "configs", "default.yaml")
-FLIPPED = os.path.join("global_step2", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def _optim(rank: int, ranks: list) -> str:
+    """Rank ``rank``'s optimizer partition file name (``bf16_`` in front under bf16 mixed precision)."""
+    return ("bf16_" if ranks[0]["bf16"] else "") + f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+@pytest.fixture(scope="module", params=[2, 3, "3-bf16"], ids=["zero2", "zero3", "zero3-bf16"])
 def zero(request, tmp_path_factory):
-    """One launch of zero.py for ZeRO stage ``request.param``: ``(stage, out dir, [rank 0 result, rank 1 result])``."""
-    stage = request.param
-    tmp = tmp_path_factory.mktemp(f"zero{stage}")
+    """One launch of zero.py for ZeRO stage ``request.param`` ("3-bf16": ZeRO-3 in bf16 mixed precision, bf16 weights
+    and fp32 master copies): ``(stage, out dir, [rank 0 result, rank 1 result])``; each result's "bf16" says which."""
+    stage = int(str(request.param).split("-")[0])
+    tmp = tmp_path_factory.mktemp(f"zero{request.param}")
     out, res = tmp / "out", tmp / "results"
     out.mkdir()
     res.mkdir()
@@ -41,7 +46,7 @@ def zero(request, tmp_path_factory):
         mp.setenv("DS_ACCELERATOR", "cpu")
         mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR")
                   or os.path.join(ROOT, ".torch_extensions"))
-        ranks = launch("zero.py", str(out), str(res), str(stage), CONFIG, tmp_path=tmp)
+        ranks = launch("zero.py", str(out), str(res), str(request.param), CONFIG, tmp_path=tmp)
     for r in ranks:
         assert r.get("hung") is None, f"rank {r['rank']} hung in {r['hung']}:\n{r.get('hung_stack')}"
     return stage, str(out), ranks
@@ -62,15 +67,14 @@ def test_the_run_really_is_zero2_or_zero3(zero):
         if stage == 2:  # partitioned optimizer state, whole parameters on every rank
             assert g["optimizer_class"] == "DeepSpeedZeroOptimizer" and g["n_ds_params"] == 0
             assert g["local_numel"] == g["full_numel"]
-            assert g["global_step2"] == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                                         "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+            assert g["global_step2"] == ["mp_rank_00_model_states.pt", _optim(0, ranks), _optim(1, ranks)]
         else:  # every parameter a partition: nothing local outside forward/backward, half of each on each rank
             assert g["optimizer_class"] == "DeepSpeedZeroOptimizer_Stage3" and g["n_ds_params"] == 20
             assert set(g["local_numel"].values()) == {0}
             assert all(2 * g["partition_numel"][n] >= g["full_numel"][n] > 2 * (g["partition_numel"][n] - 1)
                        for n in g["partition_numel"])
-            assert g["global_step2"] == [f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1)
-                                         for k in ("model", "optim")]
+            assert g["global_step2"] == sorted([_optim(r, ranks) for r in (0, 1)]
+                                               + [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)])
         # ZeRO-3 too: stage3_gather_16bit_weights_on_model_save gathers the weights into model.safetensors
         assert {"global_step2", "latest", "trainer_state.json", "zero_to_fp32.py", "model.safetensors"} <= set(
             g["checkpoint"])
@@ -79,8 +83,8 @@ def test_the_run_really_is_zero2_or_zero3(zero):
     # each rank writes its own optimizer partition (and, under ZeRO-3, its model partition); rank 1 nothing else
     # but the Trainer's rng_state_1.pth
     assert sorted(w for w in ranks[1]["writes"] if w.startswith("checkpoint-2/")) == sorted(
-        [f"checkpoint-2/global_step2/zero_pp_rank_1_mp_rank_00_{k}_states.pt"
-         for k in (("optim",) if stage == 2 else ("model", "optim"))] + ["checkpoint-2/rng_state_1.pth"])
+        [f"checkpoint-2/global_step2/{_optim(1, ranks)}", "checkpoint-2/rng_state_1.pth"]
+        + (["checkpoint-2/global_step2/zero_pp_rank_1_mp_rank_00_model_states.pt"] if stage == 3 else []))
 
 
 def _shared(reports: dict) -> dict:
@@ -127,6 +131,27 @@ def test_default_guards_train_stop_resume_bit_identically(zero):
         assert rep["ReplicaDivergenceGuard"] == skipped
         assert g0["checks_run2"] == g0["checks_straight"] == 0
         assert g0["engine_check"] is None and g0["engine_report"] == skipped
+
+
+def test_what_trains_is_recorded_as_without_deepspeed(zero, tmp_path):
+    """ResumeGuard's record (trainer_guard_trainable.json) and its train-begin table count whole parameters and name
+    the optimizer's members: was 0 of 0 under ZeRO-3 (a partitioned parameter's numel() is 0) and, under both
+    stages, each group "<unnamed (N,)>" of this rank's flat fp32 partition (sizes that differ per rank)."""
+    from conftest import make_args
+    from transformers import Trainer
+
+    from trainer_guard.core.trainable import count_table, trainable_record
+    from trainer_guard.tiny import tiny_model
+
+    stage, out, (r0, r1) = zero
+    plain = Trainer(model=tiny_model("llama-tied", seed=0), args=make_args(tmp_path))  # one process, no DeepSpeed
+    plain.create_optimizer_and_scheduler(num_training_steps=4)  # the scheduler records each group's initial_lr
+    want = trainable_record(plain.model, plain.optimizer, global_step=2)
+    got = r0["guards"]["trainable"]
+    assert want["trainable_params"] == want["total_params"] > 0
+    assert got == want
+    for r in (r0, r1):  # the same table on every rank, from the whole parameters
+        assert r["guards"]["reports"]["ResumeGuard"][0] == "trainable parameters at train begin:\n" + count_table(want)
 
 
 def test_update_audit_stops_every_rank_for_a_norm_left_out_of_the_optimizer(zero):
@@ -210,14 +235,14 @@ def test_integrity_doctor_and_resume_see_a_flipped_bit_in_a_rank_file(zero):
     stage, out, (r0, r1) = zero
     healthy = _doctor(os.path.join(out, "checkpoint-2"))
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
-    assert r0["flipped"]["flipped_file"] == FLIPPED
+    assert r0["flipped"]["flipped_file"] == os.path.join("global_step2", _optim(1, (r0, r1)))
     flipped = _doctor(os.path.join(out, "flipped", "checkpoint-2"))
     assert flipped.returncode == 1, flipped.stdout + flipped.stderr
-    assert FLIPPED in flipped.stdout
+    assert r0["flipped"]["flipped_file"] in flipped.stdout
     for r in (r0, r1):  # every rank stops before step 1 with trainer_guard's error
         f = r["flipped"]
         assert f["guard_error"] and f["steps_run"] == 0, f
-        assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in f["message"]
+        assert _optim(1, (r0, r1)) in f["message"]
     assert r0["flipped"]["error"] == r1["flipped"]["error"]
 
 

@@ -7,8 +7,8 @@ CPU accelerator talks gloo, and ``TrainingArguments(deepspeed=..., use_cpu=True)
 (about 90 s); ``TORCH_EXTENSIONS_DIR`` (set by the test, a git-ignored folder of the checkout) keeps it for the
 next launches.
 
-- :func:`ds_config`: a small fp32 DeepSpeed config for ZeRO ``stage`` 2 or 3 (the Trainer builds the optimizer and
-  scheduler; ``"auto"`` values are filled from the arguments).
+- :func:`ds_config`: a small fp32 (or bf16) DeepSpeed config for ZeRO ``stage`` 1, 2 or 3 (the Trainer builds the
+  optimizer and scheduler; ``"auto"`` values are filled from the arguments).
 - :func:`ds_args`: ``TrainingArguments`` for a tiny DeepSpeed run (``conftest.make_args`` plus ``deepspeed=``).
 - :func:`zero_facts`: what actually wraps the model on this rank (DeepSpeedEngine, ZeRO stage, ZeRO-3 partitions),
   so a test can assert that the run really is ZeRO-2 / ZeRO-3.
@@ -23,10 +23,11 @@ import _common  # noqa: F401  (sys.path, offline settings, one thread)
 from _fsdp import watchdog  # noqa: F401  (the same watchdog)
 
 
-def ds_config(stage: int) -> dict:
-    """fp32 ZeRO-``stage`` config; no ``optimizer``/``scheduler`` entry: the Trainer creates its own. ZeRO-3 gathers
-    the weights into ``model.safetensors`` at each save (``stage3_gather_16bit_weights_on_model_save``, as the
-    Hugging Face docs advise), besides the rank files of ``global_stepN/``."""
+def ds_config(stage: int, bf16: bool = False) -> dict:
+    """fp32 ZeRO-``stage`` config (``bf16``: bf16 weights, fp32 master copies in the optimizer); no
+    ``optimizer``/``scheduler`` entry: the Trainer creates its own. ZeRO-3 gathers the weights into
+    ``model.safetensors`` at each save (``stage3_gather_16bit_weights_on_model_save``, as the Hugging Face docs
+    advise), besides the rank files of ``global_stepN/``."""
     zero: dict = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
                   "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
     if stage == 3:
@@ -34,15 +35,15 @@ def ds_config(stage: int) -> dict:
                     stage3_prefetch_bucket_size=1e6)
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "train_batch_size": "auto", "zero_optimization": zero,
-            "bf16": {"enabled": False}, "fp16": {"enabled": False}, "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": bf16}, "fp16": {"enabled": False}, "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
-def ds_args(output_dir: str, stage: int, **kw):
-    """``TrainingArguments`` for a tiny DeepSpeed ZeRO-``stage`` run on CPU."""
+def ds_args(output_dir: str, stage: int, bf16: bool = False, **kw):
+    """``TrainingArguments`` for a tiny DeepSpeed ZeRO-``stage`` run on CPU (``bf16``: in bf16 mixed precision)."""
     from conftest import make_args
 
-    return make_args(output_dir, deepspeed=ds_config(stage), **kw)
+    return make_args(output_dir, deepspeed=ds_config(stage, bf16), bf16=bf16, **kw)
 
 
 def zero_facts(trainer) -> dict:

@@ -7,8 +7,8 @@ One launch per ZeRO stage runs every phase, each under a watchdog (a rank left w
 ``hung`` into its results and exits) and each catching its own error, so one broken phase does not hide the others:
 
 - ``guards``: every guard of CONFIG (configs/default.yaml), the replica check every step and at train end. Run 1
-  (max_steps=4) stops after checkpoint-2 (a preempted job); run 2 builds a fresh model (another seed) and Trainer and
-  resumes from checkpoint-2 to step 4; run 3 trains 4 steps uninterrupted into OUT/straight. Records what wraps the
+  (max_steps=4) stops after checkpoint-2 (a preempted job; rank 0 records its trainer_guard_trainable.json); run 2
+  builds a fresh model (another seed) and Trainer and resumes from checkpoint-2 to step 4; run 3 trains 4 steps uninterrupted into OUT/straight. Records what wraps the
   model (DeepSpeedEngine, ZeRO stage, partitions), the checkpoint's files, each guard's report, the replica checks
   counted, how many parameters UpdateAuditGuard audits, and the fingerprints of the final full models (ZeRO-3
   partitions gathered; and, for the straight run, combined from the partitions' checksums without a gather). Then ReplicaDivergenceGuard.check on the DeepSpeedEngine itself (what the Trainer calls
@@ -49,17 +49,25 @@ import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 import trainer_guard  # noqa: E402
+from trainer_guard.core.io import read_json  # noqa: E402
+from trainer_guard.files import TRAINABLE_FILE  # noqa: E402
 from trainer_guard._dist import barrier  # noqa: E402
 from trainer_guard.core.sharding import is_sharded  # noqa: E402
 from trainer_guard.errors import TrainerGuardError  # noqa: E402
 from trainer_guard.tiny import tiny_dataset, tiny_model  # noqa: E402
 
 WATCHDOG_S = float(os.environ.get("TG_WATCHDOG_S", "240"))
+BF16 = False  # set by main from the STAGE argument ("3-bf16": ZeRO-3 in bf16 mixed precision)
+
+
+def args(out: str, stage: int, **kw):
+    """This launch's DeepSpeed ``TrainingArguments`` (its stage, and bf16 when asked)."""
+    return ds_args(out, stage, bf16=BF16, **kw)
 
 
 def build(out: str, stage: int, seed: int, callbacks: list, max_steps: int = 4) -> Trainer:
     model = tiny_model("llama-tied", seed=seed)
-    return Trainer(model=model, args=ds_args(out, stage, max_steps=max_steps, save_steps=2),
+    return Trainer(model=model, args=args(out, stage, max_steps=max_steps, save_steps=2),
                    train_dataset=tiny_dataset(32, 16, model.config.vocab_size), callbacks=callbacks)
 
 
@@ -103,6 +111,8 @@ def guards(out: str, stage: int, config: str, rec: dict) -> None:
                checks_run1=replica_checks(t1),
                checkpoint=sorted(os.listdir(os.path.join(out, "checkpoint-2"))),
                global_step2=sorted(os.listdir(os.path.join(out, "checkpoint-2", "global_step2"))))
+    if RANK == 0:  # the writer's record of what trains (ResumeGuard's trainer_guard_trainable.json)
+        rec["trainable"] = read_json(os.path.join(out, "checkpoint-2", TRAINABLE_FILE))
     t2 = build(out, stage, seed=1, callbacks=cbs())  # another init on purpose: the resume must load checkpoint-2
     t2.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
     rec.update(step_run2=t2.state.global_step, reports=reports(t2), checks_run2=replica_checks(t2),
@@ -122,7 +132,7 @@ def _audit_run(out: str, stage: int, rec: dict, *, max_steps: int, trainer_cls=T
                model=None) -> trainer_guard.UpdateAuditGuard:
     guard = trainer_guard.UpdateAuditGuard(every=1)
     model = model if model is not None else tiny_model("llama-tied", seed=0)
-    t = trainer_cls(model=model, args=ds_args(out, stage, max_steps=max_steps, save_steps=10),
+    t = trainer_cls(model=model, args=args(out, stage, max_steps=max_steps, save_steps=10),
                     train_dataset=tiny_dataset(32, 16, model.config.vocab_size), callbacks=[guard, *callbacks])
     try:
         t.train()
@@ -195,7 +205,8 @@ def tokens(out: str, stage: int, rec: dict) -> None:
     with torch.no_grad():
         emb[[5, 63, 100]] = 0
     keep = [i for i in range(emb.shape[0]) if i not in (5, 63, 100)]
-    expected = emb[keep].float().mean(dim=0)
+    # bf16: DeepSpeed casts the weight (and its fp32 master is made from that): the mean of the rounded rows
+    expected = emb[keep].to(torch.bfloat16 if BF16 else torch.float32).float().mean(dim=0)
     ids = [[100 if j == 3 else 6 + (7 * i + j) % 90 for j in range(16)] for i in range(16)]  # 63, 100 used; 5 not
     data = Dataset.from_dict({"input_ids": ids, "labels": ids, "attention_mask": [[1] * 16] * 16})
 
@@ -208,12 +219,13 @@ def tokens(out: str, stage: int, rec: dict) -> None:
                 lp = w.data.detach().cpu().float().clone()
             for name, full in (("weight", lp), ("fp32", hp)):
                 rec[f"{name}_shape"] = list(full.shape)
-                rec[f"{name}_fixed_are_mean"] = [bool(torch.allclose(full[i], expected, rtol=1e-5, atol=1e-7))
+                want = expected.to(torch.bfloat16).float() if BF16 and name == "weight" else expected  # bf16 weight
+                rec[f"{name}_fixed_are_mean"] = [bool(torch.allclose(full[i], want, rtol=1e-5, atol=1e-7))
                                                  for i in (63, 100)]
                 rec[f"{name}_row5_zero"] = bool(full[5].abs().max() == 0)
 
     guard = trainer_guard.UntrainedTokensGuard(mode="fix")
-    t = Trainer(model=model, args=ds_args(os.path.join(out, "tokens"), stage, max_steps=1, save_steps=10),
+    t = Trainer(model=model, args=args(os.path.join(out, "tokens"), stage, max_steps=1, save_steps=10),
                 train_dataset=data, callbacks=[guard, Rows()])
     t.train()
     rec.update(report=guard.report(), found=guard.found["untrained"], step=t.state.global_step)
@@ -223,7 +235,9 @@ def flipped(out: str, stage: int, config: str, rec: dict) -> None:
     copy = os.path.join(out, "flipped", "checkpoint-2")
     if RANK == 0:
         shutil.copytree(os.path.join(out, "checkpoint-2"), copy)
-        rec["flipped_file"] = os.path.join("global_step2", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+        name = next(f for f in sorted(os.listdir(os.path.join(copy, "global_step2")))  # bf16: "bf16_zero_pp_..."
+                    if f.endswith("zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+        rec["flipped_file"] = os.path.join("global_step2", name)
         rec["offset"] = flip_bit(os.path.join(copy, rec["flipped_file"]))
     barrier()
     steps = Steps()
@@ -260,9 +274,10 @@ def tampered(out: str, stage: int, rec: dict) -> None:
 
 
 def main(out: str, results: str, stage: str, config: str) -> None:
+    global BF16
     record_writes(out)
-    stage_n = int(stage)
-    result: dict = {"stage": stage_n}
+    stage_n, BF16 = int(stage.split("-")[0]), stage.endswith("-bf16")
+    result: dict = {"stage": stage_n, "bf16": BF16}
     phases = [("guards", lambda rec: guards(out, stage_n, config, rec))]
     if stage_n == 2:
         phases.append(("diverge", lambda rec: diverge(out, stage_n, rec)))

@@ -386,7 +386,7 @@ def group_index(optimizer: Any) -> dict[int, GroupInfo]:
 
     Works for any torch optimizer and for wrappers that expose ``param_groups`` (accelerate's). A DeepSpeed ZeRO
     optimizer's groups hold flat fp32 partitions: its model parameters come from its own lists
-    (:func:`trainer_guard.core.sharding.zero_param_groups`), the LRs from its ``param_groups``. ``initial_lr`` is the
+    (:func:`trainer_guard.core.sharding.optimizer_param_groups`), the LRs from its ``param_groups``. ``initial_lr`` is the
     value an LR scheduler recorded (``group["initial_lr"]``), else the group's LR.
 
     Example:
@@ -396,21 +396,14 @@ def group_index(optimizer: Any) -> dict[int, GroupInfo]:
         >>> group_index(opt)[id(w)]
         GroupInfo(index=0, lr=0.0, initial_lr=0.0, weight_decay=0.0)
     """
-    from .sharding import zero_optimizer, zero_param_groups  # lazy: torch
+    from .sharding import optimizer_param_groups  # lazy: torch
 
-    members = zero_param_groups(optimizer)
-    groups = getattr(zero_optimizer(optimizer) if members is not None else optimizer, "param_groups", None) or []
-    if members is None:
-        members = [(i, g["params"]) for i, g in enumerate(groups)]
     out = {}
-    for i, params in members:
-        if i >= len(groups):
-            continue
-        group = groups[i]
+    for i, group in enumerate(optimizer_param_groups(optimizer)):
         lr = group_lr(group)
         initial = lr if lr is None or "initial_lr" not in group else float(group["initial_lr"])
         info = GroupInfo(i, lr, initial, float(group.get("weight_decay", 0.0) or 0.0))
-        for p in params:
+        for p in group["params"]:
             out.setdefault(id(p), info)
     return out
 

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..names import dotted_prefixes, param_matches
+from .sharding import full_numel
 
 __all__ = ["DtypeIssue", "DtypeReport", "is_quantized", "find_dtype_mismatches", "cast_mismatches", "autocast_safe"]
 
@@ -157,7 +158,7 @@ def find_dtype_mismatches(
         if is_quantized(module, p):
             quantized += 1
             continue
-        totals[p.dtype] = totals.get(p.dtype, 0) + p.numel()
+        totals[p.dtype] = totals.get(p.dtype, 0) + full_numel(p)  # a ZeRO-3 parameter's numel() is 0
         entries.append((name, mod_name, module, p))
     report = DtypeReport(dominant=max(totals, key=totals.__getitem__) if totals else None, quantized=quantized)
     for name, mod_name, module, p in entries:
@@ -170,7 +171,7 @@ def find_dtype_mismatches(
             reason = f"keep_fp32 pattern {pat!r}"
         elif (pat := _matches(mod_name, model_pats) or param_matches(name, model_pats)) is not None:
             reason = f"model keeps {pat!r} in fp32 (_keep_in_fp32_modules)"
-        issue = DtypeIssue(name, mod_name, type(module).__name__, p.dtype, p.numel(), reason)
+        issue = DtypeIssue(name, mod_name, type(module).__name__, p.dtype, full_numel(p), reason)
         (report.kept if reason else report.mismatched).append(issue)
     return report
 

@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import UsageError
 from ..text import human_bytes
 from .lr_groups import embedding_modules
+from .sharding import full_numel
 
 __all__ = ["EmbeddingCost", "PreflightReport", "adapter_preflight", "optimizer_state_bytes"]
 
@@ -83,7 +84,7 @@ def optimizer_state_bytes(param: nn.Parameter, optim: str, module: nn.Module | N
     column vector for a matrix; plain SGD: none; bitsandbytes 8-bit: two 1-byte moments, except ``nn.Embedding``
     weights, which the Trainer keeps at 32 bits.
     """
-    n, size = param.numel(), param.element_size()
+    n, size = full_numel(param), param.element_size()
     name = optim.lower()
     if "sgd" in name:
         return 0
@@ -139,8 +140,8 @@ def adapter_preflight(model: nn.Module, optim: str = "adamw_torch") -> Preflight
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            count += p.numel()
-            grad_b += p.numel() * p.element_size()
+            count += full_numel(p)  # a ZeRO-3 parameter's numel() is 0 outside forward
+            grad_b += full_numel(p) * p.element_size()
             owner = next((m for m in module.modules() if any(q is p for q in m.parameters(recurse=False))), None)
             opt_b += optimizer_state_bytes(p, optim, owner)
         base_w = getattr(getattr(module, "base_layer", module), "weight", None)
@@ -158,11 +159,13 @@ def adapter_preflight(model: nn.Module, optim: str = "adamw_torch") -> Preflight
     tokens = getattr(cfg, "trainable_token_indices", None) is not None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sd = get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=lora_on_emb and not tokens)
-    sizes = {k: v.numel() * v.element_size() for k, v in sd.items()}
+        # keep_vars: the parameters themselves, so a ZeRO-3 partition still tells its full size
+        sd = get_peft_model_state_dict(model, state_dict=model.state_dict(keep_vars=True), adapter_name=adapter,
+                                       save_embedding_layers=lora_on_emb and not tokens)
+    sizes = {k: full_numel(v) * v.element_size() for k, v in sd.items()}
     for c in items:
         c.adapter_bytes = sum(b for k, b in sizes.items() if k.startswith(c.module + "."))
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     return PreflightReport(
         optim=optim, total_trainable=total, items=items, extra_trainable=sum(c.trainable for c in items),
         adapter_bytes=sum(sizes.values()), extra_adapter_bytes=sum(c.adapter_bytes for c in items),

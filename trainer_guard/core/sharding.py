@@ -15,15 +15,17 @@ are whole replicas, and a guard that skipped "because FSDP" would skip a run it 
 - :func:`row_layout`: where this rank's rows of an FSDP2 ``Shard(0)`` tensor sit in the full tensor.
 - :func:`gather_rows`: the full per-row vector of a row-sharded tensor from each rank's values for its own rows
   (an all-gather of one small value per row, never of the tensor).
-- :func:`is_zero3`, :func:`zero3_span`, :func:`full_shape`: a DeepSpeed ZeRO-3 parameter, this rank's contiguous
-  range of its flattened elements, and its full shape (its ``.shape`` is empty outside forward/backward).
+- :func:`is_zero3`, :func:`zero3_span`, :func:`full_shape`, :func:`full_numel`: a DeepSpeed ZeRO-3 parameter,
+  this rank's contiguous range of its flattened elements, and its full shape and size (its ``.shape`` is empty
+  outside forward/backward: every count of parameters goes through :func:`full_numel`).
   ZeRO-1/2 parameters are whole tensors on every rank (only optimizer state and gradients are partitioned):
   nothing here treats them as shards.
 - :func:`local_grad`: this rank's part of a parameter's gradient after the step (a DTensor's local shard, a ZeRO-3
   partition kept by DeepSpeed's optimizer), without a collective.
-- :func:`zero_optimizer`, :func:`zero_param_groups`: DeepSpeed's ZeRO optimizer behind the Trainer's (accelerate's
-  wrapper), and which model parameters each of its param groups trains (its ``param_groups`` hold flat fp32
-  partitions, not the parameters).
+- :func:`zero_optimizer`, :func:`zero_param_groups`, :func:`optimizer_param_groups`: DeepSpeed's ZeRO optimizer
+  behind the Trainer's (accelerate's wrapper), which model parameters each of its param groups trains (its
+  ``param_groups`` hold flat fp32 partitions, not the parameters), and any optimizer's groups with their model
+  parameters.
 
 Every function that takes ``gather`` runs a collective through it (default :func:`trainer_guard._dist.gather`):
 every rank must call it at the same point, with the same tensors in the same order.
@@ -48,8 +50,8 @@ from torch import nn
 from ..errors import TrainerGuardError
 
 __all__ = ["WRAPPERS", "is_shard", "is_dtensor", "engine", "is_sharded", "replicated", "agreed_sharded", "is_row_sharded", "RowLayout", "row_layout",
-           "gather_rows", "local_part", "resolve_gather", "is_zero3", "zero3_span", "full_shape", "local_grad",
-           "zero_optimizer", "zero_param_groups"]
+           "gather_rows", "local_part", "resolve_gather", "is_zero3", "zero3_span", "full_shape", "full_numel",
+           "local_grad", "zero_optimizer", "zero_param_groups", "optimizer_param_groups"]
 
 # Module classes (anywhere in the MRO) whose parameters are shards: FSDP1, FSDP2 (``fully_shard`` makes a subclass
 # of FSDPModule), DeepSpeed's engine. FSDP1 with use_orig_params exposes plain Parameters that are views of the shard.
@@ -246,6 +248,17 @@ def full_shape(t: Any) -> torch.Size:
     return torch.Size(t.ds_shape) if is_zero3(t) else t.shape
 
 
+def full_numel(t: Any) -> int:
+    """The number of values of the whole tensor: ``ds_numel`` for a ZeRO-3 parameter (its ``numel()`` is 0 outside
+    forward/backward), else ``t.numel()`` (a DTensor's is the whole tensor's).
+
+    Example:
+        >>> full_numel(torch.zeros(3, 2))
+        6
+    """
+    return int(t.ds_numel) if is_zero3(t) else int(t.numel())
+
+
 def zero3_span(t: Any) -> tuple[torch.Tensor, int] | None:
     """``(values, first)`` for a DeepSpeed ZeRO-3 parameter: this rank's elements of the flattened full tensor (a
     view of its partition, the padding of the last one cut off) and the index of the first of them. Rank ``r`` of
@@ -321,3 +334,24 @@ def zero_param_groups(optimizer: Any) -> list[tuple[int, list[torch.nn.Parameter
         return [(int(ds.sub_group_to_group_id[i]), list(g)) for i, g in enumerate(ds.fp16_groups)]
     groups = getattr(ds, "bit16_groups", None) or getattr(ds, "bf16_groups", None) or getattr(ds, "fp16_groups", [])
     return [(i, list(g)) for i, g in enumerate(groups)]
+
+
+def optimizer_param_groups(optimizer: Any) -> list[dict[str, Any]]:
+    """``optimizer``'s param groups (shallow copies) with the model parameters each trains as ``"params"``: for a
+    DeepSpeed ZeRO optimizer (:func:`zero_param_groups`) its groups' settings with the parameters DeepSpeed steps
+    in them (ZeRO-3 sub-groups joined in order) instead of its flat fp32 partitions, which differ per rank; for any
+    other optimizer its own groups.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> [(len(g["params"]), g["lr"]) for g in optimizer_param_groups(torch.optim.SGD([w], lr=0.1))]
+        [(1, 0.1)]
+    """
+    groups = getattr(zero_optimizer(optimizer) or optimizer, "param_groups", None) or []
+    members = zero_param_groups(optimizer)
+    if members is None:
+        return [dict(g, params=list(g["params"])) for g in groups]
+    joined: dict[int, list[torch.nn.Parameter]] = {}
+    for gi, params in members:
+        joined.setdefault(gi, []).extend(params)
+    return [dict(g, params=joined.get(i, [])) for i, g in enumerate(groups)]

@@ -38,6 +38,7 @@ from ..files import ADAPTER_CONFIG as ADAPTER_CONFIG_FILE
 from ..files import TRAINABLE_FILE
 from ..names import dotted_prefixes
 from .lr_groups import base_param_groups
+from .sharding import full_numel, optimizer_param_groups
 
 __all__ = [
     "TRAINABLE_FILE",
@@ -113,10 +114,12 @@ def adapted_module(name: str) -> str:
 
 
 def optimizer_layout(optimizer: Any, model: nn.Module) -> list[dict[str, Any]]:
-    """Per optimizer group: its LR (``initial_lr`` when a scheduler set one), weight decay, parameter names, count."""
+    """Per optimizer group: its LR (``initial_lr`` when a scheduler set one), weight decay, parameter names, count.
+    A DeepSpeed ZeRO optimizer's groups are read with the model parameters it steps in them (the same names on every
+    rank and with or without DeepSpeed), not its flat fp32 partitions."""
     names = {id(p): canonical_name(n) for n, p in model.named_parameters()}
     out = []
-    for group in base_param_groups(optimizer.param_groups):  # EmbeddingLRGuard's split groups folded back
+    for group in base_param_groups(optimizer_param_groups(optimizer)):  # EmbeddingLRGuard's split groups folded back
         params = list(group["params"])
         out.append({
             "lr": float(group.get("initial_lr", group.get("lr", 0.0))),
@@ -124,7 +127,7 @@ def optimizer_layout(optimizer: Any, model: nn.Module) -> list[dict[str, Any]]:
             "lr_scheduled": "initial_lr" in group,
             "weight_decay": float(group.get("weight_decay", 0.0)),
             "params": [names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in params],
-            "numel": int(sum(p.numel() for p in params)),
+            "numel": sum(full_numel(p) for p in params),
         })
     return out
 
@@ -163,10 +166,10 @@ def trainable_record(model: nn.Module, optimizer: Any = None, global_step: int |
     by_kind: dict[str, int] = {}
     total = 0
     for name, p in model.named_parameters():
-        total += p.numel()
+        total += full_numel(p)  # a ZeRO-3 parameter's numel() is 0 outside forward
         if not p.requires_grad:
             continue
-        cname, kind, n = canonical_name(name), param_kind(canonical_name(name)), int(p.numel())
+        cname, kind, n = canonical_name(name), param_kind(canonical_name(name)), full_numel(p)
         params[cname] = [n, kind]
         mod = by_module.setdefault(adapted_module(cname), {})
         mod[kind] = mod.get(kind, 0) + n
@@ -344,7 +347,7 @@ def describe_frozen_adapter(frozen: Mapping[str, Any]) -> list[str]:
     if not frozen:
         return []
     kinds = sorted({param_kind(n) for n in frozen})
-    n = sum(p.numel() for p in frozen.values())
+    n = sum(full_numel(p) for p in frozen.values())
     mods = _compress(sorted({adapted_module(name) for name in frozen}))
     return [f"{mods}: {n:,} params of the active adapter ({', '.join(kinds)}) are frozen; a PeftModel loaded with "
             f"PeftModel.from_pretrained(...) without is_trainable=True trains nothing of its adapter"]
@@ -556,7 +559,7 @@ def adapter_config_problems(saved: Mapping[str, Any], model: nn.Module, where: s
     for name, p in model.named_parameters(remove_duplicate=False):  # a tied lm_head is named too
         if not p.requires_grad and param_kind(canonical_name(name)) == "full":
             mod = adapted_module(name)
-            frozen_sizes[mod] = frozen_sizes.get(mod, 0) + p.numel()
+            frozen_sizes[mod] = frozen_sizes.get(mod, 0) + full_numel(p)
     problems = []
     saved_fields = _config_fields(saved)
     mts = saved_fields.get("modules_to_save") or []
@@ -684,7 +687,7 @@ def continuation_problems(model: nn.Module, source: str | os.PathLike | None, op
         saved = read_adapter_config(adapter_dir(model, source))
         problems += adapter_config_problems(saved, model, where) if saved else []
         sizes = saved_group_sizes(source) if optimizer is not None else None
-        now = [len(g["params"]) for g in optimizer.param_groups] if optimizer is not None else None
+        now = [len(g["params"]) for g in optimizer_param_groups(optimizer)] if optimizer is not None else None
         if sizes is not None and sizes != now:
             problems.append(f"optimizer groups hold {now} params now, {sizes} in {where}/optimizer.pt")
     return problems, recorded or {}

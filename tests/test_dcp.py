@@ -5,6 +5,7 @@ that write such checkpoints through the Trainer are in tests/test_sharded.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -129,6 +130,48 @@ def test_damaged_metadata_and_truncated_shard_are_named_without_a_traceback(ckpt
     assert proc.returncode == 1
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "pytorch_model_fsdp_0/.metadata: not a readable torch.distributed.checkpoint metadata file" in proc.stdout
+
+
+def test_every_sampled_bit_flip_of_the_metadata_is_damage_named_by_its_file(ckpt):
+    """One flipped bit anywhere in ``.metadata`` (sampled every 5th byte, a different bit each time) is damage to that
+    file: exit 1 naming it, never unusable input or a 'foreign manifest' (a flip in a ``planner_data`` name once made
+    every tensor name keep accelerate's ``model.`` prefix), never an exception (a chunk placed outside its tensor
+    raised torch's RuntimeError) and nothing on stderr (a length blown up to gigabytes was allocated)."""
+    meta = os.path.join(ckpt, "pytorch_model_fsdp_0", ".metadata")
+    orig = open(meta, "rb").read()
+    assert b"planner_data" in orig
+    outcomes = {}
+    for off in [*range(0, len(orig), 5), orig.index(b"planner_data")]:
+        damaged = bytearray(orig)
+        damaged[off] ^= 1 << (off % 8)
+        open(meta, "wb").write(bytes(damaged))
+        report = diagnose(ckpt)
+        named = any("pytorch_model_fsdp_0/.metadata" in f.message for f in report.problems)
+        outcomes.setdefault((report.exit_code, named, bool(report.unusable)), off)
+    open(meta, "wb").write(orig)
+    assert list(outcomes) == [(1, True, False)], outcomes  # (exit code, file named, unusable) -> first offset
+    assert diagnose(ckpt).exit_code == 0
+
+
+def test_a_damaged_metadata_length_or_chunk_place_is_refused_before_it_is_used(tmp_path, model, capfd):
+    where = _save_dcp(str(tmp_path), model.state_dict())
+    meta = os.path.join(where, ".metadata")
+    with open(meta, "rb") as f:
+        md = pickle.load(f)  # the test's own file: DCP's objects, to place one chunk outside its tensor
+    chunk = md.state_dict_metadata["model.model.norm.weight"].chunks[0]
+    chunk.offsets = torch.Size([30])  # 30 + 32 values > the tensor's 32, its stored bytes placed there too
+    md.storage_data = {dataclasses.replace(k, offset=torch.Size([30])) if k.fqn == "model.model.norm.weight" else k: v
+                       for k, v in md.storage_data.items()}
+    with open(meta, "wb") as f:
+        pickle.dump(md, f)
+    with pytest.raises(DcpFormatError, match=r"model\.model\.norm\.weight: chunk at \[30\] of size \[32\] lies outside "
+                                             r"the tensor's shape \[32\]"):
+        read_dcp_index(where)
+    # a byte-array of 2**40 bytes declared by 9 bytes: refused before anything is allocated
+    open(meta, "wb").write(b"\x80\x05\x96" + (2 ** 40).to_bytes(8, "little") + b"x" * 64 + b".")
+    with pytest.raises(DcpFormatError, match=r"expected 1099511627776 bytes in a bytearray8, but only 65 remain"):
+        read_dcp_index(where)
+    assert capfd.readouterr().err == ""
 
 
 def test_a_dcp_directory_that_holds_another_model_is_no_manifest(tmp_path, model):

@@ -429,9 +429,12 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Findings, p
                                                    f"is here (this directory holds {', '.join(sorted(usable))})"))
         return manifest
     skip_files = {f for f, i in manifest.get("files", {}).items() if "tensors" in i and f not in usable}  # unreadable
+    changed: set[str] = set()  # files of the recorded size whose bytes changed since the save: damaged in place
     if is_whole(manifest):
         weights = {f for f, i in manifest["files"].items() if "tensors" in i}
         for p in check_files(path, manifest, data=False, extras=files):
+            if p.kind == "changed":
+                changed.add(p.file)
             if p.file in weights and p.kind in ("missing", "size"):
                 continue  # said below, as for a manifest of the weights only
             if files or p.file in weights or p.kind == "step":
@@ -461,7 +464,13 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Findings, p
     actual = index_entries({k: i for k, i in index.items() if k in sums}, sums)
     mismatches = compare(expected, actual)
     foreign = foreign_reason(manifest, mismatches, len(actual))
-    if foreign:
+    damaged = sorted(f for f in changed if any(f == u or f.startswith(u + "/") for u in usable))
+    if foreign and damaged:  # names read from a file damaged in place (a flipped bit): not another model's manifest
+        report.problems.append(Finding("tensors", f"the tensors could not be compared with the manifest: their names "
+                                                  f"are read from {', '.join(damaged)}, which changed since the "
+                                                  f"checkpoint was saved; restore it from a copy, or resume from an "
+                                                  f"earlier checkpoint"))
+    elif foreign:
         report.unusable.append(Finding("manifest", f"foreign manifest: {foreign}"))
     else:
         report.problems.extend(Finding("tensors", m.message) for m in mismatches)

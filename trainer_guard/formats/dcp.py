@@ -25,6 +25,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +111,10 @@ class _Unpickler(pickle.Unpickler):
 def _load_metadata(path: str) -> Any:
     try:
         with open(path, "rb") as f:
-            return _Unpickler(f).load()
+            data = f.read()
+        for _ in pickletools.genops(data):  # every length within the file before anything is built: a damaged length
+            pass  # would have the unpickler allocate it (gigabytes, or a MemoryError with noise on stderr)
+        return _Unpickler(io.BytesIO(data)).load()
     except OSError as e:
         raise DcpFormatError(f"{path}: unreadable ({e.strerror or e})") from None
     except Exception as e:  # truncated, garbled or foreign: no traceback from a checkpoint's bytes
@@ -121,6 +125,26 @@ def _load_metadata(path: str) -> Any:
 
 def _ints(x: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in x)
+
+
+def _plain_names(paths: Any, keys: list[str]) -> dict[str, str]:
+    """DCP key -> the state dict's own name: the ``planner_data`` path without its common first element (accelerate's
+    ``"model"``). Decided per key, so a key whose path is missing or damaged (one flipped bit in ``.metadata``) loses
+    the common prefix from its key instead of every name keeping it, which made every tensor look foreign.
+
+    Example:
+        >>> _plain_names({"model.w": ("model", "w")}, ["model.w", "model.b"])
+        {'model.b': 'b', 'model.w': 'w'}
+        >>> _plain_names({}, ["w"])
+        {'w': 'w'}
+    """
+    names = {k: tuple(paths.get(k) or (k,)) for k in sorted(paths.keys() | set(keys))}
+    firsts = {str(p[0]) for p in names.values() if len(p) > 1}
+    if len(firsts) != 1:
+        return {k: ".".join(str(x) for x in p) for k, p in names.items()}
+    first = firsts.pop()
+    return {k: ".".join(str(x) for x in p[1:]) if len(p) > 1 and str(p[0]) == first
+            else ".".join(str(x) for x in p).removeprefix(first + ".") for k, p in names.items()}
 
 
 def read_dcp_index(path: str | os.PathLike) -> DcpIndex:
@@ -142,10 +166,7 @@ def read_dcp_index(path: str | os.PathLike) -> DcpIndex:
         storage = md.storage_data
         paths = getattr(md, "planner_data", None) or {}
         keys = list(sd_meta)
-        names = {k: tuple(paths.get(k) or (k,)) for k in paths.keys() | set(keys)}
-        firsts = {p[0] for p in names.values() if len(p) > 1}
-        drop = 1 if len(firsts) == 1 and all(len(p) > 1 for p in names.values()) else 0
-        plain = {k: ".".join(str(x) for x in p[drop:]) for k, p in names.items()}
+        plain = _plain_names(paths, keys)
         by_key: dict[str, list[Chunk]] = {}
         for idx, info in storage.items():
             if getattr(info, "transform_descriptors", None):
@@ -168,10 +189,17 @@ def read_dcp_index(path: str | os.PathLike) -> DcpIndex:
                     if off not in where:
                         raise DcpFormatError(f"{meta_path}: {key}: chunk at {list(off)} has no stored bytes")
                     chunks.append(Chunk(off, _ints(c.sizes), *where[off]))
+                shape = _ints(m.size)
+                for c in chunks:
+                    if len(c.offsets) != len(shape) or len(c.sizes) != len(shape) or any(
+                            o < 0 or n < 0 or o + n > d for o, n, d in zip(c.offsets, c.sizes, shape)):
+                        raise DcpFormatError(f"{meta_path}: {key}: chunk at {list(c.offsets)} of size "
+                                             f"{list(c.sizes)} lies outside the tensor's shape {list(shape)}: the "
+                                             f"file is damaged; restore it from a copy")
                 dtype = m.properties.dtype
                 if not isinstance(dtype, torch.dtype):
                     raise DcpFormatError(f"{meta_path}: {key}: dtype {dtype!r} is not a torch dtype")
-                out.tensors[plain[key]] = DcpTensor(key, str(dtype).removeprefix("torch."), _ints(m.size),
+                out.tensors[plain[key]] = DcpTensor(key, str(dtype).removeprefix("torch."), shape,
                                                     tuple(chunks))
             elif stored:  # BytesStorageMetadata: a pickled object (torch.save'd by DCP)
                 out.objects[plain[key]] = Chunk((), (), *stored[0][1:])

@@ -6,7 +6,8 @@ use_cpu=True)`` runs ``DistributedType.DEEPSPEED``. The first launch JIT-builds 
 same folder is the default here) keeps it for later launches. One launch per ZeRO stage (module fixture: ZeRO-2,
 ZeRO-3, and ZeRO-3 in bf16 mixed precision) runs every phase of ``tests/dist_scripts/zero.py``: train with the default guards and stop after checkpoint-2, resume from it in
 a fresh Trainer (another seed), train straight; ZeRO-2 also plants a replica divergence; both resume from a copy of
-checkpoint-2 with one bit flipped. Each launch has a subprocess timeout and each phase a watchdog, so a rank left
+checkpoint-2 with one bit flipped. A fourth launch runs ZeRO-3 as DeepSpeed saves by default (no gathered
+``model.safetensors``): train/resume and the flipped bit only. Each launch has a subprocess timeout and each phase a watchdog, so a rank left
 waiting in a collective fails the test instead of hanging CI.
 """
 
@@ -38,7 +39,11 @@ def zero(request, tmp_path_factory):
     """One launch of zero.py for ZeRO stage ``request.param`` ("3-bf16": ZeRO-3 in bf16 mixed precision, bf16 weights
     and fp32 master copies): ``(stage, out dir, [rank 0 result, rank 1 result])``; each result's "bf16" says which."""
     stage = int(str(request.param).split("-")[0])
-    tmp = tmp_path_factory.mktemp(f"zero{request.param}")
+    return stage, *_launch(tmp_path_factory.mktemp(f"zero{request.param}"), str(request.param))
+
+
+def _launch(tmp, stage: str, phases: str = "") -> tuple[str, list]:
+    """zero.py launched for ``stage`` (``phases``: a comma-separated subset, else all): ``(out dir, ranks)``."""
     out, res = tmp / "out", tmp / "results"
     out.mkdir()
     res.mkdir()
@@ -46,10 +51,11 @@ def zero(request, tmp_path_factory):
         mp.setenv("DS_ACCELERATOR", "cpu")
         mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR")
                   or os.path.join(ROOT, ".torch_extensions"))
-        ranks = launch("zero.py", str(out), str(res), str(request.param), CONFIG, tmp_path=tmp)
+        mp.setenv("TG_PHASES", phases)
+        ranks = launch("zero.py", str(out), str(res), stage, CONFIG, tmp_path=tmp)
     for r in ranks:
         assert r.get("hung") is None, f"rank {r['rank']} hung in {r['hung']}:\n{r.get('hung_stack')}"
-    return stage, str(out), ranks
+    return str(out), ranks
 
 
 def _ok(rec: dict) -> None:
@@ -278,3 +284,29 @@ def test_a_zero3_model_that_differs_from_its_checkpoint_after_the_load_stops_eve
         assert "model.layers.0.mlp.up_proj.weight" in t["message"] and "not restored from the checkpoint" in t[
             "message"], t["message"]
     assert r0["tampered"]["message"] == r1["tampered"]["message"]
+
+
+def test_zero3_without_gathered_weights_is_checked_by_its_files(tmp_path):
+    """DeepSpeed's default ZeRO-3 save (``stage3_gather_16bit_weights_on_model_save`` off): no model.safetensors,
+    the rank files only. The default guards train, save, resume bit-identically; doctor passes the checkpoint by its
+    files and fails it after one flipped bit in a rank file; a resume from that copy stops every rank before step 1;
+    the healthy resume says that the loaded partitions had nothing to be compared with (no silent 'verified')."""
+    out, (r0, r1) = _launch(tmp_path, "3-nogather", "guards,flipped")
+    g0, g1 = r0["guards"], r1["guards"]
+    for g in (g0, g1):
+        _ok(g)
+        assert g["zero_stage"] == 3 and "model.safetensors" not in g["checkpoint"]
+        assert (g["step_run1"], g["step_run2"], g["step_straight"]) == (2, 4, 4)
+    assert g0["fingerprint"] == g1["fingerprint"] == g0["fingerprint_straight"]
+    assert _shared(g0["reports"]) == _shared(g1["reports"])
+    said = [x for x in g0["reports"]["IntegrityGuard"] if x.startswith("resumed model")]
+    assert said == ["resumed model: checkpoint-2 holds no tensors to compare the loaded partitions with (no gathered "
+                    "model.safetensors: set stage3_gather_16bit_weights_on_model_save in the DeepSpeed config); its "
+                    "files were checked by their bytes before the load"]
+    healthy = _doctor(os.path.join(out, "checkpoint-2"))
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    flipped = _doctor(os.path.join(out, "flipped", "checkpoint-2"))
+    assert flipped.returncode == 1 and r0["flipped"]["flipped_file"] in flipped.stdout, flipped.stdout
+    for r in (r0, r1):
+        assert r["flipped"]["guard_error"] and r["flipped"]["error"] == "IntegrityError", r["flipped"]
+        assert r["flipped"]["steps_run"] == 0

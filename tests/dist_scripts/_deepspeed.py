@@ -23,15 +23,16 @@ import _common  # noqa: F401  (sys.path, offline settings, one thread)
 from _fsdp import watchdog  # noqa: F401  (the same watchdog)
 
 
-def ds_config(stage: int, bf16: bool = False) -> dict:
+def ds_config(stage: int, bf16: bool = False, gather: bool = True) -> dict:
     """fp32 ZeRO-``stage`` config (``bf16``: bf16 weights, fp32 master copies in the optimizer); no
     ``optimizer``/``scheduler`` entry: the Trainer creates its own. ZeRO-3 gathers the weights into
     ``model.safetensors`` at each save (``stage3_gather_16bit_weights_on_model_save``, as the Hugging Face docs
-    advise), besides the rank files of ``global_stepN/``."""
+    advise), besides the rank files of ``global_stepN/``; ``gather=False``: DeepSpeed's default, the rank files
+    only."""
     zero: dict = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
                   "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
     if stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=0,
+        zero.update(stage3_gather_16bit_weights_on_model_save=gather, stage3_param_persistence_threshold=0,
                     stage3_prefetch_bucket_size=1e6)
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "train_batch_size": "auto", "zero_optimization": zero,
@@ -39,11 +40,12 @@ def ds_config(stage: int, bf16: bool = False) -> dict:
             "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
-def ds_args(output_dir: str, stage: int, bf16: bool = False, **kw):
-    """``TrainingArguments`` for a tiny DeepSpeed ZeRO-``stage`` run on CPU (``bf16``: in bf16 mixed precision)."""
+def ds_args(output_dir: str, stage: int, bf16: bool = False, gather: bool = True, **kw):
+    """``TrainingArguments`` for a tiny DeepSpeed ZeRO-``stage`` run on CPU (``bf16``: in bf16 mixed precision;
+    ``gather``: see :func:`ds_config`)."""
     from conftest import make_args
 
-    return make_args(output_dir, deepspeed=ds_config(stage, bf16), bf16=bf16, **kw)
+    return make_args(output_dir, deepspeed=ds_config(stage, bf16, gather), bf16=bf16, **kw)
 
 
 def zero_facts(trainer) -> dict:

@@ -58,11 +58,12 @@ from trainer_guard.tiny import tiny_dataset, tiny_model  # noqa: E402
 
 WATCHDOG_S = float(os.environ.get("TG_WATCHDOG_S", "240"))
 BF16 = False  # set by main from the STAGE argument ("3-bf16": ZeRO-3 in bf16 mixed precision)
+GATHER = True  # likewise ("3-nogather": ZeRO-3 saving its rank files only, no gathered model.safetensors)
 
 
 def args(out: str, stage: int, **kw):
     """This launch's DeepSpeed ``TrainingArguments`` (its stage, and bf16 when asked)."""
-    return ds_args(out, stage, bf16=BF16, **kw)
+    return ds_args(out, stage, bf16=BF16, gather=GATHER, **kw)
 
 
 def build(out: str, stage: int, seed: int, callbacks: list, max_steps: int = 4) -> Trainer:
@@ -274,10 +275,10 @@ def tampered(out: str, stage: int, rec: dict) -> None:
 
 
 def main(out: str, results: str, stage: str, config: str) -> None:
-    global BF16
+    global BF16, GATHER
     record_writes(out)
-    stage_n, BF16 = int(stage.split("-")[0]), stage.endswith("-bf16")
-    result: dict = {"stage": stage_n, "bf16": BF16}
+    stage_n, BF16, GATHER = int(stage.split("-")[0]), stage.endswith("-bf16"), not stage.endswith("-nogather")
+    result: dict = {"stage": stage_n, "bf16": BF16, "gather": GATHER}
     phases = [("guards", lambda rec: guards(out, stage_n, config, rec))]
     if stage_n == 2:
         phases.append(("diverge", lambda rec: diverge(out, stage_n, rec)))

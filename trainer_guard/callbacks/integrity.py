@@ -315,6 +315,11 @@ class IntegrityGuard(Guard):
             if result and not result.problems and result.checked:
                 self.note(f"{what} matches {', '.join(result.checked)} (ZeRO-3 checksums combined from the ranks' "
                           f"partitions)")
+            elif result and not result.problems:
+                self.note(f"{what}: {os.path.basename(os.path.normpath(ckpt))} holds no tensors to compare the loaded "
+                          f"partitions with (no gathered model.safetensors: set "
+                          f"stage3_gather_16bit_weights_on_model_save in the DeepSpeed config); its files were "
+                          f"checked by their bytes before the load")
         elif kind == "dtensor":  # the shards' combined checksums (a collective), compared with the manifest
             sums = sharded_model_sums(model, gather) if not peft_adapter_names(model) else {}
             result = verify_sharded(model, ckpt, sums) if self.options["check_resume"] else Verified([], [], [])

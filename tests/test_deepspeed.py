@@ -286,12 +286,17 @@ def test_a_zero3_model_that_differs_from_its_checkpoint_after_the_load_stops_eve
     assert r0["tampered"]["message"] == r1["tampered"]["message"]
 
 
-def test_zero3_without_gathered_weights_is_checked_by_its_files(tmp_path):
+def test_zero3_without_gathered_weights_is_checked_by_its_files_and_partitions(tmp_path):
     """DeepSpeed's default ZeRO-3 save (``stage3_gather_16bit_weights_on_model_save`` off): no model.safetensors,
-    the rank files only. The default guards train, save, resume bit-identically; doctor passes the checkpoint by its
-    files and fails it after one flipped bit in a rank file; a resume from that copy stops every rank before step 1;
-    the healthy resume says that the loaded partitions had nothing to be compared with (no silent 'verified')."""
-    out, (r0, r1) = _launch(tmp_path, "3-nogather", "guards,flipped")
+    the rank files only. The manifest records every parameter's checksum combined from the ranks' partitions at the
+    save (no gather), equal to the gathered parameters'. The default guards train, save, resume bit-identically and
+    the resumed model is compared with those checksums; one element changed after DeepSpeed's load stops every rank;
+    doctor passes the checkpoint by its files and fails it after one flipped bit in a rank file; a resume from that
+    copy stops every rank before step 1."""
+    from trainer_guard.checkpoint.manifest import read_manifest
+    from trainer_guard.core.divergence import model_fingerprint
+
+    out, (r0, r1) = _launch(tmp_path, "3-nogather", "guards,flipped,tampered")
     g0, g1 = r0["guards"], r1["guards"]
     for g in (g0, g1):
         _ok(g)
@@ -299,10 +304,24 @@ def test_zero3_without_gathered_weights_is_checked_by_its_files(tmp_path):
         assert (g["step_run1"], g["step_run2"], g["step_straight"]) == (2, 4, 4)
     assert g0["fingerprint"] == g1["fingerprint"] == g0["fingerprint_straight"]
     assert _shared(g0["reports"]) == _shared(g1["reports"])
-    said = [x for x in g0["reports"]["IntegrityGuard"] if x.startswith("resumed model")]
-    assert said == ["resumed model: checkpoint-2 holds no tensors to compare the loaded partitions with (no gathered "
-                    "model.safetensors: set stage3_gather_16bit_weights_on_model_save in the DeepSpeed config); its "
-                    "files were checked by their bytes before the load"]
+    manifest = read_manifest(os.path.join(out, "straight", "checkpoint-4"))
+    parts = manifest["partitions"]
+    assert manifest["tensors"] == {} and len(parts) == 21  # the tied head under both names
+    assert parts["lm_head.weight"] == parts["model.embed_tokens.weight"]
+    assert parts["model.layers.0.mlp.up_proj.weight"]["shape"] == [64, 32]
+    # the straight run's last save: the same values as its final model, gathered (each tied storage once)
+    once = {n: int(e["checksum"], 16) for n, e in parts.items() if n != "lm_head.weight"}
+    assert f"{model_fingerprint(once):016x}" == g0["fingerprint_straight"]
+    for g in (g0, g1):
+        said = [x for x in g["reports"]["IntegrityGuard"] if x.startswith("resumed model")]
+        assert said == [f"resumed model matches {os.path.join(out, 'checkpoint-2', 'trainer_guard_manifest.json')} "
+                        f"(ZeRO-3 checksums combined from the ranks' partitions)"], said
+    for r in (r0, r1):
+        t = r["tampered"]
+        assert t["guard_error"] and t["error"] == "IntegrityError" and t["step"] == 2, t
+        assert "model.layers.0.mlp.up_proj.weight" in t["message"] and "not restored from the checkpoint" in t[
+            "message"], t["message"]
+    assert r0["tampered"]["message"] == r1["tampered"]["message"]
     healthy = _doctor(os.path.join(out, "checkpoint-2"))
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     flipped = _doctor(os.path.join(out, "flipped", "checkpoint-2"))

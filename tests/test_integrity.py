@@ -651,6 +651,12 @@ def _saved_manifest(tmp_path):
     (lambda m: m["tensors"]["w"].update(shape="23"), r"tensor 'w': shape '23' is not a list of sizes"),
     (lambda m: m["tensors"]["w"].update(dtype=None), r"tensor 'w': dtype None is not a dtype name"),
     (lambda m: m["files"]["model.safetensors"].update(size=-5), r"files entry 'model.safetensors' is"),
+    # ZeRO-3 saved without gathered weights: the parameters' checksums combined from the partitions
+    (lambda m: m.update(partitions=[]), r"'partitions' is a list, expected a dict"),
+    (lambda m: m.update(partitions={"p": {"dtype": "float32", "shape": [2], "checksum": "xyz"}}),
+     r"tensor 'p': checksum 'xyz' is not 1 to 16 hex digits"),
+    (lambda m: m.update(partitions={"p": {"dtype": "float32", "shape": [-1], "checksum": "ff"}}),
+     r"tensor 'p': shape \[-1\] is not a list of sizes"),
 ])
 def test_read_manifest_names_malformed_values(tmp_path, edit, says):
     m = _saved_manifest(tmp_path)

@@ -14,7 +14,8 @@ from .._dist import agree, gather, is_main_process
 from ..checksum.disk import bytes_checksums
 from ..core.sharding import agreed_sharded, is_dtensor, is_sharded, is_zero3
 from ..core.checkpoint import (Verified, conversion_hint, plan_files_manifest, plan_manifests, plan_sharded_manifest,
-                               sharded_model_sums, verify_against, verify_sharded, verify_zero3, zero3_model_sums)
+                               sharded_model_sums, verify_against, verify_sharded, verify_zero3, zero3_entries,
+                               zero3_model_sums)
 from ..core.conversion import load_converted
 from ..checkpoint.choose import candidate, pick_checkpoint
 from ..checkpoint.contents import remove_stale, uncommit
@@ -121,7 +122,8 @@ class IntegrityGuard(Guard):
             plan = plan_sharded_manifest(model, directory, sums or {}, global_step=global_step,
                                          verify=self.options["verify"])
         elif kind == "partitioned":
-            plan = plan_files_manifest(directory, global_step=global_step)
+            plan = plan_files_manifest(directory, global_step=global_step,
+                                       partitions=zero3_entries(model, sums) if sums else None)
         else:
             plan = plan_manifests(model, directory, global_step=global_step, verify=self.options["verify"],
                                   backend=self.options["backend"])
@@ -153,8 +155,9 @@ class IntegrityGuard(Guard):
         if kind == "partitioned":
             self._once("partitioned", "sharded parameters no rank holds whole (DeepSpeed ZeRO-3 / FSDP1): manifests "
                                       "list every file by its bytes (rank files included) and the tensors of a "
-                                      "gathered model.safetensors; a resumed ZeRO-3 model is compared with those, its "
-                                      "checksums combined from the ranks' partitions")
+                                      "gathered model.safetensors, or else (ZeRO-3) the parameters' checksums combined "
+                                      "from the ranks' partitions at the save; a resumed ZeRO-3 model is compared with "
+                                      "those, its checksums combined from the ranks' partitions")
         return kind
 
     def _once(self, key: str, message: str, level: str = "info") -> None:
@@ -198,8 +201,11 @@ class IntegrityGuard(Guard):
         if model is None:
             return
         kind = self._kind(model)  # every rank: on_save runs on all of them
-        sums = (sharded_model_sums(model, gather)  # a collective: every rank; a PEFT adapter is read from the files
-                if kind == "dtensor" and not peft_adapter_names(model) else None)
+        sums = None  # collectives, on every rank: the full tensors' checksums combined from the shards/partitions
+        if kind == "dtensor" and not peft_adapter_names(model):  # a PEFT adapter is read from the files
+            sums = sharded_model_sums(model, gather)
+        elif kind == "partitioned" and any(is_zero3(p) for p in model.parameters()):
+            sums = zero3_model_sums(model)  # recorded where no gathered model.safetensors holds the tensors
         known = self._own_files(ckpt, args) if kind else None  # a collective: every rank
         if args.should_save and os.path.isdir(ckpt):  # the Trainer's own writer(s): rank 0, or each node's first
             try:

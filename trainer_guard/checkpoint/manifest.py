@@ -242,7 +242,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     if not TENSORS_VERSION <= m.get("version") <= MANIFEST_VERSION:
         raise UsageError(f"{path}: manifest version {m.get('version')!r} is not supported (this trainer_guard reads "
                          f"versions {TENSORS_VERSION} to {MANIFEST_VERSION}); upgrade trainer_guard")
-    shapes = {"tensors": dict, "files": dict, "aliases": dict, "fingerprint": str, "tie_groups": list, "digest": str}
+    shapes = {"tensors": dict, "files": dict, "aliases": dict, "fingerprint": str, "tie_groups": list, "digest": str,
+              "partitions": dict}
     bad = [f"{k!r} is a {type(m[k]).__name__}, expected a {t.__name__}" for k, t in shapes.items()
            if k in m and not isinstance(m[k], t)]
     if bad or "tensors" not in m:
@@ -269,7 +270,7 @@ def _malformed_values(m: Mapping[str, Any]) -> str | None:
         return f"global_step is {reprlib.repr(step)}, expected a step number or null"
     if "fingerprint" in m and not _hex64(m["fingerprint"]):
         return f"fingerprint is {reprlib.repr(m['fingerprint'])}, expected 1 to 16 hex digits"
-    for name, e in m["tensors"].items():
+    for name, e in [*m["tensors"].items(), *m.get("partitions", {}).items()]:  # partitions: ZeRO-3's, no file
         if not isinstance(e, dict) or not isinstance(e.get("file", ""), str) or not isinstance(
                 e.get("source", "model"), str):
             return f"tensor entry {name!r} needs a 'file' and a 'source' that are strings"

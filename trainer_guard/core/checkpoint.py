@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..checkpoint.manifest import read_manifest
+from ..checkpoint.manifest import dtype_name, read_manifest
 from ..checkpoint.reconcile import checkpoint_manifest, dcp_manifest, files_manifest, model_problems
 from ..checkpoint.saved import converted_names, peft_adapter_names, saved_layout, saved_tensors
 from ..checkpoint.sharded import dcp_dirs
@@ -28,7 +28,7 @@ from .ties import find_tied_groups
 
 __all__ = ["Planned", "Verified", "plan_manifests", "verify_against", "conversion_hint", "rewritten_since",
            "sharded_state", "sharded_model_sums", "plan_sharded_manifest", "plan_files_manifest",
-           "verify_sharded", "zero3_model_sums", "verify_zero3"]
+           "verify_sharded", "zero3_model_sums", "zero3_entries", "verify_zero3"]
 
 
 class Planned(NamedTuple):
@@ -173,11 +173,30 @@ def plan_sharded_manifest(model: torch.nn.Module, directory: str | os.PathLike, 
     return _planned(directory, result, sum(t.numel() * t.element_size() for t in unique))
 
 
-def plan_files_manifest(directory: str | os.PathLike, *, global_step: int | None) -> Planned:
+def plan_files_manifest(directory: str | os.PathLike, *, global_step: int | None,
+                        partitions: dict[str, dict[str, Any]] | None = None) -> Planned:
     """The plan for a checkpoint of partitioned parameters no rank holds whole (DeepSpeed ZeRO-3): every file by its
-    bytes, and the tensors of any ``.safetensors`` file read back (:func:`~trainer_guard.checkpoint.reconcile.files_manifest`)."""
+    bytes, and the tensors of any ``.safetensors`` file read back (:func:`~trainer_guard.checkpoint.reconcile.files_manifest`).
+    Where no such file holds a tensor (ZeRO-3 saved without ``stage3_gather_16bit_weights_on_model_save``), the
+    ``partitions`` entries (:func:`zero3_entries`) are recorded under the manifest's ``"partitions"`` key, for the
+    resume to compare the loaded model with (:func:`verify_zero3`)."""
     directory = os.fspath(directory)
-    return _planned(directory, files_manifest(directory, global_step=global_step, tie_groups=[]), 0)
+    result = files_manifest(directory, global_step=global_step, tie_groups=[])
+    if result.manifest is not None and not result.manifest.get("tensors") and partitions:
+        result = result._replace(manifest={**result.manifest, "partitions": partitions})
+    return _planned(directory, result, 0)
+
+
+def zero3_entries(model: torch.nn.Module, sums: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Manifest entries (dtype, full shape, checksum) of ``model``'s parameters whose checksums ``sums`` holds
+    (:func:`zero3_model_sums`: combined from the ranks' ZeRO-3 partitions), every name of a tie included.
+
+    Example:
+        >>> zero3_entries(torch.nn.Linear(2, 1, bias=False), {"weight": 255})
+        {'weight': {'dtype': 'float32', 'shape': [1, 2], 'checksum': '00000000000000ff'}}
+    """
+    return {n: {"dtype": dtype_name(p.dtype), "shape": list(full_shape(p)), "checksum": f"{sums[n]:016x}"}
+            for n, p in model.named_parameters(remove_duplicate=False) if n in sums}
 
 
 def _planned(directory: str, result: Any, nbytes: int) -> Planned:
@@ -227,18 +246,24 @@ class _Shape(NamedTuple):
 def verify_zero3(model: torch.nn.Module, directory: str | os.PathLike, sums: dict[str, int]) -> Verified:
     """The loaded DeepSpeed ZeRO-3 model (full-parameter checksums ``sums``, :func:`zero3_model_sums`) against the
     tensors the checkpoint's manifest records from its gathered ``model.safetensors`` (a save with
-    ``stage3_gather_16bit_weights_on_model_save``); nothing to compare without one (its files were checked before the
-    load)."""
+    ``stage3_gather_16bit_weights_on_model_save``), or else against the ``"partitions"`` entries recorded from the
+    model's partitions at the save (:func:`plan_files_manifest`); nothing to compare without either (its files were
+    checked before the load)."""
     directory = os.fspath(directory)
     try:
         manifest = read_manifest(directory)
     except UsageError as e:
         return Verified([str(e)], [], [])
     live = {n: _Shape(p.dtype, full_shape(p)) for n, p in model.named_parameters(remove_duplicate=False)}
-    if manifest is None or not any(k in live for k in manifest.get("tensors") or {}):
+    if manifest is None:
         return Verified([], [], [])
-    # recorded from the gathered file at the save: the loaded parameters must hold exactly that
-    as_model = {**manifest, "tensors": {k: {**e, "source": "model"} for k, e in manifest["tensors"].items()}}
+    recorded = manifest.get("tensors") or {}  # from the gathered file at the save
+    if not any(k in live for k in recorded):
+        recorded = manifest.get("partitions") or {}  # else combined from the partitions at the save
+        if not isinstance(recorded, dict) or not any(k in live for k in recorded):
+            return Verified([], [], [])
+    # the loaded parameters must hold exactly what was recorded
+    as_model = {**manifest, "tensors": {k: {**e, "source": "model"} for k, e in recorded.items()}}
     found, said = model_problems(live, as_model, sums=sums)
     return Verified(found, said, [os.path.join(directory, MANIFEST_FILE)])
 

@@ -271,6 +271,16 @@ def test_untrained_tokens_found_and_fixed_under_zero(zero):
     ]
 
 
+def _tampered_stops_every_rank(r0: dict, r1: dict) -> None:
+    """The ``tampered`` phase: both ranks stopped at train begin with the same IntegrityError naming the weight."""
+    for r in (r0, r1):
+        t = r["tampered"]
+        assert t["guard_error"] and t["error"] == "IntegrityError" and t["step"] == 2, t
+        assert "model.layers.0.mlp.up_proj.weight" in t["message"] and "not restored from the checkpoint" in t[
+            "message"], t["message"]
+    assert r0["tampered"]["message"] == r1["tampered"]["message"]
+
+
 def test_a_zero3_model_that_differs_from_its_checkpoint_after_the_load_stops_every_rank(zero):
     """ZeRO-3: after DeepSpeed's load, one element of a partitioned weight differs from checkpoint-2 (changed by a
     callback before IntegrityGuard's train-begin check): each parameter's combined checksum is compared with the
@@ -278,12 +288,7 @@ def test_a_zero3_model_that_differs_from_its_checkpoint_after_the_load_stops_eve
     stage, out, (r0, r1) = zero
     if stage != 3:
         pytest.skip("ZeRO-2 holds whole parameters: compared as in DDP (tests/test_integrity.py)")
-    for r in (r0, r1):
-        t = r["tampered"]
-        assert t["guard_error"] and t["error"] == "IntegrityError" and t["step"] == 2, t
-        assert "model.layers.0.mlp.up_proj.weight" in t["message"] and "not restored from the checkpoint" in t[
-            "message"], t["message"]
-    assert r0["tampered"]["message"] == r1["tampered"]["message"]
+    _tampered_stops_every_rank(r0, r1)
 
 
 def test_zero3_without_gathered_weights_is_checked_by_its_files_and_partitions(tmp_path):
@@ -316,12 +321,7 @@ def test_zero3_without_gathered_weights_is_checked_by_its_files_and_partitions(t
         said = [x for x in g["reports"]["IntegrityGuard"] if x.startswith("resumed model")]
         assert said == [f"resumed model matches {os.path.join(out, 'checkpoint-2', 'trainer_guard_manifest.json')} "
                         f"(ZeRO-3 checksums combined from the ranks' partitions)"], said
-    for r in (r0, r1):
-        t = r["tampered"]
-        assert t["guard_error"] and t["error"] == "IntegrityError" and t["step"] == 2, t
-        assert "model.layers.0.mlp.up_proj.weight" in t["message"] and "not restored from the checkpoint" in t[
-            "message"], t["message"]
-    assert r0["tampered"]["message"] == r1["tampered"]["message"]
+    _tampered_stops_every_rank(r0, r1)
     healthy = _doctor(os.path.join(out, "checkpoint-2"))
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     flipped = _doctor(os.path.join(out, "flipped", "checkpoint-2"))

@@ -324,6 +324,7 @@ def test_zero3_without_gathered_weights_is_checked_by_its_files_and_partitions(t
     _tampered_stops_every_rank(r0, r1)
     healthy = _doctor(os.path.join(out, "checkpoint-2"))
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert "  partitions: 21 parameter checksums combined from DeepSpeed ZeRO-3 partitions at the save" in healthy.stdout
     flipped = _doctor(os.path.join(out, "flipped", "checkpoint-2"))
     assert flipped.returncode == 1 and r0["flipped"]["flipped_file"] in flipped.stdout, flipped.stdout
     for r in (r0, r1):

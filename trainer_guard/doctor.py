@@ -330,6 +330,9 @@ def format_text(report: Report) -> str:
     if s.get("manifest"):
         m = s["manifest"]
         lines.append(f"  manifest: step {m['global_step']}, {m['tensors']} tensors, {m['algo']}")
+        if m.get("partitions"):
+            lines.append(f"  partitions: {m['partitions']} parameter checksums combined from DeepSpeed ZeRO-3 "
+                         f"partitions at the save (compared at resume; the rank files are checked by their bytes)")
     if s.get("dtypes"):
         lines.append("  dtypes:   " + ", ".join(f"{d} {human_bytes(b)}" for d, b in sorted(s["dtypes"].items(),
                                                                                        key=lambda x: -x[1])))

@@ -398,6 +398,8 @@ def _check_manifest(path: str, index: dict[str, TensorInfo], report: Findings, p
     recorded = entries(manifest)
     report.summary["manifest"] = {"global_step": manifest.get("global_step"), "tensors": len(recorded),
                                   "algo": manifest.get("algo"), "versions": manifest.get("versions", {})}
+    if manifest.get("partitions"):  # ZeRO-3 without gathered weights: recorded from the live partitions
+        report.summary["manifest"]["partitions"] = len(manifest["partitions"])
     if manifest.get("algo") != CHECKSUM_ALGO:
         report.unusable.append(Finding("manifest", f"{MANIFEST_FILE}: checksum {manifest.get('algo')!r} is not this "
                                                    f"version's {CHECKSUM_ALGO!r}; upgrade trainer_guard to verify it"))

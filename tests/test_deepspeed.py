@@ -7,7 +7,7 @@ same folder is the default here) keeps it for later launches. One launch per ZeR
 ZeRO-3, and ZeRO-3 in bf16 mixed precision) runs every phase of ``tests/dist_scripts/zero.py``: train with the default guards and stop after checkpoint-2, resume from it in
 a fresh Trainer (another seed), train straight; ZeRO-2 also plants a replica divergence; both resume from a copy of
 checkpoint-2 with one bit flipped. A fourth launch runs ZeRO-3 as DeepSpeed saves by default (no gathered
-``model.safetensors``): train/resume and the flipped bit only. Each launch has a subprocess timeout and each phase a watchdog, so a rank left
+``model.safetensors``): train/resume, the flipped bit and the tampered resume only. Each launch has a subprocess timeout and each phase a watchdog, so a rank left
 waiting in a collective fails the test instead of hanging CI.
 """
 

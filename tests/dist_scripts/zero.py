@@ -3,6 +3,9 @@
 Usage (from tests/test_deepspeed.py, with DS_ACCELERATOR=cpu and TORCH_EXTENSIONS_DIR in the environment):
     accelerate launch --multi_gpu --num_processes 2 tests/dist_scripts/zero.py OUT RESULTS STAGE CONFIG
 
+STAGE is 2 or 3, "3-bf16" (bf16 mixed precision) or "3-nogather" (no stage3_gather_16bit_weights_on_model_save:
+the rank files only, as DeepSpeed saves by default); TG_PHASES (comma-separated) runs a subset of the phases.
+
 One launch per ZeRO stage runs every phase, each under a watchdog (a rank left waiting in a collective writes
 ``hung`` into its results and exits) and each catching its own error, so one broken phase does not hide the others:
 
@@ -62,7 +65,7 @@ GATHER = True  # likewise ("3-nogather": ZeRO-3 saving its rank files only, no g
 
 
 def args(out: str, stage: int, **kw):
-    """This launch's DeepSpeed ``TrainingArguments`` (its stage, and bf16 when asked)."""
+    """This launch's DeepSpeed ``TrainingArguments`` (its stage; bf16, or no gathered weights, when asked)."""
     return ds_args(out, stage, bf16=BF16, gather=GATHER, **kw)
 
 
